@@ -1,0 +1,241 @@
+"""The ``cycleqd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+DESCRIPTION = """\
+CycleQD (Kuroki et al., ICLR 2025): evolve a population of multi-skill models from
+single-skill experts by quality-diversity search over their weights - no training.
+One MAP-Elites archive per skill; each generation the quality skill rotates, two elites
+are merged (crossover of task vectors), mutated along the expert's singular vectors,
+scored on every skill, and offered to every archive.
+
+Start here:
+  cycleqd run configs/tiny.yaml          a 30-second run on a tiny synthetic model
+  cycleqd report RUN_DIR                 elite maps, curves and best models of a run
+  cycleqd demo                           SmolLM2-135M experts + CycleQD on real benchmarks
+"""
+
+EPILOG = "Run `cycleqd COMMAND --help` for a command's options. Docs: README.md."
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise SystemExit(f"--set expects KEY=VALUE (e.g. qd.generations=10), got {p!r}")
+        k, v = p.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def _executor(args, ctx):
+    if getattr(args, "executor", "local") != "ray":
+        return None
+    from cycleqd.executors.ray_executor import RayExecutor  # issue: Ray executor
+
+    return RayExecutor.from_args(ctx, address=args.address, workers=args.workers,
+                                 synchronous=args.synchronous)
+
+
+def _run(cfg, run_dir: Path, *, resume: bool, args) -> int:
+    from cycleqd.engine.build import build_components
+    from cycleqd.engine.loop import CycleQDRun
+
+    comps = build_components(cfg)
+    try:
+        run = CycleQDRun(cfg, comps, run_dir, resume=resume, progress=not args.no_progress)
+        ex = _executor(args, run.ctx)
+        if ex is not None:
+            run.executor = ex
+        try:
+            res = run.run()
+        finally:
+            run.executor.close()
+    finally:
+        if comps.close:
+            comps.close()
+    print(f"\nrun directory: {res.run_dir}  (generation {res.generation}/{cfg.qd.generations})")
+    for name, st in res.stats.items():
+        print(f"  archive {name:>12}: coverage {st['coverage']:.3f}  QD score {st['qd_score']:.3f}  "
+              f"best {st['best_quality']:.3f}  elites {int(st['num_elites'])}")
+    if res.aggregate:
+        print("  aggregated model: " + "  ".join(f"{k} {v:.3f}" for k, v in res.aggregate.items()))
+    print(f"next: cycleqd report {res.run_dir}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from cycleqd.config import load_config
+
+    ov = _overrides(args.set)
+    if args.generations is not None:
+        ov["qd.generations"] = args.generations
+    if args.seed is not None:
+        ov["seed"] = args.seed
+    cfg = load_config(args.config, ov)
+    run_dir = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return _run(cfg, run_dir, resume=False, args=args)
+
+
+def cmd_resume(args) -> int:
+    from cycleqd.config import load_config
+
+    cfg = load_config(Path(args.run_dir) / "config.yaml")
+    return _run(cfg, Path(args.run_dir), resume=True, args=args)
+
+
+def cmd_validate(args) -> int:
+    from cycleqd.config import load_config
+
+    cfg = load_config(args.config, _overrides(args.set))
+    print(f"{args.config}: valid ({len(cfg.skills)} skills: {', '.join(cfg.skill_names)}; "
+          f"{cfg.qd.generations} generations)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from cycleqd.engine.report import write_report
+
+    paths = write_report(Path(args.run_dir), formats=args.format)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cycleqd.models.export import export_from_run
+
+    out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=args.model, cell=args.cell,
+                          archive=args.archive, aggregate=args.aggregate)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if args.domain == "vision":
+        from cycleqd.vision.demo import main as vision_main
+
+        vision_main(Path(args.out or "runs/demo-vision"), generations=args.generations, seed=args.seed or 0,
+                    toy=args.toy)
+        return 0
+    from cycleqd.demo.llm import main as llm_main
+
+    return llm_main(args)
+
+
+def cmd_train_expert(args) -> int:
+    from cycleqd.training.cli import main as train_main
+
+    return train_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cycleqd", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add_exec(sp):
+        sp.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="where children are made and scored (default: in-process)")
+        sp.add_argument("--address", help="Ray cluster address HOST:PORT (default: start Ray locally)")
+        sp.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
+        sp.add_argument("--synchronous", action="store_true",
+                        help="Ray: one job at a time, reproducing the in-process run exactly")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sp = sub.add_parser("run", help="start a CycleQD run from a YAML config",
+                        description="Start a CycleQD run. Every generation is checkpointed; "
+                                    "`cycleqd resume RUN_DIR` continues a killed run exactly.")
+    sp.add_argument("config", help="YAML config (see configs/tiny.yaml, configs/paper.yaml)")
+    sp.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
+    sp.add_argument("--generations", type=int, help="override qd.generations")
+    sp.add_argument("--seed", type=int, help="override seed")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config key, e.g. --set qd.sampling=uniform")
+    add_exec(sp)
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("resume", help="continue a run from its last complete generation")
+    sp.add_argument("run_dir")
+    add_exec(sp)
+    sp.set_defaults(fn=cmd_resume)
+
+    sp = sub.add_parser("validate", help="check a config without loading any model")
+    sp.add_argument("config")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("report", help="render a run's summary (elite maps, curves, best models)")
+    sp.add_argument("run_dir")
+    sp.add_argument("--format", choices=["md", "html", "both"], default="both")
+    sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("export", help="export an elite or the aggregated model as a Hugging Face folder")
+    sp.add_argument("run_dir")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--aggregate", action="store_true", help="the aggregated model")
+    g.add_argument("--cell", help="ARCHIVE:i,j - the elite in that cell of that archive")
+    g.add_argument("--archive", help="the best elite of this archive (quality skill name)")
+    g.add_argument("--model", help="a model id (e.g. g000123, expert:coding)")
+    sp.add_argument("out_dir")
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("demo", help="the embedded default: experts, CycleQD, comparison table")
+    sp.add_argument("--domain", choices=["llm", "vision"], default="llm")
+    sp.add_argument("--out", help="output directory")
+    sp.add_argument("--generations", type=int, help="CycleQD generations")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--toy", action="store_true", help="toy size (tiny model, few items) for CI")
+    sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("train-expert", help="fine-tune (LoRA) an expert for one skill")
+    sp.add_argument("skill")
+    sp.set_defaults(fn=cmd_train_expert)
+    return p
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cycleqd.config import ConfigError
+
+    _quiet_libraries()
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished generations are saved; continue with `cycleqd resume RUN_DIR`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

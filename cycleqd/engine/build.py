@@ -1,0 +1,118 @@
+"""Turn a validated :class:`RunConfig` into :class:`Components`.
+
+Order matters for the user: everything cheap and checkable (data files, skill parameters,
+operator names, model paths) is checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from cycleqd.config import ConfigError, RunConfig, SkillConfig
+from cycleqd.engine.loop import Components
+
+#: skill type -> "module:factory"; the factory takes (name, **params) and returns a Skill.
+SKILL_FACTORIES: dict[str, str] = {
+    "mbpp": "cycleqd.skills.coding:make_mbpp_skill",
+    "humaneval": "cycleqd.skills.coding:make_humaneval_skill",
+    "dbbench": "cycleqd.skills.dbbench:make_dbbench_skill",
+    "os": "cycleqd.skills.os_interaction:make_os_skill",
+    "lmeval": "cycleqd.skills.lmeval:make_lmeval_skill",
+}
+
+
+def default_cache_dir(cfg: RunConfig | None = None) -> Path:
+    """``cfg.cache_dir``, else $CYCLEQD_CACHE, else ~/.cache/cycleqd."""
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
+
+
+def _factory(spec: str) -> Callable[..., Any]:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_llm_skill(sc: SkillConfig, cache_dir: Path) -> Any:
+    """A real skill evaluator from its config entry. Raises ConfigError on bad params."""
+    if sc.type not in SKILL_FACTORIES:
+        raise ConfigError(f"skill {sc.name!r}: type {sc.type!r} cannot be built from a config here")
+    try:
+        return _factory(SKILL_FACTORIES[sc.type])(name=sc.name, cache_dir=cache_dir, **sc.params)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"skills.{sc.name}: {e}") from None
+
+
+def _check_model_sources(cfg: RunConfig) -> None:
+    """Local-looking model paths must exist (hub ids are checked when loaded)."""
+    sources = [("model.base", cfg.model.base)] + [(f"model.experts.{k}", v) for k, v in cfg.model.experts.items()]
+    for field, src in sources:
+        if src is None:
+            continue
+        looks_local = src.startswith(("/", ".", "~")) or src.endswith((".gguf", ".safetensors", ".bin", ".pt"))
+        if looks_local and not Path(src).expanduser().exists():
+            raise ConfigError(f"{field}: {src!r} does not exist")
+
+
+def _weight_space(cfg: RunConfig, base: str, experts: list[str], cache_dir: Path):
+    try:
+        from cycleqd.models.build import build_weight_space
+    except ImportError:  # TEMPORARY until the model layer lands
+        from transformers import AutoModelForCausalLM
+
+        from cycleqd.ops import CROSSOVERS, MUTATIONS, DenseWeightSpace
+        from cycleqd.ops.base import task_vector
+
+        load = lambda p: AutoModelForCausalLM.from_pretrained(p).state_dict()  # noqa: E731
+        b = load(base)
+        taus = [task_vector(load(e), b) for e in experts]
+        ops = cfg.operators
+        space = DenseWeightSpace(b, taus, CROSSOVERS[ops.crossover.name](**ops.crossover.kwargs()),
+                                 MUTATIONS[ops.mutation.name](experts=taus, **ops.mutation.kwargs()))
+        return space, base
+
+    ops = cfg.operators
+    space, info = build_weight_space(
+        base, experts, crossover={"name": ops.crossover.name, **ops.crossover.kwargs()},
+        mutation={"name": ops.mutation.name, **ops.mutation.kwargs()}, genome=ops.genome, cache_dir=cache_dir)
+    return space, info
+
+
+def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Components:
+    """Build skills, weight space and adapter for ``cfg`` (see module doc for the order)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(cfg)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _check_model_sources(cfg)
+    synthetic = [s for s in cfg.skills if s.type == "synthetic"]
+    if synthetic and len(synthetic) != len(cfg.skills):
+        raise ConfigError("skills: synthetic skills cannot be mixed with model-evaluating skills")
+    if any(s.type == "external" for s in cfg.skills):
+        raise ConfigError("skills: type 'external' is only for programmatic runs (pass Components)")
+    if synthetic and cfg.model.synthetic is None:
+        raise ConfigError("skills: synthetic skills need model.synthetic (they score distance to its experts)")
+    # 1. cheap checks and data loading: the skills
+    skills = [] if synthetic else [build_llm_skill(s, cache_dir) for s in cfg.skills]
+    # 2. models
+    if cfg.model.synthetic is not None:
+        from cycleqd.engine.synthetic import build_synthetic_models
+
+        base_dir, expert_dirs = build_synthetic_models(cfg.model.synthetic, cfg.skill_names, cache_dir)
+        base, experts = str(base_dir), [str(expert_dirs[s]) for s in cfg.skill_names]
+    else:
+        base, experts = cfg.model.base, [cfg.model.experts[s] for s in cfg.skill_names]
+    space, info = _weight_space(cfg, base, experts, cache_dir)
+    # 3. adapter
+    if synthetic:
+        from cycleqd.skills.synthetic import SyntheticAdapter, SyntheticSkill
+
+        full = [space.materialize(g) for g in space.expert_genomes()]
+        skills = [SyntheticSkill(s.name, space.materialize(space.base_genome()), w, **s.params)
+                  for s, w in zip(cfg.skills, full)]
+        return Components(space, skills, SyntheticAdapter())
+    from cycleqd.engine.adapter import LLMAdapter
+
+    adapter = LLMAdapter.from_config(cfg.backend, info)
+    return Components(space, skills, adapter, close=getattr(adapter, "close", None))

@@ -1,0 +1,269 @@
+"""The CycleQD main loop (paper §3, Algorithm 1).
+
+    archives <- one MAP-Elites grid per skill, seeded with the experts (scored on all skills)
+    for g in 1..G:
+        k        <- quality skill of generation g           (cycles through the skills)
+        parents  <- elite-sample 2 models from archive k
+        child    <- mutate_k(crossover(parents))            (task-vector merge, SVD noise)
+        scores   <- evaluate child on every skill
+        offer the child to every archive                     (strictly better quality wins)
+    aggregate the archives' best models into one model
+
+Here each step is one call: the scheduler (``qd/``) does the sampling and insertion, the
+executor (``executors/``) makes and scores the child, the run directory (``rundir.py``)
+makes every generation durable before the next begins.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cycleqd.config import RunConfig
+from cycleqd.engine.rundir import RunDir, atomic_write_json
+from cycleqd.engine.store import GenomeStore
+from cycleqd.executors.base import Executor, Job, JobResult, WorkerContext
+from cycleqd.executors.local import LocalExecutor
+from cycleqd.qd.archive import MEAN_QUALITY, BCAxis, Elite, GridArchive, make_archives
+from cycleqd.qd.metrics import archive_stats
+from cycleqd.qd.scheduler import Ask, CycleQDScheduler
+
+
+@dataclass
+class Components:
+    """What a run is made of (built from a config by :func:`cycleqd.engine.build.build_components`,
+    or by hand, e.g. for the vision setting).
+
+    Attributes:
+        space: the WeightSpace (genomes, operators, materialisation).
+        skills: the K skills, in the order of ``cfg.skills``.
+        adapter: ``bind(weights, fingerprint) -> model`` given to ``Skill.evaluate``.
+        close: optional cleanup (stop servers, free engines).
+    """
+
+    space: Any
+    skills: list
+    adapter: Any
+    close: Callable[[], None] | None = None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    archives: list[GridArchive]
+    generation: int
+    aggregate: dict[str, float] | None = None
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def build_archives(cfg: RunConfig) -> list[GridArchive]:
+    """K archives (cyclic mode) or one archive over all skills with mean quality (single mode)."""
+    names = cfg.skill_names
+    ranges = {s.name: s.bc_range for s in cfg.skills}
+    bins = {s.name: s.bins for s in cfg.skills}
+    if cfg.qd.mode == "single":
+        return [GridArchive(MEAN_QUALITY, tuple(BCAxis(s, *ranges[s], bins[s]) for s in names))]
+    return make_archives(names, ranges, bins)
+
+
+def seed_ids(cfg: RunConfig) -> list[str]:
+    ids = [f"expert:{s}" for s in cfg.skill_names]
+    return ids + (["base"] if cfg.model.seed_with_base else [])
+
+
+def _job(ask: Ask, cfg: RunConfig, archives: Sequence[GridArchive], child_id: str) -> Job:
+    return Job(
+        generation=ask.generation, skill=ask.skill, parents=ask.parents, child_id=child_id, seed=cfg.seed,
+        thresholds=tuple({c: a.quality_of(e.scores) for c, e in a} for a in archives),
+        archive_cells=tuple((a.quality_skill, tuple((x.skill, x.lo, x.hi, x.bins) for x in a.axes))
+                            for a in archives))
+
+
+def _record(res: JobResult, entered: list[str], archives: Sequence[GridArchive], started: float) -> dict:
+    job = res.job
+    return {"generation": job.generation, "child": job.child_id,
+            "quality_skill": archives[job.skill].quality_skill if job.parents else None,
+            "parents": list(job.parents), "scores": res.scores,
+            "subscores": {k: r.subscores for k, r in res.results.items() if r.subscores},
+            "entered": entered, "saved": res.saved, "genome_bytes": res.genome_bytes,
+            "timings": {k: round(v, 6) for k, v in res.timings.items()}, "worker": res.worker,
+            "archives": {a.quality_skill: archive_stats(a) for a in archives},
+            "wall_s": round(time.time() - started, 3)}
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="gen", dynamic_ncols=True, desc="CycleQD")
+
+    def update(self, skill: str, archives: Sequence[GridArchive]) -> None:
+        if self.bar is None:
+            return
+        stats = {a.quality_skill: archive_stats(a) for a in archives}
+        post = {"q": skill, "cov": "/".join(f"{s['coverage']:.2f}" for s in stats.values()),
+                "best": "/".join(f"{s['best_quality']:.2f}" for s in stats.values())}
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class CycleQDRun:
+    """One run: fresh (``resume=False``) or continued from the last complete generation."""
+
+    def __init__(self, cfg: RunConfig, components: Components, run_dir: str | Path, *,
+                 resume: bool = False, executor: Executor | None = None, progress: bool = True):
+        self.cfg, self.c, self.rd = cfg, components, RunDir(run_dir)
+        if len(components.skills) != len(cfg.skills):
+            raise ValueError(f"{len(components.skills)} skill evaluators for {len(cfg.skills)} configured skills")
+        names = [getattr(s, "name", None) for s in components.skills]
+        if names != cfg.skill_names:
+            raise ValueError(f"skill evaluators {names} do not match configured skills {cfg.skill_names}")
+        self.archives = build_archives(cfg)
+        self.scheduler = CycleQDScheduler(self.archives, seed=cfg.seed, sampling=cfg.qd.sampling,
+                                          flip_interval=cfg.qd.flip_interval, num_parents=cfg.qd.num_parents)
+        experts = components.space.expert_genomes()
+        if len(experts) != len(cfg.skills):
+            raise ValueError(f"{len(experts)} expert genomes for {len(cfg.skills)} skills")
+        seeds = dict(zip(seed_ids(cfg), list(experts) + ([components.space.base_genome()]
+                                                         if cfg.model.seed_with_base else [])))
+        if resume and self.rd.state.exists():
+            state = self.rd.load_state()
+            if state["config_fingerprint"] != cfg.fingerprint():
+                raise ValueError(f"{self.rd.root}: config differs from the one the run started with "
+                                 f"({self.rd.config}); resume with that config")
+        elif resume:  # killed while the seed models were being scored: score them again
+            if not self.rd.config.exists():
+                raise FileNotFoundError(f"{self.rd.root} is not a cycleqd run directory (no config.yaml)")
+            self.rd.truncate_metrics(-1)
+            resume = False
+        else:
+            self.rd.create(cfg.to_yaml())
+        self.store = GenomeStore(self.rd.genomes, components.space, seeds)
+        self.ctx = WorkerContext(components.space, self.store, components.adapter, components.skills,
+                                 cfg.fingerprint())
+        self.executor = executor or LocalExecutor(self.ctx)
+        self.progress = progress
+        self.generation = 0
+        self.aggregate: dict[str, float] | None = None
+        self._resume = resume
+        self._started = time.time()
+
+    # -- persistence -------------------------------------------------------------------
+    def _checkpoint(self, in_flight: Sequence[Job] = ()) -> None:
+        archives = [a.to_json() for a in self.archives]
+        stats = {a.quality_skill: archive_stats(a) for a in self.archives}
+        g = self.generation
+        atomic_write_json(self.rd.archives, {"generation": g, "stats": stats, "archives": archives})
+        if g % self.cfg.qd.snapshot_every == 0 or g == self.cfg.qd.generations:
+            atomic_write_json(self.rd.snapshots / f"gen_{g:06d}.json", {"generation": g, "archives": archives})
+        atomic_write_json(self.rd.state, {
+            "generation": g, "config_fingerprint": self.cfg.fingerprint(), "seed": self.cfg.seed,
+            "rng": "every random draw is derived from (seed, generation, purpose): nothing else to restore",
+            "archives": archives, "aggregate": self.aggregate})
+        keep = {e.id for a in self.archives for _, e in a} | {"aggregate"}
+        keep |= {p for j in in_flight for p in j.parents} | {j.child_id for j in in_flight}
+        self.store.gc(keep - set(self.store.seeds))
+
+    def _restore(self) -> None:
+        state = self.rd.load_state()
+        self.archives[:] = [GridArchive.from_json(a) for a in state["archives"]]
+        self.scheduler.archives = self.archives
+        self.generation = int(state["generation"])
+        self.aggregate = state.get("aggregate")
+        self.rd.truncate_metrics(self.generation)
+        self.scheduler.reset_pending(self.generation + 1)
+
+    # -- the algorithm -----------------------------------------------------------------
+    def _seed(self) -> None:
+        """Evaluate the seed models on all skills and put them into every archive."""
+        for sid in self.store.seeds:
+            self.executor.submit(Job(0, 0, (), sid, self.cfg.seed))
+            res = self.executor.next_result()
+            elite = Elite(sid, res.scores, 0, ())
+            entered = [a.quality_skill for a in self.archives if a.add(elite)]
+            self.rd.append_metrics(_record(res, entered, self.archives, self._started))
+        self._checkpoint()
+
+    def run(self, stop_after: int | None = None) -> RunResult:
+        """Run (or continue) until ``qd.generations`` (or ``stop_after`` more generations)."""
+        if self._resume:
+            self._restore()
+        else:
+            self._seed()
+        total = self.cfg.qd.generations
+        last = total if stop_after is None else min(total, self.generation + stop_after)
+        bar = _Progress(total, self.generation, self.progress)
+        in_flight: list[Job] = []
+        next_gen = self.generation + 1
+        try:
+            while self.generation < last:
+                while len(in_flight) < self.executor.capacity and next_gen <= last:
+                    ask = self.scheduler.ask(next_gen)                       # k, parents
+                    job = _job(ask, self.cfg, self.archives, f"g{next_gen:06d}")
+                    self.executor.submit(job)                                # crossover, mutation, eval
+                    in_flight.append(job)
+                    next_gen += 1
+                res = self.executor.next_result()
+                job = in_flight.pop(0)
+                assert res.job.generation == job.generation, "executor returned results out of order"
+                child = Elite(job.child_id, res.scores, job.generation, job.parents)
+                entered = self.scheduler.tell(job.generation, child)        # offer to every archive
+                if entered and not res.saved:
+                    raise RuntimeError(f"generation {job.generation}: child entered {entered} but its "
+                                       f"genome was not saved")
+                self.generation = job.generation
+                self.rd.append_metrics(_record(res, entered, self.archives, self._started))
+                self._checkpoint(in_flight)
+                bar.update(self.archives[job.skill].quality_skill, self.archives)
+        finally:
+            bar.close()
+            if in_flight:
+                self.executor.close()
+        if self.generation == total and self.aggregate is None:
+            self.aggregate = self._aggregate()
+            self._checkpoint()
+        from cycleqd.engine.plots import plot_all_maps
+        plot_all_maps(self.archives, self.rd.maps, seed_ids=set(self.store.seeds))
+        return RunResult(self.rd.root, self.archives, self.generation, self.aggregate,
+                         {a.quality_skill: archive_stats(a) for a in self.archives})
+
+    def _aggregate(self) -> dict[str, float] | None:
+        """Model aggregation (paper §3.4): merge each archive's best model into one model,
+        store it as ``aggregate`` and score it on every skill."""
+        try:
+            from cycleqd.ops.aggregation import aggregate
+        except ImportError:
+            return None
+        bests = [a.best() for a in self.archives]
+        genomes = [self.store.get(e.id) for e in bests]
+        qualities = [a.quality_of(e.scores) for a, e in zip(self.archives, bests)]
+        op = self.cfg.operators.aggregation
+        t = time.perf_counter()
+        genome = aggregate(self.c.space, genomes, qualities, method=op.name, **op.kwargs())
+        merge_s = time.perf_counter() - t
+        self.store.put("aggregate", genome)
+        self.executor.submit(Job(self.cfg.qd.generations + 1, 0, (), "aggregate", self.cfg.seed))
+        res = self.executor.next_result()
+        rec = _record(res, [], self.archives, self._started)
+        rec.update(kind="aggregate", sources=[e.id for e in bests])
+        rec["timings"]["merge_s"] = round(merge_s, 6)
+        self.rd.append_metrics(rec)
+        return res.scores
+
+
+def run_cycleqd(components: Components, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
+                executor: Executor | None = None, progress: bool = True,
+                stop_after: int | None = None) -> RunResult:
+    """Run CycleQD with ready-made components (see :class:`Components`)."""
+    run = CycleQDRun(cfg, components, run_dir, resume=resume, executor=executor, progress=progress)
+    try:
+        return run.run(stop_after=stop_after)
+    finally:
+        run.executor.close()

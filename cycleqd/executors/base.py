@@ -1,0 +1,136 @@
+"""The executor seam: run "make child + evaluate" jobs and hand back results in order.
+
+A :class:`Job` is self-contained and small (ids, seeds, the archive thresholds it needs),
+so it can travel to another process or node. Every random draw in a job comes from
+``derive_seed(run seed, generation, purpose)``, so a job's result does not depend on which
+worker ran it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+
+import torch
+
+from cycleqd.qd.scheduler import derive_seed
+from cycleqd.skills.base import SkillResult
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation's work, or the evaluation of a seed model (``parents == ()``).
+
+    Attributes:
+        generation: generation number (0 for seed evaluations).
+        skill: index of the quality skill (the SVD mutation basis).
+        parents: model ids of the parents, in the order drawn.
+        child_id: id under which the child's genome is stored.
+        seed: run seed.
+        thresholds: per archive, cell -> incumbent quality, as the archives were when the
+            job was made; the worker saves the genome only if the child would enter one.
+        archive_cells: per archive, the callable-free description needed to compute the
+            child's cell: list of (quality skill, [(bc skill, lo, hi, bins), ...]).
+    """
+
+    generation: int
+    skill: int
+    parents: tuple[str, ...]
+    child_id: str
+    seed: int
+    thresholds: tuple[dict[tuple[int, ...], float], ...] = ()
+    archive_cells: tuple[tuple[str, tuple[tuple[str, float, float, int], ...]], ...] = ()
+
+
+@dataclass
+class JobResult:
+    """What a worker sends back: the child's scores on all skills and timings (seconds)."""
+
+    job: Job
+    results: dict[str, SkillResult]
+    saved: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    genome_bytes: int = 0
+    worker: str = "local"
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {k: r.quality for k, r in self.results.items()}
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs jobs; ``capacity`` jobs may be in flight; results come back in submission order."""
+
+    capacity: int
+
+    def submit(self, job: Job) -> None: ...
+
+    def next_result(self) -> JobResult: ...
+
+    def close(self) -> None: ...
+
+
+def would_enter(job: Job, scores: dict[str, float]) -> bool:
+    """Would a child with ``scores`` enter any archive as the job saw them?"""
+    from cycleqd.qd.archive import BCAxis, GridArchive
+
+    for (quality_skill, axes), thr in zip(job.archive_cells, job.thresholds):
+        arch = GridArchive(quality_skill, tuple(BCAxis(*a) for a in axes))
+        cell = arch.cell_of(scores)
+        if cell not in thr or arch.quality_of(scores) > thr[cell]:
+            return True
+    return False
+
+
+def run_job(job: Job, ctx: "WorkerContext") -> JobResult:
+    """Make the child (crossover, then mutation) and evaluate it on all skills.
+
+    Seed jobs (no parents) evaluate the stored model ``job.child_id`` instead. The genome is
+    written to the model store only when the child would enter an archive (as the official
+    code does), so the store holds no model that no archive references for long.
+    """
+    space, store = ctx.space, ctx.store
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if job.parents:
+        gen = torch.Generator().manual_seed(derive_seed(job.seed, job.generation, "crossover"))
+        child = space.crossover([store.get(p) for p in job.parents], gen)
+        timings["crossover_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        gen = torch.Generator().manual_seed(derive_seed(job.seed, job.generation, "mutation"))
+        child = space.mutate(child, job.skill, gen)
+        timings["mutation_s"] = time.perf_counter() - t
+    else:
+        child = store.get(job.child_id)
+    t = time.perf_counter()
+    weights = space.materialize(child)
+    timings["materialize_s"] = time.perf_counter() - t
+    model = ctx.adapter.bind(weights, f"{ctx.run_fingerprint}/{job.child_id}")
+    del weights
+    results: dict[str, SkillResult] = {}
+    for skill in ctx.skills:
+        t = time.perf_counter()
+        results[skill.name] = skill.evaluate(model)
+        timings[f"eval_{skill.name}_s"] = time.perf_counter() - t
+    timings["eval_s"] = sum(v for k, v in timings.items() if k.startswith("eval_") and k != "eval_s")
+    saved, nbytes = False, 0
+    if job.parents and would_enter(job, {k: r.quality for k, r in results.items()}):
+        t = time.perf_counter()
+        nbytes = store.put(job.child_id, child)
+        timings["save_s"] = time.perf_counter() - t
+        saved = True
+    return JobResult(job, results, saved, timings, nbytes, ctx.name)
+
+
+@dataclass
+class WorkerContext:
+    """Everything a worker needs: weight space, model store, adapter and skills."""
+
+    space: Any
+    store: Any
+    adapter: Any
+    skills: list
+    run_fingerprint: str
+    name: str = "local"

@@ -1,0 +1,217 @@
+"""Hugging Face ``transformers`` generation backend: batched, left-padded, KV-cached greedy.
+
+How a call to :meth:`HFBackend.generate` runs:
+
+1. every conversation is rendered with the tokenizer's chat template
+   (``add_generation_prompt=True``) and tokenised without extra special tokens;
+2. prompts are sorted by token length (longest first) and cut into batches of
+   ``batch_size``, so each batch pads little and an out-of-memory shows up on the first batch;
+3. each batch is left-padded (prompt ends aligned, attention mask zero on the padding) and
+   decoded greedily by ``model.generate`` with the KV cache, stopping at EOS, at
+   ``max_new_tokens`` or, per row, at a stop string (``transformers``' ``StopStringCriteria``);
+4. replies are decoded up to their first EOS, cut before the first stop string and returned
+   in the input order.
+
+Greedy decoding is deterministic for fixed weights, batch size and device, but a padded batch
+reduces in a different order than a single prompt, so a reply can in rare cases differ from
+one decoded alone (a near tie between two tokens); ``benchmarks/eval_bench.py`` measures it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from cycleqd.inference._checks import check_generate_args, check_state_dict, cut_at_stop
+from cycleqd.inference.base import Message
+from cycleqd.inference.fingerprint import fingerprint_state_dict
+
+
+class HFBackend:
+    """A :class:`~cycleqd.inference.base.GenerationBackend` on a ``transformers`` causal LM.
+
+    Args:
+        model: a loaded ``PreTrainedModel`` (``AutoModelForCausalLM``) or a path / hub id,
+            loaded with :meth:`from_pretrained` defaults.
+        tokenizer: its tokenizer (default: loaded from ``model``'s path). Must have a chat
+            template (or pass ``chat_template``).
+        fingerprint: identity of the loaded weights (default: a content hash of the state dict,
+            :func:`~cycleqd.inference.fingerprint.fingerprint_state_dict`).
+        batch_size: prompts per forward batch (>= 1). On 2 CPU cores 16-32 is a good value for
+            a 135M model; on a GPU, as large as memory allows.
+        device: where to run (``"cpu"``, ``"cuda"``, ``"cuda:1"``; default: the model's device).
+        chat_template: Jinja template overriding the tokenizer's.
+        sort_by_length: batch prompts of similar length together (default True).
+
+    Raises:
+        ValueError: bad ``batch_size``, or no chat template available.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, fingerprint: str | None = None,
+                 batch_size: int = 16, device: str | torch.device | None = None,
+                 chat_template: str | None = None, sort_by_length: bool = True) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(model, (str, Path)):
+            model, tok = self._load(model, device=device)
+            tokenizer = tokenizer if tokenizer is not None else tok
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            name = getattr(model.config, "_name_or_path", None)
+            if not name:
+                raise ValueError("tokenizer is required when the model was not loaded from a path")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; pass chat_template=...")
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.sort_by_length = sort_by_length
+        self.device = next(model.parameters()).device
+        self._eos_ids = self._eos_token_ids()
+        self._pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                        else self._eos_ids[0])
+        sd = model.state_dict()
+        self._shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        self._tied = self._tied_aliases(sd)
+        self.fingerprint = fingerprint if fingerprint is not None else fingerprint_state_dict(sd)
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _load(path: str | Path, *, device=None, dtype: torch.dtype | None = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        if device is not None:
+            model = model.to(device)
+        return model, tok
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | None = None,
+                        dtype: torch.dtype = torch.float32, **kwargs: Any) -> "HFBackend":
+        """Load an HF folder (or hub id) with its tokenizer.
+
+        Args:
+            path: folder with ``config.json``, weights and tokenizer files (or a hub id).
+            device: ``"cpu"`` (default when None), ``"cuda"``...
+            dtype: parameter dtype (fp32 default: CPU kernels are fastest and exact in fp32).
+            **kwargs: passed to :class:`HFBackend` (batch_size, fingerprint...).
+        """
+        model, tok = cls._load(path, device=device, dtype=dtype)
+        return cls(model, tok, **kwargs)
+
+    def _eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        gc = getattr(self.model, "generation_config", None)
+        for src in (getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if src is None:
+                continue
+            for i in (src if isinstance(src, (list, tuple)) else [src]):
+                if int(i) not in ids:
+                    ids.append(int(i))
+        if not ids:
+            raise ValueError("neither the tokenizer nor the generation config defines an EOS token")
+        return ids
+
+    @staticmethod
+    def _tied_aliases(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        """name -> canonical name, for state-dict entries sharing storage (tied weights)."""
+        first: dict[tuple[int, tuple, str], str] = {}
+        alias: dict[str, str] = {}
+        for k, v in sd.items():
+            key = (v.untyped_storage().data_ptr(), tuple(v.shape), str(v.dtype))
+            if key in first:
+                alias[k] = first[key]
+            else:
+                first[key] = k
+        return alias
+
+    # ------------------------------------------------------------------ protocol
+    def render(self, conversation: Sequence[Message]) -> str:
+        """The prompt string of one conversation (chat template + generation prompt)."""
+        return self.tokenizer.apply_chat_template(list(conversation), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def generate(self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int,
+                 stop: Sequence[str] = ()) -> list[str]:
+        """Greedy replies, one per conversation, in input order.
+
+        Args:
+            conversations: N conversations, each a list of ``{"role", "content"}`` messages.
+            max_new_tokens: generation budget per reply (tokens, >= 1).
+            stop: strings that end a reply; the reply is cut before the first one.
+        Returns:
+            N strings (special tokens removed).
+        Raises:
+            ValueError: malformed conversations / arguments (before any model work).
+        """
+        convs, stop = check_generate_args(conversations, max_new_tokens, stop)
+        if not convs:
+            return []
+        prompts = [self.tokenizer(self.render(c), add_special_tokens=False)["input_ids"]
+                   for c in convs]
+        order = list(range(len(prompts)))
+        if self.sort_by_length:
+            order.sort(key=lambda i: -len(prompts[i]))
+        out: list[str] = [""] * len(prompts)
+        gen_cfg = self._generation_config(max_new_tokens, stop)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            for i, text in zip(idx, self._generate_batch([prompts[i] for i in idx], gen_cfg)):
+                out[i] = cut_at_stop(text, stop)
+        return out
+
+    def _generation_config(self, max_new_tokens: int, stop: list[str]):
+        from transformers import GenerationConfig
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                temperature=None, top_p=None, top_k=None, use_cache=True,
+                                eos_token_id=self._eos_ids, pad_token_id=self._pad_id,
+                                stop_strings=stop or None)
+
+    def _generate_batch(self, prompts: list[list[int]], gen_cfg) -> list[str]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding: prompt ends aligned at column width-1
+            if p:
+                ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[r, width - len(p):] = 1
+        kwargs = {"tokenizer": self.tokenizer} if gen_cfg.stop_strings else {}
+        seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   generation_config=gen_cfg, **kwargs)
+        texts = []
+        eos = set(self._eos_ids)
+        for row in seqs[:, width:].tolist():
+            end = next((k for k, t in enumerate(row) if t in eos), len(row))
+            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return texts
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], fingerprint: str) -> None:
+        """Copy new weights into the loaded model in place (no reload, no reallocation).
+
+        Args:
+            state_dict: name -> tensor with the model's names and shapes (any float dtype or
+                device; cast on copy). A tied alias (``lm_head.weight`` of a model with tied
+                embeddings) may be omitted; if given, the canonical tensor wins.
+            fingerprint: identity of the new weights (cache key).
+        Raises:
+            ValueError: unknown/missing names or shape mismatches, checked before any copy,
+                so a rejected call leaves the old weights and fingerprint in place.
+        """
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise ValueError("load_weights: fingerprint must be a non-empty string")
+        check_state_dict(state_dict, self._shapes, optional=set(self._tied))
+        targets = self.model.state_dict()
+        for name, t in state_dict.items():
+            if name in self._tied and self._tied[name] in state_dict:
+                continue  # tied alias: the canonical entry is copied
+            targets[name].copy_(t)
+        self.fingerprint = fingerprint

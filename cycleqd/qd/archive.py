@@ -1,0 +1,148 @@
+"""MAP-Elites grid archive for one skill (paper §3.1).
+
+In archive k the *quality* is skill k's score and the *behaviour characteristics* (BCs)
+are the other K-1 skills' scores, each binned on a regular grid. Binning follows the
+official code (``tasks/base.py::_get_bin_id``): edges ``linspace(lo, hi, bins + 1)``;
+a score s falls in bin i when ``edge_i < s <= edge_{i+1}``; scores outside ``[lo, hi]``
+are clamped into the edge bins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+Cell = tuple[int, ...]
+MEAN_QUALITY = "mean"  # quality of the single-archive ablation: mean of all skill scores
+
+
+@dataclass(frozen=True)
+class BCAxis:
+    """One behaviour-characteristic axis: a skill's score binned on [lo, hi].
+
+    Raises:
+        ValueError: bins < 1 or lo >= hi.
+    """
+
+    skill: str
+    lo: float
+    hi: float
+    bins: int
+
+    def __post_init__(self) -> None:
+        if self.bins < 1:
+            raise ValueError(f"BC axis {self.skill!r}: bins must be >= 1, got {self.bins}")
+        if not self.lo < self.hi:
+            raise ValueError(f"BC axis {self.skill!r}: range min ({self.lo}) must be < max ({self.hi})")
+
+    def index(self, score: float) -> int:
+        """Bin index of ``score`` in [0, bins - 1] (official semantics, clamped)."""
+        edges = np.linspace(self.lo, self.hi, self.bins + 1)
+        return int(min(max(0, int(np.digitize(score, edges, right=True)) - 1), self.bins - 1))
+
+    def edges(self) -> np.ndarray:
+        """(bins + 1,) float64 bin edges."""
+        return np.linspace(self.lo, self.hi, self.bins + 1)
+
+
+@dataclass
+class Elite:
+    """An archive entry: small fields only, the weights live in the model store.
+
+    Attributes:
+        id: model id (``expert:<skill>``, ``base`` or ``g<generation>``).
+        scores: skill name -> score in [0, 1], for all K skills.
+        generation: generation that produced it (0 for experts/base).
+        parents: ids of its parents (empty for seeds).
+    """
+
+    id: str
+    scores: dict[str, float]
+    generation: int = 0
+    parents: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "scores": self.scores, "generation": self.generation,
+                "parents": list(self.parents)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Elite":
+        return cls(d["id"], {k: float(v) for k, v in d["scores"].items()}, int(d["generation"]),
+                   tuple(d.get("parents", ())))
+
+
+@dataclass
+class GridArchive:
+    """MAP-Elites archive whose quality is ``quality_skill`` and whose cells are ``axes``.
+
+    Attributes:
+        quality_skill: name of the skill whose score is the quality.
+        axes: the BC axes (the other skills), in skill order.
+        elites: cell -> elite.
+    """
+
+    quality_skill: str
+    axes: tuple[BCAxis, ...]
+    elites: dict[Cell, Elite] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(a.bins for a in self.axes)
+
+    @property
+    def num_cells(self) -> int:
+        return int(np.prod(self.shape)) if self.axes else 1
+
+    def cell_of(self, scores: dict[str, float]) -> Cell:
+        """The cell of a model with these skill scores. Raises KeyError for a missing skill."""
+        return tuple(a.index(scores[a.skill]) for a in self.axes)
+
+    def quality_of(self, scores: dict[str, float]) -> float:
+        """The quality of a model with these scores: the quality skill's score, or the mean
+        of all skills' scores for the single-archive ablation (``quality_skill == "mean"``)."""
+        if self.quality_skill == MEAN_QUALITY:
+            return float(sum(scores.values()) / len(scores))
+        return float(scores[self.quality_skill])
+
+    def add(self, elite: Elite) -> bool:
+        """Insert ``elite`` if its cell is empty or its quality is *strictly* higher than the
+        incumbent's (official rule). Returns True when the archive changed."""
+        cell = self.cell_of(elite.scores)
+        incumbent = self.elites.get(cell)
+        if incumbent is not None and not self.quality_of(elite.scores) > self.quality_of(incumbent.scores):
+            return False
+        self.elites[cell] = elite
+        return True
+
+    def __len__(self) -> int:
+        return len(self.elites)
+
+    def __iter__(self) -> Iterator[tuple[Cell, Elite]]:
+        return iter(sorted(self.elites.items()))
+
+    def best(self) -> Elite | None:
+        """Highest-quality elite (ties: earliest cell)."""
+        items = list(self)
+        return max(items, key=lambda ce: self.quality_of(ce[1].scores))[1] if items else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quality_skill": self.quality_skill,
+                "axes": [{"skill": a.skill, "lo": a.lo, "hi": a.hi, "bins": a.bins} for a in self.axes],
+                "elites": [{"cell": list(c), "quality": self.quality_of(e.scores), **e.to_json()}
+                           for c, e in self]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "GridArchive":
+        arch = cls(d["quality_skill"], tuple(BCAxis(**a) for a in d["axes"]))
+        for e in d["elites"]:
+            arch.elites[tuple(e["cell"])] = Elite.from_json(e)
+        return arch
+
+
+def make_archives(skills: Sequence[str], ranges: dict[str, tuple[float, float]],
+                  bins: dict[str, int]) -> list[GridArchive]:
+    """One archive per skill; archive k's axes are all skills but k, in skill order."""
+    axes = {s: BCAxis(s, float(ranges[s][0]), float(ranges[s][1]), int(bins[s])) for s in skills}
+    return [GridArchive(q, tuple(axes[s] for s in skills if s != q)) for q in skills]
