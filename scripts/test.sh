@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install everything, start the services the tests need (MariaDB), run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+if [ -f .ci/mariadb.sh ]; then
+  # shellcheck source=/dev/null
+  source .ci/mariadb.sh
+fi
+exec python3 -m pytest -q -p no:cacheprovider "$@"
