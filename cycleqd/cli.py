@@ -45,7 +45,8 @@ def _executor(args, ctx, cfg):
 
     return RayExecutor.from_args(ctx, address=args.address or cfg.executor.address,
                                  workers=args.workers or cfg.executor.workers,
-                                 synchronous=args.synchronous or cfg.executor.synchronous)
+                                 synchronous=args.synchronous or cfg.executor.synchronous,
+                                 progress=not getattr(args, "no_progress", False))
 
 
 def _run(cfg, run_dir: Path, *, resume: bool, args) -> int:
@@ -231,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -44,7 +44,7 @@ class GenomeStore:
         keep = {self.path(m).name for m in referenced}
         removed = []
         for p in self.root.iterdir():
-            if p.name not in keep:
+            if p.name not in keep and p.name.split(".tmp-")[0] not in keep:
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
         return removed
