@@ -198,10 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--generations", type=int, help="CycleQD generations")
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--toy", action="store_true", help="toy size (tiny model, few items) for CI")
+    from cycleqd.demo.llm import add_arguments as demo_arguments
+
+    demo_arguments(sp)
     sp.set_defaults(fn=cmd_demo)
 
     sp = sub.add_parser("train-expert", help="fine-tune (LoRA) an expert for one skill")
     sp.add_argument("skill")
+    from cycleqd.training.cli import add_arguments as train_arguments
+
+    train_arguments(sp)
     sp.set_defaults(fn=cmd_train_expert)
     return p
 

