@@ -74,7 +74,9 @@ def seed_ids(cfg: RunConfig) -> list[str]:
 
 
 def _job(ask: Ask, cfg: RunConfig, archives: Sequence[GridArchive], child_id: str) -> Job:
-    return Job(
+    # single-archive ablation: the archive index is always 0, the mutation basis still rotates
+    basis = None if cfg.qd.mode == "cyclic" else (ask.generation // cfg.qd.flip_interval) % len(cfg.skills)
+    return Job(mutation_skill=basis,
         generation=ask.generation, skill=ask.skill, parents=ask.parents, child_id=child_id, seed=cfg.seed,
         thresholds=tuple({c: a.quality_of(e.scores) for c, e in a} for a in archives),
         archive_cells=tuple((a.quality_skill, tuple((x.skill, x.lo, x.hi, x.bins) for x in a.axes))

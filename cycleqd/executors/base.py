@@ -24,7 +24,7 @@ class Job:
 
     Attributes:
         generation: generation number (0 for seed evaluations).
-        skill: index of the quality skill (the SVD mutation basis).
+        skill: index of the archive the parents came from (the quality skill in cyclic mode).
         parents: model ids of the parents, in the order drawn.
         child_id: id under which the child's genome is stored.
         seed: run seed.
@@ -32,6 +32,7 @@ class Job:
             job was made; the worker saves the genome only if the child would enter one.
         archive_cells: per archive, the callable-free description needed to compute the
             child's cell: list of (quality skill, [(bc skill, lo, hi, bins), ...]).
+        mutation_skill: skill index of the SVD-mutation basis when it differs from ``skill``.
     """
 
     generation: int
@@ -41,6 +42,13 @@ class Job:
     seed: int
     thresholds: tuple[dict[tuple[int, ...], float], ...] = ()
     archive_cells: tuple[tuple[str, tuple[tuple[str, float, float, int], ...]], ...] = ()
+    mutation_skill: int | None = None
+
+    @property
+    def basis_skill(self) -> int:
+        """Skill whose expert basis the SVD mutation uses (``skill`` unless set apart, as in
+        the single-archive ablation where the archive index is always 0)."""
+        return self.skill if self.mutation_skill is None else self.mutation_skill
 
 
 @dataclass
@@ -100,7 +108,7 @@ def run_job(job: Job, ctx: "WorkerContext") -> JobResult:
         timings["crossover_s"] = time.perf_counter() - t
         t = time.perf_counter()
         gen = torch.Generator().manual_seed(derive_seed(job.seed, job.generation, "mutation"))
-        child = space.mutate(child, job.skill, gen)
+        child = space.mutate(child, job.basis_skill, gen)
         timings["mutation_s"] = time.perf_counter() - t
     else:
         child = store.get(job.child_id)

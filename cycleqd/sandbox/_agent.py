@@ -1,11 +1,14 @@
 """In-sandbox supervisor of a :class:`cycleqd.sandbox.BwrapSession` (runs INSIDE bubblewrap).
 
 This file is executed by the sandbox's own ``python3 -I -S -c <source>``; it imports only
-the standard library and must run on any Python >= 3.8. It reads one JSON request per
-line on stdin and writes one JSON reply per line on stdout. The host channel (fds 0/1)
-is never inherited by the commands it runs, and the process marks itself non-dumpable so
-that commands running as the same (sandbox) user cannot open ``/proc/<agent>/fd/*`` or
-ptrace it to forge replies.
+the standard library and must run on any Python >= 3.8. It reads a session key (first
+line), then one JSON request per line on stdin, and writes one reply per line on stdout:
+``<HMAC-SHA256(key, json)> <json>``. The host channel (fds 0/1) is never inherited by the
+commands it runs and the process marks itself non-dumpable (so commands, which run as the
+same sandbox user, cannot read its memory or fds). bwrap's own init (pid 1) does hold the
+channel and is reachable through ``/proc/1/fd``: a command may steal or inject lines
+there, but without the key it cannot forge a reply the host accepts (the MAC covers the
+request id), so such tampering only ends the session (a failed sample).
 
 Requests (``op``):
 - ``exec``: run ``argv`` (or, with ``shell``, a bash command in the persistent shell
@@ -17,6 +20,8 @@ Requests (``op``):
 - ``ping``: liveness check.
 """
 
+import hashlib
+import hmac
 import json
 import os
 import selectors
@@ -199,6 +204,7 @@ def main():
     background = []
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
+    key = bytes.fromhex(inp.readline().decode().strip())  # before any command runs
     while True:
         line = inp.readline()
         if not line:
@@ -252,7 +258,8 @@ def main():
             reply.update(res)
         else:
             reply["error"] = "unknown op %r" % (op,)
-        out.write(json.dumps(reply).encode("utf-8") + b"\n")
+        body = json.dumps(reply).encode("utf-8")
+        out.write(hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b" " + body + b"\n")
         out.flush()
 
 

@@ -31,9 +31,12 @@ shot, e.g. ``python3 program.py`` with a benchmark's tests), :class:`BwrapSessio
 from __future__ import annotations
 
 import atexit
+import hashlib
+import hmac
 import itertools
 import json
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -380,7 +383,7 @@ class _Sandbox:
                     "shift; exec \"$@\"")
             argv = ["/bin/sh", "-c", join, "sh", *self.cg.procs_files(), "--", *pl, *drop, *bw]
             self.t0 = time.monotonic()
-            self.proc = subprocess.Popen(
+            self.proc = _launch(
                 argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
                 env={"PATH": _DEFAULT_PATH, "LANG": "C.UTF-8"},
@@ -445,6 +448,55 @@ class _Sandbox:
                     pass
         self.cg.remove()
         _LIVE.discard(self)
+
+
+class _Launcher:
+    """Starts every sandbox from ONE long-lived thread.
+
+    ``bwrap --die-with-parent`` uses PR_SET_PDEATHSIG, which fires when the *thread* that
+    forked bwrap exits, not the process: a sandbox started from a short-lived worker
+    thread (a ThreadPoolExecutor's) would be killed when that thread ends. A daemon thread
+    living as long as the interpreter keeps "the parent" alive exactly as long as the
+    evaluator, so sandboxes still die with the evaluator and only with it.
+    """
+
+    def __init__(self) -> None:
+        import queue
+
+        self._q: "queue.Queue[tuple]" = queue.Queue()
+        self._t = threading.Thread(target=self._loop, name="cycleqd-sandbox-launcher",
+                                   daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while True:
+            argv, kw, box, done = self._q.get()
+            try:
+                box.append(subprocess.Popen(argv, **kw))
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                box.append(e)
+            done.set()
+
+    def popen(self, argv: list[str], **kw: object) -> subprocess.Popen:
+        box: list = []
+        done = threading.Event()
+        self._q.put((argv, kw, box, done))
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+
+_LAUNCHER: _Launcher | None = None
+_LAUNCHER_LOCK = threading.Lock()
+
+
+def _launch(argv: list[str], **kw: object) -> subprocess.Popen:
+    global _LAUNCHER
+    with _LAUNCHER_LOCK:
+        if _LAUNCHER is None:
+            _LAUNCHER = _Launcher()
+    return _LAUNCHER.popen(argv, **kw)
 
 
 @atexit.register
@@ -589,8 +641,11 @@ class BwrapSession:
     Its file system (tmpfs root, /root, /tmp, ...), background processes and shell state
     (cwd, variables, functions, aliases) live from :meth:`start` to :meth:`close`;
     everything is killed at close. Commands run through a small supervisor inside the
-    sandbox (the sandbox's ``/usr/bin/python3``); a command that kills the supervisor ends
-    the session (later calls return ``killed="sandbox_died"``).
+    sandbox (the sandbox's ``/usr/bin/python3``, :mod:`._agent`); its replies are
+    authenticated with a per-session key (HMAC-SHA256 over the reply, which carries the
+    request id) so that commands -- which run as the same sandbox user -- cannot forge a
+    result the host believes. A command that kills the supervisor or tampers with its
+    channel ends the session (later calls return ``killed="sandbox_died"``).
 
     Use as a context manager::
 
@@ -611,6 +666,10 @@ class BwrapSession:
         SandboxUnavailableError: at :meth:`start`, when no sandbox can be made.
     """
 
+    #: Source of the in-sandbox supervisor (a subclass may run another JSON-line server,
+    #: e.g. the SQLite worker of :mod:`cycleqd.sandbox.sql`).
+    _agent_source: str = _AGENT_SOURCE
+
     def __init__(self, limits: SandboxLimits = SandboxLimits(), *,
                  files: Mapping[str, bytes | str] | None = None, workdir: str = "/root",
                  env: Mapping[str, str] | None = None,
@@ -628,6 +687,7 @@ class BwrapSession:
         self._dead: str | None = None
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._key = b""
 
     # -- lifecycle
     def start(self) -> "BwrapSession":
@@ -640,7 +700,13 @@ class BwrapSession:
         self._sb = _Sandbox([self._python, "-I", "-S", "-c", boot],
                             limits=self.limits, files=self._files, workdir=self.workdir,
                             env=env, ro_binds=self._ro_binds, stdin=True,
-                            inherit_data=_AGENT_SOURCE.encode())
+                            inherit_data=self._agent_source.encode())
+        self._key = secrets.token_bytes(32)
+        try:
+            self._sb.proc.stdin.write(self._key.hex().encode() + b"\n")
+            self._sb.proc.stdin.flush()
+        except OSError:
+            pass  # reported by the ping below
         reply = self._request({"op": "ping"}, timeout=20.0)
         if reply is None or not reply.get("ok"):
             err = self._stderr_tail()
@@ -750,9 +816,13 @@ class BwrapSession:
                 while True:
                     nl = buf.find(b"\n")
                     if nl >= 0:
-                        line = bytes(buf[:nl])
+                        mac, _, body = bytes(buf[:nl]).partition(b" ")
+                        good = hmac.new(self._key, body, hashlib.sha256).hexdigest().encode()
+                        if not hmac.compare_digest(mac, good):
+                            self._die("reply failed authentication (tampered channel)")
+                            return None
                         try:
-                            reply = json.loads(line)
+                            reply = json.loads(body)
                         except ValueError:
                             self._die("supervisor sent garbage")
                             return None

@@ -8,7 +8,7 @@ the :class:`cycleqd.engine.adapter.ModelAdapter` protocol.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn

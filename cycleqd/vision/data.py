@@ -10,8 +10,8 @@ Domains (every transform is a pure function of the image and its dataset index, 
 splits are the same on every machine):
 
 * ``clean``    -- the images as they are (the base model's training domain).
-* ``rotated``  -- rotated 90 degrees counter-clockwise (``numpy.rot90``, exact, no
-  interpolation).
+* ``rotated``  -- rotated ``rotation`` degrees (default 30) counter-clockwise about the
+  image centre (``scipy.ndimage.rotate``, bilinear, same 8x8 frame, zero fill).
 * ``noisy``    -- additive Gaussian pixel noise, ``x + N(0, noise_std^2)`` clipped to
   [0, 1]; the noise of image ``i`` is drawn from ``numpy.random.default_rng([seed,
   1, i])``.
@@ -23,8 +23,8 @@ Pixel values are scaled to [0, 1] (raw value / 16).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -103,8 +103,8 @@ def split_digits(seed: int, fractions: tuple[float, float, float] = (0.5, 0.25, 
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_train = int(round(fractions[0] * len(idx)))
-        n_search = int(round(fractions[1] * len(idx)))
+        n_train = round(fractions[0] * len(idx))
+        n_search = round(fractions[1] * len(idx))
         parts["train"].append(idx[:n_train])
         parts["search"].append(idx[n_train:n_train + n_search])
         parts["test"].append(idx[n_train + n_search:])
@@ -116,7 +116,7 @@ def split_digits(seed: int, fractions: tuple[float, float, float] = (0.5, 0.25, 
 
 
 def transform(images: np.ndarray, ids: np.ndarray, domain: str, *, seed: int,
-              noise_std: float = 0.5, occlusion: int = 4) -> np.ndarray:
+              noise_std: float = 0.35, occlusion: int = 4, rotation: float = 30.0) -> np.ndarray:
     """Apply one domain's fixed transform to images (see the module docstring).
 
     Args:
@@ -126,6 +126,7 @@ def transform(images: np.ndarray, ids: np.ndarray, domain: str, *, seed: int,
         seed: the transform seed.
         noise_std: std of the ``noisy`` domain's pixel noise (pixel units, [0, 1] scale).
         occlusion: side in pixels of the ``occluded`` domain's black square (1..8).
+        rotation: the ``rotated`` domain's angle in degrees (counter-clockwise).
     Returns:
         float32 (N, 8, 8) in [0, 1]; a new array.
     Raises:
@@ -143,7 +144,10 @@ def transform(images: np.ndarray, ids: np.ndarray, domain: str, *, seed: int,
     if domain == "clean":
         return x
     if domain == "rotated":
-        return np.ascontiguousarray(np.rot90(x, k=1, axes=(1, 2)))
+        from scipy import ndimage
+
+        out = ndimage.rotate(x, rotation, axes=(2, 1), reshape=False, order=1, mode="constant", cval=0.0)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
     code = _DOMAIN_CODE[domain]
     for j, i in enumerate(ids):
         rng = np.random.default_rng([seed, code, int(i)])
@@ -156,7 +160,8 @@ def transform(images: np.ndarray, ids: np.ndarray, domain: str, *, seed: int,
 
 
 def build_domains(domains: tuple[str, ...] = DOMAINS, *, split_seed: int = 0,
-                  transform_seed: int = 0, noise_std: float = 0.5, occlusion: int = 4,
+                  transform_seed: int = 0, noise_std: float = 0.35, occlusion: int = 4,
+                  rotation: float = 30.0,
                   fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)
                   ) -> dict[str, dict[str, DomainSplit]]:
     """All (domain, split) sets: split the images first, then transform each split.
@@ -171,7 +176,7 @@ def build_domains(domains: tuple[str, ...] = DOMAINS, *, split_seed: int = 0,
         out[d] = {}
         for s, part in raw.items():
             x = transform(part.images, part.ids, d, seed=transform_seed, noise_std=noise_std,
-                          occlusion=occlusion)
+                          occlusion=occlusion, rotation=rotation)
             out[d][s] = DomainSplit(d, s, torch.from_numpy(x).unsqueeze(1),
                                     torch.from_numpy(part.labels), torch.from_numpy(part.ids))
     return out

@@ -13,7 +13,7 @@ from torch import nn
 
 
 class DigitCNN(nn.Module):
-    """conv(1->c, 3x3) -> ReLU -> conv(c->2c, 3x3) -> ReLU -> maxpool 2 -> fc(32c->h) -> ReLU -> fc(h->10).
+    """conv(1->c, 3x3) -> ReLU -> maxpool 2 -> conv(c->2c, 3x3) -> ReLU -> fc(32c->h) -> ReLU -> fc(h->10).
 
     Args:
         channels: c, the first conv's output channels (default 16; ~38k parameters).
@@ -50,8 +50,8 @@ class DigitCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1:] != (1, 8, 8):
             raise ValueError(f"DigitCNN expects (N, 1, 8, 8) input, got {tuple(x.shape)}")
-        h = torch.relu(self.conv1(x))
-        h = torch.max_pool2d(torch.relu(self.conv2(h)), 2)
+        h = torch.max_pool2d(torch.relu(self.conv1(x)), 2)   # (N, c, 4, 4)
+        h = torch.relu(self.conv2(h))                          # (N, 2c, 4, 4)
         return self.fc2(torch.relu(self.fc1(h.flatten(1))))
 
 

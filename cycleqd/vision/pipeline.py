@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -239,8 +240,15 @@ def run_config(setup: VisionSetup, *, generations: int, seed: int, mode: str = "
                aggregation: str | None = None, snapshot_every: int = 100):
     """The engine's :class:`~cycleqd.config.RunConfig` for a vision run (skills of type
     ``external``; the model paths point at the cached safetensors, for the record)."""
-    from cycleqd.config import (ModelConfig, OperatorConfig, OperatorsConfig, QDConfig, RunConfig,
-                                SkillConfig, check_operators)
+    from cycleqd.config import (
+        ModelConfig,
+        OperatorConfig,
+        OperatorsConfig,
+        QDConfig,
+        RunConfig,
+        SkillConfig,
+        check_operators,
+    )
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -295,12 +303,13 @@ def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, see
     ``wall_s``, ``qd`` (engine archive stats and :func:`cyclic_qd_score`), ``best``
     (per archive: elite id, search scores, test scores incl. clean), ``best_per_skill``
     (per skill k: the elite with the highest search score on k, its test score on k),
+    ``best_mean`` (the elite with the highest mean search accuracy: id, search and test
+    scores),
     ``aggregate`` (search + test scores, or None when the engine produced no aggregated
     model), ``mean_test`` (aggregate's mean test accuracy over the skills, if any).
     """
-    from cycleqd.engine.loop import Components, run_cycleqd
+    from cycleqd.engine.loop import Components, run_cycleqd, seed_ids
     from cycleqd.engine.store import GenomeStore
-    from cycleqd.engine.loop import seed_ids
 
     mut, mut_kw = make_mutation(mutation, setup.taus, mode=mode)
     cfg = run_config(setup, generations=generations, seed=seed, mode=mode, sampling=sampling,
@@ -330,12 +339,16 @@ def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, see
         per_skill[k] = {"id": e.id, "search": e.scores[k],
                         "test": best[k]["test"][k] if best.get(k, {}).get("id") == e.id
                         else setup.tau_scores(store.get(e.id), split="test")[k]}
+    # the single model from the archives with the highest mean search accuracy
+    e = max(all_elites, key=lambda el: _mean(el.scores, names))
+    best_mean = {"id": e.id, "search": dict(e.scores),
+                 "test": setup.tau_scores(store.get(e.id), split="test", clean=True)}
     out = {
         "config": {"mode": mode, "sampling": sampling, "mutation": mutation, "mutation_kwargs": mut_kw,
                    "generations": generations, "seed": seed, "bc_ranges": setup.bc_ranges},
         "run_dir": str(run_dir), "wall_s": wall,
         "qd": {"engine": res.stats, **cyclic_qd_score(all_elites, setup)},
-        "best": best, "best_per_skill": per_skill, "aggregate": agg,
+        "best": best, "best_per_skill": per_skill, "best_mean": best_mean, "aggregate": agg,
     }
     if agg is not None:
         out["mean_test"] = _mean(agg["test"], names)

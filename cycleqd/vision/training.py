@@ -27,9 +27,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from cycleqd.vision.data import DOMAINS, SKILL_DOMAINS, DomainSplit, build_domains
 from cycleqd.vision.model import DigitCNN, accuracy
 
-RECIPE_VERSION = 1  # bump when training code changes in a way that changes the weights
+RECIPE_VERSION = 2  # bump when training code changes in a way that changes the weights
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class VisionRecipe:
         domains: the K skill domains, in skill order (subset of ``rotated``, ``noisy``,
             ``occluded``; ``clean`` is the base's domain).
         split_seed, fractions: the image split (see :func:`cycleqd.vision.data.split_digits`).
-        transform_seed, noise_std, occlusion: the domain transforms (see ``data.transform``).
+        transform_seed, noise_std, occlusion, rotation: the domain transforms (see
+            :func:`cycleqd.vision.data.transform`).
         channels, hidden: the CNN's size.
         base_steps, expert_steps: Adam steps (mini-batches) for the base / each expert.
         base_lr, expert_lr: Adam learning rates (the multi-domain fine-tune uses expert_lr).
@@ -62,6 +63,7 @@ class VisionRecipe:
     transform_seed: int = 0
     noise_std: float = 0.35
     occlusion: int = 4
+    rotation: float = 30.0
     channels: int = 16
     hidden: int = 64
     base_steps: int = 600
@@ -86,7 +88,7 @@ class VisionRecipe:
                 raise ValueError(f"VisionRecipe.{f} must be > 0, got {getattr(self, f)}")
 
     @classmethod
-    def toy(cls, **overrides) -> "VisionRecipe":
+    def toy(cls, **overrides) -> VisionRecipe:
         """A seconds-scale recipe for CI (smaller CNN, fewer steps)."""
         kw = dict(channels=8, hidden=32, base_steps=150, expert_steps=60)
         kw.update(overrides)
@@ -107,7 +109,8 @@ class VisionRecipe:
         """``{domain: {split: DomainSplit}}`` for ``clean`` and the skill domains."""
         return build_domains(("clean",) + tuple(self.domains), split_seed=self.split_seed,
                              transform_seed=self.transform_seed, noise_std=self.noise_std,
-                             occlusion=self.occlusion, fractions=self.fractions)
+                             occlusion=self.occlusion, rotation=self.rotation,
+                             fractions=self.fractions)
 
     def new_model(self, generator: torch.Generator | None = None) -> DigitCNN:
         """A DigitCNN of this recipe's size (random init from ``generator``)."""
@@ -270,5 +273,12 @@ def get_models(recipe: VisionRecipe, *, cache_root: str | Path | None = None,
     return TrainedModels(recipe, base, experts, multi, folder, log)
 
 
-__all__ = ["RECIPE_VERSION", "VisionRecipe", "TrainedModels", "train", "train_all", "get_models",
-           "default_cache_root"]
+__all__ = [
+    "RECIPE_VERSION",
+    "TrainedModels",
+    "VisionRecipe",
+    "default_cache_root",
+    "get_models",
+    "train",
+    "train_all",
+]

@@ -1,0 +1,443 @@
+"""AgentBench DB-Bench and OS-interaction data: loaders, fixed seeded splits, and the
+lockstep multi-turn episode runner both agent skills share.
+
+Sources (THUDM/AgentBench, Apache-2.0)
+- DB-Bench: ``<data_dir>/dbbench/standard.jsonl`` (300 items: 100 INSERT, 100 UPDATE, 100
+  SELECT-type in 8 sub-types). Public source: :data:`DBBENCH_URL`.
+- OS interaction: ``<data_dir>/os_interaction/training.json`` (1000 items) and
+  ``dev.json`` (26 items). Public sources: :data:`OS_TRAINING_URL`, :data:`OS_DEV_URL`;
+  scripts some dev items reference by file (``check/0.sh``, ``init/stock-log.sh``...)
+  live under ``data/os_interaction/scripts/`` of the same repository: pass that folder as
+  ``script_dir`` to evaluate those items (without it they are left out, with a warning).
+``<data_dir>`` is ``$CYCLEQD_DATA_DIR`` or ``<repo>/../shared/data``; :func:`fetch_agentbench`
+downloads the public files once into ``<cache>/data``, where the loaders also look.
+
+Splits (fixed in code; identical on every machine; ``train`` never overlaps
+``search``/``test``)
+- DB-Bench: within each of the 10 ``type`` values, items are permuted with
+  ``numpy.random.default_rng(DB_SPLIT_SEED)`` and dealt round-robin to ``train``,
+  ``search``, ``test`` (stratified by type): 100 / 100 / 100 items.
+- OS: ``training.json`` permuted with ``default_rng(OS_SPLIT_SEED)``: the first 100 are
+  ``search``, the next 100 ``test``, the remaining 800 ``train``. ``dev`` is the 26 dev
+  items (an extra evaluation set, never trained on). ``all`` = every item of the file.
+Order within a split is fixed too: DB-Bench interleaves SELECT / INSERT / UPDATE items
+(so any prefix is balanced), OS follows the seeded permutation (a prefix is a random
+sample); ``limit`` keeps the first ``limit``. ``all`` is in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cycleqd.sandbox.sql import TableSpec
+from cycleqd.skills.data_code import default_cache_dir, default_data_dir
+
+DB_SPLIT_SEED = 2410_14735_1
+OS_SPLIT_SEED = 2410_14735_2
+DB_SPLITS = ("train", "search", "test", "all")
+OS_SPLITS = ("train", "search", "test", "dev", "all")
+_AB = "https://raw.githubusercontent.com/THUDM/AgentBench/main/data/"
+DBBENCH_URL = _AB + "dbbench/standard.jsonl"
+OS_TRAINING_URL = _AB + "os_interaction/train_0317/training.json"
+OS_DEV_URL = _AB + "os_interaction/data/dev.json"
+OS_SCRIPTS_URL = _AB + "os_interaction/scripts/"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _find(rel: str, data_path: str | os.PathLike | None, what: str, url: str) -> Path:
+    cands: list[Path] = []
+    if data_path is not None:
+        p = Path(data_path)
+        cands = [p] if p.is_file() else [p / rel, p / Path(rel).name]
+    else:
+        cands = [default_data_dir() / rel, default_cache_dir() / "data" / rel]
+    for c in cands:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        f"{what} not found (looked in: {', '.join(map(str, cands))}). Point data_path at it, "
+        f"set CYCLEQD_DATA_DIR, or run `python -c 'from cycleqd.skills.data_agentbench import "
+        f"fetch_agentbench; fetch_agentbench()'` once (downloads {url}).")
+
+
+def fetch_agentbench(cache_dir: str | os.PathLike | None = None, *, timeout_s: float = 60.0,
+                     urls: dict[str, str] | None = None) -> Path:
+    """Download the public DB-Bench and OS files once into ``<cache>/data`` (skips files
+    already there). Returns that folder. Raises OSError on network errors, ValueError if
+    a download does not parse as JSON/JSONL."""
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "data"
+    urls = urls or {"dbbench/standard.jsonl": DBBENCH_URL,
+                    "os_interaction/training.json": OS_TRAINING_URL,
+                    "os_interaction/dev.json": OS_DEV_URL}
+    for rel, url in urls.items():
+        out = root / rel
+        if out.is_file():
+            continue
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 (fixed URLs)
+            text = r.read().decode("utf-8")
+        try:
+            if rel.endswith(".jsonl"):
+                [json.loads(x) for x in text.splitlines() if x.strip()]
+            else:
+                json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{url} is not valid JSON/JSONL: {e}") from e
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    return root
+
+
+def _check_split(split: str, allowed: Sequence[str]) -> None:
+    if split not in allowed:
+        raise ValueError(f"split must be one of {list(allowed)}, got {split!r}")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+
+
+# ----------------------------------------------------------------------------- DB-Bench
+
+
+@dataclass(frozen=True)
+class DBItem:
+    """One DB-Bench item.
+
+    Attributes:
+        id: ``"dbbench/<line index>"``.
+        type: ``INSERT`` | ``UPDATE`` | ``DELETE`` | a SELECT sub-type (``counting``,
+            ``aggregation-SUM``...).
+        description: the question; add_description: the table's name and headers.
+        table: the table the episode starts from.
+        label: gold answer of SELECT-type items (list); gold statements of INSERT/UPDATE.
+        answer_md5: hex MD5 table hash after the gold change (INSERT/UPDATE/DELETE), else None.
+        sql: the dataset's own ``sql.query`` when present (written for SQLite; often not
+            runnable as is -- the gold answer is ``label``).
+    """
+
+    id: str
+    type: str
+    description: str
+    add_description: str
+    table: TableSpec
+    label: tuple[Any, ...]
+    answer_md5: str | None
+    sql: str | None = None
+
+    @property
+    def category(self) -> str:
+        """``SELECT`` | ``INSERT`` | ``UPDATE`` | ``DELETE`` (AgentBench's three+1 groups)."""
+        return self.type if self.is_modification else "SELECT"
+
+    @property
+    def is_modification(self) -> bool:
+        return self.type in ("INSERT", "UPDATE", "DELETE")
+
+
+def _db_item(i: int, e: dict) -> DBItem:
+    from cycleqd.sandbox.sql import extract_md5
+
+    try:
+        t = e["table"]
+        spec = TableSpec(str(t["table_name"]),
+                         tuple(str(c["name"]) for c in t["table_info"]["columns"]),
+                         tuple(tuple(r) for r in t["table_info"]["rows"]))
+        typ = e["type"][0] if isinstance(e["type"], list) else str(e["type"])
+        md5 = extract_md5(e["answer_md5"]) if e.get("answer_md5") else None
+        if typ in ("INSERT", "UPDATE", "DELETE") and md5 is None:
+            raise ValueError("modification item without answer_md5")
+        sql = e.get("sql")
+        return DBItem(f"dbbench/{i}", typ, str(e["description"]), str(e.get("add_description", "")),
+                      spec, tuple(e.get("label") or ()), md5,
+                      sql.get("query") if isinstance(sql, dict) else None)
+    except (KeyError, TypeError, IndexError, ValueError) as ex:
+        raise ValueError(f"DB-Bench item {i}: malformed ({ex})") from ex
+
+
+def load_dbbench_all(data_path: str | os.PathLike | None = None) -> list[DBItem]:
+    """Every DB-Bench item of the file, in file order. Raises FileNotFoundError/ValueError."""
+    path = _find("dbbench/standard.jsonl", data_path, "DB-Bench standard.jsonl", DBBENCH_URL)
+    text = path.read_text(encoding="utf-8").strip()
+    rows = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines()
+                                                          if x.strip()]
+    return [_db_item(i, e) for i, e in enumerate(rows)]
+
+
+def dbbench_split_ids(items: Sequence[DBItem]) -> dict[str, list[str]]:
+    """The fixed stratified split: split name -> item ids (see module docstring)."""
+    rng = np.random.default_rng(DB_SPLIT_SEED)
+    out: dict[str, list[str]] = {"train": [], "search": [], "test": []}
+    names = ("train", "search", "test")
+    by_type: dict[str, list[str]] = {}
+    for it in items:
+        by_type.setdefault(it.type, []).append(it.id)
+    offset = 0
+    rank: dict[str, int] = {}
+    for typ in sorted(by_type):
+        ids = by_type[typ]
+        perm = rng.permutation(len(ids))
+        for j, k in enumerate(perm):
+            out[names[(j + offset) % 3]].append(ids[int(k)])
+            rank[ids[int(k)]] = j
+        offset += len(ids)  # rotate where each type's remainder lands: sizes stay balanced
+    # order inside a split: interleave the three categories (SELECT/INSERT/UPDATE), so
+    # that any prefix (``limit``) holds about a third of each
+    by_id = {it.id: it for it in items}
+    cat_order = {"SELECT": 0, "INSERT": 1, "UPDATE": 2, "DELETE": 3}
+    for name in names:
+        per_cat: dict[str, list[str]] = {}
+        for i in sorted(out[name], key=lambda i: (rank[i], by_id[i].type)):
+            per_cat.setdefault(by_id[i].category, []).append(i)
+        cats = sorted(per_cat, key=lambda c: cat_order.get(c, 9))
+        inter: list[str] = []
+        for j in range(max(len(v) for v in per_cat.values())):
+            inter += [per_cat[c][j] for c in cats if j < len(per_cat[c])]
+        out[name] = inter
+    return out
+
+
+def load_dbbench(data_path: str | os.PathLike | None = None, split: str = "search",
+                 limit: int | None = None) -> list[DBItem]:
+    """DB-Bench items of one split (``train`` | ``search`` | ``test`` | ``all``)."""
+    _check_split(split, DB_SPLITS)
+    _check_limit(limit)
+    items = load_dbbench_all(data_path)
+    if split != "all":
+        by_id = {it.id: it for it in items}
+        items = [by_id[i] for i in dbbench_split_ids(items)[split]]
+    return items[:limit] if limit else items
+
+
+# ----------------------------------------------------------------------------- OS
+
+
+@dataclass(frozen=True)
+class Script:
+    """A script of an OS task: ``language`` is ``bash`` | ``python`` | ``checker``
+    (``code`` is then a named checker: integer-match, string-match, size-match,
+    containing, in)."""
+
+    language: str
+    code: str
+
+
+NAMED_CHECKERS = ("integer-match", "string-match", "size-match", "containing", "in")
+
+
+@dataclass(frozen=True)
+class OSItem:
+    """One OS-interaction task.
+
+    Attributes:
+        id: ``"os/<file stem>/<index>"``.
+        description: the task as the agent sees it.
+        init: scripts that prepare the machine (each run independently, in order).
+        start: a background process started after init, or None.
+        match: {"answer": str} | {"regex": str}, with "strip": bool -- or None.
+        check: the check chain (None entries stand for ``example``) -- or None.
+        example: the reference command whose output is passed to checkers.
+    """
+
+    id: str
+    description: str
+    init: tuple[Script, ...] = ()
+    start: Script | None = None
+    match: dict | None = None
+    check: tuple[Script | None, ...] | None = None
+    example: Script | None = None
+    labels: tuple[str, ...] = field(default_factory=tuple)
+
+
+class _MissingScript(Exception):
+    pass
+
+
+def _script(obj: Any, script_dir: Path | None) -> Script | None:
+    if obj is None:
+        return None
+    if isinstance(obj, str):
+        return Script("bash", obj)
+    if not isinstance(obj, dict):
+        raise ValueError(f"script must be a str, an object or null, got {type(obj).__name__}")
+    lang = str(obj.get("language", "bash"))
+    if "file" in obj:
+        stem = Path(str(obj["file"])).stem
+        if stem in NAMED_CHECKERS:
+            return Script("checker", stem)
+        if script_dir is None or not (script_dir / str(obj["file"])).is_file():
+            raise _MissingScript(str(obj["file"]))
+        return Script(lang, (script_dir / str(obj["file"])).read_text(encoding="utf-8"))
+    if "code" in obj:
+        return Script(lang, str(obj["code"]))
+    raise ValueError("script object needs 'file' or 'code'")
+
+
+def _os_item(iid: str, e: dict, script_dir: Path | None) -> OSItem:
+    create = e.get("create")
+    init: list[Script] = []
+    if isinstance(create, dict) and create.get("init") is not None:
+        raw = create["init"] if isinstance(create["init"], list) else [create["init"]]
+        init = [s for s in (_script(x, script_dir) for x in raw) if s is not None]
+    start = _script(e["start"], script_dir) if e.get("start") is not None else None
+    ev = e.get("evaluation") or {}
+    match = check = example = None
+    if "match" in ev:
+        m = ev["match"]
+        match = {"answer": m, "strip": True} if isinstance(m, str) else dict(m)
+        if not ({"answer", "regex"} & set(match)):
+            raise ValueError("evaluation.match needs 'answer' or 'regex'")
+        match.setdefault("strip", True)
+    elif "check" in ev:
+        raw = ev["check"] if isinstance(ev["check"], list) else [ev["check"]]
+        check = tuple(_script(x, script_dir) for x in raw)
+        example = _script(ev.get("example"), script_dir)
+        if any(c is None for c in check) and example is None:
+            raise ValueError("check chain uses the example (null) but there is no example")
+    else:
+        raise ValueError("evaluation needs 'match' or 'check'")
+    return OSItem(iid, str(e["description"]), tuple(init), start, match, check, example,
+                  tuple(e.get("labels") or ()))
+
+
+def load_os_file(path: Path, script_dir: Path | None = None) -> list[OSItem]:
+    """All usable items of one OS-interaction JSON file. Items referring to script files
+    that are not in ``script_dir`` are left out with a warning."""
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = raw if isinstance(raw, list) else [raw]
+    out: list[OSItem] = []
+    missing: list[str] = []
+    for i, e in enumerate(raw):
+        iid = f"os/{path.stem}/{i}"
+        try:
+            out.append(_os_item(iid, e, script_dir))
+        except _MissingScript as m:
+            missing.append(f"{iid} ({m})")
+        except (KeyError, TypeError, ValueError) as ex:
+            raise ValueError(f"OS item {iid}: malformed ({ex})") from ex
+    if missing:
+        warnings.warn(f"{path.name}: {len(missing)} item(s) left out, their script files are not "
+                      f"available (pass script_dir, from {OS_SCRIPTS_URL}): {', '.join(missing)}",
+                      stacklevel=3)
+    return out
+
+
+def os_split_ids(items: Sequence[OSItem]) -> dict[str, list[str]]:
+    """The fixed split of ``training.json`` items: split name -> ids."""
+    perm = np.random.default_rng(OS_SPLIT_SEED).permutation(len(items))
+    ids = [items[int(k)].id for k in perm]
+    return {"search": ids[:100], "test": ids[100:200], "train": ids[200:]}
+
+
+def load_os(data_path: str | os.PathLike | None = None, split: str = "search",
+            limit: int | None = None, *, script_dir: str | os.PathLike | None = None) -> list[OSItem]:
+    """OS-interaction items of one split (``train`` | ``search`` | ``test`` | ``dev`` |
+    ``all``). ``data_path``: a folder holding ``os_interaction/`` (or the JSON files), or
+    the JSON file itself."""
+    _check_split(split, OS_SPLITS)
+    _check_limit(limit)
+    sd = Path(script_dir) if script_dir is not None else None
+    if split == "dev":
+        path = _find("os_interaction/dev.json", data_path, "OS dev.json", OS_DEV_URL)
+        items = load_os_file(path, sd)
+    else:
+        path = _find("os_interaction/training.json", data_path, "OS training.json", OS_TRAINING_URL)
+        items = load_os_file(path, sd)
+        if split != "all":
+            by_id = {it.id: it for it in items}
+            items = [by_id[i] for i in os_split_ids(items)[split]]
+    return items[:limit] if limit else items
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+class Episode:
+    """One multi-turn episode: the conversation so far and whether it has ended.
+
+    Subclasses implement :meth:`step` (consume one model reply: act, append the
+    observation, or finish) and may override :meth:`finish` (final scoring).
+    """
+
+    def __init__(self, sample_id: str, messages: list[dict[str, str]]) -> None:
+        self.sample_id = sample_id
+        self.messages = messages
+        self.done = False
+        self.score = 0.0
+        self.detail: dict[str, Any] = {}
+
+    def step(self, reply: str) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once after the episode ended (also when its round budget ran out)."""
+
+    def close(self) -> None:
+        """Free the episode's sandbox/database (always called)."""
+
+
+def run_lockstep(episodes: Sequence[Episode], generate: Callable[[list[list[dict[str, str]]]], list[str]],
+                 *, max_turns: int, workers: int = 4) -> None:
+    """Run episodes in lockstep: each turn sends ONE batch with the conversation of every
+    episode still running to ``generate``, then lets each episode act on its reply
+    (``workers`` at a time: sandbox/database calls are I/O bound). After ``max_turns``
+    model replies an episode stops; :meth:`Episode.finish` then scores it.
+
+    Batching the episodes of a split this way makes the generation backend's batching
+    pay off; episodes never see each other's state.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, workers)) if workers > 1 else None
+    try:
+        for _ in range(max_turns):
+            active = [ep for ep in episodes if not ep.done]
+            if not active:
+                break
+            replies = generate([list(ep.messages) for ep in active])
+            if len(replies) != len(active):
+                raise RuntimeError(f"generate returned {len(replies)} replies for "
+                                   f"{len(active)} conversations")
+
+            def _step(pair: tuple[Episode, str]) -> None:
+                ep, reply = pair
+                ep.messages.append({"role": "assistant", "content": reply})
+                try:
+                    ep.step(reply)
+                except Exception as e:  # noqa: BLE001 - a crashed step is a failed sample
+                    ep.detail["error"] = f"{type(e).__name__}: {e}"
+                    ep.done = True
+
+            if pool is not None:
+                list(pool.map(_step, zip(active, replies)))
+            else:
+                for pair in zip(active, replies):
+                    _step(pair)
+
+        def _finish(ep: Episode) -> None:
+            ep.done = True
+            try:
+                ep.finish()
+            except Exception as e:  # noqa: BLE001
+                ep.detail["error"] = f"{type(e).__name__}: {e}"
+                ep.score = 0.0
+
+        if pool is not None:
+            list(pool.map(_finish, episodes))
+        else:
+            for ep in episodes:
+                _finish(ep)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)

@@ -1,0 +1,427 @@
+"""The OS skill: AgentBench OS-interaction, a multi-turn shell agent (paper sec. 4.1: OS).
+
+Protocol (AgentBench v0.2 ``src/server/tasks/os_interaction/task.py``; prompt wording and
+one-shot example verbatim):
+
+1. **Machine**: every episode gets a fresh :class:`cycleqd.sandbox.BwrapSession` (its
+   own root-owned tmpfs machine: writable ``/``, ``/root``, ``/tmp``, ``/home``,
+   ``/var``...; the host's ``/usr`` and ``/etc`` read-only; no network; own PID
+   namespace; CPU/memory/process/output limits; everything killed at the end). The
+   task's ``init`` scripts run first, each independently (``bash -c`` / ``python3 -c``
+   at ``/``, as ``docker exec`` does), then its ``start`` script in the background.
+2. **Conversation**: the instruction, the one-shot example (``ls /etc`` ... ``answer(220)``)
+   and "Now, I will start a new problem in a new OS. My problem is: ...".
+3. **Turns** (lockstep over all episodes; one batched ``generate`` per turn; at most
+   ``max_rounds`` replies): the LAST ``Act:`` line decides -- ``bash``: every ```bash
+   block (joined by blank lines) runs in the episode's persistent shell (cwd, variables
+   kept; stdout+stderr merged as a terminal shows them) and the output, cut to 780
+   characters + "[truncated because the output is too long]" when over 800, is the next
+   user message ("The output of the OS is empty." when empty); ``answer(...)``: the text
+   between the first "(" and the last ")" is the answer; ``finish``: ends with no
+   answer. A reply without a valid action fails the episode.
+4. **Judging** (after the episode, in the same machine): ``match`` compares the answer
+   (stripped) with the expected string or regex; otherwise the ``check`` chain runs in
+   order with arguments = [answer, outputs of the earlier entries...], a ``null`` entry
+   being the task's ``example`` command (its output becomes the next argument); every
+   entry must exit 0. Named checkers are implemented here (:data:`CHECKERS`):
+   ``integer-match``, ``string-match``, ``size-match``, ``containing``, ``in``; they
+   compare the first argument (the answer) with the last (the reference output).
+
+Score: quality = fraction of tasks passed; sub-score ``<name>_pass`` = quality.
+Differences from AgentBench's Docker image: ``/usr`` and ``/etc`` are read-only (tasks
+that ``useradd`` or write there fail their init), and the installed tools are the host's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cycleqd.sandbox import BwrapSession, SandboxLimits
+from cycleqd.skills.base import SkillResult
+from cycleqd.skills.cache import SampleCache
+from cycleqd.skills.data_agentbench import Episode, OSItem, Script, load_os, run_lockstep
+
+OS_PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
+
+1. If you think you should execute some bash code, take bash action, and you should print like this:
+
+Think: put your thought here.
+
+Act: bash
+
+```bash
+# put your bash code here
+```
+
+2. If you think you have finished the task, take finish action, and you should print like this:
+
+Think: put your thought here.
+
+Act: finish
+
+3. If you think you have got the answer to the question, take answer action, and you should print like this:
+
+Think: put your thought here.
+
+Act: answer(Your answer to the question should be put in this pair of parentheses)
+
+If the output is too long, I will truncate it. The truncated output is not complete. You have to deal with the truncating problem by yourself. Attention, your bash code should not contain any input operation. Once again, you should take only exact one of the three actions in each turn.
+
+"""
+
+ONE_SHOT = [
+    {"role": "user", "content": 'tell me how many files are in the directory "/etc"?'},
+    {"role": "assistant", "content": """Think: To count the files in /etc, I need to print all the files in it.
+
+Act: bash
+
+```bash
+ls /etc
+```"""},
+    {"role": "user", "content": "The output of the OS:\ncpi cron.hourly fuse.conf iproute2 lvm networkd-dispatcher protocols "
+                                "selinux tmpfiles.d [truncated because the output is too long]"},
+    {"role": "assistant", "content": """Think: The output has been truncated because it is too long, so I need to count files by script directly.
+
+Act: bash
+
+```bash
+ls -1 /etc | wc -l
+```"""},
+    {"role": "user", "content": "The output of the OS:\n220"},
+    {"role": "assistant", "content": """Think: Now I get the answer, it is 220.
+
+Act: answer(220)"""},
+]
+
+_VERSION = "1"
+#: Limits of one episode's machine.
+OS_LIMITS = SandboxLimits(cpu_seconds=20, memory_bytes=512 << 20, wall_seconds=10,
+                          max_output_bytes=64 << 10, max_processes=96,
+                          max_file_bytes=64 << 20, tmpfs_bytes=128 << 20)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def extract_action(raw: str) -> dict[str, Any]:
+    """AgentBench ``extract_action``: {"thought", "action": "bash"|"commit"|None, "content"}.
+    The last ``Act:`` line that parses wins; ``answer(...)`` keeps the text between the
+    first "(" and the last ")" of that line."""
+    think = re.findall(r"Think:\s*(.+)", raw)
+    acts = re.findall(r"Act:\s*(.+)", raw)
+    ret: dict[str, Any] = {"thought": "\n".join(think), "action": None, "content": None}
+    for act in acts[::-1]:
+        low = act.lower()
+        if low.startswith("bash"):
+            ret["action"] = "bash"
+            break
+        if low.startswith("finish"):
+            ret["action"] = "commit"
+            break
+        if low.startswith("answer"):
+            content = act[6:].strip()
+            lp, rp = content.find("("), content.rfind(")")
+            if lp == -1 or rp == -1:
+                continue
+            ret["action"], ret["content"] = "commit", content[lp + 1:rp]
+            break
+    if ret["action"] == "bash":
+        ret["content"] = "\n\n".join(re.findall(r"```bash\n(.*?)\n```", raw, re.DOTALL))
+    return ret
+
+
+def os_observation(output: str) -> str:
+    """AgentBench's user message for a command's output."""
+    if len(output) > 800:
+        output = output[:780] + "\n[truncated because the output is too long]"
+    return ("The output of the OS:\n\n" + output) if output else "The output of the OS is empty."
+
+
+# ----------------------------------------------------------------------------- checkers
+
+
+def _nl(s: str) -> str:
+    return s.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def integer_match(answer: str, reference: str) -> bool:
+    try:
+        return int(answer) == int(reference)
+    except (TypeError, ValueError):
+        return False
+
+
+def string_match(answer: str, reference: str) -> bool:
+    return _nl(answer) == _nl(reference)
+
+
+_UNITS = {"": 1, "B": 1, "BYTE": 1, "BYTES": 1}
+for _i, _u in enumerate("KMGTP", start=1):
+    for _suf in (_u, _u + "B", _u + "IB"):
+        _UNITS[_suf] = 1024 ** _i
+
+
+def parse_size(s: str) -> float | None:
+    """``4.0K`` / ``12M`` / ``1.5GB`` / ``1024`` -> bytes (powers of 1024, as ``du -h``)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", s or "")
+    if not m or m.group(2).upper() not in _UNITS:
+        return None
+    return float(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def size_match(answer: str, reference: str) -> bool:
+    """AgentBench ``size-match`` extended to decimals (``du -h`` prints ``4.0K``, which
+    the original ``int()`` parse rejects)."""
+    a, b = parse_size(answer), parse_size(reference)
+    return a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+def containing(answer: str, reference: str) -> bool:
+    """The answer contains the reference."""
+    return _nl(reference) in _nl(answer)
+
+
+def in_(answer: str, reference: str) -> bool:
+    """The answer is contained in the reference."""
+    return _nl(answer) in _nl(reference)
+
+
+CHECKERS: dict[str, Callable[[str, str], bool]] = {
+    "integer-match": integer_match, "string-match": string_match, "size-match": size_match,
+    "containing": containing, "in": in_}
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+def _script_argv(script: Script, params: Sequence[str]) -> list[str]:
+    if script.language == "python":
+        return ["python3", "-c", script.code, *params]
+    if script.language == "bash":
+        return ["bash", "-c", script.code, *(["--", *params] if params else [])]
+    raise ValueError(f"unsupported script language {script.language!r}")
+
+
+class OSEpisode(Episode):
+    """One OS task in its own sandbox machine."""
+
+    def __init__(self, item: OSItem, *, limits: SandboxLimits, command_timeout_s: float,
+                 setup_timeout_s: float, one_shot: bool = True) -> None:
+        if one_shot:
+            msgs = [{"role": "user", "content": OS_PROMPT + "Now, my problem is:\n\n"
+                     + ONE_SHOT[0]["content"]}] + [dict(m) for m in ONE_SHOT[1:]]
+            msgs.append({"role": "user", "content": "Now, I will start a new problem in a new OS. "
+                                                    "My problem is:\n\n" + item.description})
+        else:
+            msgs = [{"role": "user", "content": OS_PROMPT + "Now, my problem is:\n\n"
+                     + item.description}]
+        super().__init__(item.id, msgs)
+        self.n_prompt = len(msgs)
+        self.item = item
+        self.command_timeout_s, self.setup_timeout_s = command_timeout_s, setup_timeout_s
+        self.answer: str | None = None
+        self.committed = False
+        self.session = BwrapSession(limits, workdir="/")
+
+    def setup(self) -> None:
+        """Start the machine, run ``init`` then ``start``. Errors are recorded, not raised
+        (a broken task is a failed sample, as in AgentBench)."""
+        self.session.start()
+        for script in self.item.init:
+            r = self.session.run(_script_argv(script, []), timeout=self.setup_timeout_s,
+                                 merge_stderr=True)
+            if r.killed:
+                self.detail.setdefault("init", []).append(r.killed)
+        if self.item.start is not None:
+            s = self.item.start
+            cmd = s.code if s.language == "bash" else "python3 -c " + shlex.quote(s.code)
+            self.session.spawn(cmd)
+
+    def step(self, reply: str) -> None:
+        act = extract_action(reply)
+        if act["action"] is None:
+            self.detail["end"] = "no valid action"
+            self.done = True
+            return
+        if act["action"] == "commit":
+            self.answer, self.committed = act["content"], True
+            self.detail["end"] = "answer" if act["content"] is not None else "finish"
+            self.done = True
+            return
+        r = self.session.exec(act["content"] or "", timeout=self.command_timeout_s,
+                              merge_stderr=True)
+        out = r.stdout
+        if r.killed == "sandbox_died":
+            out = out or "bash: the shell was killed"
+        self.messages.append({"role": "user", "content": os_observation(out)})
+
+    def judge(self, answer: str | None) -> bool:
+        """AgentBench's verdict for ``answer`` in the machine as it is now."""
+        it = self.item
+        if it.match is not None:
+            if not isinstance(answer, str):
+                return False
+            if it.match.get("strip", True):
+                answer = answer.strip()
+            if "answer" in it.match:
+                return answer == it.match["answer"]
+            try:
+                return re.search(it.match["regex"], answer) is not None
+            except re.error:
+                return False
+        params = [str(answer)]
+        for script in it.check or ():
+            script = it.example if script is None else script
+            if script is None:
+                return False
+            if script.language == "checker":
+                fn = CHECKERS.get(script.code)
+                if fn is None or not fn(params[0], params[-1]):
+                    return False
+                params.append("")
+                continue
+            r = self.session.run(_script_argv(script, params), timeout=self.setup_timeout_s,
+                                 merge_stderr=True)
+            if r.returncode != 0 or r.killed is not None:
+                return False
+            params.append(r.stdout)
+        self.detail["reference"] = params[1][:200] if len(params) > 1 else None
+        return True
+
+    def finish(self) -> None:
+        self.detail["answer"] = None if self.answer is None else self.answer[:500]
+        if not self.committed:
+            self.detail.setdefault("end", "round limit")
+            self.score = 0.0
+            return
+        self.score = 1.0 if self.judge(self.answer) else 0.0
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class OSInteractionSkill:
+    """AgentBench OS interaction as a CycleQD skill (see module docstring).
+
+    Args:
+        data_path: a folder holding ``os_interaction/`` (or the JSON file) (default:
+            ``$CYCLEQD_DATA_DIR`` / ``../shared/data`` / the download cache).
+        split: ``search`` | ``test`` | ``train`` | ``dev`` | ``all``.
+        limit: score only the first ``limit`` tasks of the split.
+        name: skill name (prefix of sub-scores).
+        max_rounds: model replies per episode (the paper's setting: 5; AgentBench: 8).
+        max_new_tokens: generation budget per reply.
+        limits: each machine's sandbox limits (``wall_seconds`` is not used: see below).
+        command_timeout_s: wall-clock limit of one agent command.
+        setup_timeout_s: limit of each init / check / example script.
+        episode_batch: machines alive at once (episodes run in lockstep per batch).
+        workers: threads running the episodes' commands between turns.
+        script_dir: AgentBench's ``scripts/`` folder, for tasks referring to script files.
+        cache: a :class:`SampleCache` or a path to one; None disables caching.
+
+    Raises:
+        ValueError: bad arguments (named), before any data is read.
+    """
+
+    def __init__(self, data_path: str | Path | None = None, split: str = "search",
+                 limit: int | None = None, *, name: str = "os", max_rounds: int = 5,
+                 max_new_tokens: int = 512, limits: SandboxLimits = OS_LIMITS,
+                 command_timeout_s: float = 10.0, setup_timeout_s: float = 60.0,
+                 episode_batch: int = 16, workers: int = 4, one_shot: bool = True,
+                 stop: Sequence[str] = (), script_dir: str | Path | None = None,
+                 cache: SampleCache | str | Path | None = None) -> None:
+        for k, v in (("max_rounds", max_rounds), ("max_new_tokens", max_new_tokens),
+                     ("episode_batch", episode_batch), ("workers", workers)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{k} must be a positive int, got {v!r}")
+        for k, v in (("command_timeout_s", command_timeout_s), ("setup_timeout_s", setup_timeout_s)):
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{k} must be a positive number, got {v!r}")
+        if not isinstance(limits, SandboxLimits):
+            raise ValueError(f"limits must be a SandboxLimits, got {type(limits).__name__}")
+        self.items: list[OSItem] = load_os(data_path, split, limit, script_dir=script_dir)
+        if not self.items:
+            raise ValueError(f"OS split {split!r} has no items")
+        self.name, self.split = name, split
+        self.max_rounds, self.max_new_tokens = max_rounds, max_new_tokens
+        self.limits = limits
+        self.command_timeout_s, self.setup_timeout_s = float(command_timeout_s), float(setup_timeout_s)
+        self.episode_batch, self.workers, self.one_shot = episode_batch, workers, one_shot
+        self.stop = tuple(stop)
+        self.cache = SampleCache(cache) if isinstance(cache, (str, Path)) else cache
+        self.last_details: dict[str, dict[str, Any]] = {}
+
+    @property
+    def cache_key(self) -> str:
+        cfg = {"v": _VERSION, "prompt": OS_PROMPT, "one_shot": self.one_shot,
+               "rounds": self.max_rounds, "tok": self.max_new_tokens, "stop": list(self.stop),
+               "cmd_t": self.command_timeout_s, "limits": [self.limits.memory_bytes,
+                                                           self.limits.max_processes,
+                                                           self.limits.cpu_seconds]}
+        return "os/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+    def _episode(self, item: OSItem) -> OSEpisode:
+        return OSEpisode(item, limits=self.limits, command_timeout_s=self.command_timeout_s,
+                         setup_timeout_s=self.setup_timeout_s, one_shot=self.one_shot)
+
+    def run_episodes(self, items: Sequence[OSItem], generate) -> dict[str, OSEpisode]:
+        """Run ``items`` with ``generate(conversations) -> replies``; finished episodes."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        done: dict[str, OSEpisode] = {}
+        for s in range(0, len(items), self.episode_batch):
+            eps = [self._episode(it) for it in items[s:s + self.episode_batch]]
+            try:
+                def _setup(ep: OSEpisode) -> None:
+                    try:
+                        ep.setup()
+                    except Exception as e:  # noqa: BLE001 - no machine = failed sample
+                        ep.detail["error"] = f"setup: {type(e).__name__}: {e}"
+                        ep.done = True
+
+                with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                    list(pool.map(_setup, eps))
+                run_lockstep(eps, generate, max_turns=self.max_rounds, workers=self.workers)
+            finally:
+                for ep in eps:
+                    ep.close()
+            done.update({ep.sample_id: ep for ep in eps})
+        return done
+
+    def evaluate(self, model: Any) -> SkillResult:
+        """Score a :class:`~cycleqd.inference.base.GenerationBackend` (greedy). Cached
+        outcomes (same ``model.fingerprint`` and :attr:`cache_key`) are reused."""
+        ids = [it.id for it in self.items]
+        fp = getattr(model, "fingerprint", None)
+        hits: dict[str, float] = {}
+        if self.cache is not None and fp:
+            hits = self.cache.get_many(fp, self.cache_key, ids)
+        todo = [it for it in self.items if it.id not in hits]
+        new: dict[str, float] = {}
+        details: dict[str, dict[str, Any]] = {}
+        if todo:
+            def generate(convs):
+                return model.generate(convs, max_new_tokens=self.max_new_tokens, stop=self.stop)
+
+            for sid, ep in self.run_episodes(todo, generate).items():
+                new[sid] = ep.score
+                details[sid] = dict(ep.detail, transcript=[m["content"][:2000]
+                                                           for m in ep.messages[ep.n_prompt:]])
+            if self.cache is not None and fp:
+                self.cache.put_many(fp, self.cache_key, new,
+                                    {k: {kk: vv for kk, vv in v.items() if kk != "transcript"}
+                                     for k, v in details.items()})
+        self.last_details = details
+        outcomes = {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
+        q = sum(outcomes.values()) / len(outcomes)
+        return SkillResult(quality=q, outcomes=outcomes, subscores={f"{self.name}_pass": q})
+
+
+__all__ = ["OSInteractionSkill", "OSEpisode", "OS_PROMPT", "ONE_SHOT", "OS_LIMITS", "CHECKERS",
+           "extract_action", "os_observation", "integer_match", "string_match", "size_match",
+           "containing", "in_", "parse_size"]
