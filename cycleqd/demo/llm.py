@@ -392,11 +392,6 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print) ->
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
 
-    from cycleqd.demo.skills import ensure_factories
-
-    patched = ensure_factories()
-    if patched:
-        log(f"note: skill factories missing for {patched}; using cycleqd.demo.skills stand-ins")
     # cheap checks first: every evaluator (data files, parameters) before any model work
     test_sk = test_skills(cfg, cache)
     sizes = {s.name: _n_items(s) for s in test_sk}

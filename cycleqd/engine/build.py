@@ -14,13 +14,45 @@ from typing import Any, Callable
 from cycleqd.config import ConfigError, RunConfig, SkillConfig
 from cycleqd.engine.loop import Components
 
-#: skill type -> "module:factory"; the factory takes (name, **params) and returns a Skill.
+def make_mbpp_skill(name: str, cache_dir: Path, **params: Any):
+    from cycleqd.skills.coding import CodingSkill
+
+    return CodingSkill("mbpp", name=name, **params)
+
+
+def make_humaneval_skill(name: str, cache_dir: Path, **params: Any):
+    from cycleqd.skills.coding import CodingSkill
+
+    return CodingSkill("humaneval", name=name, **params)
+
+
+def make_dbbench_skill(name: str, cache_dir: Path, **params: Any):
+    from cycleqd.skills.dbbench import DBBenchSkill
+
+    return DBBenchSkill(name=name, **params)
+
+
+def make_os_skill(name: str, cache_dir: Path, **params: Any):
+    from cycleqd.skills.os_interaction import OSInteractionSkill
+
+    return OSInteractionSkill(name=name, **params)
+
+
+def make_lmeval_skill(name: str, cache_dir: Path, **params: Any):
+    from cycleqd.skills.lmeval import LMEvalSkill
+
+    return LMEvalSkill(name=name, **params)
+
+
+#: skill type -> "module:factory"; the factory takes (name, cache_dir, **params) and returns a
+#: Skill. Per-sample outcomes are cached in ``cache_dir/sample_cache.sqlite`` unless the
+#: params say ``cache: null``.
 SKILL_FACTORIES: dict[str, str] = {
-    "mbpp": "cycleqd.skills.coding:make_mbpp_skill",
-    "humaneval": "cycleqd.skills.coding:make_humaneval_skill",
-    "dbbench": "cycleqd.skills.dbbench:make_dbbench_skill",
-    "os": "cycleqd.skills.os_interaction:make_os_skill",
-    "lmeval": "cycleqd.skills.lmeval:make_lmeval_skill",
+    "mbpp": f"{__name__}:make_mbpp_skill",
+    "humaneval": f"{__name__}:make_humaneval_skill",
+    "dbbench": f"{__name__}:make_dbbench_skill",
+    "os": f"{__name__}:make_os_skill",
+    "lmeval": f"{__name__}:make_lmeval_skill",
 }
 
 
@@ -40,8 +72,10 @@ def build_llm_skill(sc: SkillConfig, cache_dir: Path) -> Any:
     """A real skill evaluator from its config entry. Raises ConfigError on bad params."""
     if sc.type not in SKILL_FACTORIES:
         raise ConfigError(f"skill {sc.name!r}: type {sc.type!r} cannot be built from a config here")
+    params = dict(sc.params)
+    params.setdefault("cache", cache_dir / "sample_cache.sqlite")
     try:
-        return _factory(SKILL_FACTORIES[sc.type])(name=sc.name, cache_dir=cache_dir, **sc.params)
+        return _factory(SKILL_FACTORIES[sc.type])(name=sc.name, cache_dir=cache_dir, **params)
     except (TypeError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"skills.{sc.name}: {e}") from None
 
