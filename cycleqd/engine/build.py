@@ -92,21 +92,7 @@ def _check_model_sources(cfg: RunConfig) -> None:
 
 
 def _weight_space(cfg: RunConfig, base: str, experts: list[str], cache_dir: Path):
-    try:
-        from cycleqd.models.build import build_weight_space
-    except ImportError:  # TEMPORARY until the model layer lands
-        from transformers import AutoModelForCausalLM
-
-        from cycleqd.ops import CROSSOVERS, MUTATIONS, DenseWeightSpace
-        from cycleqd.ops.base import task_vector
-
-        load = lambda p: AutoModelForCausalLM.from_pretrained(p).state_dict()  # noqa: E731
-        b = load(base)
-        taus = [task_vector(load(e), b) for e in experts]
-        ops = cfg.operators
-        space = DenseWeightSpace(b, taus, CROSSOVERS[ops.crossover.name](**ops.crossover.kwargs()),
-                                 MUTATIONS[ops.mutation.name](experts=taus, **ops.mutation.kwargs()))
-        return space, base
+    from cycleqd.models.build import build_weight_space
 
     ops = cfg.operators
     space, info = build_weight_space(

@@ -41,13 +41,10 @@ class GenomeStore:
 
     def gc(self, referenced: Iterable[str]) -> list[str]:
         """Delete stored genomes (and stale temp files) that no archive references."""
-        keep = {self.path(m).name for m in referenced}
-        removed = []
-        for p in self.root.iterdir():
-            if p.name not in keep and p.name.split(".tmp-")[0] not in keep:
-                p.unlink(missing_ok=True)
-                removed.append(p.name)
-        return removed
+        from cycleqd.ops.space import collect_garbage
+
+        return [p.name for p in collect_garbage(self.root, [self.path(m) for m in referenced],
+                                                suffix=self.space.genome_suffix)]
 
     def bytes_used(self) -> int:
         return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())

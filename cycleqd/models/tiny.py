@@ -18,7 +18,6 @@ given ``(architecture, sizes, seed)`` gives bit-identical files on every machine
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Literal
 

@@ -1,9 +1,13 @@
 """Weight operators over task vectors tau = theta - theta_base (crossover, mutation,
 genomes, aggregation). See docs/architecture.md."""
 
-from cycleqd.ops.base import CROSSOVERS, MUTATIONS, Crossover, Mutation, TaskVector, register
+from cycleqd.ops.base import CROSSOVERS, MUTATIONS, Crossover, Mutation, TaskVector, TensorSelector, register
+from cycleqd.ops.crossover import make_crossover
+from cycleqd.ops.mutation import make_mutation
 from cycleqd.ops.space import DenseWeightSpace, WeightSpace
-from cycleqd.ops import crossover as _crossover, mutation as _mutation  # noqa: F401  (fill the registries)
+from cycleqd.ops.genome import SVDGenome, SVDGenomeWeightSpace, genome_compatible
+from cycleqd.ops.aggregation import AGGREGATIONS, aggregate
 
-__all__ = ["CROSSOVERS", "MUTATIONS", "Crossover", "Mutation", "TaskVector", "register",
-           "DenseWeightSpace", "WeightSpace"]
+__all__ = ["CROSSOVERS", "MUTATIONS", "AGGREGATIONS", "Crossover", "Mutation", "TaskVector",
+           "TensorSelector", "register", "make_crossover", "make_mutation", "DenseWeightSpace",
+           "WeightSpace", "SVDGenome", "SVDGenomeWeightSpace", "genome_compatible", "aggregate"]

@@ -79,7 +79,7 @@ def is_matrix(name: str, t: torch.Tensor) -> bool:
 
 
 class TensorSelector:
-    """Chooses which tensors an operator touches, by name regex and shape.
+    r"""Chooses which tensors an operator touches, by name regex and shape.
 
     A tensor is selected when it is 2-D (``matrices_only``) and not a norm, its name
     matches at least one ``include`` regex (``re.search``; ``None`` = all) and none of the

@@ -25,10 +25,10 @@ Operators and their sources:
   probability ``density`` (Bernoulli, our generator), rescale (``"l1"`` = mergekit: match
   the L1 norm of the unpruned delta; ``"inverse_density"`` = the DARE paper's ``1/p``),
   weight and sum (``dare``) or TIES sign election (``dare_ties``).
-* ``slerp`` -- spherical interpolation of two parents (Shoemake 1985) as in mergekit 0.1.5:
-  by default of the full weights ``theta_i = theta_base + tau_i`` and per output row of
-  each tensor (``granularity="row"``; ``"tensor"`` = older mergekit, whole flattened
-  tensor), linear interpolation where ``|cos| > dot_threshold``.
+* ``slerp`` -- spherical interpolation of two parents (Shoemake 1985) as in mergekit:
+  by default of the full weights ``theta_i = theta_base + tau_i``, each tensor flattened
+  and interpolated on one great circle (``granularity="tensor"``; ``"row"`` interpolates
+  each output row separately), linear interpolation where ``|cos| > dot_threshold``.
 
 Equivalence with mergekit (``max |diff| <= 1e-5`` in fp32; DARE given the same drop mask)
 is checked by ``tests/ops/test_mergekit_equivalence.py``.
@@ -36,7 +36,6 @@ is checked by ``tests/ops/test_mergekit_equivalence.py``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -383,12 +382,12 @@ def dare_ties(weights: float | Sequence[float] = 1.0, density: float | Sequence[
 # --- SLERP ----------------------------------------------------------------------------
 
 def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995,
-                 eps: float = 1e-8, granularity: Literal["row", "tensor"] = "row") -> torch.Tensor:
+                 eps: float = 1e-8, granularity: Literal["row", "tensor"] = "tensor") -> torch.Tensor:
     """Spherical interpolation between ``v0`` and ``v1`` (same shape S), fp32.
 
-    ``granularity="row"``: each slice along dim 0 (an output row of a weight matrix; each
-    entry of a 1-D tensor) is interpolated on its own great circle (mergekit 0.1.5).
-    ``"tensor"``: the whole flattened tensor at once. Where ``|cos(angle)| >
+    ``granularity="tensor"``: the whole flattened tensor at once (mergekit).
+    ``"row"``: each slice along dim 0 (an output row of a weight matrix; each entry of a
+    1-D tensor) on its own great circle. Where ``|cos(angle)| >
     dot_threshold`` the interpolation is linear. Returns shape S, fp32.
     """
     a, b = v0.float(), v1.float()
@@ -430,7 +429,7 @@ class Slerp(TensorwiseCrossover):
     def __init__(self, t: float = 0.5, base: Mapping[str, torch.Tensor] | None = None,
                  space: Literal["weights", "task_vector"] = "weights",
                  dot_threshold: float = 0.9995, eps: float = 1e-8,
-                 granularity: Literal["row", "tensor"] = "row"):
+                 granularity: Literal["row", "tensor"] = "tensor"):
         if not 0.0 <= float(t) <= 1.0:
             raise ValueError(f"slerp.t={t}: must be in [0, 1]")
         if space not in ("weights", "task_vector"):
@@ -457,7 +456,7 @@ class Slerp(TensorwiseCrossover):
 @register(CROSSOVERS, "slerp")
 def slerp(t: float = 0.5, base: Mapping[str, torch.Tensor] | None = None,
           space: str = "weights", dot_threshold: float = 0.9995, eps: float = 1e-8,
-          granularity: str = "row") -> Slerp:
+          granularity: str = "tensor") -> Slerp:
     """SLERP crossover of exactly two parents (see :class:`Slerp`)."""
     return Slerp(t=t, base=base, space=space, dot_threshold=dot_threshold, eps=eps,
                  granularity=granularity)

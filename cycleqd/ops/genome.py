@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cycleqd.ops.base import Crossover, Mutation, TaskVector
-from cycleqd.ops.mutation import NoMutation, SVDExpertMutation
+from cycleqd.ops.mutation import NoMutation, SVDExpertMutation, add_svd_perturbation
 
 GENOME_FORMAT = "cycleqd-svd-genome/1"
 DENSE_FORMAT = "cycleqd-task-vector/1"
@@ -57,6 +57,8 @@ class SVDGenome:
 
     c: torch.Tensor
     m: dict[str, torch.Tensor] = field(default_factory=dict)
+    # m[name] is (K, L): row k holds the coefficients of expert k's first kept singular
+    # directions (experts keep different numbers of directions; shorter rows are 0-padded)
 
     def nbytes(self) -> int:
         """In-memory bytes of the coefficients."""
@@ -117,12 +119,12 @@ class SVDGenomeWeightSpace:
         c = sum(float(wi) * p.c for wi, p in zip(w, parents))
         m: dict[str, torch.Tensor] = {}
         for name in self.names:
-            acc = None
-            for wi, p in zip(w, parents):
-                if name in p.m:
-                    term = p.m[name] * float(wi)
-                    acc = term if acc is None else acc + term
-            if acc is not None:
+            terms = [(float(wi), p.m[name]) for wi, p in zip(w, parents) if name in p.m]
+            if terms:
+                L = max(t.shape[1] for _, t in terms)
+                acc = torch.zeros(self.K, L, dtype=torch.float32)
+                for wi, t in terms:
+                    acc[:, : t.shape[1]].add_(t, alpha=wi)
                 m[name] = acc
         return SVDGenome(c=c, m=m)
 
@@ -137,12 +139,12 @@ class SVDGenomeWeightSpace:
         m = dict(genome.m)
         for name, r in rs.items():
             cur = m.get(name)
-            cur = torch.zeros(self.K, r.numel(), dtype=torch.float32) if cur is None else cur.clone()
-            if cur.shape[1] != r.numel():
-                raise ValueError(f"genome tensor {name!r} has {cur.shape[1]} coefficients, the "
-                                 f"basis has {r.numel()} (different SVD rank?)")
-            cur[skill] += r
-            m[name] = cur
+            L = max(r.numel(), cur.shape[1] if cur is not None else 0)
+            new = torch.zeros(self.K, L, dtype=torch.float32)
+            if cur is not None:
+                new[:, : cur.shape[1]] = cur
+            new[skill, : r.numel()] += r
+            m[name] = new
         return SVDGenome(c=genome.c.clone(), m=m)
 
     # --- weights -----------------------------------------------------------------
@@ -160,16 +162,15 @@ class SVDGenomeWeightSpace:
         for k in range(self.K):
             ck = float(genome.c[k])
             if ck != 0.0:
-                t = self.experts[k][name].float()
-                acc = t * ck if acc is None else acc.add_(t, alpha=ck)
+                t = self.experts[k][name]
+                acc = t.float() * ck if acc is None else acc.add_(t, alpha=ck)
         if acc is None:
             acc = torch.zeros(self.base[name].shape, dtype=torch.float32)
         if name in genome.m:
             mk = genome.m[name]
             for k, basis in bases.items():
                 if name in basis and bool(mk[k].any()):
-                    U, S, Vh = basis[name]
-                    acc.add_((U * (S * mk[k])) @ Vh)
+                    add_svd_perturbation(acc, basis[name], mk[k])
         return acc
 
     def task_vector(self, genome: SVDGenome | TaskVector) -> TaskVector:
@@ -189,7 +190,7 @@ class SVDGenomeWeightSpace:
         bases = self._bases_for(genome)
         for n in self.names:
             b = self.base[n]
-            yield n, (b.float() + self.tensor_tau(n, genome, bases)).to(b.dtype)
+            yield n, self.tensor_tau(n, genome, bases).add_(b).to(b.dtype)  # fp32, in place
 
     def materialize(self, genome: SVDGenome | TaskVector) -> dict[str, torch.Tensor]:
         """theta = theta_base + tau per tensor (fp32 arithmetic, base's stored dtype).
@@ -256,6 +257,8 @@ class SVDGenomeWeightSpace:
 
     def checkpoint_nbytes(self) -> int:
         """Bytes of one full checkpoint of this model in the base's stored dtypes."""
+        if hasattr(self.base, "nbytes"):  # lazy state dict: from the headers
+            return int(self.base.nbytes())
         return sum(t.numel() * t.element_size() for t in (self.base[n] for n in self.names))
 
 

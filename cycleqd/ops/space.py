@@ -135,9 +135,20 @@ def collect_garbage(directory: Path | str, referenced: Iterable[Path | str], *, 
     for p in sorted(directory.iterdir()):
         if not p.is_file():
             continue
-        stale_tmp = ".tmp-" in p.name
+        stale_tmp = ".tmp-" in p.name and not _pid_alive(p.name.rsplit(".tmp-", 1)[1])
         if (p.name.endswith(suffix) and p.resolve() not in keep) or stale_tmp:
             if not dry_run:
                 p.unlink(missing_ok=True)
             deleted.append(p)
     return deleted
+
+
+def _pid_alive(pid: str) -> bool:
+    """True if ``pid`` (a string) names a running process (a write may be in progress)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
