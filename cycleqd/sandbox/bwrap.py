@@ -624,6 +624,8 @@ def _pump(sb: _Sandbox, stdin: bytes | str | None) -> SandboxResult:
         used = sb.cg.cpu_seconds()
         if used is not None and used > limits.cpu_seconds:
             killed = "cpu_time"
+    if killed is None and rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        killed = "cpu_time"  # RLIMIT_CPU fired before the cgroup accounting passed the limit
     return SandboxResult(
         returncode=rc, stdout=bufs["stdout"].decode("utf-8", "replace"),
         stderr=bufs["stderr"].decode("utf-8", "replace"), timed_out=killed == "wall_time",
