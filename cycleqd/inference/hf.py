@@ -6,9 +6,15 @@ How a call to :meth:`HFBackend.generate` runs:
    (``add_generation_prompt=True``) and tokenised without extra special tokens;
 2. prompts are sorted by token length (longest first) and cut into batches of
    ``batch_size``, so each batch pads little and an out-of-memory shows up on the first batch;
-3. each batch is left-padded (prompt ends aligned, attention mask zero on the padding) and
-   decoded greedily by ``model.generate`` with the KV cache, stopping at EOS, at
-   ``max_new_tokens`` or, per row, at a stop string (``transformers``' ``StopStringCriteria``);
+3. each batch is left-padded (prompt ends aligned, attention mask zero on the padding,
+   position ids counted from each row's first real token), prefilled once, then decoded
+   greedily one token per step with the KV cache (``transformers.DynamicCache``). A row that
+   ends (EOS, ``max_new_tokens``, or a stop string in its text) is evicted from the batch and
+   from the KV cache at once (``DynamicCache.batch_select_indices``), so the remaining rows do
+   not pay for it (``model.generate`` keeps finished rows in the batch until the longest
+   reply ends; coding replies of one batch range from 20 to max_new_tokens tokens). The
+   prefill computes logits for the last position only. ``engine="generate"`` uses ``model.generate`` instead
+   (same replies);
 4. replies are decoded up to their first EOS, cut before the first stop string and returned
    in the input order.
 
@@ -19,8 +25,9 @@ one decoded alone (a near tie between two tokens); ``benchmarks/eval_bench.py`` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -44,16 +51,22 @@ class HFBackend:
         device: where to run (``"cpu"``, ``"cuda"``, ``"cuda:1"``; default: the model's device).
         chat_template: Jinja template overriding the tokenizer's.
         sort_by_length: batch prompts of similar length together (default True).
+        engine: ``"evict"`` (own greedy loop with eviction of finished rows, default) or
+            ``"generate"`` (``model.generate``).
 
     Raises:
-        ValueError: bad ``batch_size``, or no chat template available.
+        ValueError: bad ``batch_size`` or ``engine``, or no chat template available.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, fingerprint: str | None = None,
                  batch_size: int = 16, device: str | torch.device | None = None,
-                 chat_template: str | None = None, sort_by_length: bool = True) -> None:
+                 chat_template: str | None = None, sort_by_length: bool = True,
+                 engine: str = "evict") -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if engine not in ("evict", "generate"):
+            raise ValueError(f"engine must be 'evict' or 'generate', got {engine!r}")
+        self.engine = engine
         if isinstance(model, (str, Path)):
             model, tok = self._load(model, device=device)
             tokenizer = tokenizer if tokenizer is not None else tok
@@ -94,7 +107,7 @@ class HFBackend:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | None = None,
-                        dtype: torch.dtype = torch.float32, **kwargs: Any) -> "HFBackend":
+                        dtype: torch.dtype = torch.float32, **kwargs: Any) -> HFBackend:
         """Load an HF folder (or hub id) with its tokenizer.
 
         Args:
@@ -161,12 +174,88 @@ class HFBackend:
         if self.sort_by_length:
             order.sort(key=lambda i: -len(prompts[i]))
         out: list[str] = [""] * len(prompts)
-        gen_cfg = self._generation_config(max_new_tokens, stop)
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
-            for i, text in zip(idx, self._generate_batch([prompts[i] for i in idx], gen_cfg)):
+            batch = [prompts[i] for i in idx]
+            if self.engine == "generate":
+                texts = self._generate_batch(batch, self._generation_config(max_new_tokens, stop))
+            else:
+                texts = self._greedy_batch(batch, max_new_tokens, stop)
+            for i, text in zip(idx, texts):
                 out[i] = cut_at_stop(text, stop)
         return out
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) token ids and attention mask, prompts right-aligned (left padding)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            if p:
+                ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[r, width - len(p):] = 1
+        return ids, mask
+
+    def _forward_kwargs(self) -> tuple[str, dict]:
+        """(name of the KV-cache argument, extra prefill kwargs) for this model's forward:
+        transformers >= 5.x calls the cache ``cache`` (``past_key_values`` before)."""
+        if not hasattr(self, "_fwd"):
+            import inspect
+            params = inspect.signature(self.model.forward).parameters
+            ckw = "cache" if "cache" in params else "past_key_values"
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+            self._fwd = (ckw, extra)
+        return self._fwd
+
+    def _greedy_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                      stop: list[str]) -> list[str]:
+        """Greedy decoding of one left-padded batch with eviction of finished rows.
+
+        Shapes: ids/mask (B, T) -> per step the active rows A <= B feed (A, 1) tokens with
+        (A, T + step) masks; the KV cache holds (A, heads, T + step, head_dim) per layer.
+        """
+        from transformers import DynamicCache
+
+        ids, mask = self._left_pad(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        ckw, extra = self._forward_kwargs()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                            **extra, **{ckw: cache}).logits[:, -1]
+        nxt = logits.argmax(-1)
+        next_pos = pos[:, -1] + 1
+        active = list(range(len(prompts)))
+        gen: list[list[int]] = [[] for _ in prompts]
+        eos = set(self._eos_ids)
+        window = 2 * max((len(s_) for s_ in stop), default=0) + 8  # tokens decoded for stops
+        while active:
+            keep = []
+            for j, (row, tok) in enumerate(zip(active, nxt.tolist())):
+                if tok in eos:
+                    continue
+                gen[row].append(tok)
+                if len(gen[row]) >= max_new_tokens:
+                    continue
+                if stop:
+                    tail = self.tokenizer.decode(gen[row][-window:], skip_special_tokens=True)
+                    if any(s_ in tail for s_ in stop):
+                        continue
+                keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(sel)
+                mask, nxt, next_pos = mask[sel], nxt[sel], next_pos[sel]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            logits = self.model(input_ids=nxt[:, None], attention_mask=mask,
+                                position_ids=next_pos[:, None], use_cache=True,
+                                **{ckw: cache}).logits[:, -1]
+            nxt = logits.argmax(-1)
+            next_pos = next_pos + 1
+        return [self.tokenizer.decode(g, skip_special_tokens=True) for g in gen]
 
     def _generation_config(self, max_new_tokens: int, stop: list[str]):
         from transformers import GenerationConfig
@@ -176,13 +265,9 @@ class HFBackend:
                                 stop_strings=stop or None)
 
     def _generate_batch(self, prompts: list[list[int]], gen_cfg) -> list[str]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):  # left padding: prompt ends aligned at column width-1
-            if p:
-                ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[r, width - len(p):] = 1
+        """One left-padded batch through ``model.generate`` (``engine="generate"``)."""
+        ids, mask = self._left_pad(prompts)
+        width = ids.shape[1]
         kwargs = {"tokenizer": self.tokenizer} if gen_cfg.stop_strings else {}
         seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                    generation_config=gen_cfg, **kwargs)

@@ -21,8 +21,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -183,7 +184,7 @@ class SampleCache:
             conn.close()
             self._local.conn = None
 
-    def __enter__(self) -> "SampleCache":
+    def __enter__(self) -> SampleCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

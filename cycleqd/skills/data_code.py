@@ -122,7 +122,7 @@ def fetch_mbpp(cache_dir: str | os.PathLike | None = None, *, url: str = MBPP_UR
     out = root / "data" / "mbpp" / "sanitized-mbpp.jsonl"
     if out.is_file():
         return out
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 (fixed https URL)
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
         text = r.read().decode("utf-8")
     text = text.strip()
     rows = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines() if x]
@@ -160,7 +160,7 @@ def mbpp_entry_point(reference: str, tests: list[str]) -> str:
         ValueError: no function call in the tests.
     """
     called = [m.group(1) for t in tests for m in _CALL_RE.finditer(t)]
-    for name in re.findall(r"^\s*def\s+([A-Za-z_][A-Za-z0-9_]*)", reference, re.M):
+    for name in re.findall(r"^\s*def\s+([A-Za-z_][A-Za-z0-9_]*)", reference, re.MULTILINE):
         if name in called:
             return name
     skip = {"set", "math", "isclose", "abs", "sorted", "list", "tuple", "round", "len", "str",

@@ -1,0 +1,223 @@
+"""HFBackend: batched == sequential greedy, stop strings, budgets, in-place weight swaps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cycleqd.inference import GenerationBackend, HFBackend, fingerprint_state_dict
+
+
+@pytest.fixture(scope="module")
+def backends(tiny_llama_dirs):
+    a, b = tiny_llama_dirs
+    return HFBackend.from_pretrained(a, batch_size=4), HFBackend.from_pretrained(b, batch_size=4)
+
+
+def test_protocol_and_order(backends, convs):
+    be, _ = backends
+    assert isinstance(be, GenerationBackend)
+    out = be.generate(convs, max_new_tokens=12)
+    assert len(out) == len(convs) and all(isinstance(x, str) for x in out)
+    # each reply is the reply of its own conversation: reversing the input reverses the output
+    assert be.generate(convs[::-1], max_new_tokens=12) == out[::-1]
+    assert be.generate([], max_new_tokens=4) == []
+
+
+def test_batched_equals_one_by_one(backends, convs):
+    be, _ = backends
+    batched = be.generate(convs, max_new_tokens=16)
+    be.batch_size = 1
+    try:
+        single = [be.generate([c], max_new_tokens=16)[0] for c in convs]
+    finally:
+        be.batch_size = 4
+    assert batched == single
+    assert len(set(batched)) > 1  # the prompts really lead to different replies
+
+
+def test_eviction_loop_equals_hf_generate(tiny_llama_dirs, convs):
+    a = tiny_llama_dirs[0]
+    ev = HFBackend.from_pretrained(a, batch_size=3)
+    hf = HFBackend.from_pretrained(a, batch_size=3, engine="generate")
+    assert ev.generate(convs, max_new_tokens=20) == hf.generate(convs, max_new_tokens=20)
+    full = ev.generate(convs, max_new_tokens=20)
+    stops = [t[4:6] for t in full if len(t) >= 6][:2]
+    assert stops
+    assert ev.generate(convs, max_new_tokens=20, stop=stops) == \
+        hf.generate(convs, max_new_tokens=20, stop=stops)
+    with pytest.raises(ValueError, match="engine"):
+        HFBackend.from_pretrained(a, engine="beam")
+
+
+def test_unsorted_batches_same_replies(backends, convs):
+    be, _ = backends
+    be.sort_by_length = False
+    try:
+        unsorted = be.generate(convs, max_new_tokens=10)
+    finally:
+        be.sort_by_length = True
+    assert unsorted == be.generate(convs, max_new_tokens=10)
+
+
+def test_max_new_tokens_bounds_reply(backends, convs, monkeypatch):
+    """n new tokens need 1 prefill + at most n - 1 decode forwards per batch (the n-th
+    token comes from the last forward); batches = ceil(7 / 4) = 2."""
+    be, _ = backends
+    calls = []
+    real = be.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(be.model, "forward", spy)
+    for n in (1, 5):
+        calls.clear()
+        short = be.generate(convs, max_new_tokens=n)
+        assert len(calls) <= 2 * n
+        assert sum(1 for shape in calls if shape[1] > 1) == 2  # two prefills
+    longer = be.generate(convs, max_new_tokens=20)
+    assert sum(map(len, longer)) > sum(map(len, short))
+
+
+def test_max_new_tokens_bounds_reply_generate_engine(tiny_llama_dirs, convs, monkeypatch):
+    be = HFBackend.from_pretrained(tiny_llama_dirs[0], batch_size=4, engine="generate")
+    seen = []
+    real = be.model.generate
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(be.model, "generate", spy)
+    for n in (1, 5):
+        seen.clear()
+        be.generate(convs, max_new_tokens=n)
+        assert seen and max(seen) <= n
+
+
+def test_stop_string_cuts_reply(backends, convs):
+    be, _ = backends
+    full = be.generate(convs, max_new_tokens=24)
+    k, text = max(enumerate(full), key=lambda kv: len(kv[1]))
+    assert len(text) >= 6, "random tiny model produced too little text to test stop strings"
+    stop = text[3:6]
+    cut = be.generate([convs[k]], max_new_tokens=24, stop=[stop])[0]
+    assert cut == text[:text.find(stop)]
+    assert stop not in cut
+
+
+def test_weight_swap_in_place(backends, convs):
+    a, b = backends
+    ref_a = a.generate(convs, max_new_tokens=12)
+    ref_b = b.generate(convs, max_new_tokens=12)
+    assert ref_a != ref_b
+    ptrs = {k: v.data_ptr() for k, v in a.model.state_dict().items()}
+    fp_a = a.fingerprint
+    sd_a = {k: v.clone() for k, v in a.model.state_dict().items()}
+    sd_b = b.model.state_dict()
+    a.load_weights(sd_b, fingerprint="child-1")
+    try:
+        assert a.fingerprint == "child-1"
+        assert a.generate(convs, max_new_tokens=12) == ref_b
+        assert {k: v.data_ptr() for k, v in a.model.state_dict().items()} == ptrs  # no realloc
+    finally:
+        a.load_weights(sd_a, fingerprint=fp_a)
+    assert a.generate(convs, max_new_tokens=12) == ref_a
+
+
+def test_bad_weights_rejected_before_any_copy(backends):
+    a, _ = backends
+    before = {k: v.clone() for k, v in a.model.state_dict().items()}
+    fp = a.fingerprint
+    good = {k: v.clone() + 1.0 for k, v in before.items()}
+    bad_shape = dict(good)
+    name = "model.layers.1.mlp.down_proj.weight"
+    bad_shape[name] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="down_proj.*shape"):
+        a.load_weights(bad_shape, fingerprint="x")
+    with pytest.raises(ValueError, match="unknown"):
+        a.load_weights({**good, "model.extra.weight": torch.zeros(2)}, fingerprint="x")
+    missing = dict(good)
+    del missing["model.norm.weight"]
+    with pytest.raises(ValueError, match="missing"):
+        a.load_weights(missing, fingerprint="x")
+    with pytest.raises(ValueError, match="fingerprint"):
+        a.load_weights(good, fingerprint="")
+    after = a.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert a.fingerprint == fp
+
+
+def test_tied_embeddings_alias_optional(tiny_tied_dir, convs):
+    be = HFBackend.from_pretrained(tiny_tied_dir)
+    sd = {k: v.clone() for k, v in be.model.state_dict().items()}
+    ref = be.generate(convs[:3], max_new_tokens=8)
+    sd.pop("lm_head.weight", None)
+    new = {k: v * 1.5 for k, v in sd.items()}
+    be.load_weights(new, fingerprint="scaled")
+    emb = be.model.get_input_embeddings().weight
+    assert torch.equal(emb, new["model.embed_tokens.weight"])
+    assert torch.equal(be.model.get_output_embeddings().weight, emb)  # still tied
+    be.load_weights(sd, fingerprint="orig")
+    assert be.generate(convs[:3], max_new_tokens=8) == ref
+
+
+def test_default_fingerprint_is_content_hash(tiny_llama_dirs):
+    a, b = tiny_llama_dirs
+    a1, a2, b1 = (HFBackend.from_pretrained(p) for p in (a, a, b))
+    assert a1.fingerprint == a2.fingerprint != b1.fingerprint
+    assert a1.fingerprint == fingerprint_state_dict(a1.model.state_dict())
+    sd = {k: v.clone() for k, v in a1.model.state_dict().items()}
+    sd["model.norm.weight"][0] += 1e-3
+    assert fingerprint_state_dict(sd) != a1.fingerprint
+    with pytest.raises(ValueError, match="empty"):
+        fingerprint_state_dict({})
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"conversations": [[{"role": "robot", "content": "x"}]], "max_new_tokens": 4}, "role"),
+    ({"conversations": [[]], "max_new_tokens": 4}, "conversations\\[0\\]"),
+    ({"conversations": [[{"role": "user", "content": 3}]], "max_new_tokens": 4}, "content"),
+    ({"conversations": [[{"role": "user", "content": "x"}]], "max_new_tokens": 0}, "max_new_tokens"),
+    ({"conversations": [[{"role": "user", "content": "x"}]], "max_new_tokens": 4, "stop": "ab"}, "stop"),
+    ({"conversations": [[{"role": "user", "content": "x"}]], "max_new_tokens": 4, "stop": [""]}, "stop"),
+    ({"conversations": "hello", "max_new_tokens": 4}, "conversations"),
+])
+def test_bad_generate_args(backends, kwargs, field):
+    be, _ = backends
+    with pytest.raises(ValueError, match=field):
+        be.generate(**kwargs)
+
+
+def test_bad_constructor_args(tiny_llama_dirs):
+    with pytest.raises(ValueError, match="batch_size"):
+        HFBackend.from_pretrained(tiny_llama_dirs[0], batch_size=0)
+
+
+@pytest.mark.integration
+def test_smollm2_batched_equals_sequential_and_swap():
+    """Real SmolLM2-135M-Instruct: batched greedy == one-by-one greedy on MBPP-style prompts,
+    and an in-place swap to perturbed weights changes replies, swapping back restores them."""
+    from cycleqd.models.smollm2 import ensure_smollm2
+
+    be = HFBackend.from_pretrained(ensure_smollm2(), batch_size=4)
+    convs = [[{"role": "user", "content": q}] for q in (
+        "Write a python function to reverse a string.",
+        "Write a function to find the maximum of three numbers. Your code should pass: "
+        "assert max_of_three(1, 5, 3) == 5",
+        "What is 7 * 6?", "Name a prime number larger than 10.")]
+    batched = be.generate(convs, max_new_tokens=48)
+    be.batch_size = 1
+    assert [be.generate([c], max_new_tokens=48)[0] for c in convs] == batched
+    be.batch_size = 4
+    base = {k: v.clone() for k, v in be.model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    child = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v
+             for k, v in base.items()}
+    be.load_weights(child, fingerprint="child")
+    assert be.generate(convs, max_new_tokens=48) != batched
+    be.load_weights(base, fingerprint="base")
+    assert be.generate(convs, max_new_tokens=48) == batched
