@@ -8,7 +8,6 @@ skill), the aggregated model, and time spent per phase.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import yaml
@@ -71,7 +70,7 @@ def build_markdown(run_dir: Path) -> str:
                     + [f"{sum(sc.values()) / len(sc):.3f}"])
     seed_rows = [m for m in metrics if m["generation"] == 0]
     for m in seed_rows:
-        rows.append([f"seed", f"`{m['child']}`", "0"] + [f"{m['scores'].get(s, float('nan')):.3f}" for s in skills]
+        rows.append(["seed", f"`{m['child']}`", "0"] + [f"{m['scores'].get(s, float('nan')):.3f}" for s in skills]
                     + [f"{sum(m['scores'].values()) / len(m['scores']):.3f}"])
     lines += [_table(["archive", "model", "generation"] + skills + ["mean"], rows), "",
               "## Over generations", "", "![curves](maps/curves.png)", ""]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from cycleqd.models.loading import _TOKENIZER_FILES
+from cycleqd._io import atomic_directory
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
@@ -51,9 +51,7 @@ def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path |
     """
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         shards: list[list[str]] = []
         current: dict[str, torch.Tensor] = {}
         size = 0
@@ -94,12 +92,6 @@ def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path |
             _copy_model_files(Path(source_dir), tmp, dtype)
         if provenance:
             (tmp / "cycleqd_export.json").write_text(json.dumps(dict(provenance), indent=2, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -12,12 +12,10 @@ Memory: the dequantised model is materialised once in RAM (fp32 by default; Smol
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from cycleqd._io import atomic_directory
 
 
 def convert_gguf(gguf_path: Path | str, out_dir: Path | str, *,
@@ -66,15 +64,7 @@ def convert_gguf(gguf_path: Path | str, out_dir: Path | str, *,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         pad_token_id=getattr(config, "pad_token_id", None), do_sample=False)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from cycleqd._io import atomic_directory
 
 Message = Mapping[str, str]
 Conversation = Sequence[Message]
@@ -299,9 +297,7 @@ def train_lora(base_dir: str | Path, conversations: Sequence[Conversation], reci
             bar.close()
     report.wall_s = round(time.perf_counter() - t0, 2)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         cfg_path = tmp / "adapter_config.json"
         acfg = json.loads(cfg_path.read_text())
@@ -309,11 +305,5 @@ def train_lora(base_dir: str | Path, conversations: Sequence[Conversation], reci
         cfg_path.write_text(json.dumps(acfg, indent=2))
         (tmp / "train_report.json").write_text(json.dumps(
             {"recipe": recipe.to_json(), "report": report.to_json(), **dict(metadata or {})}, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
