@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml

@@ -1,8 +1,6 @@
-import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cycleqd.config import ConfigError, load_config, parse_config
 from tests.conftest import tiny_config_dict

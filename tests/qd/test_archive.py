@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from cycleqd.qd.archive import BCAxis, Elite, GridArchive, make_archives
