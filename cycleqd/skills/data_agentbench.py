@@ -375,6 +375,7 @@ class Episode:
     def __init__(self, sample_id: str, messages: list[dict[str, str]]) -> None:
         self.sample_id = sample_id
         self.messages = messages
+        self.n_prompt = len(messages)  # messages before the model's first turn
         self.done = False
         self.score = 0.0
         self.detail: dict[str, Any] = {}
@@ -387,6 +388,39 @@ class Episode:
 
     def close(self) -> None:
         """Free the episode's sandbox/database (always called)."""
+
+
+def evaluate_cached(skill: Any, model: Any) -> dict[str, float]:
+    """The shared body of the agent skills' ``evaluate``: reuse cached per-sample outcomes
+    (same ``model.fingerprint`` and ``skill.cache_key``), run the missing items' episodes
+    with ``skill.run_episodes`` (greedy, ``skill.max_new_tokens`` / ``skill.stop``), cache
+    their outcomes and details (without transcripts), keep the details with their
+    transcripts in ``skill.last_details``.
+
+    Returns:
+        item id -> score in [0, 1], for every ``skill.items`` (in that order).
+    """
+    ids = [it.id for it in skill.items]
+    fp = getattr(model, "fingerprint", None)
+    cache = skill.cache if fp else None
+    hits: dict[str, float] = cache.get_many(fp, skill.cache_key, ids) if cache is not None else {}
+    todo = [it for it in skill.items if it.id not in hits]
+    new: dict[str, float] = {}
+    details: dict[str, dict[str, Any]] = {}
+    if todo:
+        def generate(convs):
+            return model.generate(convs, max_new_tokens=skill.max_new_tokens, stop=skill.stop)
+
+        for sid, ep in skill.run_episodes(todo, generate).items():
+            new[sid] = ep.score
+            details[sid] = dict(ep.detail, transcript=[m["content"][:2000]
+                                                       for m in ep.messages[ep.n_prompt:]])
+        if cache is not None:
+            cache.put_many(fp, skill.cache_key, new,
+                           {k: {kk: vv for kk, vv in v.items() if kk != "transcript"}
+                            for k, v in details.items()})
+    skill.last_details = details
+    return {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
 
 
 def run_lockstep(episodes: Sequence[Episode], generate: Callable[[list[list[dict[str, str]]]], list[str]],

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 from cycleqd.sandbox.sql import SQLBackend, make_backend
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.data_agentbench import DBItem, Episode, load_dbbench, run_lockstep
+from cycleqd.skills.data_agentbench import DBItem, Episode, evaluate_cached, load_dbbench, run_lockstep
 
 #: AgentBench DB-Bench instruction (src/server/tasks/dbbench/__init__.py, v0.2), verbatim.
 DB_PROMPT = """
@@ -315,28 +315,7 @@ class DBBenchSkill:
     def evaluate(self, model: Any) -> SkillResult:
         """Score a :class:`~cycleqd.inference.base.GenerationBackend` (greedy). Cached
         outcomes (same ``model.fingerprint`` and :attr:`cache_key`) are reused."""
-        ids = [it.id for it in self.items]
-        fp = getattr(model, "fingerprint", None)
-        hits: dict[str, float] = {}
-        if self.cache is not None and fp:
-            hits = self.cache.get_many(fp, self.cache_key, ids)
-        todo = [it for it in self.items if it.id not in hits]
-        new: dict[str, float] = {}
-        details: dict[str, dict[str, Any]] = {}
-        if todo:
-            def generate(convs):
-                return model.generate(convs, max_new_tokens=self.max_new_tokens, stop=self.stop)
-
-            for sid, ep in self.run_episodes(todo, generate).items():
-                new[sid] = ep.score
-                details[sid] = dict(ep.detail, transcript=[m["content"][:2000]
-                                                           for m in ep.messages[3:]])
-            if self.cache is not None and fp:
-                self.cache.put_many(fp, self.cache_key, new,
-                                    {k: {kk: vv for kk, vv in v.items() if kk != "transcript"}
-                                     for k, v in details.items()})
-        self.last_details = details
-        outcomes = {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
+        outcomes = evaluate_cached(self, model)
         return SkillResult(quality=sum(outcomes.values()) / len(outcomes), outcomes=outcomes,
                            subscores=self._subscores(outcomes))
 

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 from cycleqd.sandbox import BwrapSession, SandboxLimits
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.data_agentbench import Episode, OSItem, Script, load_os, run_lockstep
+from cycleqd.skills.data_agentbench import Episode, OSItem, Script, evaluate_cached, load_os, run_lockstep
 
 OS_PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
 
@@ -221,7 +221,6 @@ class OSEpisode(Episode):
             msgs = [{"role": "user", "content": OS_PROMPT + "Now, my problem is:\n\n"
                      + item.description}]
         super().__init__(item.id, msgs)
-        self.n_prompt = len(msgs)
         self.item = item
         self.command_timeout_s, self.setup_timeout_s = command_timeout_s, setup_timeout_s
         self.answer: str | None = None
@@ -396,28 +395,7 @@ class OSInteractionSkill:
     def evaluate(self, model: Any) -> SkillResult:
         """Score a :class:`~cycleqd.inference.base.GenerationBackend` (greedy). Cached
         outcomes (same ``model.fingerprint`` and :attr:`cache_key`) are reused."""
-        ids = [it.id for it in self.items]
-        fp = getattr(model, "fingerprint", None)
-        hits: dict[str, float] = {}
-        if self.cache is not None and fp:
-            hits = self.cache.get_many(fp, self.cache_key, ids)
-        todo = [it for it in self.items if it.id not in hits]
-        new: dict[str, float] = {}
-        details: dict[str, dict[str, Any]] = {}
-        if todo:
-            def generate(convs):
-                return model.generate(convs, max_new_tokens=self.max_new_tokens, stop=self.stop)
-
-            for sid, ep in self.run_episodes(todo, generate).items():
-                new[sid] = ep.score
-                details[sid] = dict(ep.detail, transcript=[m["content"][:2000]
-                                                           for m in ep.messages[ep.n_prompt:]])
-            if self.cache is not None and fp:
-                self.cache.put_many(fp, self.cache_key, new,
-                                    {k: {kk: vv for kk, vv in v.items() if kk != "transcript"}
-                                     for k, v in details.items()})
-        self.last_details = details
-        outcomes = {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
+        outcomes = evaluate_cached(self, model)
         q = sum(outcomes.values()) / len(outcomes)
         return SkillResult(quality=q, outcomes=outcomes, subscores={f"{self.name}_pass": q})
 
