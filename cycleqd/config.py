@@ -265,16 +265,21 @@ def parse_config(data: Any, *, source: str = "<config>") -> RunConfig:
     return cfg
 
 
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """Parse a YAML file. Raises ConfigError naming ``what`` for a missing or unparsable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate a YAML config; ``overrides`` maps dotted keys to values
     (``{"qd.generations": 10}``). Raises ConfigError (also for a missing/unparsable file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

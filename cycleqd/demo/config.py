@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cycleqd.config import BackendConfig, ConfigError, OperatorsConfig, QDConfig, _format
+from cycleqd.config import BackendConfig, ConfigError, OperatorsConfig, QDConfig, _format, read_yaml
 
 
 class _Strict(BaseModel):
@@ -141,13 +140,7 @@ def parse_demo_config(data: Any, *, source: str = "<demo config>") -> DemoConfig
 def load_demo_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DemoConfig:
     """Read a demo YAML; ``overrides`` maps dotted keys to values (``{"qd.generations": 40}``;
     ``skills.coding.test_limit`` addresses a skill by name)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"demo config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "demo config")
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
     return parse_demo_config(data, source=str(path))
