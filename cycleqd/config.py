@@ -156,7 +156,7 @@ class BackendConfig(_Strict):
     type: Literal["hf", "vllm"] = "hf"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)  # rows decoding together (continuous batching)
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
 
 

@@ -4,17 +4,19 @@ How a call to :meth:`HFBackend.generate` runs:
 
 1. every conversation is rendered with the tokenizer's chat template
    (``add_generation_prompt=True``) and tokenised without extra special tokens;
-2. prompts are sorted by token length (longest first) and cut into batches of
-   ``batch_size``, so each batch pads little and an out-of-memory shows up on the first batch;
-3. each batch is left-padded (prompt ends aligned, attention mask zero on the padding,
-   position ids counted from each row's first real token), prefilled once, then decoded
-   greedily one token per step with the KV cache (``transformers.DynamicCache``). A row that
-   ends (EOS, ``max_new_tokens``, or a stop string in its text) is evicted from the batch and
-   from the KV cache at once (``DynamicCache.batch_select_indices``), so the remaining rows do
-   not pay for it (``model.generate`` keeps finished rows in the batch until the longest
-   reply ends; coding replies of one batch range from 20 to max_new_tokens tokens). The
-   prefill computes logits for the last position only. ``engine="generate"`` uses ``model.generate`` instead
-   (same replies);
+2. prompts are sorted by token length (longest first) and queued;
+3. continuous batching (``engine="evict"``): up to ``batch_size`` rows decode together, greedily,
+   one token per step, with a KV cache that appends in place
+   (:class:`~cycleqd.inference._kvcache.GrowingLayer`; ``DynamicCache``'s per-token ``torch.cat``
+   was half of a decode step). A row that ends (EOS, ``max_new_tokens``, or a stop string in its
+   text) is evicted from the batch and the cache at once; when a quarter of the slots are free,
+   the next queued prompts are prefilled (left-padded, attention mask zero on the padding,
+   position ids counted from each row's first real token, logits for the last position only;
+   in groups of at most ``prefill_tokens`` padded tokens) and joined to the running batch, so
+   the batch stays full and one long reply does not keep the others waiting
+   (``model.generate`` keeps finished rows until the longest reply of its batch ends; coding
+   replies range from 20 to max_new_tokens tokens). ``engine="generate"`` runs
+   ``model.generate`` on fixed batches instead (same replies);
 4. replies are decoded up to their first EOS, cut before the first stop string and returned
    in the input order.
 
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 from cycleqd.inference._checks import check_generate_args, check_state_dict, cut_at_stop
+from cycleqd.inference._kvcache import growing_cache, join, joinable, trim
 from cycleqd.inference.base import Message
 from cycleqd.inference.fingerprint import fingerprint_state_dict
 
@@ -46,27 +49,34 @@ class HFBackend:
             template (or pass ``chat_template``).
         fingerprint: identity of the loaded weights (default: a content hash of the state dict,
             :func:`~cycleqd.inference.fingerprint.fingerprint_state_dict`).
-        batch_size: prompts per forward batch (>= 1). On 2 CPU cores 16-32 is a good value for
-            a 135M model; on a GPU, as large as memory allows.
+        batch_size: most rows decoding together (>= 1). On 2 CPU cores 32 for a 135M model
+            (``benchmarks/eval_bench.py``: 4.5x one-prompt-at-a-time; 16 gave 3.8x); on a GPU,
+            as large as memory allows.
         device: where to run (``"cpu"``, ``"cuda"``, ``"cuda:1"``; default: the model's device).
         chat_template: Jinja template overriding the tokenizer's.
         sort_by_length: batch prompts of similar length together (default True).
-        engine: ``"evict"`` (own greedy loop with eviction of finished rows, default) or
-            ``"generate"`` (``model.generate``).
+        engine: ``"evict"`` (own greedy loop with continuous batching: finished rows leave,
+            queued prompts join; default) or ``"generate"`` (``model.generate`` per batch).
+        prefill_tokens: most padded tokens per prefill forward (default 2048); the prompts
+            admitted at once are prefilled in length-sorted groups of this size and joined.
 
     Raises:
         ValueError: bad ``batch_size`` or ``engine``, or no chat template available.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, fingerprint: str | None = None,
-                 batch_size: int = 16, device: str | torch.device | None = None,
+                 batch_size: int = 32, device: str | torch.device | None = None,
                  chat_template: str | None = None, sort_by_length: bool = True,
-                 engine: str = "evict") -> None:
+                 engine: str = "evict", prefill_tokens: int = 2048) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if engine not in ("evict", "generate"):
             raise ValueError(f"engine must be 'evict' or 'generate', got {engine!r}")
+        if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) or prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be a positive int, got {prefill_tokens!r}")
         self.engine = engine
+        self.prefill_tokens = prefill_tokens
+        self._joinable = True
         if isinstance(model, (str, Path)):
             model, tok = self._load(model, device=device)
             tokenizer = tokenizer if tokenizer is not None else tok
@@ -174,13 +184,15 @@ class HFBackend:
         if self.sort_by_length:
             order.sort(key=lambda i: -len(prompts[i]))
         out: list[str] = [""] * len(prompts)
+        if self.engine == "evict":
+            texts = self._greedy([prompts[i] for i in order], max_new_tokens, stop)
+            for i, text in zip(order, texts):
+                out[i] = cut_at_stop(text, stop)
+            return out
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
             batch = [prompts[i] for i in idx]
-            if self.engine == "generate":
-                texts = self._generate_batch(batch, self._generation_config(max_new_tokens, stop))
-            else:
-                texts = self._greedy_batch(batch, max_new_tokens, stop)
+            texts = self._generate_batch(batch, self._generation_config(max_new_tokens, stop))
             for i, text in zip(idx, texts):
                 out[i] = cut_at_stop(text, stop)
         return out
@@ -207,29 +219,71 @@ class HFBackend:
             self._fwd = (ckw, extra)
         return self._fwd
 
-    def _greedy_batch(self, prompts: list[list[int]], max_new_tokens: int,
-                      stop: list[str]) -> list[str]:
-        """Greedy decoding of one left-padded batch with eviction of finished rows.
-
-        Shapes: ids/mask (B, T) -> per step the active rows A <= B feed (A, 1) tokens with
-        (A, T + step) masks; the KV cache holds (A, heads, T + step, head_dim) per layer.
-        """
-        from transformers import DynamicCache
-
+    def _prefill(self, prompts: list[list[int]]):
+        """Prefill one left-padded batch: (cache, mask (B, T), first tokens (B,), next positions (B,))."""
         ids, mask = self._left_pad(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = growing_cache()
         ckw, extra = self._forward_kwargs()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                             **extra, **{ckw: cache}).logits[:, -1]
-        nxt = logits.argmax(-1)
-        next_pos = pos[:, -1] + 1
-        active = list(range(len(prompts)))
+        return cache, mask, logits.argmax(-1), pos[:, -1] + 1
+
+    def _prefill_groups(self, take: list[int], prompts: list[list[int]]) -> list[list[int]]:
+        """Cut the prompts to admit (longest first) into prefill batches of at most
+        ``prefill_tokens`` padded tokens (>= 1 prompt each): one prefill of many prompts of
+        different lengths would spend most of its work on padding and quadratic attention."""
+        groups: list[list[int]] = []
+        for i in take:
+            g = groups[-1] if groups else None
+            width = max([len(prompts[j]) for j in g] + [len(prompts[i])]) if g else 0
+            if g and width * (len(g) + 1) <= self.prefill_tokens:
+                g.append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def _greedy(self, prompts: list[list[int]], max_new_tokens: int,
+                stop: list[str]) -> list[str]:
+        """Greedy decoding of all ``prompts`` with continuous batching (``engine="evict"``).
+
+        At most ``batch_size`` rows decode together. A row that ends (EOS, ``max_new_tokens``,
+        stop string) is evicted from the batch and the KV cache at once
+        (``DynamicCache.batch_select_indices``); when at least ``max(1, batch_size // 4)`` slots
+        are free (or the rest of the queue fits), the next prompts of the queue are prefilled as
+        one left-padded batch and joined to the running one, so the batch stays full until the
+        queue is empty and a long reply no longer keeps the others waiting. Shapes: active rows
+        A <= batch_size feed (A, 1) tokens with (A, T) masks; the KV cache holds
+        (A, kv_heads, T, head_dim) per layer, T trimmed to the longest active row. Models whose
+        cache is not plain full attention (sliding windows, recurrent state) refill only when
+        the batch is empty.
+        """
+        ckw, _ = self._forward_kwargs()
+        queue = list(range(len(prompts)))[::-1]            # pop() takes the next prompt
         gen: list[list[int]] = [[] for _ in prompts]
         eos = set(self._eos_ids)
         window = 2 * max((len(s_) for s_ in stop), default=0) + 8  # tokens decoded for stops
-        while active:
+        refill = max(1, self.batch_size // 4)
+        cache = mask = nxt = next_pos = None
+        active: list[int] = []
+        while queue or active:
+            free = self.batch_size - len(active)
+            if queue and (not active or (free >= min(refill, len(queue)) and self._joinable)):
+                take = [queue.pop() for _ in range(min(free, len(queue)))]
+                groups = self._prefill_groups(take, prompts) if self._joinable else [take]
+                for k, group in enumerate(groups):
+                    c2, m2, n2, p2 = self._prefill([prompts[i] for i in group])
+                    if active:
+                        mask = join(cache, mask, c2, m2)
+                        nxt, next_pos = torch.cat([nxt, n2]), torch.cat([next_pos, p2])
+                    else:
+                        cache, mask, nxt, next_pos = c2, m2, n2, p2
+                    active += group
+                    if not joinable(cache):  # e.g. sliding-window layers: no joining
+                        self._joinable = False
+                        queue += [i for g in groups[k + 1:] for i in g][::-1]
+                        break
             keep = []
             for j, (row, tok) in enumerate(zip(active, nxt.tolist())):
                 if tok in eos:
@@ -242,13 +296,16 @@ class HFBackend:
                     if any(s_ in tail for s_ in stop):
                         continue
                 keep.append(j)
-            if not keep:
-                break
             if len(keep) < len(active):
+                active = [active[j] for j in keep]
+                if not active:
+                    cache = None
+                    continue
                 sel = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(sel)
                 mask, nxt, next_pos = mask[sel], nxt[sel], next_pos[sel]
-                active = [active[j] for j in keep]
+                if joinable(cache):
+                    mask = trim(cache, mask)
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             logits = self.model(input_ids=nxt[:, None], attention_mask=mask,
                                 position_ids=next_pos[:, None], use_cache=True,

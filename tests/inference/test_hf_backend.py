@@ -50,6 +50,34 @@ def test_eviction_loop_equals_hf_generate(tiny_llama_dirs, convs):
         HFBackend.from_pretrained(a, engine="beam")
 
 
+def test_continuous_batching_joins_rows_mid_run(tiny_llama_dirs, convs, monkeypatch):
+    """Rows end at different steps (stop strings), freed slots are refilled from the queue by
+    joining a new prefilled batch to the running one; replies equal one-by-one decoding and
+    ``model.generate``."""
+    a = tiny_llama_dirs[0]
+    ev = HFBackend.from_pretrained(a, batch_size=3)
+    full = ev.generate(convs, max_new_tokens=24)
+    stops = [t[k:k + 3] for t, k in zip(full, (2, 9, 5, 14)) if len(t) > k + 3]
+    assert len(stops) >= 3
+    joins = []
+    import cycleqd.inference.hf as hf_module
+    orig = hf_module.join
+
+    def spy(cache, mask, new_cache, new_mask):
+        joins.append((mask.shape, new_mask.shape))
+        return orig(cache, mask, new_cache, new_mask)
+
+    monkeypatch.setattr(hf_module, "join", spy)
+    continuous = ev.generate(convs, max_new_tokens=24, stop=stops)
+    assert joins, "no prompt was admitted into a running batch"
+    assert any(m[1] != n[1] for m, n in joins)  # joined batches of different widths (padding)
+    ev.batch_size = 1
+    single = [ev.generate([c], max_new_tokens=24, stop=stops)[0] for c in convs]
+    hf = HFBackend.from_pretrained(a, batch_size=3, engine="generate")
+    assert continuous == single == hf.generate(convs, max_new_tokens=24, stop=stops)
+    assert len({len(t) for t in continuous}) > 2  # the rows really ended at different steps
+
+
 def test_unsorted_batches_same_replies(backends, convs):
     be, _ = backends
     be.sort_by_length = False
