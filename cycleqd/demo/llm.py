@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-sample-cache", action="store_true",
                    help="score every model afresh (no reuse of per-sample outcomes across runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an unfinished demo in --out (same settings): finished CycleQD "
+                        "generations are kept, the rest and the comparison are run")
     return p
 
 
@@ -127,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
     args = _fill(args)
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    res = run_demo(cfg, out, progress=not args.no_progress)
+    res = run_demo(cfg, out, progress=not args.no_progress, resume=args.resume)
     print(res.table_md)
     print(f"\nartefacts in {out}/ (comparison.md, comparison.json, elite_maps.png, cycleqd/)")
     return 0
@@ -373,9 +376,35 @@ def format_table(rows: Sequence[dict[str, Any]], skill_names: Sequence[str], siz
     return "\n".join(lines)
 
 
-def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print) -> DemoResult:
-    """Run the whole demo into ``out`` (see module doc). Raises FileExistsError if ``out``
-    already holds a demo."""
+def check_out_dir(cfg: DemoConfig, out: Path, resume: bool) -> bool:
+    """Whether the demo in ``out`` is continued (True) or started (False).
+
+    Raises:
+        FileExistsError: ``out`` holds a finished demo, or an unfinished one without ``resume``.
+        ConfigError: ``resume`` with settings other than those the demo started with.
+    """
+    import yaml
+
+    if (out / "comparison.json").exists():
+        raise FileExistsError(f"{out} already holds a finished demo (comparison.json); choose another --out")
+    started = (out / "cycleqd" / "config.yaml").exists()
+    if started and not resume:
+        raise FileExistsError(f"{out} holds an unfinished demo; continue it with --resume "
+                              f"(same settings) or choose another --out")
+    if not started:
+        return False
+    saved = out / "demo_config.yaml"
+    if not saved.is_file() or yaml.safe_load(saved.read_text()) != cfg.model_dump(mode="json"):
+        raise ConfigError(f"{out}: the demo settings differ from those it started with ({saved}); "
+                          f"resume with the same flags")
+    return True
+
+
+def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
+             resume: bool = False) -> DemoResult:
+    """Run the whole demo into ``out`` (see module doc); with ``resume``, continue an
+    unfinished one (finished CycleQD generations are kept). Raises what
+    :func:`check_out_dir` raises, before any model work."""
     from cycleqd.engine.build import build_components
     from cycleqd.engine.loop import CycleQDRun
     from cycleqd.engine.rundir import atomic_write_json, atomic_write_text
@@ -383,10 +412,10 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print) ->
     import yaml
 
     out = Path(out)
-    if (out / "comparison.json").exists() or (out / "cycleqd" / "state.json").exists():
-        raise FileExistsError(f"{out} already holds a demo; choose another --out")
+    resume = check_out_dir(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "demo_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if not resume:
+        atomic_write_text(out / "demo_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     cache = _cache_dir(cfg)
     cache.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -411,7 +440,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print) ->
     try:
         timings["build_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        run = CycleQDRun(rc, comps, out / "cycleqd", progress=progress)
+        run = CycleQDRun(rc, comps, out / "cycleqd", resume=resume, progress=progress)
         try:
             res = run.run()
         finally:

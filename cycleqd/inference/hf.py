@@ -15,7 +15,11 @@ How a call to :meth:`HFBackend.generate` runs:
    in groups of at most ``prefill_tokens`` padded tokens) and joined to the running batch, so
    the batch stays full and one long reply does not keep the others waiting
    (``model.generate`` keeps finished rows until the longest reply of its batch ends; coding
-   replies range from 20 to max_new_tokens tokens). ``engine="generate"`` runs
+   replies range from 20 to max_new_tokens tokens). When all prompts of the call share a
+   token prefix of at least ``min_shared_prefix`` tokens (a skill's system prompt and
+   instructions: 328 of ~400 tokens for OS, 332 for DB), its KV cache is computed once and each row
+   is laid out ``[shared prefix][padding][own suffix]`` -- measured on 20 search items per
+   skill: OS 40.3 s -> 23.4 s, DB 35.3 s -> 22.6 s, same scores. ``engine="generate"`` runs
    ``model.generate`` on fixed batches instead (same replies);
 4. replies are decoded up to their first EOS, cut before the first stop string and returned
    in the input order.
@@ -59,6 +63,9 @@ class HFBackend:
             queued prompts join; default) or ``"generate"`` (``model.generate`` per batch).
         prefill_tokens: most padded tokens per prefill forward (default 2048); the prompts
             admitted at once are prefilled in length-sorted groups of this size and joined.
+        min_shared_prefix: when all prompts of a ``generate`` call share a token prefix at
+            least this long (a skill's system prompt and instructions), its KV cache is
+            computed once and reused by every row (0 disables; default 32).
 
     Raises:
         ValueError: bad ``batch_size`` or ``engine``, or no chat template available.
@@ -67,7 +74,8 @@ class HFBackend:
     def __init__(self, model: Any, tokenizer: Any = None, *, fingerprint: str | None = None,
                  batch_size: int = 32, device: str | torch.device | None = None,
                  chat_template: str | None = None, sort_by_length: bool = True,
-                 engine: str = "evict", prefill_tokens: int = 2048) -> None:
+                 engine: str = "evict", prefill_tokens: int = 2048,
+                 min_shared_prefix: int = 32) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if engine not in ("evict", "generate"):
@@ -76,6 +84,7 @@ class HFBackend:
             raise ValueError(f"prefill_tokens must be a positive int, got {prefill_tokens!r}")
         self.engine = engine
         self.prefill_tokens = prefill_tokens
+        self.min_shared_prefix = int(min_shared_prefix)
         self._joinable = True
         if isinstance(model, (str, Path)):
             model, tok = self._load(model, device=device)
@@ -219,16 +228,52 @@ class HFBackend:
             self._fwd = (ckw, extra)
         return self._fwd
 
-    def _prefill(self, prompts: list[list[int]]):
-        """Prefill one left-padded batch: (cache, mask (B, T), first tokens (B,), next positions (B,))."""
-        ids, mask = self._left_pad(prompts)
+    def _prefill(self, prompts: list[list[int]], prefix: tuple[int, list] | None = None):
+        """Prefill one left-padded batch: (cache, mask (B, T), first tokens (B,), next positions (B,)).
+
+        With ``prefix = (P, [(keys, values) per layer, each (1, kv_heads, P, head_dim)])`` --
+        the KV cache of the first P tokens that all ``prompts`` share -- only the suffixes are
+        computed: each row is laid out ``[prefix][padding][suffix]`` (mask 0 on the padding,
+        positions P, P+1, ... on the suffix), so the shared tokens are computed once per call.
+        """
+        P = prefix[0] if prefix else 0
+        ids, mask = self._left_pad([p[P:] for p in prompts])
         ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = P + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = growing_cache()
+        if prefix:
+            b = len(prompts)
+            for i, (k, v) in enumerate(prefix[1]):
+                cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+            mask = torch.cat([mask.new_ones((b, P)), mask], dim=1)
         ckw, extra = self._forward_kwargs()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                             **extra, **{ckw: cache}).logits[:, -1]
         return cache, mask, logits.argmax(-1), pos[:, -1] + 1
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, list] | None:
+        """KV cache of the longest token prefix shared by all ``prompts`` (system prompt,
+        instructions...), if there are >= 2 prompts, it is >= ``min_shared_prefix`` tokens
+        and the cache can be joined; else None. At least one token of each prompt is left to
+        the per-row prefill."""
+        if len(prompts) < 2 or not self.min_shared_prefix or not self._joinable:
+            return None
+        n = min(len(p) for p in prompts) - 1
+        first = prompts[0]
+        for p in prompts[1:]:
+            k = 0
+            while k < n and p[k] == first[k]:
+                k += 1
+            n = k
+        if n < self.min_shared_prefix:
+            return None
+        cache = growing_cache()
+        ckw, extra = self._forward_kwargs()
+        ids = torch.tensor([first[:n]], dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, use_cache=True, **extra, **{ckw: cache})
+        if not joinable(cache):
+            return None
+        return n, [(la.keys.clone(), la.values.clone()) for la in cache.layers]
 
     def _prefill_groups(self, take: list[int], prompts: list[list[int]]) -> list[list[int]]:
         """Cut the prompts to admit (longest first) into prefill batches of at most
@@ -265,6 +310,7 @@ class HFBackend:
         eos = set(self._eos_ids)
         window = 2 * max((len(s_) for s_ in stop), default=0) + 8  # tokens decoded for stops
         refill = max(1, self.batch_size // 4)
+        prefix = self._shared_prefix(prompts)
         cache = mask = nxt = next_pos = None
         active: list[int] = []
         while queue or active:
@@ -273,7 +319,7 @@ class HFBackend:
                 take = [queue.pop() for _ in range(min(free, len(queue)))]
                 groups = self._prefill_groups(take, prompts) if self._joinable else [take]
                 for k, group in enumerate(groups):
-                    c2, m2, n2, p2 = self._prefill([prompts[i] for i in group])
+                    c2, m2, n2, p2 = self._prefill([prompts[i] for i in group], prefix)
                     if active:
                         mask = join(cache, mask, c2, m2)
                         nxt, next_pos = torch.cat([nxt, n2]), torch.cat([next_pos, p2])

@@ -73,3 +73,28 @@ def test_claims():
     assert c["expert:b beats base on b by >= 5 points"] is False
     assert c["cycleqd:aggregate mean > ties mean"] is True
     assert "cycleqd:aggregate mean > multitask mean" not in c     # absent rows are not claimed
+
+
+def test_out_dir_guard_and_resume_check(tmp_path):
+    """An unfinished demo is continued only with --resume and the same settings; a finished
+    one is never overwritten -- all decided before any model work."""
+    import yaml
+
+    from cycleqd.demo.llm import check_out_dir
+
+    cfg = load_demo_config(TOY_CONFIG)
+    out = tmp_path / "demo"
+    assert check_out_dir(cfg, out, resume=False) is False       # fresh directory
+    assert check_out_dir(cfg, out, resume=True) is False        # nothing to resume: start
+    (out / "cycleqd").mkdir(parents=True)
+    (out / "cycleqd" / "config.yaml").write_text("name: x\n")
+    (out / "demo_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with pytest.raises(FileExistsError, match="--resume"):
+        check_out_dir(cfg, out, resume=False)
+    assert check_out_dir(cfg, out, resume=True) is True
+    other = load_demo_config(TOY_CONFIG, {"qd.generations": 5})
+    with pytest.raises(ConfigError, match="differ"):
+        check_out_dir(other, out, resume=True)
+    (out / "comparison.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="finished"):
+        check_out_dir(cfg, out, resume=True)

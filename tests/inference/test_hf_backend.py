@@ -78,6 +78,35 @@ def test_continuous_batching_joins_rows_mid_run(tiny_llama_dirs, convs, monkeypa
     assert len({len(t) for t in continuous}) > 2  # the rows really ended at different steps
 
 
+def test_shared_prefix_computed_once_same_replies(tiny_llama_dirs, convs, monkeypatch):
+    """Prompts sharing a long system prompt: its KV cache is computed once per call and the
+    replies equal those without sharing, one-by-one decoding and ``model.generate``."""
+    a = tiny_llama_dirs[0]
+    system = {"role": "system", "content": "You are a careful assistant. " * 12}
+    shared = [[system, *(m for m in c if m["role"] != "system")] for c in convs]
+    ev = HFBackend.from_pretrained(a, batch_size=3)
+    prefixes = []
+    orig = HFBackend._shared_prefix
+
+    def spy(self, prompts):
+        out = orig(self, prompts)
+        prefixes.append(None if out is None else out[0])
+        return out
+
+    monkeypatch.setattr(HFBackend, "_shared_prefix", spy)
+    with_prefix = ev.generate(shared, max_new_tokens=16)
+    assert prefixes and prefixes[-1] is not None and prefixes[-1] >= 32
+    ev.min_shared_prefix = 0
+    assert ev.generate(shared, max_new_tokens=16) == with_prefix
+    assert prefixes[-1] is None
+    ev.batch_size = 1
+    assert [ev.generate([c], max_new_tokens=16)[0] for c in shared] == with_prefix
+    hf = HFBackend.from_pretrained(a, batch_size=3, engine="generate")
+    assert hf.generate(shared, max_new_tokens=16) == with_prefix
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        HFBackend.from_pretrained(a, prefill_tokens=0)
+
+
 def test_unsorted_batches_same_replies(backends, convs):
     be, _ = backends
     be.sort_by_length = False
