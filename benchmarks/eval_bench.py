@@ -11,7 +11,7 @@ With ``--rounds R`` the problems are split into R chunks and each chunk is timed
 then sequentially before the next one, so that both modes see the same load on a shared
 machine (smaller chunks leave continuous batching less to work with; default 1).
 
-Measured on a quiet 2-core machine (2026-11-30, torch 2.13 CPU, 2 threads):
+Measured on a quiet 2-core machine (2026-12-01, torch 2.13 CPU, 2 threads; rerun with the shared-prefix prefill: 50.9 s vs 225.4 s = 4.43x, 32/32 identical):
 ``--n 32 --max-new-tokens 256 --batch-size 32``: batched 49.2 s (0.650 problems/s, 76 tokens/s),
 sequential 221.2 s (0.145 problems/s, 17 tokens/s) -> 4.49x, 32/32 identical replies.
 
