@@ -280,13 +280,15 @@ class HFBackend:
         ``prefill_tokens`` padded tokens (>= 1 prompt each): one prefill of many prompts of
         different lengths would spend most of its work on padding and quadratic attention."""
         groups: list[list[int]] = []
+        width = 0                                  # longest prompt of the last group
         for i in take:
-            g = groups[-1] if groups else None
-            width = max([len(prompts[j]) for j in g] + [len(prompts[i])]) if g else 0
-            if g and width * (len(g) + 1) <= self.prefill_tokens:
-                g.append(i)
+            w = max(width, len(prompts[i]))
+            if groups and w * (len(groups[-1]) + 1) <= self.prefill_tokens:
+                groups[-1].append(i)
+                width = w
             else:
                 groups.append([i])
+                width = len(prompts[i])
         return groups
 
     def _greedy(self, prompts: list[list[int]], max_new_tokens: int,
@@ -300,9 +302,9 @@ class HFBackend:
         one left-padded batch and joined to the running one, so the batch stays full until the
         queue is empty and a long reply no longer keeps the others waiting. Shapes: active rows
         A <= batch_size feed (A, 1) tokens with (A, T) masks; the KV cache holds
-        (A, kv_heads, T, head_dim) per layer, T trimmed to the longest active row. Models whose
-        cache is not plain full attention (sliding windows, recurrent state) refill only when
-        the batch is empty.
+        (A, kv_heads, T, head_dim) per layer, T trimmed to the longest active row. If a prefilled
+        cache is not :func:`~cycleqd.inference._kvcache.joinable` (a layer holding no KV of its
+        own, e.g. one sharing another layer's), rows are admitted only into an empty batch.
         """
         ckw, _ = self._forward_kwargs()
         queue = list(range(len(prompts)))[::-1]            # pop() takes the next prompt
@@ -326,7 +328,7 @@ class HFBackend:
                     else:
                         cache, mask, nxt, next_pos = c2, m2, n2, p2
                     active += group
-                    if not joinable(cache):  # e.g. sliding-window layers: no joining
+                    if not joinable(cache):  # e.g. a layer without KV of its own: no joining
                         self._joinable = False
                         queue += [i for g in groups[k + 1:] for i in g][::-1]
                         break
