@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=int, default=d.alpha, help="LoRA alpha")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per conversation")
     p.add_argument("--train-seed", type=int, default=d.seed, help="seed of LoRA init and batch order")
+    p.add_argument("--autocast", choices=["none", "bfloat16", "auto"], default="auto",
+                   help="bf16 autocast of forward/backward (auto: where the CPU has native bf16)")
     p.add_argument("--limit", type=int, default=None, help="use the first N train items of each skill")
     p.add_argument("--data-dir", default=None, help="benchmark data folder (default $CYCLEQD_DATA_DIR "
                    "or ../shared/data)")
@@ -102,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
     types = SKILL_TYPES[skill]
     steps = getattr(args, "steps", None) or LoraRecipe().steps * len(types)
     recipe = LoraRecipe(rank=args.rank, alpha=args.alpha, steps=steps, batch_size=args.batch_size,
-                        lr=args.lr, max_length=args.max_length, seed=args.train_seed)
+                        lr=args.lr, max_length=args.max_length, seed=args.train_seed,
+                        autocast=args.autocast)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     spec = ExpertSpec(skill, types, {t: data_params(t, args.data_dir, args.limit) for t in types}, recipe)
     base = resolve_base(args.base, cache)

@@ -54,6 +54,12 @@ class LoraRecipe:
         max_length: tokens per conversation; longer ones are cut at the right (their
             assistant tokens past the cut get no loss; a conversation left with none is dropped).
         seed: seeds the LoRA init and the batch order (explicit generators).
+        autocast: ``"none"`` (fp32 throughout), ``"bfloat16"`` (forward and backward
+            under ``torch.autocast("cpu", bfloat16)``; LoRA weights, gradients and AdamW
+            state stay fp32) or ``"auto"`` (``bfloat16`` where the CPU computes bf16
+            natively -- oneDNN's AVX512-BF16/AMX check -- else ``none``; resolved when
+            the recipe is made, so the cache key names what actually ran). Measured on a
+            2-core AVX512-BF16 EPYC, OS trajectories (4 x ~470 tokens): 7.8 s -> 5.5 s per step.
     """
 
     rank: int = 16
@@ -67,8 +73,13 @@ class LoraRecipe:
     weight_decay: float = 0.0
     max_length: int = 384
     seed: int = 0
+    autocast: str = "none"
 
     def __post_init__(self) -> None:
+        if self.autocast not in ("none", "bfloat16", "auto"):
+            raise ValueError(f"LoraRecipe.autocast must be 'none', 'bfloat16' or 'auto', got {self.autocast!r}")
+        if self.autocast == "auto":
+            object.__setattr__(self, "autocast", "bfloat16" if cpu_bf16_native() else "none")
         for name in ("rank", "alpha", "steps", "batch_size", "max_length"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -85,6 +96,8 @@ class LoraRecipe:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
+        if d["autocast"] == "none":  # the fp32 recipe keeps the cache key it had before the field
+            del d["autocast"]
         return d
 
     def replace(self, **kw: Any) -> "LoraRecipe":
@@ -92,6 +105,14 @@ class LoraRecipe:
         d.update(kw)
         d["target_modules"] = tuple(d["target_modules"])
         return LoraRecipe(**d)
+
+
+def cpu_bf16_native() -> bool:
+    """True when oneDNN reports native bf16 compute on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 # ------------------------------------------------------------------------- tokenisation
@@ -210,6 +231,36 @@ def _collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[
     return {"input_ids": ids, "labels": lab, "attention_mask": mask}
 
 
+def causal_lm_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens whose label is not ``IGNORE``.
+
+    Same value as ``model(**batch).loss`` (the ``transformers`` causal-LM loss: labels
+    shifted left by one, mean over kept tokens), but the output projection runs only at the
+    kept positions: with loss on assistant tokens only (~12 % of an agent trajectory) that
+    skips most of the ``[B, T, vocab]`` logits (49k-word vocabulary: 470 MB fp32 for
+    4 x 600 tokens) and their backward -- measured 11.8 s -> 7.8 s per step, same loss.
+    Models whose head does more than a linear map (logit soft-capping) take the plain path.
+
+    Args:
+        model: a causal LM (optionally peft-wrapped) with ``get_decoder`` and
+            ``get_output_embeddings``.
+        batch: ``input_ids`` / ``attention_mask`` / ``labels``, int64 ``[B, T]``.
+    Returns:
+        A scalar fp32 tensor.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    cfg = inner.config
+    if head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return model(**batch).loss
+    hidden = inner.get_decoder()(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    logits = head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
 def train_lora(base_dir: str | Path, conversations: Sequence[Conversation], recipe: LoraRecipe,
                out_dir: str | Path, *, progress: bool = True, desc: str = "LoRA SFT",
                metadata: Mapping[str, Any] | None = None) -> TrainReport:
@@ -276,8 +327,8 @@ def train_lora(base_dir: str | Path, conversations: Sequence[Conversation], reci
             batch = _collate([encoded[i] for i in idx], pad_id)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            out = model(**batch)
-            loss = out.loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.autocast == "bfloat16"):
+                loss = causal_lm_loss(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)

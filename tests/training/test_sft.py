@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cycleqd.models.tiny import make_tiny_llama
-from cycleqd.training.sft import ALL_LINEAR, IGNORE, LoraRecipe, assistant_spans, encode_conversation, train_lora
+from cycleqd.training.sft import (ALL_LINEAR, IGNORE, LoraRecipe, _collate, assistant_spans, causal_lm_loss,
+                                  cpu_bf16_native, encode_conversation, train_lora)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,32 @@ def test_recipe_validation():
     with pytest.raises(ValueError, match="LoraRecipe.lr"):
         LoraRecipe(lr=-1.0)
     assert LoraRecipe().replace(steps=5).steps == 5
+    with pytest.raises(ValueError, match="LoraRecipe.autocast"):
+        LoraRecipe(autocast="fp8")
+    assert LoraRecipe(autocast="auto").autocast == ("bfloat16" if cpu_bf16_native() else "none")
+    # the fp32 recipe keeps its old cache key; bf16 autocast gets its own
+    assert "autocast" not in LoraRecipe().to_json()
+    assert LoraRecipe(autocast="bfloat16").to_json()["autocast"] == "bfloat16"
+
+
+@pytest.mark.parametrize("head_lora", [False, True])
+def test_loss_at_kept_positions_equals_the_full_loss(tiny, tok, head_lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    targets = list(ALL_LINEAR) + (["lm_head"] if head_lora else [])
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    batch = _collate([encode_conversation(tok, CONV, 512), encode_conversation(tok, CONV[:3], 512)],
+                     tok.pad_token_id or 0)
+    full = model(**batch).loss
+    mine = causal_lm_loss(model, batch)
+    torch.testing.assert_close(mine, full, rtol=1e-5, atol=1e-6)
+    g_full = torch.autograd.grad(full, [p for p in model.parameters() if p.requires_grad])
+    g_mine = torch.autograd.grad(causal_lm_loss(model, batch), [p for p in model.parameters() if p.requires_grad])
+    for a, b in zip(g_mine, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_training_learns_and_writes_a_loadable_adapter(tiny, tmp_path):
@@ -95,6 +122,16 @@ def test_training_is_deterministic(tiny, tmp_path):
     torch.manual_seed(0)
     train_lora(tiny, [CONV], recipe.replace(steps=1), tmp_path / "c", progress=False)
     assert torch.equal(torch.rand(1), x)
+
+
+def test_bf16_autocast_training_runs_and_is_recorded(tiny, tmp_path):
+    recipe = LoraRecipe(rank=4, alpha=8, steps=2, batch_size=1, lr=1e-3, max_length=512, autocast="bfloat16")
+    rep = train_lora(tiny, [CONV], recipe, tmp_path / "a", progress=False)
+    assert len(rep.losses) == 2 and all(l == l for l in rep.losses)
+    meta = json.loads((tmp_path / "a" / "train_report.json").read_text())
+    assert meta["recipe"]["autocast"] == "bfloat16"
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "a" / "adapter_model.safetensors")).values())
 
 
 def test_no_usable_examples(tiny, tmp_path):
