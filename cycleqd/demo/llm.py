@@ -244,7 +244,8 @@ def run_config(cfg: DemoConfig, base_dir: Path, experts: dict[str, str], cache: 
 
 
 def _cache_param(cfg: DemoConfig, cache: Path) -> dict[str, Any]:
-    return {"cache": str(cache / "samples.sqlite")} if cfg.sample_cache else {}
+    # None switches caching off (the engine would otherwise default to its own cache file)
+    return {"cache": str(cache / "samples.sqlite") if cfg.sample_cache else None}
 
 
 def test_skills(cfg: DemoConfig, cache: Path) -> list[Any]:

@@ -31,6 +31,8 @@ one decoded alone (a near tie between two tokens); ``benchmarks/eval_bench.py`` 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,9 @@ class HFBackend:
         self.prefill_tokens = prefill_tokens
         self.min_shared_prefix = int(min_shared_prefix)
         self._joinable = True
+        # (fingerprint, prefix tokens) -> prefix KV: an agent skill's turns all start with the
+        # same system prompt, so later turns of the same model reuse the first turn's prefix
+        self._prefix_memo: OrderedDict[tuple, list] = OrderedDict()
         if isinstance(model, (str, Path)):
             model, tok = self._load(model, device=device)
             tokenizer = tokenizer if tokenizer is not None else tok
@@ -113,6 +118,10 @@ class HFBackend:
         self._shapes = {k: tuple(v.shape) for k, v in sd.items()}
         self._tied = self._tied_aliases(sd)
         self.fingerprint = fingerprint if fingerprint is not None else fingerprint_state_dict(sd)
+
+    #: shared-prefix KV caches kept for reuse by later calls with the same weights (each
+    #: ~15 MB for a 330-token prefix of SmolLM2-135M in fp32)
+    prefix_memo_size: int = 4
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -267,13 +276,21 @@ class HFBackend:
             n = k
         if n < self.min_shared_prefix:
             return None
+        key = (self.fingerprint, tuple(first[:n]))
+        if key in self._prefix_memo:
+            self._prefix_memo.move_to_end(key)
+            return n, self._prefix_memo[key]
         cache = growing_cache()
         ckw, extra = self._forward_kwargs()
         ids = torch.tensor([first[:n]], dtype=torch.long, device=self.device)
         self.model(input_ids=ids, use_cache=True, **extra, **{ckw: cache})
         if not joinable(cache):
             return None
-        return n, [(la.keys.clone(), la.values.clone()) for la in cache.layers]
+        kv = [(la.keys.clone(), la.values.clone()) for la in cache.layers]
+        self._prefix_memo[key] = kv
+        while len(self._prefix_memo) > self.prefix_memo_size:
+            self._prefix_memo.popitem(last=False)
+        return n, kv
 
     def _prefill_groups(self, take: list[int], prompts: list[list[int]]) -> list[list[int]]:
         """Cut the prompts to admit (longest first) into prefill batches of at most
@@ -405,3 +422,4 @@ class HFBackend:
                 continue  # tied alias: the canonical entry is copied
             targets[name].copy_(t)
         self.fingerprint = fingerprint
+        self._prefix_memo.clear()

@@ -9,6 +9,7 @@ import pytest
 from cycleqd.config import ConfigError
 from cycleqd.demo.config import load_demo_config, parse_demo_config
 from cycleqd.demo.llm import DEFAULT_CONFIG, TOY_CONFIG, check_claims, config_from_args, run_config
+from cycleqd.demo.llm import test_skills as build_test_skills
 
 
 def test_shipped_configs_validate():
@@ -60,6 +61,19 @@ def test_run_config_scores_on_search_splits(tmp_path):
     rc = run_config(cfg, base, experts, tmp_path)
     assert all(s.params["split"] == "search" for s in rc.skills)
     assert [s.params["limit"] for s in rc.skills] == [s.search_limit for s in cfg.skills]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_sample_cache_switch_reaches_every_evaluator(tmp_path, on):
+    cfg = load_demo_config(TOY_CONFIG, {"sample_cache": on})
+    rc = run_config(cfg, tmp_path / "base", {s.name: str(tmp_path / s.name) for s in cfg.skills}, tmp_path)
+    want = str(tmp_path / "samples.sqlite") if on else None
+    assert [s.params["cache"] for s in rc.skills] == [want] * len(cfg.skills)
+    for sk in build_test_skills(cfg, tmp_path):
+        assert (sk.cache is not None) == on, sk.name
+        if on:
+            assert str(sk.cache.path) == want
+    assert on or not list(tmp_path.glob("*.sqlite"))  # no cache file behind the user's back
 
 
 def test_claims():

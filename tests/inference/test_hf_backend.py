@@ -278,3 +278,27 @@ def test_smollm2_batched_equals_sequential_and_swap():
     assert be.generate(convs, max_new_tokens=48) != batched
     be.load_weights(base, fingerprint="base")
     assert be.generate(convs, max_new_tokens=48) == batched
+
+
+def test_shared_prefix_reused_across_calls_until_the_weights_change(tiny_llama_dirs, convs):
+    """A later call with the same weights reuses the prefix KV (no forward over the prefix);
+    new weights drop it, and the replies are those of a fresh backend holding those weights."""
+    from safetensors.torch import load_file
+
+    a, b = tiny_llama_dirs[0], tiny_llama_dirs[1]
+    system = {"role": "system", "content": "You are a careful assistant. " * 12}
+    shared = [[system, *(m for m in c if m["role"] != "system")] for c in convs]
+    ev = HFBackend.from_pretrained(a, batch_size=3)
+    first = ev.generate(shared, max_new_tokens=12)
+    assert len(ev._prefix_memo) == 1
+    lengths = []
+    hook = ev.model.register_forward_pre_hook(lambda m, args, kw: lengths.append(kw["input_ids"].shape),
+                                              with_kwargs=True)
+    assert ev.generate(shared[::-1], max_new_tokens=12) == first[::-1]
+    assert lengths and not [s for s in lengths if s[0] == 1 and s[1] >= 32], lengths  # no prefix forward
+    hook.remove()
+    sd = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    ev.load_weights(sd, "other-weights")
+    assert not ev._prefix_memo
+    assert ev.generate(shared, max_new_tokens=12) == HFBackend.from_pretrained(b, batch_size=3).generate(
+        shared, max_new_tokens=12)
