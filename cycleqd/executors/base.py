@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from cycleqd.inference.fingerprint import fingerprint_state_dict
 from cycleqd.qd.scheduler import derive_seed
 from cycleqd.skills.base import SkillResult
 
@@ -95,7 +96,9 @@ def would_enter(job: Job, scores: dict[str, float]) -> bool:
 def run_job(job: Job, ctx: "WorkerContext") -> JobResult:
     """Make the child (crossover, then mutation) and evaluate it on all skills.
 
-    Seed jobs (no parents) evaluate the stored model ``job.child_id`` instead. The genome is
+    Seed jobs (no parents) evaluate the stored model ``job.child_id`` instead, under the
+    fingerprint of its weights (children: ``<run fingerprint>/<child id>``), so a later run
+    with the same experts reuses their cached per-sample outcomes. The genome is
     written to the model store only when the child would enter an archive (as the official
     code does), so the store holds no model that no archive references for long.
     """
@@ -115,7 +118,10 @@ def run_job(job: Job, ctx: "WorkerContext") -> JobResult:
     t = time.perf_counter()
     weights = space.materialize(child)
     timings["materialize_s"] = time.perf_counter() - t
-    model = ctx.adapter.bind(weights, f"{ctx.run_fingerprint}/{job.child_id}")
+    # a child is named by run and id (cheap, stable on resume); a seed (expert) by its weights,
+    # so its cached per-sample outcomes serve every later run with the same experts
+    fp = f"{ctx.run_fingerprint}/{job.child_id}" if job.parents else fingerprint_state_dict(weights)
+    model = ctx.adapter.bind(weights, fp)
     del weights
     results: dict[str, SkillResult] = {}
     for skill in ctx.skills:

@@ -32,7 +32,6 @@ one decoded alone (a near tie between two tokens); ``benchmarks/eval_bench.py`` 
 from __future__ import annotations
 
 from collections import OrderedDict
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
