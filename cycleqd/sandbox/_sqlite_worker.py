@@ -13,7 +13,8 @@ sandbox around it bounds memory, processes and files, and has no network.
 
 Channel: a key line first, then requests; replies are ``<HMAC-SHA256(key, json)> <json>``
 (see :mod:`cycleqd.sandbox._agent`). Ops: ``create`` {key, table, columns, rows}; ``exec`` {key, sql, timeout, max_rows};
-``hash`` {key, table, columns}; ``drop`` {key}; ``ping``.
+``hash`` {key, table, columns, group_concat_max_len}; ``rows`` {key, table, max_cells,
+max_bytes}; ``drop`` {key}; ``ping``.
 """
 
 import hashlib
@@ -184,11 +185,16 @@ class Worker:
         _mysql_functions(conn)
         conn.create_collation("mysql_ci", _mysql_ci)
         cols = req["columns"]
-        conn.execute("CREATE TABLE %s (%s)" % (
-            _q(req["table"]), ", ".join(_q(c) + " TEXT COLLATE mysql_ci" for c in cols)))
-        if req["rows"]:
-            conn.executemany("INSERT INTO %s VALUES (%s)" % (_q(req["table"]), ",".join("?" * len(cols))),
-                             req["rows"])
+        try:
+            conn.execute("CREATE TABLE %s (%s)" % (
+                _q(req["table"]), ", ".join(_q(c) + " TEXT COLLATE mysql_ci" for c in cols)))
+            if req["rows"]:
+                conn.executemany("INSERT INTO %s VALUES (%s)" % (_q(req["table"]),
+                                                                ",".join("?" * len(cols))),
+                                 req["rows"])
+        except BaseException:  # an unbuildable table: nothing of it stays
+            conn.close()
+            raise
         conn.set_authorizer(_authorizer)
         conn.set_progress_handler(self._progress, 1000)
         self.dbs[req["key"]] = conn
@@ -235,7 +241,32 @@ class Worker:
             self.deadline = None
         if not hashes:
             return {"hash": None}
-        return {"hash": hashlib.md5(",".join(sorted(hashes)).encode()).hexdigest()}
+        joined = ",".join(sorted(hashes)).encode()[:int(req.get("group_concat_max_len", 1024))]
+        return {"hash": hashlib.md5(joined).hexdigest()}
+
+    def rows(self, req):
+        """Every row of the table (``SELECT *``) with its column names, or an error when
+        it exceeds ``max_cells`` cells / ``max_bytes`` bytes of text."""
+        conn = self.dbs.get(req["key"])
+        if conn is None:
+            return {"error": "no such episode"}
+        max_cells, max_bytes = int(req["max_cells"]), int(req["max_bytes"])
+        self.deadline = time.monotonic() + 10.0
+        try:
+            cur = conn.execute("SELECT * FROM %s" % _q(req["table"]))
+            cols = [d[0] for d in cur.description]
+            out, cells, nbytes = [], 0, 0
+            for row in cur:
+                cells += len(row)
+                nbytes += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
+                if cells > max_cells or nbytes > max_bytes:
+                    return {"error": "table too large"}
+                out.append([_jsonable(v) for v in row])
+        except sqlite3.Error as e:
+            return {"error": "%s: %s" % (type(e).__name__, e)}
+        finally:
+            self.deadline = None
+        return {"columns": cols, "rows": out}
 
     def drop(self, req):
         conn = self.dbs.pop(req["key"], None)
@@ -270,7 +301,7 @@ def main():
         try:
             if op == "ping":
                 rep = {"ok": True}
-            elif op in ("create", "exec", "hash", "drop"):
+            elif op in ("create", "exec", "hash", "rows", "drop"):
                 rep = getattr(w, op)(req)
             else:
                 rep = {"error": "unknown op"}

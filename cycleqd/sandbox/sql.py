@@ -18,20 +18,39 @@ cut at 800 characters + ``[TRUNCATED]``). Errors are observations, never excepti
   (``max_statement_time`` plus a client read timeout and ``KILL``), and unbuffered
   fetching with a row cap.
 
-:func:`table_hash_md5` is AgentBench's table hash (``answer_md5``)::
+:func:`table_hash_md5` is AgentBench's table hash (``answer_md5``), the query of
+AgentBench's DB-Bench task (``src/server/tasks/dbbench``, v0.2 ``__init__.py`` and the
+current ``result_processor.py``; the same in SakanaAI/CycleQD's fishfarm port)::
 
     select md5(group_concat(rowhash order by rowhash)) as hash from (
       SELECT substring(MD5(CONCAT_WS(',', <columns>)), 1, 5) AS rowhash FROM <table>) as sub
 
-i.e. per row the first 5 hex digits of the MD5 of the non-NULL values joined by ','; the
-row hashes sorted and joined by ','; the MD5 of that (NULL for an empty table). MariaDB
-computes it in SQL; the SQLite worker computes the same in Python with MySQL's rendering
-of numbers. The server must use utf8mb4: with latin1 every non-ASCII value hashes
-differently from the benchmark's reference.
+i.e. per row the first 5 hex digits of the MD5 of the **non-NULL** values joined by ','
+(MySQL's CONCAT_WS skips NULLs); the row hashes sorted and joined by ',' -- cut at
+``group_concat_max_len`` = 1024 bytes, the default of the MySQL 8 server AgentBench runs
+(:data:`GROUP_CONCAT_MAX_LEN`; MariaDB's own default is 1 MiB, so the MariaDB backend sets
+it per session); the MD5 of that (NULL for an empty table). MariaDB computes it in SQL;
+the SQLite worker computes the same in Python with MySQL's rendering of numbers. The
+server must use utf8mb4: with latin1 every non-ASCII value hashes differently from the
+benchmark's reference.
+
+The hash is faithful, and therefore *not* injective: a NULL and a missing value, a value
+containing ',' and two values, and any two tables whose 20-bit row prefixes agree hash
+alike. The strict DB-Bench grader therefore only uses it to *verify* the reference
+table (the gold statement's result must reproduce ``answer_md5``) and then compares the
+agent's table with that reference row by row (:meth:`SQLBackend.table_rows`,
+:meth:`SQLBackend.reference`): NULL, ``''`` and ``'NULL'`` are three different values.
+
+Tables the server cannot build (an empty column name, two names equal up to case, a name
+longer than 64 characters or ending in a space: MySQL's identifier rules, checked by
+:meth:`TableSpec.problem` on both backends alike) raise :class:`TableBuildError` from
+:meth:`SQLBackend.create` and leave nothing behind: the caller scores that item as one
+failed sample and the backend serves the next items and reruns.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import os
@@ -45,9 +64,56 @@ from typing import Any, Sequence
 from .bwrap import BwrapSession, SandboxLimits
 
 __all__ = ["TableSpec", "SQLBackend", "SQLiteBackend", "MariaDBBackend", "MariaDBConfig",
-           "format_observation", "table_hash_md5", "extract_md5", "make_backend"]
+           "TableBuildError", "TableRows", "Reference", "format_observation", "table_hash_md5",
+           "extract_md5", "make_backend", "GROUP_CONCAT_MAX_LEN", "MAX_TABLE_CELLS"]
 
 OBSERVATION_CHARS = 800  # AgentBench: result_str[:800] + "[TRUNCATED]"
+#: MySQL 8's default ``group_concat_max_len`` (bytes): AgentBench's server cuts the joined
+#: row hashes there (tables over 170 rows; DB-Bench's largest has 105).
+GROUP_CONCAT_MAX_LEN = 1024
+#: At most this many cells (rows x columns) and :data:`MAX_TABLE_BYTES` bytes of an
+#: episode's table are read back for the strict comparison; a bigger table fails its sample.
+MAX_TABLE_CELLS = 200_000
+MAX_TABLE_BYTES = 16 << 20
+_MYSQL_IDENT_MAX = 64
+
+
+class TableBuildError(ValueError):
+    """The backend cannot build an item's table (a data problem of that one item, e.g. a
+    column with an empty name). Nothing of it is left in the backend."""
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """An episode table's content as read back for grading.
+
+    Attributes:
+        columns: column names in table order.
+        rows: every row, values as MySQL renders them in ``CONCAT_WS`` (str), NULL as None.
+    """
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str | None, ...], ...]
+
+    def multiset(self) -> "collections.Counter[tuple[str | None, ...]]":
+        """The rows as a multiset (row order is not part of a table)."""
+        return collections.Counter(self.rows)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The gold table of an INSERT/UPDATE/DELETE item, built by running the item's gold
+    statements on a scratch copy of its table (:meth:`SQLBackend.reference`).
+
+    Attributes:
+        hash: AgentBench's hash of it (:func:`table_hash_md5`), None for an empty table.
+        table: its content (None if it could not be read back).
+        errors: observations of gold statements that failed (empty when all ran).
+    """
+
+    hash: str | None
+    table: TableRows | None
+    errors: tuple[str, ...] = ()
 _MD5_RE = re.compile(r"\b[0-9a-f]{32}\b")
 
 
@@ -66,14 +132,49 @@ class TableSpec:
     rows: tuple[tuple[Any, ...], ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"TableSpec.name must be a non-empty str, got {self.name!r}")
-        if not self.columns or len(set(self.columns)) != len(self.columns):
-            raise ValueError(f"TableSpec.columns of {self.name!r} must be non-empty and unique")
+        if not isinstance(self.name, str):
+            raise ValueError(f"TableSpec.name must be a str, got {self.name!r}")
+        if not all(isinstance(c, str) for c in self.columns):
+            raise ValueError(f"TableSpec.columns of {self.name!r} must be strs")
+
+    def problem(self) -> str | None:
+        """Why no MySQL server can build this table (one line), or None. MySQL's rules
+        (reference manual, "Schema Object Names"): identifiers are 1..64 characters of
+        the Basic Multilingual Plane except NUL and must not end in a space; column
+        names are compared case-insensitively, so two that differ only in case are
+        duplicates; every row has one value per column."""
+        def bad(kind: str, n: str) -> str | None:
+            if n == "":
+                return f"{kind} name is empty"
+            if len(n) > _MYSQL_IDENT_MAX:
+                return f"{kind} name {n[:20]!r}... is longer than {_MYSQL_IDENT_MAX} characters"
+            if n.endswith(" "):
+                return f"{kind} name {n!r} ends with a space"
+            if "\0" in n:
+                return f"{kind} name {n!r} contains a NUL character"
+            if any(ord(ch) > 0xFFFF for ch in n):  # identifiers are BMP-only in MySQL
+                return f"{kind} name {n!r} has a character outside the Basic Multilingual Plane"
+            return None
+
+        why = bad("table", self.name)
+        if why:
+            return why
+        if not self.columns:
+            return f"table {self.name!r} has no columns"
+        seen: dict[str, str] = {}
+        for c in self.columns:
+            why = bad("column", c)
+            if why:
+                return f"table {self.name!r}: {why}"
+            k = c.casefold()
+            if k in seen:
+                return f"table {self.name!r}: columns {seen[k]!r} and {c!r} are the same name"
+            seen[k] = c
         for i, r in enumerate(self.rows):
             if len(r) != len(self.columns):
-                raise ValueError(f"TableSpec {self.name!r}: row {i} has {len(r)} values for "
-                                 f"{len(self.columns)} columns")
+                return (f"table {self.name!r}: row {i} has {len(r)} values for "
+                        f"{len(self.columns)} columns")
+        return None
 
     def text_rows(self) -> list[list[str]]:
         """Rows as AgentBench inserts them (``str(value)``)."""
@@ -97,13 +198,33 @@ def _mysql_str(v: Any) -> str:
 
 
 def table_hash_md5(rows: Sequence[Sequence[Any]]) -> str | None:
-    """AgentBench's table hash of ``rows`` (values rendered as MySQL's CONCAT_WS does;
-    None for no rows, as MySQL's MD5(GROUP_CONCAT(...)) over no rows is NULL)."""
+    """AgentBench's table hash of ``rows`` (see module docstring), faithfully: values
+    rendered as MySQL's CONCAT_WS does, NULLs (None) skipped as CONCAT_WS skips them, the
+    sorted row hashes joined and cut at :data:`GROUP_CONCAT_MAX_LEN` bytes; None for no
+    rows (MD5(GROUP_CONCAT(...)) over no rows is NULL). Not injective -- see module doc."""
     hashes = [hashlib.md5(",".join(_mysql_str(v) for v in r if v is not None).encode("utf-8"))
               .hexdigest()[:5] for r in rows]
     if not hashes:
         return None
-    return hashlib.md5(",".join(sorted(hashes)).encode()).hexdigest()
+    joined = ",".join(sorted(hashes)).encode()[:GROUP_CONCAT_MAX_LEN]
+    return hashlib.md5(joined).hexdigest()
+
+
+def _looks_like_error(obs: str) -> bool:
+    return not obs.startswith("[")
+
+
+def _rows_from(columns: Sequence[str], raw_rows: Sequence[Sequence[Any]]) -> TableRows | None:
+    cells = nbytes = 0
+    out = []
+    for r in raw_rows:
+        cells += len(r)
+        row = tuple(None if v is None else _mysql_str(v) for v in r)
+        nbytes += sum(len(v) for v in row if v is not None)
+        if cells > MAX_TABLE_CELLS or nbytes > MAX_TABLE_BYTES:
+            return None
+        out.append(row)
+    return TableRows(tuple(columns), tuple(out))
 
 
 def extract_md5(answer_md5: str) -> str | None:
@@ -122,8 +243,14 @@ class SQLBackend:
     name = "abstract"
 
     def create(self, key: str, table: TableSpec) -> None:
-        """A fresh private database for episode ``key`` holding ``table``. Raises
-        RuntimeError if the backend itself is unusable (server down, no sandbox)."""
+        """A fresh private database for episode ``key`` holding ``table``.
+
+        Raises:
+            TableBuildError: the table cannot be built (that item's problem); nothing of
+                it is left behind and ``key`` stays free.
+            RuntimeError: the backend itself is unusable (server down, no sandbox).
+            ValueError: ``key`` is in use.
+        """
         raise NotImplementedError
 
     def execute(self, key: str, sql: str) -> str:
@@ -134,8 +261,36 @@ class SQLBackend:
         """AgentBench's hash (hex) of the episode's table now, None if it cannot."""
         raise NotImplementedError
 
-    def drop(self, key: str) -> None:
+    def table_rows(self, key: str) -> TableRows | None:
+        """Every row of the episode's table now (``SELECT *`` in a fresh session), or None
+        when it cannot be read (table gone, over :data:`MAX_TABLE_CELLS` cells or
+        :data:`MAX_TABLE_BYTES` bytes, backend error)."""
         raise NotImplementedError
+
+    def drop(self, key: str) -> None:
+        """Forget episode ``key`` and free its database (no error if unknown)."""
+        raise NotImplementedError
+
+    def reference(self, key: str, table: TableSpec, statements: Sequence[str]) -> Reference:
+        """The gold table of a modification item: ``table`` built under the scratch key
+        ``key``, the item's trusted gold ``statements`` run on it (each as one statement,
+        newlines as spaces, exactly as a model's would be), then its hash and rows read
+        back and the scratch database dropped -- before any model statement of that item
+        runs, in a database no episode can reach.
+
+        Raises:
+            TableBuildError, RuntimeError: as :meth:`create`.
+        """
+        self.create(key, table)
+        try:
+            errors = []
+            for st in statements:
+                obs = self.execute(key, " ".join(str(st).split("\n")))
+                if _looks_like_error(obs):
+                    errors.append(obs[:200])
+            return Reference(self.table_hash(key), self.table_rows(key), tuple(errors))
+        finally:
+            self.drop(key)
 
     def close(self) -> None:
         pass
@@ -221,21 +376,27 @@ class SQLiteBackend(SQLBackend):
     def _create_in(self, w: _SQLiteWorker, key: str, table: TableSpec) -> None:
         rep = w.call({"op": "create", "key": key, "table": table.name,
                       "columns": list(table.columns), "rows": table.text_rows()}, timeout=60)
-        if rep is None or not rep.get("ok"):
-            raise RuntimeError(f"SQLite worker could not create table {table.name!r}: "
-                               f"{(rep or {}).get('error', 'worker died')}")
+        if rep is None:  # the worker died building it: that table's problem
+            w.close()
+            raise TableBuildError(f"table {table.name!r}: the SQLite worker died building it")
+        if not rep.get("ok"):
+            raise TableBuildError(f"table {table.name!r}: {rep.get('error', 'not built')}")
 
     def create(self, key: str, table: TableSpec) -> None:
+        why = table.problem()
+        if why is not None:
+            raise TableBuildError(why)
         with self._lock:
             if key in self._episodes:
                 raise ValueError(f"episode key {key!r} already exists")
             w = self._ensure()
-            self._episodes[key] = _Episode(table)
             try:
                 self._create_in(w, key, table)
-            except BaseException:
-                self._episodes.pop(key, None)
+            except TableBuildError:
+                if self._worker is not None and self._worker.alive:
+                    self._worker.call({"op": "drop", "key": key}, timeout=10)
                 raise
+            self._episodes[key] = _Episode(table)
 
     def execute(self, key: str, sql: str) -> str:
         with self._lock:
@@ -267,11 +428,28 @@ class SQLiteBackend(SQLBackend):
                 raise KeyError(f"no episode {key!r}")
             w = self._ensure()
             rep = w.call({"op": "hash", "key": key, "table": ep.table.name,
-                          "columns": list(ep.table.columns)}, timeout=30)
+                          "columns": list(ep.table.columns),
+                          "group_concat_max_len": GROUP_CONCAT_MAX_LEN}, timeout=30)
             if rep is None:
                 self._worker.close()
                 return None
             return rep.get("hash")
+
+    def table_rows(self, key: str) -> TableRows | None:
+        with self._lock:
+            ep = self._episodes.get(key)
+            if ep is None:
+                raise KeyError(f"no episode {key!r}")
+            w = self._ensure()
+            rep = w.call({"op": "rows", "key": key, "table": ep.table.name,
+                          "max_cells": MAX_TABLE_CELLS, "max_bytes": MAX_TABLE_BYTES},
+                         timeout=30)
+            if rep is None:
+                self._worker.close()
+                return None
+            if "error" in rep:
+                return None
+            return _rows_from(rep["columns"], [[_decode(v) for v in r] for r in rep["rows"]])
 
     def drop(self, key: str) -> None:
         with self._lock:
@@ -427,22 +605,48 @@ class MariaDBBackend(SQLBackend):
             name = f"{self._prefix}x{next(self._n)}"
             ep = {"db": name, "user": name, "password": secrets.token_hex(16), "table": table,
                   "conn": None}
+            why = table.problem()
+            if why is not None:  # before touching the server: nothing to clean up
+                raise TableBuildError(why)
+            import pymysql
+
             host = self.config.episode_host
-            self._admin_exec(f"CREATE DATABASE {_qi(name)} CHARACTER SET utf8mb4 "
-                             f"COLLATE utf8mb4_general_ci")
+            try:
+                self._admin_exec(f"CREATE DATABASE {_qi(name)} CHARACTER SET utf8mb4 "
+                                 f"COLLATE utf8mb4_general_ci")
+                ep["made_db"] = True
+                self._admin_exec("CREATE USER %s@%s IDENTIFIED BY %s WITH MAX_USER_CONNECTIONS 3",
+                                 (name, host, ep["password"]))
+                ep["made_user"] = True
+                self._admin_exec(f"GRANT ALL PRIVILEGES ON {_qi(name)}.* TO %s@%s", (name, host))
+                conn = self._episode_conn(ep)
+                cols = ", ".join(f"{_qi(c)} TEXT" for c in table.columns)
+                with conn.cursor() as c:
+                    c.execute(f"CREATE TABLE {_qi(table.name)} ({cols})")
+                    if table.rows:
+                        values = ",".join("(" + ",".join(conn.escape(v) for v in r) + ")"
+                                          for r in table.text_rows())
+                        c.execute(f"INSERT INTO {_qi(table.name)} "
+                                  f"({', '.join(_qi(x) for x in table.columns)}) VALUES {values}")
+            except BaseException as e:
+                self._discard(ep)  # leave nothing behind: the key stays free for a rerun
+                code = e.args[0] if isinstance(e, pymysql.MySQLError) and e.args else None
+                if isinstance(code, int) and code < 2000:  # a server error about this table
+                    raise TableBuildError(f"table {table.name!r}: {_mysql_error(e)}") from e
+                raise
             self._eps[key] = ep
-            self._admin_exec("CREATE USER %s@%s IDENTIFIED BY %s WITH MAX_USER_CONNECTIONS 3",
-                             (name, host, ep["password"]))
-            self._admin_exec(f"GRANT ALL PRIVILEGES ON {_qi(name)}.* TO %s@%s", (name, host))
-            conn = self._episode_conn(ep)
-            cols = ", ".join(f"{_qi(c)} TEXT" for c in table.columns)
-            with conn.cursor() as c:
-                c.execute(f"CREATE TABLE {_qi(table.name)} ({cols})")
-                if table.rows:
-                    values = ",".join("(" + ",".join(conn.escape(v) for v in r) + ")"
-                                      for r in table.text_rows())
-                    c.execute(f"INSERT INTO {_qi(table.name)} "
-                              f"({', '.join(_qi(x) for x in table.columns)}) VALUES {values}")
+
+    def _discard(self, ep: dict[str, Any]) -> None:
+        """Drop an episode's connection, database and user (best effort, never raises)."""
+        self._drop_conn(ep)
+        for made, sql, args in (
+                ("made_db", f"DROP DATABASE IF EXISTS {_qi(ep['db'])}", None),
+                ("made_user", "DROP USER IF EXISTS %s@%s", (ep["user"], self.config.episode_host))):
+            if ep.get(made, True):
+                try:
+                    self._admin_exec(sql, args)
+                except Exception:  # noqa: BLE001 - best effort cleanup
+                    pass
 
     def _kill(self, conn: Any, what: str = "QUERY") -> None:
         try:
@@ -520,23 +724,44 @@ class MariaDBBackend(SQLBackend):
             try:
                 self._drop_conn(ep)  # a fresh session: the model cannot have changed its vars
                 with self._episode_conn(ep).cursor() as c:
+                    c.execute("SET SESSION group_concat_max_len = %s", (GROUP_CONCAT_MAX_LEN,))
                     c.execute(q)
                     row = c.fetchone()
             except pymysql.MySQLError:
                 return None
             return row[0] if row else None
 
+    def table_rows(self, key: str) -> TableRows | None:
+        import pymysql
+
+        with self._lock:
+            ep = self._eps.get(key)
+            if ep is None:
+                raise KeyError(f"no episode {key!r}")
+            table: TableSpec = ep["table"]
+            try:
+                self._drop_conn(ep)  # a fresh session
+                conn = self._episode_conn(ep)
+                cur = conn.cursor(pymysql.cursors.SSCursor)
+                cur.execute(f"SELECT * FROM {_qi(table.name)}")
+                cols = [d[0] for d in cur.description]
+                raw = cur.fetchmany(MAX_TABLE_CELLS // max(1, len(cols)) + 1)
+                if len(raw) * len(cols) > MAX_TABLE_CELLS:
+                    self._kill(conn)
+                    self._drop_conn(ep)
+                    return None
+                cur.close()
+            except Exception:  # noqa: BLE001 - unreadable table: no rows to compare
+                self._drop_conn(ep)
+                return None
+            return _rows_from(cols, raw)
+
     def drop(self, key: str) -> None:
         with self._lock:
             ep = self._eps.pop(key, None)
             if ep is None:
                 return
-            self._drop_conn(ep)  # COM_QUIT; a connection wedged in a query was KILLed already
-            try:
-                self._admin_exec(f"DROP DATABASE IF EXISTS {_qi(ep['db'])}")
-                self._admin_exec("DROP USER IF EXISTS %s@%s", (ep["user"], self.config.episode_host))
-            except Exception:  # noqa: BLE001 - best effort cleanup
-                pass
+            self._discard(ep)  # COM_QUIT; a connection wedged in a query was KILLed already
 
     def close(self) -> None:
         with self._lock:

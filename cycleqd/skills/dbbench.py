@@ -14,17 +14,32 @@ Protocol (AgentBench v0.2 ``src/server/tasks/dbbench``; prompt wording verbatim)
    block ends the episode with no answer. Parsing tolerates what AgentBench's regexes
    reject only in whitespace: ``Action:`` on the last line, ````sql```` without a
    newline, ``Final Answer:`` at the very start.
-3. **Scoring**: INSERT/UPDATE (/DELETE) items by the table hash after the episode
-   (``answer_md5``, see :func:`cycleqd.sandbox.sql.table_hash_md5`), whatever the answer.
-   SELECT-type items by :func:`compare_answer`: the answer list against the gold
-   ``label``, order-insensitive, numbers equal within ``tolerance`` (AgentBench's
-   ``DBResultProcessor``: 1e-2), strings after AgentBench's normalisation.
+3. **Scoring** (``scorer``; every rule and its source: ``docs/graders.md`` § DB-Bench).
+   ``"strict"`` (default): SELECT-type items by :func:`judge_answer` -- the answer's
+   values against the gold ``label`` as a *multiset* (order-insensitive, repeats count);
+   numbers equal within ``tolerance`` (1e-2, AgentBench's ``DBResultProcessor``) where
+   AgentBench allows it (one value, or all values numeric); a non-answer (no
+   ``Final Answer``, ``[]``, ``""``, ``None``/``null``, ``NaN``, ``inf``...) matches
+   nothing -- except that the dataset's own ``none`` gold (an empty result) is matched by
+   an answer saying ``none``/``null``/``None``. INSERT/UPDATE(/DELETE) items by the table
+   after the episode: the gold statements, run on a scratch copy before the episode, must
+   reproduce ``answer_md5`` (AgentBench's hash, :func:`cycleqd.sandbox.sql.table_hash_md5`)
+   and the agent's table must then hold exactly that gold table (same columns, same rows
+   as a multiset, NULL distinct from ``''``) -- the hash alone is not injective.
+   ``"agentbench"``: AgentBench's current ``DBResultProcessor`` rules
+   (:func:`compare_answer` with ``scorer="agentbench"``: special values such as
+   ``None``/``nan``/``""`` all normalise to ``"0"``, several non-numeric values compared
+   as sets) and the bare ``answer_md5`` comparison.
 4. **Databases**: ``backend="sqlite"`` (default; one sandboxed SQLite worker, MySQL
    dialect/collation emulated) or ``"mariadb"`` (a real server, fresh database + user
    per episode) -- :mod:`cycleqd.sandbox.sql`. Tables are built as AgentBench builds
    them: every column TEXT, values ``str(v)``. The gold statement of every INSERT/UPDATE
    item reproduces ``answer_md5`` on 199/200 items on both backends (the exception,
-   ``dbbench/225``, matches no single-cell edit of its table: a data error).
+   ``dbbench/225``, matches no single-cell edit of its table: a data error; under the
+   strict scorer it is unsolvable, under ``agentbench`` only a hash collision solves it).
+   An item whose table cannot be built (:class:`~cycleqd.sandbox.sql.TableBuildError`,
+   e.g. a column with an empty name) is one failed sample with its reason in the
+   details and a logged warning; the backend stays clean for the next items and reruns.
 
 Score: quality = fraction of items solved. Sub-scores: ``<name>_SELECT``,
 ``<name>_INSERT``, ``<name>_UPDATE`` accuracies and ``<name>_overall_cat`` (their mean,
@@ -34,13 +49,16 @@ AgentBench's ``overall_cat_accuracy``).
 from __future__ import annotations
 
 import ast
+import collections
 import hashlib
 import json
+import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from cycleqd.sandbox.sql import SQLBackend, make_backend
+from cycleqd.sandbox.sql import Reference, SQLBackend, TableBuildError, TableRows, make_backend
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
 from cycleqd.skills.data_agentbench import DBItem, Episode, evaluate_cached, load_dbbench, run_lockstep
@@ -66,7 +84,14 @@ If the question is about modifying the database, then after done operation, your
 If your response cannot match any pattern I mentioned earlier, you will be judged as FAIL immediately.
 Your input will be raw MySQL response, you have to deal with it by yourself.
 """
-_VERSION = "1"
+_VERSION = "2"
+#: Scorers of :class:`DBBenchSkill` and their rule versions (part of the cache key: a
+#: changed rule never reuses outcomes scored under the old one).
+SCORERS = {"strict": "1", "agentbench": "1"}
+#: Answers longer than this (characters) are failed without parsing (AgentBench replies
+#: are a few hundred tokens; a long list is a guess at the label, not an answer).
+MAX_ANSWER_CHARS = 65536
+_log = logging.getLogger(__name__)
 
 _ACTION = re.compile(r"Action:\s*(.*?)\s*(?:\n|$)")
 _SQL = re.compile(r"```sql[ \t]*\n?([\s\S]*?)\n?```", re.IGNORECASE)
@@ -90,7 +115,8 @@ def _norm(value: Any) -> str:
 
 
 def parse_answer(answer: Any) -> list[str]:
-    """The answer's items, normalised. Accepts a list literal (``["a", 3]``), a MySQL-like
+    """The answer's items, normalised the way AgentBench's ``DBResultProcessor._clean_answer``
+    does (the ``agentbench`` scorer; the strict one uses :func:`strict_values`). Accepts a list literal (``["a", 3]``), a MySQL-like
     result (``[('a',), (3,)]``), or a bare value; never evaluates code (``ast.literal_eval``
     only, then AgentBench's quote-aware comma split)."""
     if answer is None:
@@ -138,12 +164,12 @@ def _float(s: str) -> float | None:
     return f if f == f else None
 
 
-def compare_answer(answer: Any, label: Sequence[Any], *, tolerance: float = 1e-2) -> bool:
-    """SELECT-type scoring (AgentBench ``DBResultProcessor.compare_results``): one value
-    each -> numeric within ``tolerance`` or string equality; several -> if all numeric,
-    a one-to-one matching within ``tolerance`` (order-insensitive), else set equality."""
+def _compare_agentbench(answer: Any, label: Sequence[Any], tolerance: float) -> bool:
+    """AgentBench ``DBResultProcessor.compare_results`` (current main), SELECT branch."""
     a, g = parse_answer(answer), parse_answer(list(label))
     if len(a) == 1 and len(g) == 1:
+        if a[0] == "0" and g[0] == "0":
+            return True
         fa, fg = _float(a[0]), _float(g[0])
         if fa is not None and fg is not None:
             return abs(fa - fg) <= tolerance
@@ -165,6 +191,199 @@ def compare_answer(answer: Any, label: Sequence[Any], *, tolerance: float = 1e-2
     return set(a) == set(g)
 
 
+# ------------------------------------------------------------------ the strict scorer
+
+class _Token:
+    """A normalised answer value that is not a plain string or number."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+#: an explicit "nothing": none / null / None -- equals only the dataset's ``none`` gold
+NONE = _Token("none")
+#: a non-answer that equals nothing at all: '', nan, inf, undefined, a nested list...
+INVALID = _Token("invalid")
+_NONE_WORDS = {"none", "null"}
+_INVALID_WORDS = {"", "undefined", "nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity",
+                  "+infinity", "-infinity"}
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def _strict_value(v: Any) -> Any:
+    """One answer/gold value, normalised for the strict scorer: a finite ``float``, a
+    ``str``, :data:`NONE` or :data:`INVALID`. Kept from AgentBench: surrounding spaces and
+    quotes stripped; ``12,345`` (a number with thousands separators only) and ``12%`` (a
+    number with a trailing percent sign) read as numbers. Unlike AgentBench, commas inside
+    text and ``%`` after text are kept, and special values do not become ``"0"``."""
+    if v is None:
+        return NONE
+    if isinstance(v, bool):
+        v = str(v)
+    if isinstance(v, (int, float)):
+        f = float(v)
+        return f if math.isfinite(f) else INVALID
+    if not isinstance(v, str):
+        return INVALID  # dicts, sets, nested rows of rows: not a value
+    t = v.strip().strip("'\"").strip()
+    low = t.lower()
+    if low in _NONE_WORDS:
+        return NONE
+    if low in _INVALID_WORDS:
+        return INVALID
+    num = t
+    if num.endswith("%") and _NUMBER.fullmatch(num[:-1].strip()):
+        num = num[:-1].strip()
+    if _THOUSANDS.fullmatch(num):
+        num = num.replace(",", "")
+    if _NUMBER.fullmatch(num):
+        f = float(num)
+        return f if math.isfinite(f) else INVALID
+    return t
+
+
+def strict_values(answer: Any) -> list[Any] | None:
+    """The values of an answer for the strict scorer, or None when it is no answer at all
+    (None, empty text, ``[]``, over :data:`MAX_ANSWER_CHARS` characters).
+
+    Accepts what AgentBench's parser accepts, without evaluating code: a list literal
+    (``ast.literal_eval`` only), else AgentBench's quote-aware comma split of ``[...]``,
+    else the bare text as one value. A pasted MySQL result ``[('a',), ('b', 2)]`` counts
+    row by row, cell by cell (rows are flattened in order)."""
+    if answer is None:
+        return None
+    if isinstance(answer, (list, tuple)):
+        items = list(answer)
+    else:
+        text = str(answer)
+        if len(text) > MAX_ANSWER_CHARS:
+            return None
+        text = text.strip()
+        if not text:
+            return None
+        items = None
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                v = ast.literal_eval(text)
+                if isinstance(v, (list, tuple)):
+                    items = list(v)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                items = None
+            if items is None:  # AgentBench's manual split, quote-aware
+                items, cur, inq = [], "", False
+                for ch in text[1:-1]:
+                    if ch in "\"'":
+                        inq = not inq
+                    elif ch == "," and not inq:
+                        if cur.strip():
+                            items.append(cur)
+                        cur = ""
+                    else:
+                        cur += ch
+                if cur.strip():
+                    items.append(cur)
+        else:
+            items = [text]
+    out: list[Any] = []
+    for it in items:
+        if isinstance(it, (tuple, list)):
+            out.extend([_strict_value(x) for x in it] if it else [INVALID])
+        else:
+            out.append(_strict_value(it))
+    return out or None
+
+
+def judge_answer(answer: Any, label: Sequence[Any], *, tolerance: float = 1e-2,
+                 scorer: str = "strict") -> tuple[bool, str]:
+    """Verdict on a SELECT-type answer and its reason (one line).
+
+    ``scorer="strict"`` (see module docstring and docs/graders.md): no answer, or any
+    :data:`INVALID` value, fails; the values must equal the gold values as a multiset --
+    one value each: numbers within ``tolerance`` (AgentBench ``_float_equal``, 1e-2) else
+    exact text; several values all numbers: a one-to-one matching within ``tolerance``
+    (AgentBench's multi-value float branch); otherwise exact multiset equality (AgentBench
+    uses a set). ``scorer="agentbench"``: :func:`compare_answer`'s AgentBench rules.
+
+    Raises:
+        ValueError: unknown ``scorer``.
+    """
+    if scorer == "agentbench":
+        ok = answer is not None and _compare_agentbench(answer, label, tolerance)
+        return ok, ("match (agentbench rules)" if ok else "no match (agentbench rules)")
+    if scorer != "strict":
+        raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
+    a = strict_values(answer)
+    g = strict_values(list(label))
+    if a is None:
+        return False, "no answer (empty, missing or over-long)"
+    if g is None or any(x is INVALID for x in g):
+        return False, "the gold label is not a usable answer"
+    if any(x is INVALID for x in a):
+        return False, "the answer holds a non-answer value ('', nan, inf, undefined...)"
+    if len(a) != len(g):
+        return False, f"{len(a)} values for {len(g)} gold values"
+    if all(isinstance(x, float) for x in a) and all(isinstance(x, float) for x in g):
+        # sorted greedy = an optimal one-to-one matching for equal-width intervals
+        gs, used = sorted(g), [False] * len(g)
+        for x in sorted(a):
+            for j, y in enumerate(gs):
+                if not used[j] and abs(x - y) <= tolerance:
+                    used[j] = True
+                    break
+            else:
+                return False, f"number {x!r} matches no gold number within {tolerance}"
+        return True, "match"
+
+    def key(x: Any) -> tuple[str, Any]:
+        return ("n", x) if isinstance(x, float) else ("t", x) if isinstance(x, str) \
+            else ("k", x.name)
+
+    if collections.Counter(map(key, a)) == collections.Counter(map(key, g)):
+        return True, "match"
+    return False, "values differ from the gold values (as a multiset)"
+
+
+def compare_answer(answer: Any, label: Sequence[Any], *, tolerance: float = 1e-2,
+                   scorer: str = "strict") -> bool:
+    """True iff the answer matches the gold ``label`` (see :func:`judge_answer`).
+
+    ``scorer="agentbench"`` follows AgentBench's ``DBResultProcessor.compare_results``
+    (THUDM/AgentBench ``src/server/tasks/dbbench/result_processor.py``): one value each
+    -> numeric within ``tolerance`` or string equality (two special values both "0"
+    are equal); several -> if all numeric, a one-to-one matching within ``tolerance``
+    (order-insensitive), else set equality; values normalised by :func:`parse_answer`.
+    """
+    return judge_answer(answer, label, tolerance=tolerance, scorer=scorer)[0]
+
+
+def judge_table(rows: TableRows | None, reference: Reference | None, answer_md5: str | None,
+                columns: Sequence[str], table_hash: str | None) -> tuple[bool, str]:
+    """Strict verdict on a modification item's table after the episode, and its reason.
+
+    Passes only if the reference (gold statements on a scratch copy) reproduced
+    ``answer_md5``, the agent's table has the item's columns (names and order) and
+    holds exactly the reference rows as a multiset (values as text, NULL distinct from
+    ``''`` and ``'NULL'``), and its AgentBench hash equals ``answer_md5``."""
+    if reference is None or reference.table is None:
+        return False, "no reference table"
+    if reference.hash != answer_md5:
+        return False, ("the gold statements do not reproduce answer_md5 "
+                       f"({reference.hash} != {answer_md5}): the item is unsolvable")
+    if rows is None:
+        return False, "the table could not be read back (gone, too large or unreadable)"
+    if tuple(rows.columns) != tuple(columns):
+        return False, f"the table's columns changed: {list(rows.columns)[:20]}"
+    if rows.multiset() != reference.table.multiset():
+        return False, "the table differs from the gold table"
+    if table_hash != answer_md5:
+        return False, "the table's hash differs from answer_md5"
+    return True, "match"
+
+
 def parse_reply(reply: str) -> tuple[str | None, str | None]:
     """(action, payload): ("operation", sql | None) or ("answer", final answer | None),
     or (None, None) when the reply has no ``Action:``."""
@@ -178,20 +397,45 @@ def parse_reply(reply: str) -> tuple[str | None, str | None]:
 
 
 class DBEpisode(Episode):
-    """One DB-Bench episode on a backend database (key = the item id)."""
+    """One DB-Bench episode on a backend database (key = the item id).
+
+    Args:
+        item, backend: the item and the database backend its episode runs on.
+        max_rounds, tolerance: see :class:`DBBenchSkill`.
+        scorer: ``"strict"`` | ``"agentbench"`` (see module docstring).
+        references: a dict reused across episodes to keep each item's gold table
+            (strict scorer, modification items) once computed on this backend.
+
+    An item whose table cannot be built ends at once as a failed sample
+    (``detail["error"]``, logged); a backend that is down raises RuntimeError.
+    """
 
     def __init__(self, item: DBItem, backend: SQLBackend, *, max_rounds: int,
-                 tolerance: float) -> None:
+                 tolerance: float, scorer: str = "strict",
+                 references: dict[Any, Reference] | None = None) -> None:
         super().__init__(item.id, [
             {"role": "user", "content": DB_PROMPT},
             {"role": "assistant", "content": "Ok."},
             {"role": "user", "content": item.description + "\n" + item.add_description}])
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
         self.item, self.backend = item, backend
-        self.max_rounds, self.tolerance = max_rounds, tolerance
+        self.max_rounds, self.tolerance, self.scorer = max_rounds, tolerance, scorer
         self.rounds = 0
         self.answer: str | None = None
-        backend.create(item.id, item.table)
-        self._created = True
+        self.reference: Reference | None = None
+        self._created = False
+        self.broken: str | None = None
+        try:
+            if scorer == "strict" and item.is_modification:
+                self.reference = _reference(item, backend, references)
+            backend.create(item.id, item.table)
+            self._created = True
+        except TableBuildError as e:
+            self.broken = f"unbuildable item: {e}"
+            self.detail["error"] = self.broken
+            self.done = True
+            _log.warning("DB-Bench %s: %s -- scored as a failed sample", item.id, self.broken)
 
     def step(self, reply: str) -> None:
         action, payload = parse_reply(reply)
@@ -210,21 +454,43 @@ class DBEpisode(Episode):
         self.done = True
 
     def finish(self) -> None:
+        self.detail["rounds"] = self.rounds
+        self.score = 0.0
+        if self.broken is not None:
+            return
         if self.item.is_modification:
             h = self.backend.table_hash(self.item.id)
-            self.score = 1.0 if h is not None and h == self.item.answer_md5 else 0.0
             self.detail["hash"] = h
+            if self.scorer == "agentbench":
+                ok = h is not None and h == self.item.answer_md5
+                why = "hash matches answer_md5" if ok else "hash differs from answer_md5"
+            else:
+                ok, why = judge_table(self.backend.table_rows(self.item.id), self.reference,
+                                      self.item.answer_md5, self.item.table.columns, h)
         else:
-            self.score = (1.0 if self.answer is not None and
-                          compare_answer(self.answer, self.item.label, tolerance=self.tolerance)
-                          else 0.0)
+            ok, why = judge_answer(self.answer, self.item.label, tolerance=self.tolerance,
+                                   scorer=self.scorer)
             self.detail["answer"] = (self.answer or "")[:500]
-        self.detail["rounds"] = self.rounds
+        self.score = 1.0 if ok else 0.0
+        self.detail["verdict"] = why
 
     def close(self) -> None:
-        if getattr(self, "_created", False):
+        if self._created:
             self.backend.drop(self.item.id)
             self._created = False
+
+
+def _reference(item: DBItem, backend: SQLBackend,
+               cache: dict[Any, Reference] | None) -> Reference:
+    """The item's gold table on ``backend`` (computed once per item content and backend)."""
+    key = (backend.name, item.table, item.label, item.answer_md5)
+    if cache is not None and key in cache:
+        return cache[key]
+    statements = [x for x in item.label if isinstance(x, str) and x.strip()]
+    ref = backend.reference(item.id + "#reference", item.table, statements)
+    if cache is not None:
+        cache[key] = ref
+    return ref
 
 
 class DBBenchSkill:
@@ -239,7 +505,10 @@ class DBBenchSkill:
         backend: ``"sqlite"`` | ``"mariadb"`` or a :class:`~cycleqd.sandbox.sql.SQLBackend`.
         max_rounds: SQL operations per episode (AgentBench: 5).
         max_new_tokens: generation budget per reply.
-        tolerance: numeric tolerance of SELECT answers.
+        tolerance: numeric tolerance of SELECT answers (AgentBench: 1e-2).
+        scorer: ``"strict"`` (default: non-answers never match, multisets, modification
+            items by the exact gold table) or ``"agentbench"`` (AgentBench's lenient
+            rules); see the module docstring and ``docs/graders.md``.
         episode_batch: episodes run in lockstep at once (bounds open databases).
         workers: threads executing the episodes' SQL between turns.
         cache: a :class:`SampleCache` or a path to one; None disables caching.
@@ -253,13 +522,15 @@ class DBBenchSkill:
                  backend: str | SQLBackend = "sqlite", max_rounds: int = 5,
                  max_new_tokens: int = 512, tolerance: float = 1e-2, episode_batch: int = 64,
                  workers: int = 4, stop: Sequence[str] = (),
-                 cache: SampleCache | str | Path | None = None) -> None:
+                 cache: SampleCache | str | Path | None = None, scorer: str = "strict") -> None:
         for k, v in (("max_rounds", max_rounds), ("max_new_tokens", max_new_tokens),
                      ("episode_batch", episode_batch), ("workers", workers)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{k} must be a positive int, got {v!r}")
         if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
             raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
         if isinstance(backend, str) and backend not in ("sqlite", "mariadb", "mysql"):
             raise ValueError(f"backend must be 'sqlite', 'mariadb' or an SQLBackend, got {backend!r}")
         self.items: list[DBItem] = load_dbbench(data_path, split, limit)
@@ -271,7 +542,9 @@ class DBBenchSkill:
         self.tolerance, self.episode_batch, self.workers = float(tolerance), episode_batch, workers
         self.stop = tuple(stop)
         self.cache = SampleCache(cache) if isinstance(cache, (str, Path)) else cache
+        self.scorer = scorer
         self.last_details: dict[str, dict[str, Any]] = {}
+        self._references: dict[Any, Reference] = {}
 
     @property
     def backend_name(self) -> str:
@@ -281,7 +554,8 @@ class DBBenchSkill:
     @property
     def cache_key(self) -> str:
         """Per-sample cache key: changes with anything that changes outcomes."""
-        cfg = {"v": _VERSION, "prompt": DB_PROMPT, "rounds": self.max_rounds,
+        cfg = {"v": _VERSION, "scorer": [self.scorer, SCORERS[self.scorer]],
+               "prompt": DB_PROMPT, "rounds": self.max_rounds,
                "tok": self.max_new_tokens, "tol": self.tolerance, "stop": list(self.stop),
                "backend": "mariadb" if self.backend_name == "mysql" else self.backend_name}
         return "dbbench/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
@@ -300,7 +574,8 @@ class DBBenchSkill:
                 try:
                     for it in items[s:s + self.episode_batch]:
                         eps.append(DBEpisode(it, backend, max_rounds=self.max_rounds,
-                                             tolerance=self.tolerance))
+                                             tolerance=self.tolerance, scorer=self.scorer,
+                                             references=self._references))
                     run_lockstep(eps, generate, max_turns=self.max_rounds + 1,
                                  workers=self.workers)
                 finally:
@@ -331,5 +606,5 @@ class DBBenchSkill:
         return sub
 
 
-__all__ = ["DBBenchSkill", "DBEpisode", "DB_PROMPT", "compare_answer", "parse_answer",
-           "parse_reply"]
+__all__ = ["DBBenchSkill", "DBEpisode", "DB_PROMPT", "SCORERS", "compare_answer", "judge_answer",
+           "judge_table", "parse_answer", "parse_reply", "strict_values"]
