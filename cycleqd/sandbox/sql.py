@@ -565,6 +565,7 @@ class MariaDBBackend(SQLBackend):
         self._prefix = "cq%s%d" % (secrets.token_hex(4), os.getpid() % 100000)
         self._n = itertools.count()
         self._eps: dict[str, dict[str, Any]] = {}
+        self._ref: dict[str, Any] | None = None  # the scratch account of reference()
         self._lock = threading.RLock()
 
     def _admin_conn(self) -> Any:
@@ -598,43 +599,94 @@ class MariaDBBackend(SQLBackend):
             ep["conn"] = conn
         return ep["conn"]
 
+    def _new_account(self, name: str) -> dict[str, Any]:
+        """A fresh database ``name`` and a user of the same name with every privilege on
+        that database only. Leaves nothing behind when it fails."""
+        ep = {"db": name, "user": name, "password": secrets.token_hex(16), "conn": None}
+        host = self.config.episode_host
+        try:
+            self._admin_exec(f"CREATE DATABASE {_qi(name)} CHARACTER SET utf8mb4 "
+                             f"COLLATE utf8mb4_general_ci")
+            ep["made_db"] = True
+            self._admin_exec("CREATE USER %s@%s IDENTIFIED BY %s WITH MAX_USER_CONNECTIONS 3",
+                             (name, host, ep["password"]))
+            ep["made_user"] = True
+            self._admin_exec(f"GRANT ALL PRIVILEGES ON {_qi(name)}.* TO %s@%s", (name, host))
+        except BaseException:
+            self._discard(ep)
+            raise
+        return ep
+
+    def _build_table(self, ep: dict[str, Any], table: TableSpec) -> None:
+        """Create and fill ``table`` in the account's database (AgentBench's schema: every
+        column TEXT, values ``str(v)``). A server error about the table (code < 2000)
+        becomes TableBuildError; connection errors pass through."""
+        import pymysql
+
+        try:
+            conn = self._episode_conn(ep)
+            cols = ", ".join(f"{_qi(c)} TEXT" for c in table.columns)
+            with conn.cursor() as c:
+                c.execute(f"CREATE TABLE {_qi(table.name)} ({cols})")
+                if table.rows:
+                    values = ",".join("(" + ",".join(conn.escape(v) for v in r) + ")"
+                                      for r in table.text_rows())
+                    c.execute(f"INSERT INTO {_qi(table.name)} "
+                              f"({', '.join(_qi(x) for x in table.columns)}) VALUES {values}")
+        except pymysql.MySQLError as e:
+            code = e.args[0] if e.args else None
+            if isinstance(code, int) and code < 2000:
+                raise TableBuildError(f"table {table.name!r}: {_mysql_error(e)}") from e
+            raise
+
     def create(self, key: str, table: TableSpec) -> None:
         with self._lock:
             if key in self._eps:
                 raise ValueError(f"episode key {key!r} already exists")
-            name = f"{self._prefix}x{next(self._n)}"
-            ep = {"db": name, "user": name, "password": secrets.token_hex(16), "table": table,
-                  "conn": None}
             why = table.problem()
             if why is not None:  # before touching the server: nothing to clean up
                 raise TableBuildError(why)
-            import pymysql
-
-            host = self.config.episode_host
+            ep = self._new_account(f"{self._prefix}x{next(self._n)}")
+            ep["table"] = table
             try:
-                self._admin_exec(f"CREATE DATABASE {_qi(name)} CHARACTER SET utf8mb4 "
-                                 f"COLLATE utf8mb4_general_ci")
-                ep["made_db"] = True
-                self._admin_exec("CREATE USER %s@%s IDENTIFIED BY %s WITH MAX_USER_CONNECTIONS 3",
-                                 (name, host, ep["password"]))
-                ep["made_user"] = True
-                self._admin_exec(f"GRANT ALL PRIVILEGES ON {_qi(name)}.* TO %s@%s", (name, host))
-                conn = self._episode_conn(ep)
-                cols = ", ".join(f"{_qi(c)} TEXT" for c in table.columns)
-                with conn.cursor() as c:
-                    c.execute(f"CREATE TABLE {_qi(table.name)} ({cols})")
-                    if table.rows:
-                        values = ",".join("(" + ",".join(conn.escape(v) for v in r) + ")"
-                                          for r in table.text_rows())
-                        c.execute(f"INSERT INTO {_qi(table.name)} "
-                                  f"({', '.join(_qi(x) for x in table.columns)}) VALUES {values}")
-            except BaseException as e:
+                self._build_table(ep, table)
+            except BaseException:
                 self._discard(ep)  # leave nothing behind: the key stays free for a rerun
-                code = e.args[0] if isinstance(e, pymysql.MySQLError) and e.args else None
-                if isinstance(code, int) and code < 2000:  # a server error about this table
-                    raise TableBuildError(f"table {table.name!r}: {_mysql_error(e)}") from e
                 raise
             self._eps[key] = ep
+
+    def reference(self, key: str, table: TableSpec, statements: Sequence[str]) -> Reference:
+        """As :meth:`SQLBackend.reference`, in one scratch database and user kept for
+        the backend's life (creating an account per item doubles the cost of an
+        evaluation); no episode user has any privilege on it, and the table is dropped
+        before this returns."""
+        why = table.problem()
+        if why is not None:
+            raise TableBuildError(why)
+        with self._lock:
+            if key in self._eps:
+                raise ValueError(f"episode key {key!r} already exists")
+            if self._ref is None:
+                self._ref = self._new_account(f"{self._prefix}ref")
+            ep = dict(self._ref, table=table, conn=None)
+            self._eps[key] = ep
+            try:
+                if self._ref.get("dirty"):  # an earlier drop failed: clear the name first
+                    self._admin_exec(f"DROP TABLE IF EXISTS {_qi(ep['db'])}.{_qi(table.name)}")
+                self._build_table(ep, table)
+                errors = []
+                for st in statements:
+                    obs = self.execute(key, " ".join(str(st).split("\n")))
+                    if _looks_like_error(obs):
+                        errors.append(obs[:200])
+                return Reference(self.table_hash(key), self.table_rows(key), tuple(errors))
+            finally:
+                self._eps.pop(key, None)
+                self._drop_conn(ep)
+                try:
+                    self._admin_exec(f"DROP TABLE IF EXISTS {_qi(ep['db'])}.{_qi(table.name)}")
+                except Exception:  # noqa: BLE001 - the whole database goes at close()
+                    self._ref["dirty"] = True
 
     def _discard(self, ep: dict[str, Any]) -> None:
         """Drop an episode's connection, database and user (best effort, never raises)."""
@@ -767,6 +819,9 @@ class MariaDBBackend(SQLBackend):
         with self._lock:
             for key in list(self._eps):
                 self.drop(key)
+            if self._ref is not None:
+                self._discard(self._ref)
+                self._ref = None
             if self._admin is not None:
                 try:
                     self._admin.close()

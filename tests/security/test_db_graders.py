@@ -103,14 +103,23 @@ def _host_untouched(host_guard) -> None:
     assert not host_guard["outside"].exists() and not host_guard["tmp_outside"].exists()
 
 
-def _mariadb_leftovers(be) -> list[str]:
-    """Databases and users of this backend still on the server."""
-    with be._admin_conn().cursor() as c:
+def _mariadb_leftovers(be, *, open_backend: bool = False) -> list[str]:
+    """Databases, users and reference tables of this backend still on the server. While
+    the backend is open (``open_backend``) its reference account may exist, empty."""
+    from cycleqd.sandbox.sql import MariaDBBackend
+
+    with MariaDBBackend(be.config)._admin_conn() as conn, conn.cursor() as c:
         c.execute("SELECT user FROM mysql.user WHERE user LIKE %s", (be._prefix + "%",))
         users = [u for (u,) in c.fetchall()]
         c.execute("SHOW DATABASES")
         dbs = [d for (d,) in c.fetchall() if d.startswith(be._prefix)]
-    return users + dbs
+        c.execute("SELECT table_schema, table_name FROM information_schema.tables "
+                  "WHERE table_schema LIKE %s", (be._prefix + "%",))
+        tables = [f"{d}.{t}" for d, t in c.fetchall()]
+    left = users + dbs
+    if open_backend:
+        left = [x for x in left if x != be._prefix + "ref"]
+    return left + tables
 
 
 # ------------------------------------------------------------------ answers that say nothing
@@ -271,9 +280,11 @@ def test_an_unbuildable_item_is_one_failed_sample(backend, kinds, tmp_path, host
                     assert "unbuildable item" in sk.last_details[it.id]["error"]
                     assert it.id in caplog.text
             if backend == "mariadb":
-                assert _mariadb_leftovers(be) == []
+                assert _mariadb_leftovers(be, open_backend=True) == []
     finally:
         be.close()
+    if backend == "mariadb":
+        assert _mariadb_leftovers(be) == []
     _host_untouched(host_guard)
 
 
