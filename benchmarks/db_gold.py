@@ -10,7 +10,7 @@ passed / 100, and every failure with the grader's reason.
 
     source .ci/mariadb.sh                           # only for --backend mariadb|both
     PYTHONPATH=$PWD python benchmarks/db_gold.py                     # sqlite, strict
-    PYTHONPATH=$PWD python benchmarks/db_gold.py --backend both --scorer both
+    PYTHONPATH=$PWD python benchmarks/db_gold.py --backend both --scorer all
 
 Measured 2026-12-02 on this 2-core machine (see docs/graders.md, § DB-Bench):
 strict and agentbench, SQLite and MariaDB 10.11 alike: modification 199/200 (dbbench/225:
@@ -77,15 +77,16 @@ def run(backend: str, scorer: str, data_path: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", choices=("sqlite", "mariadb", "both"), default="sqlite")
-    ap.add_argument("--scorer", choices=("strict", "agentbench", "both"), default="strict")
+    ap.add_argument("--scorer", choices=("strict", "agentbench", "agentbench-v0.2", "all"),
+                    default="strict")
     ap.add_argument("--data", default=None, help="DB-Bench file or data folder")
     a = ap.parse_args(argv)
     backends = ("sqlite", "mariadb") if a.backend == "both" else (a.backend,)
-    scorers = ("strict", "agentbench") if a.scorer == "both" else (a.scorer,)
+    scorers = ("strict", "agentbench", "agentbench-v0.2") if a.scorer == "all" else (a.scorer,)
     for b in backends:
         for s in scorers:
             res = run(b, s, a.data)
-            print(f"{b:8s} {s:10s} modification {res['modification']:>7s}  "
+            print(f"{b:8s} {s:15s} modification {res['modification']:>7s}  "
                   f"select {res['select']:>7s}  ({res['seconds']} s)")
             for iid, (typ, why) in res["failures"].items():
                 print(f"    FAIL {iid} ({typ}): {why}")

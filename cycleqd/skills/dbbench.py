@@ -29,7 +29,9 @@ Protocol (AgentBench v0.2 ``src/server/tasks/dbbench``; prompt wording verbatim)
    ``"agentbench"``: AgentBench's current ``DBResultProcessor`` rules
    (:func:`compare_answer` with ``scorer="agentbench"``: special values such as
    ``None``/``nan``/``""`` all normalise to ``"0"``, several non-numeric values compared
-   as sets) and the bare ``answer_md5`` comparison.
+   as sets) and the bare ``answer_md5`` comparison. ``"agentbench-v0.2"``: AgentBench
+   v0.2's metric, as in SakanaAI/CycleQD's fishfarm port (exact float equality, sets,
+   the bare hash).
 4. **Databases**: ``backend="sqlite"`` (default; one sandboxed SQLite worker, MySQL
    dialect/collation emulated) or ``"mariadb"`` (a real server, fresh database + user
    per episode) -- :mod:`cycleqd.sandbox.sql`. Tables are built as AgentBench builds
@@ -87,7 +89,7 @@ Your input will be raw MySQL response, you have to deal with it by yourself.
 _VERSION = "2"
 #: Scorers of :class:`DBBenchSkill` and their rule versions (part of the cache key: a
 #: changed rule never reuses outcomes scored under the old one).
-SCORERS = {"strict": "1", "agentbench": "1"}
+SCORERS = {"strict": "1", "agentbench": "1", "agentbench-v0.2": "1"}
 #: Answers longer than this (characters) are failed without parsing (AgentBench replies
 #: are a few hundred tokens; a long list is a guess at the label, not an answer).
 MAX_ANSWER_CHARS = 65536
@@ -189,6 +191,29 @@ def _compare_agentbench(answer: Any, label: Sequence[Any], tolerance: float) -> 
                 return False
         return all(used)
     return set(a) == set(g)
+
+
+def _compare_agentbench_v02(answer: Any, label: Sequence[Any]) -> bool:
+    """AgentBench v0.2's ``DBBench.metrics`` SELECT rule, which SakanaAI/CycleQD's fishfarm
+    port (``fishfarm.tasks.dbbench.metrics``) copies: the answer text read as a list
+    (AgentBench: ``list(eval(ans))``; here ``ast.literal_eval`` -- never code -- so an
+    expression such as ``["a"] * 3`` stays one text value), else ``[ans]``; one value
+    each -> ``float(a) == float(g)`` (no tolerance) or string equality; else set
+    equality of the raw values."""
+    try:
+        ans = list(ast.literal_eval(str(answer)))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        ans = [answer]
+    cor = list(label)
+    if len(ans) == 1 and len(cor) == 1:
+        try:
+            return float(ans[0]) == float(cor[0])
+        except (ValueError, TypeError):
+            return ans[0] == cor[0]
+    try:
+        return set(ans) == set(cor)
+    except TypeError:
+        return False
 
 
 # ------------------------------------------------------------------ the strict scorer
@@ -307,6 +332,8 @@ def judge_answer(answer: Any, label: Sequence[Any], *, tolerance: float = 1e-2,
     exact text; several values all numbers: a one-to-one matching within ``tolerance``
     (AgentBench's multi-value float branch); otherwise exact multiset equality (AgentBench
     uses a set). ``scorer="agentbench"``: :func:`compare_answer`'s AgentBench rules.
+    ``scorer="agentbench-v0.2"``: AgentBench v0.2 / CycleQD's fishfarm rules (exact float
+    equality, sets; see :func:`_compare_agentbench_v02`).
 
     Raises:
         ValueError: unknown ``scorer``.
@@ -314,6 +341,11 @@ def judge_answer(answer: Any, label: Sequence[Any], *, tolerance: float = 1e-2,
     if scorer == "agentbench":
         ok = answer is not None and _compare_agentbench(answer, label, tolerance)
         return ok, ("match (agentbench rules)" if ok else "no match (agentbench rules)")
+    if scorer == "agentbench-v0.2":
+        if answer is not None and len(str(answer)) > MAX_ANSWER_CHARS:
+            return False, "answer over MAX_ANSWER_CHARS"
+        ok = answer is not None and _compare_agentbench_v02(answer, label)
+        return ok, ("match (agentbench-v0.2 rules)" if ok else "no match (agentbench-v0.2 rules)")
     if scorer != "strict":
         raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
     a = strict_values(answer)
@@ -461,7 +493,7 @@ class DBEpisode(Episode):
         if self.item.is_modification:
             h = self.backend.table_hash(self.item.id)
             self.detail["hash"] = h
-            if self.scorer == "agentbench":
+            if self.scorer != "strict":  # AgentBench (both versions): the bare hash
                 ok = h is not None and h == self.item.answer_md5
                 why = "hash matches answer_md5" if ok else "hash differs from answer_md5"
             else:
@@ -507,8 +539,9 @@ class DBBenchSkill:
         max_new_tokens: generation budget per reply.
         tolerance: numeric tolerance of SELECT answers (AgentBench: 1e-2).
         scorer: ``"strict"`` (default: non-answers never match, multisets, modification
-            items by the exact gold table) or ``"agentbench"`` (AgentBench's lenient
-            rules); see the module docstring and ``docs/graders.md``.
+            items by the exact gold table), ``"agentbench"`` (AgentBench's current
+            lenient rules) or ``"agentbench-v0.2"`` (AgentBench v0.2 = the official
+            CycleQD code's rules); see the module docstring and ``docs/graders.md``.
         episode_batch: episodes run in lockstep at once (bounds open databases).
         workers: threads executing the episodes' SQL between turns.
         cache: a :class:`SampleCache` or a path to one; None disables caching.
