@@ -224,13 +224,15 @@ class Worker:
         return out
 
     def hash(self, req):
+        """AgentBench's table hash of ``main.<table>`` (a TEMP table of the same name,
+        which would shadow it for unqualified names, is not read)."""
         conn = self.dbs.get(req["key"])
         if conn is None:
             return {"error": "no such episode"}
         self.deadline = time.monotonic() + 10.0
         try:
             cur = conn.execute("SELECT %s FROM %s" % (", ".join(_q(c) for c in req["columns"]),
-                                                      _q(req["table"])))
+                                                      "main." + _q(req["table"])))
             hashes = []
             for row in cur:
                 s = ",".join(mysql_str(v) for v in row if v is not None)
@@ -253,7 +255,7 @@ class Worker:
         max_cells, max_bytes = int(req["max_cells"]), int(req["max_bytes"])
         self.deadline = time.monotonic() + 10.0
         try:
-            cur = conn.execute("SELECT * FROM %s" % _q(req["table"]))
+            cur = conn.execute("SELECT * FROM main.%s" % _q(req["table"]))
             cols = [d[0] for d in cur.description]
             out, cells, nbytes = [], 0, 0
             for row in cur:

@@ -791,18 +791,21 @@ class MariaDBBackend(SQLBackend):
             if ep is None:
                 raise KeyError(f"no episode {key!r}")
             table: TableSpec = ep["table"]
+            t = _qi(table.name)
             try:
-                self._drop_conn(ep)  # a fresh session
-                conn = self._episode_conn(ep)
-                cur = conn.cursor(pymysql.cursors.SSCursor)
-                cur.execute(f"SELECT * FROM {_qi(table.name)}")
-                cols = [d[0] for d in cur.description]
-                raw = cur.fetchmany(MAX_TABLE_CELLS // max(1, len(cols)) + 1)
-                if len(raw) * len(cols) > MAX_TABLE_CELLS:
-                    self._kill(conn)
-                    self._drop_conn(ep)
-                    return None
-                cur.close()
+                self._drop_conn(ep)  # a fresh session: no TEMPORARY table shadows it
+                with self._episode_conn(ep).cursor() as cur:
+                    cur.execute(f"SELECT * FROM {t} LIMIT 0")
+                    cols = [d[0] for d in cur.description]
+                    cur.fetchall()
+                    # size first, on the server: nothing over the bounds reaches this process
+                    size = "+".join(f"COALESCE(SUM(LENGTH({_qi(c)})), 0)" for c in cols)
+                    cur.execute(f"SELECT COUNT(*), {size} FROM {t}")
+                    n, nbytes = cur.fetchone()
+                    if n * len(cols) > MAX_TABLE_CELLS or (nbytes or 0) > MAX_TABLE_BYTES:
+                        return None
+                    cur.execute(f"SELECT * FROM {t}")
+                    raw = cur.fetchall()
             except Exception:  # noqa: BLE001 - unreadable table: no rows to compare
                 self._drop_conn(ep)
                 return None

@@ -400,3 +400,34 @@ def test_an_episode_cannot_read_other_episodes_or_the_answer(backend, tmp_path, 
         if backend == "mariadb":
             assert _mariadb_leftovers(be) == []
     _host_untouched(host_guard)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_inflated_table_fails_without_being_read_whole(backend, tmp_path, host_guard,
+                                                          monkeypatch):
+    """An INSERT item whose agent fills its table far past the read-back bound (here
+    lowered to 300 cells) is one failed sample; the honest neighbour still passes."""
+    import cycleqd.sandbox.sql as sqlmod
+
+    monkeypatch.setattr(sqlmod, "MAX_TABLE_CELLS", 300)
+    cols, rows = ("id", "name"), [("1", "Ann")]
+    right = "INSERT INTO t VALUES ('2', 'Bob')"
+    md5 = _md5_field(rows + [("2", "Bob")])
+    entries = [_item("inflate", cols, rows, label=[right], typ="INSERT", answer_md5=md5),
+               _item("honest", cols, rows, label=[right], typ="INSERT", answer_md5=md5)]
+    grow = ("INSERT INTO t SELECT a.id, a.name FROM t a, t b, t c, t d")
+    scripts = {"inflate": [right, grow, grow, grow, 'Action: Answer\nFinal Answer: ["x"]'],
+               "honest": [right, 'Action: Answer\nFinal Answer: ["done"]']}
+    be = _backend(backend)
+    try:
+        sk = DBBenchSkill(data_path=_write(tmp_path, entries), split="all", backend=be)
+        r = sk.evaluate(_Model(scripts))
+        by = {it.description: (r.outcomes[it.id], sk.last_details[it.id].get("verdict"))
+              for it in sk.items}
+        assert by["honest"] == (1.0, "match")
+        assert by["inflate"][0] == 0.0 and "read back" in by["inflate"][1], by
+    finally:
+        be.close()
+    if backend == "mariadb":
+        assert _mariadb_leftovers(be) == []
+    _host_untouched(host_guard)

@@ -76,6 +76,20 @@ def test_agentbench_option_keeps_agentbench_rules(answer, gold):
     assert compare_answer(answer, gold, scorer="agentbench")
 
 
+@pytest.mark.parametrize("answer,gold,ok", [
+    (' ["a", "a", "b"]', ["a", "b"], True),   # sets
+    (" [3.004]", ["3"], False),               # exact float equality, no tolerance
+    (" [0]", ["0.0"], True),
+    (' ["None"]', ["0.0"], False),            # no special-value mapping in v0.2
+    (" 5", ["5"], True),
+    (' ["a"] * 3', ["a"], False),             # literal_eval, not eval: one text value
+])
+def test_agentbench_v02_option(answer, gold, ok):
+    """``scorer="agentbench-v0.2"``: AgentBench v0.2's metric, which the official CycleQD
+    code runs through fishfarm."""
+    assert compare_answer(answer, gold, scorer="agentbench-v0.2") is ok
+
+
 # ----------------------------------------------------------------------- strict table rule
 
 def _ref(rows, cols=("a", "b")):
@@ -135,8 +149,9 @@ def test_no_item_of_the_dataset_is_unbuildable():
 def test_scorer_option_and_cache_key():
     a = DBBenchSkill(split="search", limit=3)
     b = DBBenchSkill(split="search", limit=3, scorer="agentbench")
+    c = DBBenchSkill(split="search", limit=3, scorer="agentbench-v0.2")
     assert a.scorer == "strict" and b.scorer == "agentbench"
-    assert a.cache_key != b.cache_key
+    assert len({a.cache_key, b.cache_key, c.cache_key}) == 3
     with pytest.raises(ValueError, match="scorer"):
         DBBenchSkill(split="search", limit=3, scorer="lenient")
     import cycleqd.skills.dbbench as mod
