@@ -122,7 +122,9 @@ class DBItem:
         type: ``INSERT`` | ``UPDATE`` | ``DELETE`` | a SELECT sub-type (``counting``,
             ``aggregation-SUM``...).
         description: the question; add_description: the table's name and headers.
-        table: the table the episode starts from.
+        table: the table the episode starts from. It may be one no MySQL server can
+            build (``table.problem()`` says why, e.g. a column with an empty name): such
+            an item still loads, and its episode is one failed sample.
         label: gold answer of SELECT-type items (list); gold statements of INSERT/UPDATE.
         answer_md5: hex MD5 table hash after the gold change (INSERT/UPDATE/DELETE), else None.
         sql: the dataset's own ``sql.query`` when present (written for SQLite; often not

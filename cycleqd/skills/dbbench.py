@@ -118,9 +118,10 @@ def _norm(value: Any) -> str:
 
 def parse_answer(answer: Any) -> list[str]:
     """The answer's items, normalised the way AgentBench's ``DBResultProcessor._clean_answer``
-    does (the ``agentbench`` scorer; the strict one uses :func:`strict_values`). Accepts a list literal (``["a", 3]``), a MySQL-like
-    result (``[('a',), (3,)]``), or a bare value; never evaluates code (``ast.literal_eval``
-    only, then AgentBench's quote-aware comma split)."""
+    does (the ``agentbench`` scorer; the strict one uses :func:`strict_values`). Accepts
+    a list literal (``["a", 3]``), a MySQL-like result (``[('a',), (3,)]``), or a bare
+    value; never evaluates code (``ast.literal_eval`` only, then AgentBench's
+    quote-aware comma split)."""
     if answer is None:
         return ["0"]
     if isinstance(answer, (list, tuple)):
@@ -133,7 +134,7 @@ def parse_answer(answer: Any) -> list[str]:
                 v = ast.literal_eval(text)
                 if isinstance(v, (list, tuple)):
                     items = list(v)
-            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            except Exception:  # noqa: BLE001 - literal_eval runs no code; any failure = not a literal
                 items = None
             if items is None:  # AgentBench's manual split, quote-aware
                 items, cur, inq = [], "", False
@@ -202,7 +203,7 @@ def _compare_agentbench_v02(answer: Any, label: Sequence[Any]) -> bool:
     equality of the raw values."""
     try:
         ans = list(ast.literal_eval(str(answer)))
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    except Exception:  # noqa: BLE001 - literal_eval runs no code; any failure = not a literal
         ans = [answer]
     cor = list(label)
     if len(ans) == 1 and len(cor) == 1:
@@ -296,7 +297,7 @@ def strict_values(answer: Any) -> list[Any] | None:
                 v = ast.literal_eval(text)
                 if isinstance(v, (list, tuple)):
                     items = list(v)
-            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            except Exception:  # noqa: BLE001 - literal_eval runs no code; any failure = not a literal
                 items = None
             if items is None:  # AgentBench's manual split, quote-aware
                 items, cur, inq = [], "", False
@@ -338,12 +339,12 @@ def judge_answer(answer: Any, label: Sequence[Any], *, tolerance: float = 1e-2,
     Raises:
         ValueError: unknown ``scorer``.
     """
+    if answer is not None and len(str(answer)) > MAX_ANSWER_CHARS:
+        return False, f"answer over {MAX_ANSWER_CHARS} characters"
     if scorer == "agentbench":
         ok = answer is not None and _compare_agentbench(answer, label, tolerance)
         return ok, ("match (agentbench rules)" if ok else "no match (agentbench rules)")
     if scorer == "agentbench-v0.2":
-        if answer is not None and len(str(answer)) > MAX_ANSWER_CHARS:
-            return False, "answer over MAX_ANSWER_CHARS"
         ok = answer is not None and _compare_agentbench_v02(answer, label)
         return ok, ("match (agentbench-v0.2 rules)" if ok else "no match (agentbench-v0.2 rules)")
     if scorer != "strict":
