@@ -637,7 +637,14 @@ class MariaDBBackend(SQLBackend):
             code = e.args[0] if e.args else None
             if isinstance(code, int) and code < 2000:
                 raise TableBuildError(f"table {table.name!r}: {_mysql_error(e)}") from e
-            raise
+            # a client error (lost connection...): this table's fault if the server is fine
+            self._drop_conn(ep)
+            try:
+                self._admin_conn()
+            except RuntimeError:
+                raise
+            raise TableBuildError(f"table {table.name!r}: the connection failed while "
+                                  f"building it ({_mysql_error(e)})") from e
 
     def create(self, key: str, table: TableSpec) -> None:
         with self._lock:

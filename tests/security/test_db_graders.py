@@ -295,8 +295,9 @@ def test_an_unbuildable_item_is_one_failed_sample(backend, kinds, tmp_path, host
 
 @pytest.mark.mariadb
 def test_mariadb_server_side_build_failure_leaves_nothing():
-    """A table the pre-check lets through but the server refuses (a column name outside
-    the BMP) is a TableBuildError, and its database and user are gone."""
+    """Tables the pre-check lets through but the server refuses (a column name outside
+    the BMP; a table over max_allowed_packet) are TableBuildErrors, and their databases
+    and users are gone."""
     from cycleqd.sandbox.sql import MariaDBBackend, TableBuildError, TableSpec
 
     class Unchecked(TableSpec):
@@ -307,6 +308,15 @@ def test_mariadb_server_side_build_failure_leaves_nothing():
     try:
         with pytest.raises(TableBuildError, match="1300|Invalid"):
             be.create("k", Unchecked("t", ("a", "\U0001F600"), (("1", "2"),)))
+        assert _mariadb_leftovers(be) == []
+        # a table bigger than the server's max_allowed_packet (16 MiB): the server drops
+        # the connection while it is built -- that item's problem, not a dead backend
+        with be._admin_conn().cursor() as c:
+            c.execute("SELECT @@max_allowed_packet")
+            limit = c.fetchone()[0]
+        big = TableSpec("t", ("a",), tuple(("x" * 60000,) for _ in range(limit // 60000 + 8)))
+        with pytest.raises(TableBuildError, match="connection failed"):
+            be.create("k", big)
         assert _mariadb_leftovers(be) == []
         be.create("k", TableSpec("t", ("a",), (("1",),)))  # the key is free again
         assert be.execute("k", "SELECT a FROM t") == "[('1',)]"
