@@ -7,9 +7,11 @@ list, or meet an item whose table cannot be built. Each must end as a failed sam
 honest control passes), with the host and the database server untouched and reusable.
 
 Written against the skill's public API of before the fix (``compare_answer``,
-``DBBenchSkill.evaluate``), so they ran -- and failed -- on the old grader too: the
-non-answer, repeat, NULL/extra-column hash and unbuildable-item attacks failed there;
-the tamper-a-SELECT-table and read-other-episodes attacks already ended as failures.
+``DBBenchSkill.evaluate``), so they ran on the old grader too. There the non-answer,
+repeat, huge-answer, NULL/extra-column hash and unbuildable-item attacks scored (or
+killed the run: MariaDB on an empty column name, both backends on a short row); the
+tamper-a-SELECT-table and read-other-episodes attacks already ended as failed samples,
+and the inflated table scored 0 there too (the old grader never read rows back).
 """
 
 from __future__ import annotations
