@@ -134,7 +134,7 @@ def parse_answer(answer: Any) -> list[str]:
                 v = ast.literal_eval(text)
                 if isinstance(v, (list, tuple)):
                     items = list(v)
-            except Exception:  # noqa: BLE001 - literal_eval runs no code; any failure = not a literal
+            except Exception:  # noqa: BLE001 - literal_eval runs no code: not a literal
                 items = None
             if items is None:  # AgentBench's manual split, quote-aware
                 items, cur, inq = [], "", False
@@ -297,7 +297,7 @@ def strict_values(answer: Any) -> list[Any] | None:
                 v = ast.literal_eval(text)
                 if isinstance(v, (list, tuple)):
                     items = list(v)
-            except Exception:  # noqa: BLE001 - literal_eval runs no code; any failure = not a literal
+            except Exception:  # noqa: BLE001 - literal_eval runs no code: not a literal
                 items = None
             if items is None:  # AgentBench's manual split, quote-aware
                 items, cur, inq = [], "", False

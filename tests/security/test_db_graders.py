@@ -131,7 +131,8 @@ NON_ANSWERS = ['Action: Answer\nFinal Answer:', 'Action: Answer\nFinal Answer: '
                'Action: Answer\nFinal Answer: [None]', 'Action: Answer\nFinal Answer: ["None"]',
                'Action: Answer\nFinal Answer: ["null"]', 'Action: Answer\nFinal Answer: ["NaN"]',
                'Action: Answer\nFinal Answer: [float("nan")]',
-               'Action: Answer\nFinal Answer: ["inf"]', 'Action: Answer\nFinal Answer: ["-Infinity"]',
+               'Action: Answer\nFinal Answer: ["inf"]',
+               'Action: Answer\nFinal Answer: ["-Infinity"]',
                'Action: Answer\nFinal Answer: ["undefined"]', 'Action: Answer\nFinal Answer: None',
                'Action: Answer\nFinal Answer: ""', 'Action: Answer\nFinal Answer: [[]]',
                "I cannot tell."]
