@@ -262,3 +262,27 @@ def test_prompt_constants_are_in_the_keys(monkeypatch):
         k = osk.cache_key
         monkeypatch.setattr(os_interaction, "ONE_SHOT", [dict(m) for m in os_interaction.ONE_SHOT[:-1]])
         assert osk.cache_key != k
+
+
+def test_backend_key_is_the_same_in_another_process(tmp_path):
+    """A later run (another process, another backend object) must find the outcomes of the
+    same weights run the same way: the demo's reuse of cached baselines depends on it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cycleqd
+    from cycleqd.inference import HFBackend
+    from cycleqd.models.tiny import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path / "m", seed=2, hidden_size=32, num_layers=1)
+    here = model_key(HFBackend.from_pretrained(path, fingerprint="w-x"))
+    code = ("import sys; from cycleqd.inference import HFBackend; "
+            "from cycleqd.skills.cache import model_key; "
+            "print(model_key(HFBackend.from_pretrained(sys.argv[1], fingerprint='w-x')))")
+    env = dict(os.environ, PYTHONPATH=str(Path(cycleqd.__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == here
