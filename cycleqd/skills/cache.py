@@ -235,7 +235,7 @@ def backend_key(model: Any) -> str:
         is_module = False
     if is_module and tok is not None:
         p = next(net.parameters(), None)
-        desc["dtype"] = str(p.dtype) if p is not None else None
+        desc["dtype"] = sorted({str(q.dtype) for q in net.parameters()})
         dev = getattr(model, "device", None) or (p.device if p is not None else None)
         desc["device"] = getattr(dev, "type", str(dev))
         cfg = getattr(net, "config", None)
