@@ -41,6 +41,12 @@ class Skill(Protocol):
     :class:`cycleqd.inference.base.GenerationBackend` for LLM skills, an ``nn.Module`` for
     vision skills, the task vector for synthetic skills. It must be deterministic for
     the same weights and never raise on bad model output (bad output = failed sample).
+
+    A skill that caches per-sample outcomes (:class:`cycleqd.skills.cache.SampleCache`)
+    keys each one by what produced it: :func:`~cycleqd.skills.cache.model_key` of the
+    model (weights fingerprint + backend), its own ``cache_key`` (every setting that can
+    change an outcome: prompt, decoding, judge) and :func:`~cycleqd.skills.cache.item_key`
+    of the item (its content, never its position in a file). See ``docs/cache.md``.
     """
 
     name: str

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from cycleqd.skills.base import SkillResult
-from cycleqd.skills.cache import SampleCache
+from cycleqd.skills.cache import SampleCache, item_keys, model_key
 from cycleqd.skills.data_code import CodeProblem, load_code_problems
 
 #: System message of the official CycleQD MBPP task (tasks/mbpp.py).
@@ -475,10 +475,11 @@ class CodingSkill:
         newly scored problem's reply and verdict.
         """
         ids = [p.id for p in self.problems]
-        fp = getattr(model, "fingerprint", None)
+        fp = model_key(model)  # weights + backend (dtype, tokenizer, chat template)
         hits: dict[str, float] = {}
         if self.cache is not None and fp:
-            hits = self.cache.get_many(fp, self.cache_key, ids)
+            keys = item_keys(self.problems)  # content, not position: id, prompt, tests
+            hits = self.cache.get_many(fp, self.cache_key, keys)
         todo = [p for p in self.problems if p.id not in hits]
         new: dict[str, float] = {}
         details: dict[str, dict[str, Any]] = {}
@@ -493,7 +494,7 @@ class CodingSkill:
                 new[p.id] = 1.0 if v.passed else 0.0
                 details[p.id] = {"status": v.status, "detail": v.detail, "reply": r[:4000]}
             if self.cache is not None and fp:
-                self.cache.put_many(fp, self.cache_key, new, details)
+                self.cache.put_many(fp, self.cache_key, new, details, items=keys)
         self.last_details = details
         outcomes = {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
         ordered = [outcomes[i] for i in ids]

@@ -393,19 +393,26 @@ class Episode:
 
 
 def evaluate_cached(skill: Any, model: Any) -> dict[str, float]:
-    """The shared body of the agent skills' ``evaluate``: reuse cached per-sample outcomes
-    (same ``model.fingerprint`` and ``skill.cache_key``), run the missing items' episodes
-    with ``skill.run_episodes`` (greedy, ``skill.max_new_tokens`` / ``skill.stop``), cache
-    their outcomes and details (without transcripts), keep the details with their
-    transcripts in ``skill.last_details``.
+    """The shared body of the agent skills' ``evaluate``: reuse cached per-sample outcomes,
+    run the missing items' episodes with ``skill.run_episodes`` (greedy,
+    ``skill.max_new_tokens`` / ``skill.stop``), cache their outcomes and details (without
+    transcripts), keep the details with their transcripts in ``skill.last_details``.
+
+    An outcome is reused only for the same weights run the same way
+    (:func:`~cycleqd.skills.cache.model_key`), the same ``skill.cache_key`` and the same
+    item content (:func:`~cycleqd.skills.cache.item_key`: an item of another file with the
+    same id, or an item edited in place, is scored again).
 
     Returns:
         item id -> score in [0, 1], for every ``skill.items`` (in that order).
     """
+    from cycleqd.skills.cache import item_keys, model_key
+
     ids = [it.id for it in skill.items]
-    fp = getattr(model, "fingerprint", None)
-    cache = skill.cache if fp else None
-    hits: dict[str, float] = cache.get_many(fp, skill.cache_key, ids) if cache is not None else {}
+    mk = model_key(model)
+    cache = skill.cache if mk else None
+    keys = item_keys(skill.items) if cache is not None else {}  # ~25 ms per 100 DB items
+    hits: dict[str, float] = cache.get_many(mk, skill.cache_key, keys) if cache is not None else {}
     todo = [it for it in skill.items if it.id not in hits]
     new: dict[str, float] = {}
     details: dict[str, dict[str, Any]] = {}
@@ -418,9 +425,9 @@ def evaluate_cached(skill: Any, model: Any) -> dict[str, float]:
             details[sid] = dict(ep.detail, transcript=[m["content"][:2000]
                                                        for m in ep.messages[ep.n_prompt:]])
         if cache is not None:
-            cache.put_many(fp, skill.cache_key, new,
+            cache.put_many(mk, skill.cache_key, new,
                            {k: {kk: vv for kk, vv in v.items() if kk != "transcript"}
-                            for k, v in details.items()})
+                            for k, v in details.items()}, items=keys)
     skill.last_details = details
     return {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cycleqd.skills.base import SkillResult
-from cycleqd.skills.cache import SampleCache
+from cycleqd.skills.cache import SampleCache, item_key, model_key
 
 _CHAT_MARK = "\x00cycleqd-chat\x00"
 
@@ -204,7 +204,8 @@ class LMEvalSkill:
             raise ValueError(f"filter {self.filter_name!r} not in the task's filters {filters}")
         from lm_eval.api.metrics import mean as _lm_mean
         self.per_sample_mean = task_obj.aggregation().get(metric) is _lm_mean
-        self.n_docs = len(list(task_obj.eval_docs))
+        docs = list(task_obj.eval_docs)
+        self.n_docs = len(docs)
         if self.n_docs == 0:
             raise ValueError(f"task {self.task_name!r} has no evaluation documents")
         self.doc_ids = list(range(self.n_docs if limit is None else min(limit, self.n_docs)))
@@ -218,6 +219,16 @@ class LMEvalSkill:
         cfg = {"task": task_obj.dump_config(), "metric": metric, "filter": self.filter_name,
                "fewshot": num_fewshot, "chat": self.apply_chat_template,
                "sys": system_instruction}
+        # per-sample keys are the documents' content (a data file changed under the same task
+        # config is other items); few-shot examples enter every prompt: their content is in
+        # the skill key (documents without a canonical form switch the cache off)
+        try:
+            self._doc_keys = {d: item_key(docs[d]) for d in self.doc_ids}
+            shots = num_fewshot if num_fewshot is not None else task_obj.config.num_fewshot
+            if shots:
+                cfg["fewshot_docs"] = item_key([list(task_obj.fewshot_docs() or []), docs])
+        except TypeError:
+            self._doc_keys = None
         digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
         self.cache_key = f"lmeval/{self.task_name}/{digest[:12]}"
         self._hflm = None
@@ -255,10 +266,12 @@ class LMEvalSkill:
         from lm_eval import simple_evaluate
 
         lm = self._lm(model)
-        fp = getattr(model, "fingerprint", None)
-        use_cache = self.cache is not None and bool(fp) and self.per_sample_mean
+        fp = model_key(model)  # weights + backend (dtype, tokenizer, chat template)
+        use_cache = (self.cache is not None and bool(fp) and self.per_sample_mean
+                     and self._doc_keys is not None)
         ids = [self.sample_id(d) for d in self.doc_ids]
-        hits = self.cache.get_many(fp, self.cache_key, ids) if use_cache else {}
+        keys = {self.sample_id(d): self._doc_keys[d] for d in self.doc_ids} if use_cache else {}
+        hits = self.cache.get_many(fp, self.cache_key, keys) if use_cache else {}
         todo = [d for d, sid in zip(self.doc_ids, ids) if sid not in hits]
         new: dict[str, float] = {}
         aggregate = None
@@ -291,7 +304,7 @@ class LMEvalSkill:
                 raise ValueError(f"metric {self.metric!r} of {self.task_name!r} is outside [0, 1]: "
                                  f"{list(bad.items())[:3]}")
             if use_cache:
-                self.cache.put_many(fp, self.cache_key, new)
+                self.cache.put_many(fp, self.cache_key, new, items=keys)
         outcomes = {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
         if self.per_sample_mean or aggregate is None:
             quality = sum(outcomes.values()) / len(outcomes)

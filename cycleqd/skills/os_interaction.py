@@ -34,6 +34,7 @@ that ``useradd`` or write there fail their init), and the installed tools are th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -357,11 +358,10 @@ class OSInteractionSkill:
 
     @property
     def cache_key(self) -> str:
-        cfg = {"v": _VERSION, "prompt": OS_PROMPT, "one_shot": self.one_shot,
+        cfg = {"v": _VERSION, "prompt": OS_PROMPT, "one_shot": ONE_SHOT if self.one_shot else None,
                "rounds": self.max_rounds, "tok": self.max_new_tokens, "stop": list(self.stop),
-               "cmd_t": self.command_timeout_s, "limits": [self.limits.memory_bytes,
-                                                           self.limits.max_processes,
-                                                           self.limits.cpu_seconds]}
+               "cmd_t": self.command_timeout_s, "setup_t": self.setup_timeout_s,
+               "limits": dataclasses.asdict(self.limits)}  # every limit: output caps reach the model
         return "os/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
     def _episode(self, item: OSItem) -> OSEpisode:
