@@ -209,7 +209,7 @@ def _variants(cls) -> dict[str, object]:
     from cycleqd.skills.dbbench import DBBenchSkill
     if cls is DBBenchSkill:
         return {"backend": "mariadb", "max_rounds": 2, "max_new_tokens": 17, "tolerance": 0.5,
-                "stop": ("\n\n",)}
+                "stop": ("\n\n",), "scorer": "agentbench"}
     from cycleqd.skills.os_interaction import OS_LIMITS
     return {"max_rounds": 2, "max_new_tokens": 17, "command_timeout_s": 3.0,
             "setup_timeout_s": 7.0, "one_shot": False, "stop": ("\n\n",),
