@@ -21,7 +21,8 @@ AgentBench check chain). Replies are deliberately short (no "Think:" prose): on 
 CPU every generated token costs time at evaluation.
 
 Trajectories are cached as JSON under ``<cache>/trajectories/`` keyed by the builder
-version, the skill's evaluation configuration (its ``cache_key``) and the item ids.
+version, the skill's evaluation configuration (its ``cache_key``) and the items' content keys
+(:func:`cycleqd.skills.cache.item_keys`: an edited data file is rebuilt, never reused).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cycleqd.skills.cache import item_keys
 from cycleqd.training.sft import Conversation
 
 BUILDER_VERSION = "1"
@@ -157,7 +159,7 @@ def dbbench_conversations(*, data_path: str | Path | None = None, split: str = "
                 db.close()
         return out
 
-    key = [skill.cache_key, [it.id for it in skill.items], split]
+    key = [skill.cache_key, item_keys(skill.items), split]
     return _cached("dbbench", key, cache_dir, build)
 
 
@@ -232,5 +234,5 @@ def os_conversations(*, data_path: str | Path | None = None, split: str = "train
             res = list(pool.map(lambda it: _os_trajectory(skill, it), skill.items))
         return [c for c in res if c is not None]
 
-    key = [skill.cache_key, [it.id for it in skill.items], split]
+    key = [skill.cache_key, item_keys(skill.items), split]
     return _cached("os", key, cache_dir, build)
