@@ -61,6 +61,9 @@ def _disk_full_message(e: BaseException, run_dir: Path | None) -> str:
     path = getattr(e, "path", None) or getattr(e, "filename", None) or "a file"
     if run_dir is None:
         return f"error: disk full while writing {path}; free space and try again"
+    if not (Path(run_dir) / "config.yaml").exists():
+        return (f"error: disk full while writing {path}; nothing was finished yet; free space and "
+                f"run the same `cycleqd run` again")
     return (f"error: disk full while writing {path}; finished generations are saved; "
             f"free space and run `cycleqd resume {run_dir}`")
 

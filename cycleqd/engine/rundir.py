@@ -713,9 +713,12 @@ class RunLock:
             self.took_over = prev   # its holder died without releasing it
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except BaseException:
+            os.close(fd)   # drops the flock again
+            raise
         self._fd, self._count = fd, 1
 
     def _busy(self, info: dict | None) -> str:
