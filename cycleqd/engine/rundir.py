@@ -418,10 +418,6 @@ class ResumePoint:
     fresh: bool = False
 
 
-def _rel(rd: RunDir, p: Path) -> str:
-    return str(p)
-
-
 def check_resume(rd: RunDir, cfg: Any, expected: Sequence[Any], seed_ids: Sequence[str], *,
                  genome_suffix: str | None = None) -> ResumePoint:
     """Validate a run directory before resuming it.
