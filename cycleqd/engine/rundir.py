@@ -630,7 +630,7 @@ def link_snapshot_genomes(rd: RunDir, generation: int, paths: dict[str, Path]) -
 def prune_snapshot_genomes(rd: RunDir, keep: int = SNAPSHOT_GENOMES_KEPT) -> None:
     """Remove the genome folders of all but the newest ``keep`` snapshots (gen 0 needs none)."""
     dirs = sorted(rd.snapshots.glob("gen_*.genomes"), reverse=True)
-    for d in dirs[keep:]:
+    for d in dirs[keep:] + list(rd.snapshots.glob("gen_*.genomes.tmp")):   # + leftovers of a crash
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -56,7 +56,8 @@ class GenomeStore:
         except BaseException:
             path.with_name(f"{path.name}.tmp-{os.getpid()}").unlink(missing_ok=True)
             raise
-        fsync_file(path)
+        with disk_full_names(path):   # a delayed allocation can fail at fsync
+            fsync_file(path)
         return n
 
     def seal(self, model_id: str) -> str:
@@ -66,8 +67,9 @@ class GenomeStore:
         p = self.path(model_id)
         if not p.is_file():
             raise KeyError(f"model {model_id!r} is not in the store ({p} missing)")
-        fsync_file(p)
-        fsync_dir(self.root)
+        with disk_full_names(p):
+            fsync_file(p)
+            fsync_dir(self.root)
         return sha256_file(p)
 
     def verify(self, model_id: str, sha256: str | None, root: Path | None = None) -> str | None:
