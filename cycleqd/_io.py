@@ -1,7 +1,16 @@
-"""Crash-safe file and folder writes shared by the run directory, checkpoints and exports."""
+"""Crash-safe file and folder writes shared by the run directory, checkpoints and exports.
+
+Every write here is write-to-temp, fsync, rename, fsync of the folder: after a crash (or a
+power loss) a reader sees the old or the new file, never a mix. A full disk (``ENOSPC``,
+``EDQUOT``) is raised as :class:`DiskFullError` naming the file, with the temp file removed,
+so the command line can say which file could not be written and that nothing finished was
+lost.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -10,26 +19,116 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a mix
-    (temp file, fsync, rename, fsync of the folder)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+
+class DiskFullError(OSError):
+    """The disk (or quota) filled up while writing ``path``. ``errno`` is ENOSPC/EDQUOT."""
+
+    def __init__(self, path: Path | str, cause: BaseException | None = None):
+        code = getattr(cause, "errno", None) if getattr(cause, "errno", None) in _FULL else errno.ENOSPC
+        super().__init__(code, f"disk full while writing {path}", str(path))
+        self.path = Path(path)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an OSError with ENOSPC/EDQUOT, or a library error that wraps one and only
+    says so in its message (safetensors: ``I/O error: No space left on device (os error 28)``)."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    msg = str(exc)
+    return "No space left on device" in msg or "Disk quota exceeded" in msg
+
+
+@contextmanager
+def disk_full_names(path: Path | str) -> Iterator[None]:
+    """Re-raise a full-disk error inside the block as :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFullError(path, e) from e
+        raise
+
+
+def fsync_dir(path: Path | str) -> None:
+    """fsync a folder, so that renames and new names in it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def fsync_file(path: Path | str) -> None:
+    """fsync a file that was written (and closed) elsewhere, e.g. by safetensors."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix
+    (temp file, fsync, rename, fsync of the folder).
+
+    Raises:
+        DiskFullError: the disk filled up (the temp file is removed, ``path`` is unchanged).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with disk_full_names(path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode())
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a library to write to (e.g. ``savefig``);
+    when the block succeeds the file is fsynced and renamed onto ``path``, when it raises the
+    temporary file is removed and ``path`` is left as it was. Full disk: :class:`DiskFullError`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        with disk_full_names(path):
+            yield tmp
+            fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 @contextmanager

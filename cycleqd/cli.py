@@ -49,23 +49,62 @@ def _executor(args, ctx, cfg):
                                  progress=not getattr(args, "no_progress", False))
 
 
-def _run(cfg, run_dir: Path, *, resume: bool, args) -> int:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (the current generation is committed first)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _disk_full_message(e: BaseException, run_dir: Path | None) -> str:
+    path = getattr(e, "path", None) or getattr(e, "filename", None) or "a file"
+    if run_dir is None:
+        return f"error: disk full while writing {path}; free space and try again"
+    if not (Path(run_dir) / "config.yaml").exists():
+        return (f"error: disk full while writing {path}; nothing was finished yet; free space and "
+                f"run the same `cycleqd run` again")
+    return (f"error: disk full while writing {path}; finished generations are saved; "
+            f"free space and run `cycleqd resume {run_dir}`")
+
+
+def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = None) -> int:
+    from cycleqd._io import is_disk_full
     from cycleqd.engine.build import build_components
     from cycleqd.engine.loop import CycleQDRun
 
-    comps = build_components(cfg)
     try:
-        run = CycleQDRun(cfg, comps, run_dir, resume=resume, progress=not args.no_progress)
-        ex = _executor(args, run.ctx, cfg)
-        if ex is not None:
-            run.executor = ex
+        comps = build_components(cfg)
         try:
-            res = run.run()
+            run = CycleQDRun(cfg, comps, run_dir, resume=resume, progress=not args.no_progress,
+                             from_snapshot=from_snapshot)
+            for note in run.notes:
+                print(f"note: {note}", file=sys.stderr)
+            try:
+                ex = _executor(args, run.ctx, cfg)
+                if ex is not None:
+                    run.executor = ex
+                res = run.run()
+            finally:
+                run.close()
+                run.executor.close()
         finally:
-            run.executor.close()
-    finally:
-        if comps.close:
-            comps.close()
+            if comps.close:
+                comps.close()
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{what}: finished generations are saved; continue with `cycleqd resume {run_dir}`",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:
+        if is_disk_full(e):
+            print(_disk_full_message(e, run_dir), file=sys.stderr)
+            return 1
+        raise
+    if res.complete:
+        print(f"run already complete ({res.generation} generations): {res.run_dir}; nothing to do "
+              f"(extend it with `cycleqd resume {res.run_dir} --generations N`)")
+        return 0
     print(f"\nrun directory: {res.run_dir}  (generation {res.generation}/{cfg.qd.generations})")
     for name, st in res.stats.items():
         print(f"  archive {name:>12}: coverage {st['coverage']:.3f}  QD score {st['qd_score']:.3f}  "
@@ -90,10 +129,46 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
+    """Resume, after checking the run directory (lock, state, metrics, genome digests)
+    before any model is built; ``--from-snapshot N`` rewinds to a snapshot first,
+    ``--generations N`` changes the run's length (also of a finished run)."""
     from cycleqd.config import load_config
+    from cycleqd.engine.loop import build_archives, seed_ids
+    from cycleqd.engine.rundir import (RunDir, RunLock, check_resume, check_snapshot, extend_run,
+                                       finish_pending_config)
 
-    cfg = load_config(Path(args.run_dir) / "config.yaml")
-    return _run(cfg, Path(args.run_dir), resume=True, args=args)
+    rd = RunDir(args.run_dir)
+    if not rd.config.exists():
+        raise FileNotFoundError(f"{rd.root} is not a cycleqd run directory (no config.yaml)")
+    lock = RunLock.acquire_for(rd.root)
+    try:
+        finish_pending_config(rd)
+        cfg = load_config(rd.config)
+        expected, seeds = build_archives(cfg), seed_ids(cfg)
+        snap = args.from_snapshot
+        if snap is not None:
+            _, why = check_snapshot(rd, snap, cfg, expected, seeds)
+            if why:
+                raise ValueError(f"cannot resume from snapshot {snap}: {why}")
+        if args.generations is not None and args.generations != cfg.qd.generations:
+            if snap is not None:
+                raise ValueError("--from-snapshot and --generations: resume from the snapshot first")
+            point = check_resume(rd, cfg, expected, seeds)
+            if point.state is None:
+                raise ValueError(f"{rd.root}: nothing committed yet; start it again with `cycleqd run`")
+            new_cfg = load_config(rd.config, {"qd.generations": args.generations})
+            print(extend_run(rd, point.state, new_cfg), file=sys.stderr)
+            cfg = new_cfg
+        elif snap is None:
+            point = check_resume(rd, cfg, expected, seeds)     # refuse before building any model
+            st = point.state
+            if st and st["generation"] >= cfg.qd.generations and st["aggregate"] is not None:
+                print(f"run already complete ({st['generation']} generations): {rd.root}; nothing to do "
+                      f"(extend it with `cycleqd resume {rd.root} --generations N`)")
+                return 0
+        return _run(cfg, rd.root, resume=True, args=args, from_snapshot=snap)
+    finally:
+        lock.release()
 
 
 def cmd_validate(args) -> int:
@@ -167,8 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_exec(sp)
     sp.set_defaults(fn=cmd_run)
 
-    sp = sub.add_parser("resume", help="continue a run from its last complete generation")
+    sp = sub.add_parser("resume", help="continue a run from its last complete generation",
+                        description="Continue a run from its last complete generation. The run "
+                                    "directory is checked first (state, metrics, genome digests); "
+                                    "one process per run directory (RUN_DIR/.lock).")
     sp.add_argument("run_dir")
+    sp.add_argument("--from-snapshot", type=int, default=None, metavar="N",
+                    help="rewind to snapshot archives/gen_N.json first (when the newest state is "
+                         "damaged; the later generations are redone and come out the same)")
+    sp.add_argument("--generations", type=int, default=None, metavar="N",
+                    help="change the run's total number of generations (extends a finished run)")
     add_exec(sp)
     sp.set_defaults(fn=cmd_resume)
 
@@ -228,11 +311,26 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cycleqd.config import ConfigError
-
     _quiet_libraries()
 
     args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)   # like Ctrl-C: commit, then the hint
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
+    from cycleqd.config import ConfigError
+
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:
@@ -241,10 +339,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished generations are saved; continue with `cycleqd resume RUN_DIR`",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except OSError as e:
+        from cycleqd._io import is_disk_full
+
+        if is_disk_full(e):
+            print(_disk_full_message(e, getattr(args, "run_dir", None)), file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -16,13 +16,19 @@ makes every generation durable before the next begins.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cycleqd.config import RunConfig
-from cycleqd.engine.rundir import RunDir, atomic_write_json
+from cycleqd.engine.rundir import (STATE_FORMAT, RunDir, RunDirError, RunLock, atomic_write_json,
+                                   check_resume, link_snapshot_genomes, prune_snapshot_genomes,
+                                   restore_snapshot)
 from cycleqd.engine.store import GenomeStore
 from cycleqd.executors.base import Executor, Job, JobResult, WorkerContext
 from cycleqd.executors.local import LocalExecutor
@@ -56,6 +62,7 @@ class RunResult:
     generation: int
     aggregate: dict[str, float] | None = None
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    complete: bool = False   # True when a resume found the run already complete (nothing done)
 
 
 def build_archives(cfg: RunConfig) -> list[GridArchive]:
@@ -95,6 +102,31 @@ def _record(res: JobResult, entered: list[str], archives: Sequence[GridArchive],
             "wall_s": round(time.time() - started, 3)}
 
 
+@contextmanager
+def _commit_section():
+    """Hold SIGINT/SIGTERM while a generation is being committed (metrics line, archives,
+    snapshot, state), then deliver them: an interrupted run always stops on a committed
+    generation. Only in the main thread (signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, lambda s, f: caught.append(s))
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        for sig in caught[:1]:
+            h = old[sig]
+            if callable(h):
+                h(sig, None)
+            elif h == signal.SIG_DFL:
+                signal.raise_signal(sig)
+
+
 class _Progress:
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
@@ -120,7 +152,8 @@ class CycleQDRun:
     """One run: fresh (``resume=False``) or continued from the last complete generation."""
 
     def __init__(self, cfg: RunConfig, components: Components, run_dir: str | Path, *,
-                 resume: bool = False, executor: Executor | None = None, progress: bool = True):
+                 resume: bool = False, executor: Executor | None = None, progress: bool = True,
+                 from_snapshot: int | None = None):
         self.cfg, self.c, self.rd = cfg, components, RunDir(run_dir)
         if len(components.skills) != len(cfg.skills):
             raise ValueError(f"{len(components.skills)} skill evaluators for {len(cfg.skills)} configured skills")
@@ -135,51 +168,97 @@ class CycleQDRun:
             raise ValueError(f"{len(experts)} expert genomes for {len(cfg.skills)} skills")
         seeds = dict(zip(seed_ids(cfg), list(experts) + ([components.space.base_genome()]
                                                          if cfg.model.seed_with_base else [])))
-        if resume and self.rd.state.exists():
-            state = self.rd.load_state()
-            if state["config_fingerprint"] != cfg.fingerprint():
-                raise ValueError(f"{self.rd.root}: config differs from the one the run started with "
-                                 f"({self.rd.config}); resume with that config")
-        elif resume:  # killed while the seed models were being scored: score them again
-            if not self.rd.config.exists():
-                raise FileNotFoundError(f"{self.rd.root} is not a cycleqd run directory (no config.yaml)")
-            self.rd.truncate_metrics(-1)
-            resume = False
-        else:
-            self.rd.create(cfg.to_yaml())
-        self.store = GenomeStore(self.rd.genomes, components.space, seeds)
+        if resume and not self.rd.config.exists():
+            raise FileNotFoundError(f"{self.rd.root} is not a cycleqd run directory (no config.yaml)")
+        # one process per run directory, for the run's life (released at the end of run())
+        self.lock = RunLock.acquire_for(self.rd.root)
+        self._lock_finalizer = weakref.finalize(self, self.lock.release)
+        try:
+            self._state: dict | None = None
+            suffix = components.space.genome_suffix
+            self.notes: list[str] = []
+            if resume and from_snapshot is not None:
+                self.notes.append(restore_snapshot(self.rd, from_snapshot, cfg, build_archives(cfg),
+                                                   seed_ids(cfg), genome_suffix=suffix))
+            if resume:
+                point = check_resume(self.rd, cfg, build_archives(cfg), seed_ids(cfg), genome_suffix=suffix)
+                if point.fresh:  # killed while the seed models were being scored: score them again
+                    self.rd.truncate_metrics(-1)
+                    resume = False
+                self._state = point.state
+            else:
+                self.rd.create(cfg.to_yaml())
+            if self.lock.took_over:
+                t = self.lock.took_over
+                self.notes.append(f"took over the lock of pid {t.get('pid')} on {t.get('host')}, "
+                                  f"which ended without releasing it")
+            self.store = GenomeStore(self.rd.genomes, components.space, seeds)
+        except BaseException:
+            self.close()
+            raise
         self.ctx = WorkerContext(components.space, self.store, components.adapter, components.skills,
                                  cfg.fingerprint())
         self.executor = executor or LocalExecutor(self.ctx)
         self.progress = progress
         self.generation = 0
         self.aggregate: dict[str, float] | None = None
+        self.digests: dict[str, str] = {}   # stored genome id -> sha256 recorded at write time
         self._resume = resume
         self._started = time.time()
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; done at the end of :meth:`run`)."""
+        self._lock_finalizer()
+
+    @property
+    def complete(self) -> bool:
+        """All generations done and the aggregate made (per the validated state, on resume)."""
+        st = self._state if self._resume else None
+        return bool(st) and st["generation"] >= self.cfg.qd.generations and st["aggregate"] is not None
 
     # -- persistence -------------------------------------------------------------------
     def _checkpoint(self, in_flight: Sequence[Job] = ()) -> None:
         archives = [a.to_json() for a in self.archives]
         stats = {a.quality_skill: archive_stats(a) for a in self.archives}
         g = self.generation
+        referenced = {e.id for a in self.archives for _, e in a} - set(self.store.seeds)
+        referenced |= {"aggregate"} if self.aggregate is not None else set()
+        digests = {m: self.digests[m] for m in sorted(referenced)}
         atomic_write_json(self.rd.archives, {"generation": g, "stats": stats, "archives": archives})
         if g % self.cfg.qd.snapshot_every == 0 or g == self.cfg.qd.generations:
-            atomic_write_json(self.rd.snapshots / f"gen_{g:06d}.json", {"generation": g, "archives": archives})
+            elites = {m: self.store.path(m) for m in sorted(referenced - {"aggregate"})}
+            link_snapshot_genomes(self.rd, g, elites)
+            atomic_write_json(self.rd.snapshot(g), {"generation": g, "archives": archives,
+                                                    "genomes": {m: digests[m] for m in elites}})
         atomic_write_json(self.rd.state, {
+            "format": STATE_FORMAT,
             "generation": g, "config_fingerprint": self.cfg.fingerprint(), "seed": self.cfg.seed,
             "rng": "every random draw is derived from (seed, generation, purpose): nothing else to restore",
-            "archives": archives, "aggregate": self.aggregate})
+            "archives": archives, "aggregate": self.aggregate, "genomes": digests})
         keep = {e.id for a in self.archives for _, e in a} | {"aggregate"}
         keep |= {p for j in in_flight for p in j.parents} | {j.child_id for j in in_flight}
         self.store.gc(keep - set(self.store.seeds))
+        self.digests = {m: d for m, d in self.digests.items() if m in keep}
+        prune_snapshot_genomes(self.rd)
 
     def _restore(self) -> None:
-        state = self.rd.load_state()
+        state = self._state if self._state is not None else self.rd.load_state()
         self.archives[:] = [GridArchive.from_json(a) for a in state["archives"]]
         self.scheduler.archives = self.archives
         self.generation = int(state["generation"])
         self.aggregate = state.get("aggregate")
-        self.rd.truncate_metrics(self.generation)
+        if state.get("genomes") is not None:
+            self.digests = dict(state["genomes"])
+        else:  # a state written before digests were recorded: prove each genome loads, then record
+            ids = {e.id for a in self.archives for _, e in a} - set(self.store.seeds)
+            ids |= {"aggregate"} if self.aggregate is not None else set()
+            for m in sorted(ids):
+                try:
+                    self.store.get(m)
+                except (KeyError, ValueError) as e:
+                    raise RunDirError(f"{self.rd.state} references a bad genome: {e}") from None
+                self.digests[m] = self.store.seal(m)
+        self.rd.truncate_metrics(self.generation, keep_aggregate=self.aggregate is not None)
         self.scheduler.reset_pending(self.generation + 1)
 
     # -- the algorithm -----------------------------------------------------------------
@@ -194,7 +273,24 @@ class CycleQDRun:
         self._checkpoint()
 
     def run(self, stop_after: int | None = None) -> RunResult:
-        """Run (or continue) until ``qd.generations`` (or ``stop_after`` more generations)."""
+        """Run (or continue) until ``qd.generations`` (or ``stop_after`` more generations).
+        A resumed run that is already complete returns at once and changes nothing. The run
+        directory's lock is released when this returns or raises."""
+        try:
+            if self.complete:
+                self._restore_archives_only()
+                return RunResult(self.rd.root, self.archives, self.generation, self.aggregate,
+                                 {a.quality_skill: archive_stats(a) for a in self.archives}, complete=True)
+            return self._run(stop_after)
+        finally:
+            self.close()
+
+    def _restore_archives_only(self) -> None:
+        st = self._state
+        self.archives[:] = [GridArchive.from_json(a) for a in st["archives"]]
+        self.generation, self.aggregate = int(st["generation"]), st["aggregate"]
+
+    def _run(self, stop_after: int | None) -> RunResult:
         if self._resume:
             self._restore()
         else:
@@ -220,9 +316,12 @@ class CycleQDRun:
                 if entered and not res.saved:
                     raise RuntimeError(f"generation {job.generation}: child entered {entered} but its "
                                        f"genome was not saved")
+                if entered:
+                    self.digests[job.child_id] = self.store.seal(job.child_id)   # fsync + sha256
                 self.generation = job.generation
-                self.rd.append_metrics(_record(res, entered, self.archives, self._started))
-                self._checkpoint(in_flight)
+                with _commit_section():   # SIGINT/SIGTERM wait until the generation is committed
+                    self.rd.append_metrics(_record(res, entered, self.archives, self._started))
+                    self._checkpoint(in_flight)
                 bar.update(self.archives[job.skill].quality_skill, self.archives)
         finally:
             bar.close()
@@ -230,7 +329,8 @@ class CycleQDRun:
                 self.executor.close()
         if self.generation == total and self.aggregate is None:
             self.aggregate = self._aggregate()
-            self._checkpoint()
+            with _commit_section():
+                self._checkpoint()
         from cycleqd.engine.plots import plot_all_maps
         plot_all_maps(self.archives, self.rd.maps, seed_ids=set(self.store.seeds))
         return RunResult(self.rd.root, self.archives, self.generation, self.aggregate,
@@ -251,6 +351,7 @@ class CycleQDRun:
         genome = aggregate(self.c.space, genomes, qualities, method=op.name, **op.kwargs())
         merge_s = time.perf_counter() - t
         self.store.put("aggregate", genome)
+        self.digests["aggregate"] = self.store.seal("aggregate")
         self.executor.submit(Job(self.cfg.qd.generations + 1, 0, (), "aggregate", self.cfg.seed))
         res = self.executor.next_result()
         rec = _record(res, [], self.archives, self._started)

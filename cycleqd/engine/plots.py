@@ -13,7 +13,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cycleqd._io import atomic_file  # noqa: E402
 from cycleqd.qd.archive import GridArchive  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    """``fig.savefig`` to a temp file, fsync, rename: a reader never sees half a PNG."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
 
 
 def quality_grid(archive: GridArchive) -> np.ndarray:
@@ -30,7 +37,7 @@ def quality_grid(archive: GridArchive) -> np.ndarray:
 
 def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] = (),
                    title: str | None = None, ax=None) -> Path:
-    """Draw one archive's elite map to ``path`` (PNG)."""
+    """Draw one archive's elite map to ``path`` (PNG, written atomically)."""
     grid = quality_grid(archive)
     own = ax is None
     if own:
@@ -57,7 +64,7 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
     plt.colorbar(im, ax=ax, label=f"{archive.quality_skill} (quality)")
     if own:
         fig.tight_layout()
-        fig.savefig(path)
+        _save(fig, path)
         plt.close(fig)
     return Path(path)
 
@@ -75,7 +82,7 @@ def plot_all_maps(archives: Sequence[GridArchive], out_dir: Path, *, seed_ids: I
         plot_elite_map(a, out_dir / "unused.png", seed_ids=seed_ids, ax=ax)
     fig.tight_layout()
     combined = out_dir / f"elite_maps{suffix}.png"
-    fig.savefig(combined)
+    _save(fig, combined)
     plt.close(fig)
     return paths + [combined]
 
@@ -94,6 +101,6 @@ def plot_curves(metrics: Sequence[dict], path: Path) -> Path:
             ax.set_title(key.replace("_", " "))
         axs[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)

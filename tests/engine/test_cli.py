@@ -39,3 +39,18 @@ def test_run_then_report_renders_markdown_and_html(tmp_path, cache_dir):
     html = (tmp_path / "run" / "report.html").read_text()
     assert "<table>" in html and "<img" in html
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_resume_help_names_the_recovery_options(capsys):
+    try:
+        main(["resume", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    assert "--from-snapshot" in out and "--generations" in out and ".lock" in out
+
+
+def test_resume_of_something_that_is_not_a_run(tmp_path, capsys):
+    assert main(["resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path} is not a cycleqd run directory (no config.yaml)"

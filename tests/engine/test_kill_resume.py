@@ -72,3 +72,27 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, ca
     assert [m["generation"] for m in lines] == [m["generation"] for m in ref_lines]  # each exactly once
     assert [m["scores"] for m in lines] == [m["scores"] for m in ref_lines]
     assert [m["parents"] for m in lines] == [m["parents"] for m in ref_lines]
+
+
+def test_same_archives_as_another_checkout(tmp_path, cache_dir):
+    """Opt-in (``CYCLEQD_COMPARE_WITH=/path/to/other/checkout``): the same config and seed run
+    with this checkout's code and with the other's give the same archives, aggregate and
+    metrics apart from timings (checks that checkpointing changes leave the search alone)."""
+    import pytest
+
+    other = os.environ.get("CYCLEQD_COMPARE_WITH")
+    if not other:
+        pytest.skip("set CYCLEQD_COMPARE_WITH to another checkout to compare with")
+    here = str(Path(__file__).resolve().parents[2])
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config_dict(cache_dir, generations=20)))
+    for name, root in (("here", here), ("other", other)):
+        subprocess.run(_cmd("run", str(cfg_path), "--out", str(tmp_path / name)), check=True,
+                       env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": root}, cwd=root,
+                       stdout=subprocess.DEVNULL)
+    states = [json.loads((tmp_path / n / "state.json").read_text()) for n in ("here", "other")]
+    assert states[0]["archives"] == states[1]["archives"]
+    assert states[0]["aggregate"] == states[1]["aggregate"]
+    strip = [[{k: v for k, v in json.loads(l).items() if k not in ("timings", "wall_s")}
+              for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("here", "other")]
+    assert strip[0] == strip[1]
