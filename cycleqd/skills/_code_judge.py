@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cycleqd.skills import _code_wire as wire
 from cycleqd.skills.data_code import CodeProblem
 
 #: Bump whenever the judge's semantics change (part of CodingSkill.cache_key).
@@ -211,10 +213,15 @@ def _run_driver(mode: str, jobs: list[dict], limits: ExecLimits) -> dict[str, di
             continue
         if isinstance(row, dict) and isinstance(row.get("id"), str):
             out[row["id"]] = row
-    if not out and res.returncode not in (0, None) and not res.killed:
+    if len(out) < len(jobs):
         err = (res.stderr or "").strip().splitlines()
-        if err:  # a broken driver is a bug of ours: say so instead of failing samples quietly
-            raise RuntimeError(f"coding judge driver failed: {err[-1][:300]}")
+        why = res.killed or (err[-1][:200] if err else f"exit {res.returncode}")
+        if mode == "record" and not out and res.returncode not in (0, None) and not res.killed:
+            # only trusted code runs here: a broken driver is a bug to report, not a score
+            raise RuntimeError(f"coding judge driver failed: {why}")
+        for j in jobs:
+            out.setdefault(j["id"], {"id": j["id"], "status": "no_verdict", "detail": why,
+                                     "calls": [], "passed": False, "missing": []})
     return out
 
 
@@ -233,7 +240,7 @@ def _run_jobs(mode: str, jobs: list[dict], limits: ExecLimits, workers: int,
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(groups)))) as pool:
         for part in pool.map(lambda g: _run_driver(mode, g, limits), groups):
             out.update(part)
-    left = [j for j in jobs if j["id"] not in out]
+    left = [j for j in jobs if out.get(j["id"], {}).get("status") == "no_verdict"]
     if left:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(left)))) as pool:
             for part in pool.map(lambda j: _run_driver(mode, [j], limits), left):
@@ -292,9 +299,16 @@ def run_candidate(program: CodeProgram, calls: Sequence[str],
     from cycleqd.sandbox import run_sandboxed
 
     calls = list(calls)
+    blobs = []
+    for key in calls:
+        try:
+            blobs.append(marshal.dumps(wire.decode_call(key)))
+        except (ValueError, wire.WireError) as e:  # e.g. a bytearray or range argument
+            return CandidateRun(failure=Verdict(False, "judge_error",
+                                                f"input not transferable: {e}"[:200]))
     res = run_sandboxed(_PY + ["/cq/harness.py", str(limits.max_result_bytes)], files={
         "/cq/wire.py": _WIRE_SRC, "/cq/harness.py": _HARNESS_SRC,
-        "/cq/solution.py": program.solution, "/cq/calls.json": json.dumps(calls)},
+        "/cq/solution.py": program.solution, "/cq/calls.bin": marshal.dumps(blobs)},
         limits=limits.sandbox_limits(), workdir="/root", env=_ENV)
     run = CandidateRun(wall_s=res.wall_s)
     err = (res.stderr or "").strip().splitlines()
@@ -387,7 +401,8 @@ def judge_samples(samples: Mapping[str, tuple[CodeProblem, CodeProgram]],
             sid = job["id"]
             row = rows.get(sid)
             if row is None or row.get("status") not in _JUDGE_STATUS:
-                verdicts[sid] = Verdict(False, "judge_error", "the judge gave no verdict",
+                why = str((row or {}).get("detail", ""))[:200]
+                verdicts[sid] = Verdict(False, "judge_error", f"the judge gave no verdict: {why}",
                                         walls[sid])
                 continue
             status, detail = row["status"], str(row.get("detail", ""))[:300]

@@ -40,7 +40,8 @@ plain data, whatever the candidate sends.
 
 from __future__ import annotations
 
-import json
+# ``json`` imports ``re`` (~30 ms of start-up per candidate sandbox): imported lazily, the
+# candidate's harness writes its results with :func:`to_text` instead.
 
 MAX_DEPTH = 100
 MAX_ITEMS = 1_000_000
@@ -51,8 +52,55 @@ class WireError(ValueError):
     """A value that is not plain data (or too big / too deep) for the wire."""
 
 
+_ESC = {i: "\\u%04x" % i for i in range(0x20)}
+_ESC.update({ord('"'): '\\"', ord("\\"): "\\\\", 0x7F: "\\u007f"})
+
+
+def to_text(enc: object) -> str:
+    """Encoded structure (lists, str, int, bool, None) -> single-line JSON text (non-ASCII
+    kept as is, lone surrogates escaped) without importing ``json``."""
+    parts: list[str] = []
+    stack = [enc]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, _Raw):
+            parts.append(x.text)
+        elif x is None:
+            parts.append("null")
+        elif x is True:
+            parts.append("true")
+        elif x is False:
+            parts.append("false")
+        elif type(x) is int:
+            parts.append(str(x))
+        elif type(x) is str:
+            t = x.translate(_ESC)
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates -> \udxxx escapes (valid JSON)
+                t = t.encode("utf-8", "backslashreplace").decode("utf-8")
+            parts.append('"' + t + '"')
+        elif type(x) is list:
+            stack.append(_Raw("]"))
+            for i in range(len(x) - 1, -1, -1):
+                stack.append(x[i])
+                if i:
+                    stack.append(_Raw(","))
+            stack.append(_Raw("["))
+        else:
+            raise WireError(f"cannot write {type(x).__name__}")
+    return "".join(parts)
+
+
+class _Raw:
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
 def _sort_key(enc: object) -> str:
-    return json.dumps(enc, separators=(",", ":"), ensure_ascii=True)
+    return to_text(enc)
 
 
 class Opaque:
@@ -197,12 +245,13 @@ def decode(j: object, depth: int = 0) -> object:
 
 
 def dumps(x: object) -> str:
-    """``json.dumps(encode(x))`` in one canonical, single-line, ASCII form."""
-    return json.dumps(encode(x), separators=(",", ":"), ensure_ascii=True)
+    """``encode(x)`` as canonical single-line JSON text."""
+    return to_text(encode(x))
 
 
 def loads(s: str) -> object:
     """Inverse of :func:`dumps` (``json.loads`` + :func:`decode`); raises WireError."""
+    import json
     try:
         return decode(json.loads(s))
     except WireError:
@@ -213,12 +262,12 @@ def loads(s: str) -> object:
 
 def call_key(name: str, args: tuple, kwargs: dict) -> str:
     """Canonical text of one call ``name(*args, **kwargs)`` (arguments as plain data)."""
-    return json.dumps([name, encode(list(args)), [[k, encode(v)] for k, v in sorted(kwargs.items())]],
-                      separators=(",", ":"), ensure_ascii=True)
+    return to_text([name, encode(list(args)), [[k, encode(v)] for k, v in sorted(kwargs.items())]])
 
 
 def decode_call(key: str) -> tuple[str, list, dict]:
     """Inverse of :func:`call_key`: (name, args, kwargs) as fresh objects."""
+    import json
     name, args, kwargs = json.loads(key)
     return name, decode(args), {k: decode(v) for k, v in kwargs}
 
@@ -262,18 +311,18 @@ def encode_result(x: object) -> str:
     t = type(x)
     name = t.__name__
     if name == "dict_keys":
-        return json.dumps(["dk", [encode(normalize(v), opaque=True) for v in x]], separators=(",", ":"))
+        return to_text(["dk", [encode(normalize(v), opaque=True) for v in x]])
     if name == "dict_values":
-        return json.dumps(["dv", [encode(normalize(v), opaque=True) for v in x]], separators=(",", ":"))
+        return to_text(["dv", [encode(normalize(v), opaque=True) for v in x]])
     if name == "dict_items":
         pairs = [[encode(normalize(k), opaque=True), encode(normalize(v), opaque=True)]
                  for k, v in x]
-        return json.dumps(["di", pairs], separators=(",", ":"))
+        return to_text(["di", pairs])
     if hasattr(t, "__next__") and hasattr(t, "__iter__"):
         items = []
         for v in x:
             items.append(encode(normalize(v), opaque=True))
             if len(items) > MAX_ITEMS:
                 raise WireError(f"more than {MAX_ITEMS} items")
-        return json.dumps(["it", items], separators=(",", ":"))
-    return json.dumps(encode(normalize(x), opaque=True), separators=(",", ":"), ensure_ascii=True)
+        return to_text(["it", items])
+    return to_text(encode(normalize(x), opaque=True))
