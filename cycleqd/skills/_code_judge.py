@@ -48,9 +48,10 @@ _HERE = Path(__file__).resolve().parent
 _WIRE_SRC = (_HERE / "_code_wire.py").read_text(encoding="utf-8")
 _HARNESS_SRC = (_HERE / "_code_harness.py").read_text(encoding="utf-8")
 _DRIVER_SRC = (_HERE / "_code_driver.py").read_text(encoding="utf-8")
-#: Hash of everything that runs in the sandboxes (also part of the cache key).
-JUDGE_SOURCE_HASH = hashlib.sha256(
-    "\0".join([JUDGE_VERSION, _WIRE_SRC, _HARNESS_SRC, _DRIVER_SRC]).encode()).hexdigest()[:16]
+#: Hash of the judge's code, host side and sandbox side (also part of the cache key).
+JUDGE_SOURCE_HASH = hashlib.sha256("\0".join([
+    JUDGE_VERSION, Path(__file__).read_text(encoding="utf-8"), _WIRE_SRC, _HARNESS_SRC,
+    _DRIVER_SRC]).encode()).hexdigest()[:16]
 _ENV = {"PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
 _PY = ["python3", "-s", "-B"]
 
@@ -83,8 +84,9 @@ class ExecLimits:
     """Per-sample sandbox limits of the coding skill.
 
     Attributes:
-        timeout_s: wall-clock seconds of one candidate run (also its CPU-seconds budget),
-            and of the judge's test code per sample.
+        timeout_s: CPU seconds of one candidate run (its wall clock may take twice that
+            plus 1 s, so a loaded machine does not turn slow-but-correct programs into
+            timeouts), and the wall-clock time of the judge's test code per sample.
         memory_mb: memory per candidate run, MiB (total and per-process address space).
         max_processes: processes + threads alive at once in a candidate run.
         max_output_bytes: bytes of the candidate's own prints kept (more kills the run).
@@ -116,7 +118,8 @@ class ExecLimits:
     def sandbox_limits(self):
         """:class:`~cycleqd.sandbox.SandboxLimits` of one candidate run."""
         from cycleqd.sandbox import SandboxLimits
-        return SandboxLimits(cpu_seconds=float(self.timeout_s), wall_seconds=float(self.timeout_s),
+        return SandboxLimits(cpu_seconds=float(self.timeout_s),
+                             wall_seconds=2.0 * float(self.timeout_s) + 1.0,
                              memory_bytes=self.memory_mb << 20, max_processes=self.max_processes,
                              max_output_bytes=self.max_output_bytes + self.max_result_bytes,
                              max_file_bytes=16 << 20, tmpfs_bytes=64 << 20)
