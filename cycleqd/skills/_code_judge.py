@@ -383,8 +383,9 @@ def judge_samples(samples: Mapping[str, tuple[CodeProblem, CodeProgram]],
         if not todo:
             break
         ids = list(todo)
+        asks = [(samples[s][1], todo[s]) for s in ids]
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(ids)))) as pool:
-            runs = list(pool.map(lambda s: run_candidate(samples[s][1], todo[s], limits), ids))
+            runs = list(pool.map(lambda a: run_candidate(a[0], a[1], limits), asks))
         jobs = []
         for sid, run in zip(ids, runs):
             walls[sid] += run.wall_s

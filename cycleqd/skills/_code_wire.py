@@ -107,7 +107,7 @@ class Opaque:
     """Stand-in for a result that is not plain data: only its type name and truth value.
     Compares equal to nothing but itself (object identity); not hashable-equal to values."""
 
-    __slots__ = ("type_name", "truth")
+    __slots__ = ("truth", "type_name")
 
     def __init__(self, type_name: str, truth: bool) -> None:
         self.type_name, self.truth = type_name, truth

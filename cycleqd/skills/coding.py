@@ -53,8 +53,6 @@ import json
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +88,11 @@ _CODE_START_RE = re.compile(
     r"|[A-Za-z_][A-Za-z0-9_]*\s*(?::[^=\n]+)?=(?!=))", re.MULTILINE)
 
 
+#: What ``ast.parse`` raises on code it cannot take: besides SyntaxError/ValueError, deeply
+#: nested input (a reply of thousands of ``-`` or ``(``) raises RecursionError/MemoryError.
+_UNPARSEABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
+
+
 def _parse(code: str) -> ast.Module:
     """``ast.parse`` without SyntaxWarnings (e.g. invalid escapes in model code)."""
     with warnings.catch_warnings():
@@ -107,7 +110,7 @@ def _parseable_prefix(code: str) -> str | None:
         try:
             _parse(text)
             return text + "\n"
-        except (SyntaxError, ValueError):
+        except _UNPARSEABLE:
             continue
     return None
 
@@ -187,7 +190,7 @@ def _add_helpers(code: str, others: Sequence[str]) -> str:
     """Prepend imports and needed top-level definitions found in other blocks."""
     try:
         tree = _parse(code)
-    except SyntaxError:
+    except _UNPARSEABLE:
         return code
     defined = set(_top_level_defs(tree))
     missing = _names_used(tree.body) - defined
@@ -217,7 +220,7 @@ def sanitize_code(code: str, entry_point: str | None = None) -> str:
     """
     try:
         tree = _parse(code)
-    except (SyntaxError, ValueError):
+    except _UNPARSEABLE:
         return code
     lines = code.splitlines()
     defs = [n for n in tree.body

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from cycleqd.skills import _code_judge, _code_wire as wire
+from cycleqd.skills import _code_judge
+from cycleqd.skills import _code_wire as wire
 from cycleqd.skills.coding import CodingSkill, ExecLimits, build_program, run_program
 from cycleqd.skills.data_code import CodeProblem, load_mbpp
 
