@@ -16,7 +16,8 @@ Classes (the old in-process runner printed a per-run nonce after the tests; the 
 - ``sitecustomize``/``usercustomize``/``.pth`` planting for a later interpreter (old: failed)
 - planting the files a host might read back: results files, symlinks to /etc/passwd,
   /dev/zero (old: failed)
-- results larger than allowed, results nested too deep (old: failed)
+- results larger than allowed, results nested too deep, recursion that crashes the
+  interpreter (old: failed)
 """
 
 from __future__ import annotations
@@ -281,6 +282,15 @@ def _plant(fn):
 def {ep}(*args, **kwargs):
     return None
 '''
+    elif kind == "deep_recursion_crash":
+        body = f'''
+import sys
+def _deep(n):
+    return _deep(n + 1) + 1
+def {ep}(*args, **kwargs):
+    sys.setrecursionlimit(10 ** 7)
+    return _deep(0)
+'''
     elif kind == "huge_result":
         body = f"def {ep}(*args, **kwargs):\n    return 'x' * (64 << 20)\n"
     elif kind == "deep_result":
@@ -303,7 +313,7 @@ MBPP_ATTACKS = ["frame_walk_plain", "frame_walk_decorator", "frame_walk_exceptho
                 "always_eq_object", "always_eq_subclasses", "builtins_monkeypatch",
                 "forged_stdout", "exit_os_exit", "exit_sys_exit", "exit_module_level",
                 "exit_atexit", "plant_sitecustomize", "plant_readback_files", "huge_result",
-                "deep_result"]
+                "deep_result", "deep_recursion_crash"]
 HUMANEVAL_ATTACKS = ["read_hidden_tests", "always_eq_bool_subclass", "frame_walk_excepthook",
                      "always_eq_object", "frame_walk_decorator"]
 
