@@ -24,15 +24,20 @@ max 512 new tokens and the system message below):
    first ``def``/``import``/``class`` line; then :func:`sanitize_code` keeps only imports,
    definitions and the module-level assignments they use (the model's own demo calls,
    prints, asserts and ``__main__`` blocks are dropped, as evalplus' sanitizer does).
-4. **Execution**: program = setup + solution + the benchmark's tests, run by a fixed runner
-   in a fresh bubblewrap sandbox per problem (:func:`cycleqd.sandbox.run_sandboxed`: no
-   network, throw-away filesystem, CPU/memory/process/output limits). A sandbox start costs
-   ~25 ms on this machine, so problems are not batched into one sandbox: each has its own,
-   and one problem's hang, crash or hostility cannot touch another's result. Problems run
-   ``workers`` at a time.
-5. **Verdict**: pass iff the program exits 0, was not killed, and the runner printed a
-   per-run random nonce (read from stdin before the solution runs, then stdin is closed)
-   as its last line -- so ``os._exit(0)``/``sys.exit(0)`` inside the solution fails.
+4. **Execution** (:mod:`cycleqd.skills._code_judge`): the candidate never runs together
+   with the tests. Its sandbox (a fresh bubblewrap sandbox per sample: no network,
+   throw-away filesystem, CPU/memory/process/output limits) holds setup + solution + a
+   harness + the test *inputs* (recorded once per problem by running the tests on the
+   reference solution in a separate, trusted sandbox); it prints each call's return value
+   as plain-data JSON. No test code or expected value is ever inside it.
+5. **Verdict**: a third sandbox that never holds candidate code runs the benchmark's own
+   test code with the tested function replaced by a replay of those plain-data results
+   (so ``==``, ``math.isclose``, ``set(...)`` and HumanEval's ``check`` loops apply
+   unchanged, over builtin values rebuilt by the judge). Pass iff every call gave a result,
+   the run was not killed and the tests completed. Forged ``__eq__``, patched builtins,
+   stack walks, early exits and printed "pass" lines cannot reach that process. Any
+   failure while extracting or judging a sample is that sample's failed :class:`Verdict`
+   with its reason. See docs/graders.md ("Coding").
 
 Score: quality = pass@1 over the split's problems. Sub-scores (BCs when this skill is not
 the quality): pass rates over ``n_chunks`` fixed, contiguous problem chunks of size
@@ -46,14 +51,19 @@ import ast
 import hashlib
 import json
 import re
-import secrets
 import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cycleqd.skills._code_judge import (
+    JUDGE_SOURCE_HASH,
+    JUDGE_VERSION,
+    CodeProgram,
+    ExecLimits,
+    Verdict,
+    judge_samples,
+)
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_keys, model_key
 from cycleqd.skills.data_code import CodeProblem, load_code_problems
@@ -67,26 +77,7 @@ MBPP_TEMPLATE = ("You are an expert Python programmer, and here is your task: {t
 HUMANEVAL_TEMPLATE = ("Complete the following Python function. Write the complete function "
                       "(signature included) in a single ```python code block.\n\n"
                       "```python\n{prompt}```")
-_PROGRAM_VERSION = "2"  # bump when the runner or program assembly changes (cache key)
-
-# The fixed runner executed inside the sandbox. It reads the nonce first, closes stdin, runs
-# the program in a fresh namespace, and writes the nonce only if the program returned.
-_RUNNER = r'''
-import os, sys
-def _cq_run():
-    nonce = sys.stdin.readline().strip()
-    sys.stdin.close()
-    os.close(0)
-    with open("/root/solution.py", encoding="utf-8") as f:
-        src = f.read()
-    code = compile(src, "solution.py", "exec")
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    exec(code, namespace)
-    return nonce
-_cq_n = _cq_run()
-sys.stdout.flush()
-os.write(1, ("\n" + _cq_n + "\n").encode())
-'''
+_PROGRAM_VERSION = "3"  # bump when program assembly changes (cache key; judge: JUDGE_VERSION)
 
 
 # ------------------------------------------------------------------------ extraction
@@ -95,6 +86,11 @@ _PY_LANGS = {"", "python", "py", "python3", "py3", "pycon", "python2"}
 _CODE_START_RE = re.compile(
     r"^(?:(?:async\s+def|def|class|import|from\s+\S+\s+import)\b|@"
     r"|[A-Za-z_][A-Za-z0-9_]*\s*(?::[^=\n]+)?=(?!=))", re.MULTILINE)
+
+
+#: What ``ast.parse`` raises on code it cannot take: besides SyntaxError/ValueError, deeply
+#: nested input (a reply of thousands of ``-`` or ``(``) raises RecursionError/MemoryError.
+_UNPARSEABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
 
 
 def _parse(code: str) -> ast.Module:
@@ -114,7 +110,7 @@ def _parseable_prefix(code: str) -> str | None:
         try:
             _parse(text)
             return text + "\n"
-        except (SyntaxError, ValueError):
+        except _UNPARSEABLE:
             continue
     return None
 
@@ -194,7 +190,7 @@ def _add_helpers(code: str, others: Sequence[str]) -> str:
     """Prepend imports and needed top-level definitions found in other blocks."""
     try:
         tree = _parse(code)
-    except SyntaxError:
+    except _UNPARSEABLE:
         return code
     defined = set(_top_level_defs(tree))
     missing = _names_used(tree.body) - defined
@@ -224,7 +220,7 @@ def sanitize_code(code: str, entry_point: str | None = None) -> str:
     """
     try:
         tree = _parse(code)
-    except (SyntaxError, ValueError):
+    except _UNPARSEABLE:
         return code
     lines = code.splitlines()
     defs = [n for n in tree.body
@@ -246,11 +242,15 @@ def sanitize_code(code: str, entry_point: str | None = None) -> str:
     return "\n\n".join(_segment(lines, n) for n in keep) + "\n"
 
 
-def build_program(problem: CodeProblem, code: str) -> str:
-    """The program run in the sandbox: setup + solution + the benchmark's tests.
+def build_program(problem: CodeProblem, code: str) -> CodeProgram:
+    """What runs in the candidate's sandbox: setup + solution, WITHOUT the tests (those run
+    only in the judge, see :mod:`cycleqd.skills._code_judge`).
 
     HumanEval: the problem's prompt goes first (its imports and helper functions), then the
     solution; a bare indented body is appended to the prompt as a completion.
+
+    Returns:
+        :class:`CodeProgram` (``str(program)`` is the candidate-side source).
     """
     parts = []
     if problem.setup_code:
@@ -264,96 +264,48 @@ def build_program(problem: CodeProblem, code: str) -> str:
             parts.append(code)
     else:
         parts.append(code)
-    parts.append(problem.test_code)
-    return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+    return CodeProgram(problem, "\n\n".join(p.rstrip("\n") for p in parts) + "\n")
+
+
+def prepare_program(problem: CodeProblem, reply: str) -> CodeProgram | Verdict:
+    """Reply -> program (extract, sanitize, assemble); any failure on the way (e.g. a parse
+    bomb making ``ast`` raise RecursionError/MemoryError) is returned as a failed
+    :class:`Verdict` with status ``extract_error`` instead of raised."""
+    try:
+        return build_program(problem, sanitize_code(extract_code(reply, problem.entry_point),
+                                                    problem.entry_point))
+    except Exception as e:  # noqa: BLE001 - one bad reply is one failed sample
+        return Verdict(False, "extract_error", f"{type(e).__name__}: {str(e)[:200]}")
 
 
 # ------------------------------------------------------------------------ execution
-@dataclass(frozen=True)
-class Verdict:
-    """Outcome of one program: ``status`` in pass | fail | error | timeout | memory |
-    output_limit | no_sentinel | sandbox_error; ``detail``: last stderr line or kill reason."""
-
-    passed: bool
-    status: str
-    detail: str = ""
-    wall_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class ExecLimits:
-    """Per-problem sandbox limits of the coding skill.
-
-    Attributes:
-        timeout_s: wall-clock seconds per problem (also its CPU-seconds budget).
-        memory_mb: memory per problem, MiB (total and per-process address space).
-        max_processes: processes + threads alive at once.
-        max_output_bytes: stdout/stderr kept per problem; more kills the program.
-    """
-
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
-    max_processes: int = 32
-    max_output_bytes: int = 64 * 1024
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
-            raise ValueError(f"ExecLimits.timeout_s must be > 0, got {self.timeout_s!r}")
-        if not (isinstance(self.memory_mb, int) and self.memory_mb >= 32):
-            raise ValueError(f"ExecLimits.memory_mb must be an int >= 32, got {self.memory_mb!r}")
-        if not (isinstance(self.max_processes, int) and self.max_processes >= 4):
-            raise ValueError(f"ExecLimits.max_processes must be an int >= 4, got {self.max_processes!r}")
-        if not (isinstance(self.max_output_bytes, int) and self.max_output_bytes >= 1024):
-            raise ValueError("ExecLimits.max_output_bytes must be an int >= 1024, got "
-                             f"{self.max_output_bytes!r}")
-
-    def sandbox_limits(self):
-        from cycleqd.sandbox import SandboxLimits
-        return SandboxLimits(cpu_seconds=float(self.timeout_s), wall_seconds=float(self.timeout_s),
-                             memory_bytes=self.memory_mb << 20, max_processes=self.max_processes,
-                             max_output_bytes=self.max_output_bytes,
-                             max_file_bytes=16 << 20, tmpfs_bytes=64 << 20)
+def run_program(program: CodeProgram, limits: ExecLimits = ExecLimits()) -> Verdict:
+    """Judge one program made by :func:`build_program` (candidate sandbox + separate judge).
+    Never raises for anything the program does; raises ``SandboxUnavailableError`` if no
+    sandbox can be made and ``TypeError`` for a plain string (a program with its tests
+    inside can no longer be judged: the candidate would see the tests)."""
+    if not isinstance(program, CodeProgram):
+        raise TypeError("run_program takes a CodeProgram from build_program(problem, code), "
+                        f"got {type(program).__name__}")
+    return judge_samples({"_": (program.problem, program)}, limits, workers=1)["_"]
 
 
-def run_program(program: str, limits: ExecLimits = ExecLimits()) -> Verdict:
-    """Run one program (solution + tests) in a fresh sandbox and judge it. Never raises for
-    anything the program does; raises ``SandboxUnavailableError`` if no sandbox can be made."""
-    from cycleqd.sandbox import run_sandboxed
-
-    nonce = secrets.token_hex(16)
-    res = run_sandboxed(["python3", "-I", "/root/run.py"], stdin=nonce + "\n",
-                        files={"/root/run.py": _RUNNER, "/root/solution.py": program},
-                        limits=limits.sandbox_limits(), workdir="/root")
-    err = (res.stderr or "").strip().splitlines()
-    last_err = err[-1][:300] if err else ""
-    if res.killed is not None or res.timed_out:
-        kind = {"wall_time": "timeout", "cpu_time": "timeout", "memory": "memory",
-                "output_limit": "output_limit"}.get(res.killed or "wall_time", res.killed or "killed")
-        return Verdict(False, kind, res.killed or "timed_out", res.wall_s)
-    if res.returncode != 0:
-        return Verdict(False, "error" if res.returncode is not None else "sandbox_error",
-                       last_err or f"exit {res.returncode}", res.wall_s)
-    out = (res.stdout or "").rstrip("\n").splitlines()
-    if not out or out[-1].strip() != nonce:
-        return Verdict(False, "no_sentinel", "exited 0 before the tests finished", res.wall_s)
-    return Verdict(True, "pass", "", res.wall_s)
-
-
-def run_programs(programs: Mapping[str, str], limits: ExecLimits = ExecLimits(), *,
+def run_programs(programs: Mapping[str, CodeProgram], limits: ExecLimits = ExecLimits(), *,
                  workers: int = 2) -> dict[str, Verdict]:
-    """Run many programs, each in its own sandbox, ``workers`` at a time.
+    """Judge many programs, ``workers`` sandboxes at a time.
 
     Returns:
         id -> :class:`Verdict` (same keys as ``programs``).
+    Raises:
+        ValueError: bad ``workers``; TypeError: a value that is not a CodeProgram.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
-    ids = list(programs)
-    if not ids:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(workers, len(ids))) as pool:
-        verdicts = list(pool.map(lambda i: run_program(programs[i], limits), ids))
-    return dict(zip(ids, verdicts))
+    bad = [k for k, v in programs.items() if not isinstance(v, CodeProgram)]
+    if bad:
+        raise TypeError(f"programs must be CodeProgram objects (build_program); not: {bad[:3]}")
+    return judge_samples({k: (v.problem, v) for k, v in programs.items()}, limits,
+                         workers=workers)
 
 
 def chunk_scores(outcomes: Sequence[float], n_chunks: int, prefix: str) -> dict[str, float]:
@@ -440,11 +392,13 @@ class CodingSkill:
     @property
     def cache_key(self) -> str:
         """Skill key of the per-sample cache: changes with anything that changes outcomes."""
-        cfg = {"v": _PROGRAM_VERSION, "dataset": self.dataset, "sys": self.system_prompt,
+        cfg = {"v": _PROGRAM_VERSION, "judge": [JUDGE_VERSION, JUDGE_SOURCE_HASH],
+               "dataset": self.dataset, "sys": self.system_prompt,
                "tpl": MBPP_TEMPLATE if self.dataset == "mbpp" else HUMANEVAL_TEMPLATE,
                "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
                "limits": [self.limits.timeout_s, self.limits.memory_mb,
-                          self.limits.max_processes, self.limits.max_output_bytes]}
+                          self.limits.max_processes, self.limits.max_output_bytes,
+                          self.limits.max_result_bytes]}
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
         return f"coding/{self.dataset}/{h}"
 
@@ -459,12 +413,16 @@ class CodingSkill:
         unknown = [i for i in replies if i not in by_id]
         if unknown:
             raise ValueError(f"unknown problem id(s): {unknown[:3]}")
-        programs = {}
+        programs: dict[str, CodeProgram] = {}
+        verdicts: dict[str, Verdict] = {}
         for pid, reply in replies.items():
-            p = by_id[pid]
-            programs[pid] = build_program(p, sanitize_code(extract_code(reply, p.entry_point),
-                                                           p.entry_point))
-        return run_programs(programs, self.limits, workers=self.workers)
+            prog = prepare_program(by_id[pid], reply)
+            if isinstance(prog, Verdict):
+                verdicts[pid] = prog
+            else:
+                programs[pid] = prog
+        verdicts.update(run_programs(programs, self.limits, workers=self.workers))
+        return {pid: verdicts[pid] for pid in replies}
 
     # -- the Skill protocol
     def evaluate(self, model: Any) -> SkillResult:
@@ -514,12 +472,14 @@ __all__ = [
     "HUMANEVAL_TEMPLATE",
     "MBPP_TEMPLATE",
     "OFFICIAL_SYSTEM_PROMPT",
+    "CodeProgram",
     "CodingSkill",
     "ExecLimits",
     "Verdict",
     "build_program",
     "chunk_scores",
     "extract_code",
+    "prepare_program",
     "run_program",
     "run_programs",
     "sanitize_code",

@@ -76,9 +76,11 @@ def _hostile_bodies(ctx: dict) -> dict[str, str]:
 
 
 def _sandbox_procs() -> list[int]:
-    """Host pids running as a sandbox uid or carrying the daemon marker."""
+    """Host pids running as one of THIS evaluator's sandbox uids (other evaluators on the
+    same host have their own uid ranges) or carrying the daemon marker."""
     from cycleqd.sandbox import bwrap
 
+    lo = bwrap._UID_BASE + ((os.getpid() & 0xFFFF) << 8)
     found = []
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():
@@ -92,7 +94,7 @@ def _sandbox_procs() -> list[int]:
             continue
         uid = int(next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1])
         zombie = any(ln.startswith("State:") and "Z" in ln for ln in status.splitlines())
-        if not zombie and (uid >= bwrap._UID_BASE or MARKER.encode() in cmd):
+        if not zombie and (lo <= uid < lo + 256 or MARKER.encode() in cmd):
             found.append(int(d))
     return found
 

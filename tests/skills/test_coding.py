@@ -200,7 +200,7 @@ def test_early_exit_is_not_a_pass(mbpp_all):
     for body in ("import os\n    os._exit(0)", "import sys\n    sys.exit(0)", "raise SystemExit(0)"):
         code = f"def {p.entry_point}(a, b):\n    {body}\n"
         v = run_program(build_program(p, code))
-        assert not v.passed and v.status in ("no_sentinel", "error"), (body, v)
+        assert not v.passed and v.status in ("no_result", "error"), (body, v)
 
 
 def test_timeout_verdict():
