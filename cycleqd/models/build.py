@@ -15,8 +15,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from cycleqd.models.loading import (Expert, LoadedModel, ModelLoadError, check_float, load_expert,
-                                    load_model, resident, resolve_source, tokenizer_files)
+from cycleqd.models.loading import (Expert, LoadedModel, ModelLoadError, check_finite, check_float,
+                                    load_expert, load_model, resident, resolve_source, tokenizer_files)
 from cycleqd.ops.base import CROSSOVERS, MUTATIONS
 from cycleqd.ops.crossover import make_crossover
 from cycleqd.ops.genome import SVDGenomeWeightSpace
@@ -118,8 +118,10 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
         ``(space, info)``.
     Raises:
         ValueError: bad operator names/parameters/genome choice, no experts.
-        FileNotFoundError / ModelLoadError: a source is missing, corrupt, or does not match
-            the base (the first mismatching tensor is named).
+        FileNotFoundError / ModelLoadError: a source is missing, corrupt, does not match
+            the base (the first mismatching tensor is named), or holds a weight that is NaN,
+            inf or beyond the float16 range (model and tensor named; checked before any
+            task vector, SVD or merge is computed).
     """
     if not experts:
         raise ValueError("model.experts: at least one expert is needed")
@@ -136,6 +138,7 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
         raise ModelLoadError(f"model.base {base!r} is a LoRA adapter; the base must be a full model")
     base_m: LoadedModel = load_model(base_src, cache_dir=cache_dir, gguf_dtype=gguf_dtype)
     check_float(base_m.state, f"base {base}")
+    check_finite(base_m.state, f"base {base}")  # NaN/inf/|w| > 65504: refuse before any compute
     loaded: list[Expert] = [load_expert(e, base_m, cache_dir=cache_dir, label=f"expert {i} ({e})",
                                         gguf_dtype=gguf_dtype) for i, e in enumerate(experts)]
 

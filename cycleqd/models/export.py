@@ -155,10 +155,12 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
     with 3 models about 13 GB + shard; use a smaller ``max_shard_bytes`` to trim it.
 
     Raises:
-        ModelLoadError / FileNotFoundError: as :func:`cycleqd.models.loading.load_expert`.
-        ValueError: bad crossover spec.
+        ModelLoadError / FileNotFoundError: as :func:`cycleqd.models.loading.load_expert`
+            (also for a base or model with NaN/inf/out-of-range weights).
+        ValueError: bad crossover spec, or a merged tensor that is not finite in the output
+            dtype (named; the output folder is not created).
     """
-    from cycleqd.models.loading import load_expert, load_model
+    from cycleqd.models.loading import check_finite, load_expert, load_model, non_finite_description
     from cycleqd.ops.crossover import make_crossover
 
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(
@@ -166,6 +168,7 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
     base_m = load_model(base, cache_dir=cache_dir)
+    check_finite(base_m.state, f"base {base}")
     experts = [load_expert(m, base_m, cache_dir=cache_dir, label=f"model {i} ({m})")
                for i, m in enumerate(models)]
     op = make_crossover(crossover, base=base_m.state)
@@ -177,7 +180,12 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
             b = base_m.state[name]
             taus = [e.task_vector[name] for e in experts]
             merged = op.merge_tensor(name, taus, state, g)
-            yield name, (b.float() + merged).to(dtype or b.dtype)
+            out = (b.float() + merged).to(dtype or b.dtype)
+            bad = non_finite_description(out)
+            if bad is not None:
+                raise ValueError(f"merged tensor {name!r} is not finite in {out.dtype} ({bad}); "
+                                 f"nothing was written to {out_dir}")
+            yield name, out
 
     return write_hf_folder(gen(), out_dir, base_m.folder, overwrite=overwrite,
                            max_shard_bytes=max_shard_bytes,

@@ -469,6 +469,64 @@ def check_float(base: Mapping[str, torch.Tensor], label: str = "base") -> None:
                                  "checkpoint); task-vector arithmetic needs float weights")
 
 
+#: Largest |weight| a model may hold: the float16 maximum (65504). A weight above it becomes
+#: inf when the model is served in float16 (``backend.dtype: float16``); sums of such weights
+#: in crossovers and their squares in the SVD overflow fp32 long before 3e38 does; and no
+#: trained LLM weight comes near it (healthy weights are O(1), outliers O(10^2)). So a value
+#: like 3e38, finite in fp32 and bf16, is treated as corruption just like NaN and inf.
+MAX_ABS_WEIGHT = float(torch.finfo(torch.float16).max)
+
+_CHUNK = 1 << 24  # elements examined at once (64 MiB of fp32)
+
+
+def non_finite_description(t: torch.Tensor, max_abs: float = MAX_ABS_WEIGHT) -> str | None:
+    """None when every entry of a float tensor is finite with ``|w| <= max_abs``; else a
+    short description ("2 NaN, 1 inf, max |w| 3e+38 at index 17"). Non-float tensors: None.
+    Reads the tensor in chunks (bounded extra memory)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    flat = t.detach().reshape(-1)
+    bad_at = None
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        m = chunk.abs().amax()  # NaN propagates
+        if not bool(m <= max_abs):
+            bad_at = start
+            break
+    if bad_at is None:
+        return None
+    x = flat.float()
+    n_nan = int(torch.isnan(x).sum())
+    n_inf = int(torch.isinf(x).sum())
+    big = torch.isfinite(x) & (x.abs() > max_abs)
+    parts = []
+    if n_nan:
+        parts.append(f"{n_nan} NaN")
+    if n_inf:
+        parts.append(f"{n_inf} inf")
+    if bool(big.any()):
+        parts.append(f"{int(big.sum())} beyond +-{max_abs:g} (max |w| {float(x[big].abs().max()):.3g})")
+    first = int(torch.nonzero(~(x.abs() <= max_abs))[0, 0])
+    return ", ".join(parts) + f"; first at flat index {first}"
+
+
+def check_finite(state: Mapping[str, torch.Tensor], label: str, *, max_abs: float = MAX_ABS_WEIGHT) -> None:
+    """Every float weight of ``state`` is finite with ``|w| <= max_abs`` (default
+    :data:`MAX_ABS_WEIGHT`, the float16 maximum). Reads every tensor once (chunked).
+
+    Raises:
+        ModelLoadError: one line naming the model (``label``), the tensor and what is wrong,
+            e.g. ``expert 1 (/m/coding): tensor 'model.layers.0.mlp.up_proj.weight' is not
+            finite: 1 NaN; first at flat index 5``.
+    """
+    for k in state:
+        desc = non_finite_description(state[k], max_abs)
+        if desc is not None:
+            raise ModelLoadError(f"{label}: tensor {k!r} is not finite: {desc} (weights must be finite "
+                                 f"with |w| <= {max_abs:g}, the float16 range); the checkpoint is "
+                                 "corrupt or diverged -- re-export or retrain it")
+
+
 # --- LoRA adapters -------------------------------------------------------------------
 
 class LoraTaskVector(Mapping[str, torch.Tensor]):
@@ -655,7 +713,9 @@ def load_expert(spec: str | os.PathLike, base: LoadedModel, *, cache_dir: Path |
 
     Raises:
         ModelLoadError: mismatching architecture / tensor names / shapes (first mismatching
-            tensor named; tied embeddings and resized vocabularies explained), corrupt files.
+            tensor named; tied embeddings and resized vocabularies explained), corrupt files,
+            a weight (or LoRA factor) that is NaN, inf or beyond :data:`MAX_ABS_WEIGHT`
+            (:func:`check_finite`).
         FileNotFoundError: missing path.
     """
     label = label or f"expert {spec}"
@@ -664,9 +724,11 @@ def load_expert(spec: str | os.PathLike, base: LoadedModel, *, cache_dir: Path |
         declared = json.loads((src.config_dir / "adapter_config.json").read_text()).get(
             "base_model_name_or_path")
         tv = LoraTaskVector(src.config_dir, base.state)
+        check_finite(tv.raw, label)
         fp = hashlib.blake2b(f"{src.fingerprint()}|{base.fingerprint}".encode(), digest_size=12).hexdigest()
         if tv.needs_peft:
             tv = lora_task_vector_via_peft(src.config_dir, base)
+            check_finite(tv, label)
         e = Expert(spec=str(spec), kind="lora", task_vector=tv, fingerprint=fp)
         e.declared_base = declared  # type: ignore[attr-defined]
         return e
@@ -674,6 +736,7 @@ def load_expert(spec: str | os.PathLike, base: LoadedModel, *, cache_dir: Path |
     check_config(base.config, m.config, label)
     check_tensors(base.state, m.state, label, base_cfg=base.config)
     check_float(m.state, label)
+    check_finite(m.state, label)
     fp = hashlib.blake2b(f"{m.fingerprint}|{base.fingerprint}".encode(), digest_size=12).hexdigest()
     return Expert(spec=str(spec), kind=m.source.kind, task_vector=DiffTaskVector(m.state, base.state),
                   fingerprint=fp)
