@@ -136,6 +136,16 @@ def _is_str_type(tp: Any) -> bool:
     return False
 
 
+def _accepts_str(tp: Any) -> bool:
+    """True when annotation ``tp`` admits a string (``str``, ``str | None``,
+    ``Sequence[str] | str``, a Literal of strings, ...)."""
+    if _is_str_type(tp):
+        return True
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_accepts_str(a) for a in typing.get_args(tp))
+    return False
+
+
 def _registries() -> list[dict]:
     from cycleqd.ops import CROSSOVERS, MUTATIONS
 
@@ -160,7 +170,7 @@ def _string_params(op_name: str) -> set[str]:
             hints = typing.get_type_hints(factory)
         except Exception:
             continue
-        out |= {k for k, tp in hints.items() if _is_str_type(tp)}
+        out |= {k for k, tp in hints.items() if _accepts_str(tp)}
     return out
 
 
@@ -575,12 +585,14 @@ def _typed_override(data: dict, parts: list[str], text: OverrideText, dotted: st
         parsed = yaml12_load(str(text))
     except yaml.YAMLError as e:
         parsed_error = str(e).splitlines()[0]
-        if tp is not None and _is_str_type(tp):
+        if tp is not None and _accepts_str(tp):
             return str(text)
         raise ConfigError(f"--set {dotted}={text}: not a valid YAML value ({parsed_error})") from None
     if tp is not None and _is_str_type(tp):
         optional = type(None) in typing.get_args(tp)
         return None if (optional and parsed is None) else str(text)
+    if tp is not None and _accepts_str(tp) and isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+        return str(text)  # e.g. a regex parameter typed ``Sequence[str] | str``: "1e3" is text
     return parsed
 
 
