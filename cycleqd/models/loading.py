@@ -182,14 +182,18 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     Args:
         files: safetensors or bin files (shards of one checkpoint).
         drop: names to hide (tied weights).
+        aliases: ``{name: source}``: expose ``name`` (absent from the files) reading
+            ``source`` -- a tied ``lm_head.weight`` shown as its own tensor (untied view).
     Raises:
         ModelLoadError: a corrupt or unreadable file (names the file).
     """
 
-    def __init__(self, files: Sequence[Path], *, drop: Sequence[str] = ()):
+    def __init__(self, files: Sequence[Path], *, drop: Sequence[str] = (),
+                 aliases: Mapping[str, str] | None = None):
         from safetensors import safe_open
 
         self.files = [Path(f) for f in files]
+        self._alias: dict[str, str] = {}
         self._where: dict[str, Any] = {}
         self._bins: list[dict] = []
         for f in self.files:
@@ -219,9 +223,14 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
                         self._where[k] = sd
         for d in drop:
             self._where.pop(d, None)
+        for name, source in (aliases or {}).items():
+            if name not in self._where and source in self._where:
+                self._where[name] = self._where[source]
+                self._alias[name] = source
 
     def __getitem__(self, k: str) -> torch.Tensor:
         src = self._where[k]
+        k = self._alias.get(k, k)
         if isinstance(src, dict):
             return src[k]
         try:
@@ -237,13 +246,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
 
     def shape(self, k: str) -> tuple[int, ...]:
         """Shape without reading the data (safetensors header / mmapped tensor)."""
-        src = self._where[k]
+        src, k = self._where[k], self._alias.get(k, k)
         if isinstance(src, dict):
             return tuple(src[k].shape)
         return tuple(src.get_slice(k).get_shape())
 
     def dtype(self, k: str) -> torch.dtype:
-        src = self._where[k]
+        src, k = self._where[k], self._alias.get(k, k)
         if isinstance(src, dict):
             return src[k].dtype
         return _ST_DTYPES[src.get_slice(k).get_dtype()]
@@ -350,11 +359,16 @@ def gguf_cache_folder(gguf: Path, cache_dir: Path, dtype: torch.dtype) -> Path:
 
 
 def load_model(spec: str | os.PathLike | ResolvedSource, *, cache_dir: Path | str,
-               gguf_dtype: torch.dtype = torch.float32) -> LoadedModel:
+               gguf_dtype: torch.dtype = torch.float32, untie: bool = False) -> LoadedModel:
     """Open a full model (not a LoRA adapter) lazily.
 
     GGUF files are converted once into ``cache_dir/gguf/<name>-<hash>/`` (an HF folder),
     then opened like any folder.
+
+    Tied weights (``lm_head.weight`` of a ``tie_word_embeddings`` model) appear once, under
+    the source name, unless ``untie=True``: then the tied name is a tensor of its own (read
+    from the source when the checkpoint does not store it) and ``extra["untied"]`` lists
+    the tied names -- needed when an expert trains one side only (see :func:`needs_untie`).
 
     Raises:
         ModelLoadError / FileNotFoundError: see :func:`resolve_source`; a LoRA adapter
@@ -379,10 +393,41 @@ def load_model(spec: str | os.PathLike | ResolvedSource, *, cache_dir: Path | st
     config = _load_config(src.config_dir)
     state = LazyStateDict(src.files)
     tied = tied_weight_names(config)
-    drop = [t for t, s in tied.items() if t in state and s in state]
-    if drop:
-        state = LazyStateDict(src.files, drop=drop)
-    return LoadedModel(source=src, state=state, config=config, folder=src.config_dir, fingerprint=fp)
+    extra: dict = {}
+    if untie and tied:
+        state = LazyStateDict(src.files, aliases=tied)
+        extra["untied"] = sorted(t for t in tied if t in state)
+    else:
+        drop = [t for t, s in tied.items() if t in state and s in state]
+        if drop:
+            state = LazyStateDict(src.files, drop=drop)
+    return LoadedModel(source=src, state=state, config=config, folder=src.config_dir, fingerprint=fp,
+                       extra=extra)
+
+
+def needs_untie(base: LoadedModel, experts: Sequence[str | os.PathLike]) -> bool:
+    """True when ``base`` ties its output layer to the input embeddings and a LoRA expert
+    trains one side of the pair on its own (``modules_to_save`` of ``lm_head`` or
+    ``embed_tokens``, or a LoRA on either). peft keeps the two apart in such an adapter
+    (the wrapped copy is trained, the other side keeps the base weight), so merging it into
+    a tied model would lose one side: the weight space must then hold both tensors and the
+    export untie them (``tie_word_embeddings=False``)."""
+    tied = tied_weight_names(base.config)
+    if not tied:
+        return False
+    modules = {n.rsplit(".", 1)[0] for pair in tied.items() for n in pair}
+    for spec in experts:
+        try:
+            src = resolve_source(spec)
+        except (FileNotFoundError, ModelLoadError):
+            continue
+        if src.kind != "lora":
+            continue
+        for k in LazyStateDict(src.files):
+            name = k[len("base_model.model."):] if k.startswith("base_model.model.") else k
+            if any(name == m or name.startswith(m + ".") for m in modules):
+                return True
+    return False
 
 
 # --- validation ----------------------------------------------------------------------
@@ -732,7 +777,7 @@ def load_expert(spec: str | os.PathLike, base: LoadedModel, *, cache_dir: Path |
         e = Expert(spec=str(spec), kind="lora", task_vector=tv, fingerprint=fp)
         e.declared_base = declared  # type: ignore[attr-defined]
         return e
-    m = load_model(src, cache_dir=cache_dir, gguf_dtype=gguf_dtype)
+    m = load_model(src, cache_dir=cache_dir, gguf_dtype=gguf_dtype, untie=bool(base.extra.get("untied")))
     check_config(base.config, m.config, label)
     check_tensors(base.state, m.state, label, base_cfg=base.config)
     check_float(m.state, label)
