@@ -107,3 +107,15 @@ def test_child_of_tied_full_expert_and_lm_head_adapter_exports_untied(tied_base,
     assert torch.allclose(m.lm_head.weight, w["lm_head.weight"], atol=1e-6)
     assert torch.allclose(m.model.embed_tokens.weight, w["model.embed_tokens.weight"], atol=1e-6)
     assert not torch.allclose(w["lm_head.weight"], w["model.embed_tokens.weight"])
+
+
+def test_adapter_with_ensure_weight_tying_stays_tied(tied_base, tmp_path):
+    """peft's ``ensure_weight_tying=True`` trains both sides as one: the export stays tied."""
+    ref = _adapter(tied_base, tmp_path / "adapter", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                         ensure_weight_tying=True))
+    space, info = build_weight_space(str(tied_base), [str(tmp_path / "adapter")], {"name": "linear"},
+                                     {"name": "none"}, genome="dense", cache_dir=tmp_path / "cache")
+    export_model(space, space.expert_genomes()[0], tmp_path / "out", info.model_dir)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    got, _ = _logits(tmp_path / "out")
+    assert (got - ref).abs().max().item() < 1e-3
