@@ -521,24 +521,16 @@ def check_float(base: Mapping[str, torch.Tensor], label: str = "base") -> None:
 #: like 3e38, finite in fp32 and bf16, is treated as corruption just like NaN and inf.
 MAX_ABS_WEIGHT = float(torch.finfo(torch.float16).max)
 
-_CHUNK = 1 << 24  # elements examined at once (64 MiB of fp32)
-
-
 def non_finite_description(t: torch.Tensor, max_abs: float = MAX_ABS_WEIGHT) -> str | None:
     """None when every entry of a float tensor is finite with ``|w| <= max_abs``; else a
     short description ("2 NaN, 1 inf, max |w| 3e+38 at index 17"). Non-float tensors: None.
-    Reads the tensor in chunks (bounded extra memory)."""
+    One ``torch.aminmax`` pass without a copy (a bad tensor is then examined in fp32 to
+    describe it)."""
     if not t.is_floating_point() or t.numel() == 0:
         return None
     flat = t.detach().reshape(-1)
-    bad_at = None
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start:start + _CHUNK]
-        m = chunk.abs().amax()  # NaN propagates
-        if not bool(m <= max_abs):
-            bad_at = start
-            break
-    if bad_at is None:
+    lo, hi = torch.aminmax(flat)  # one pass, no copy; NaN propagates into both
+    if bool(hi <= max_abs) and bool(lo >= -max_abs):
         return None
     x = flat.float()
     n_nan = int(torch.isnan(x).sum())
@@ -557,7 +549,7 @@ def non_finite_description(t: torch.Tensor, max_abs: float = MAX_ABS_WEIGHT) -> 
 
 def check_finite(state: Mapping[str, torch.Tensor], label: str, *, max_abs: float = MAX_ABS_WEIGHT) -> None:
     """Every float weight of ``state`` is finite with ``|w| <= max_abs`` (default
-    :data:`MAX_ABS_WEIGHT`, the float16 maximum). Reads every tensor once (chunked).
+    :data:`MAX_ABS_WEIGHT`, the float16 maximum). Reads every tensor once.
 
     Raises:
         ModelLoadError: one line naming the model (``label``), the tensor and what is wrong,

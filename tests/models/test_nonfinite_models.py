@@ -72,7 +72,7 @@ def test_check_finite_bound_is_the_float16_range():
     check_finite({"ids": torch.tensor([2**40])}, "m")                    # integer buffers skipped
     with pytest.raises(ModelLoadError, match=r"^m: tensor 'w' is not finite: 1 beyond"):
         check_finite({"w": torch.tensor([1.0, 70000.0])}, "m")
-    # large tensors are read in chunks: a NaN in the last chunk is found
+    # a NaN at the end of a large tensor is found
     big = torch.zeros((1 << 24) + 5)
     big[-1] = float("nan")
     with pytest.raises(ModelLoadError, match=r"1 NaN; first at flat index 16777220"):
