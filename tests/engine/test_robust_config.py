@@ -121,3 +121,15 @@ def test_string_operator_parameters_stay_text():
                                         "operators.mutation.include=1e3"]))
     kw = cfg.operators.mutation.kwargs()
     assert kw["svd_method"] == "lowrank" and kw["rank"] == 8 and kw["include"] == "1e3"
+
+
+def test_demo_set_documented_overrides_are_typed():
+    """docs/demo.md documents ``--set skills.os.bins=15`` and ``--set train.recipe.lr=3e-4``."""
+    from cycleqd.cli import build_parser
+    from cycleqd.demo.llm import config_from_args
+
+    args = build_parser().parse_args(["demo", "--toy", "--set", "train.recipe.lr=3e-4",
+                                      "--set", "skills.os.bins=15"])
+    cfg = config_from_args(args)
+    assert cfg.train.recipe["lr"] == 3e-4 and isinstance(cfg.train.recipe["lr"], float)
+    assert {s.name: s.bins for s in cfg.skills}["os"] == 15
