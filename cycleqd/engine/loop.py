@@ -190,7 +190,7 @@ class CycleQDRun:
             self.executor.submit(Job(0, 0, (), sid, self.cfg.seed))
             res = self.executor.next_result()
             elite = Elite(sid, res.scores, 0, ())
-            entered = [] if res.rejected else [a.quality_skill for a in self.archives if a.add(elite)]
+            entered = [] if getattr(res, "rejected", None) else [a.quality_skill for a in self.archives if a.add(elite)]
             self.rd.append_metrics(_record(res, entered, self.archives, self._started))
         self._checkpoint()
 
@@ -217,7 +217,7 @@ class CycleQDRun:
                 job = in_flight.pop(0)
                 assert res.job.generation == job.generation, "executor returned results out of order"
                 child = Elite(job.child_id, res.scores, job.generation, job.parents)
-                entered = self.scheduler.tell(job.generation, None if res.rejected else child)  # offer to every archive
+                entered = self.scheduler.tell(job.generation, None if getattr(res, "rejected", None) else child)  # offer to every archive
                 if entered and not res.saved:
                     raise RuntimeError(f"generation {job.generation}: child entered {entered} but its "
                                        f"genome was not saved")
