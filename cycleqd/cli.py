@@ -27,12 +27,17 @@ EPILOG = "Run `cycleqd COMMAND --help` for a command's options. Docs: README.md.
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    out = {}
+    """``--set KEY=VALUE`` pairs -> {dotted key: value text}. The text is kept as typed
+    (:class:`cycleqd.config.OverrideText`): ``load_config`` parses it by the type of the field
+    it sets (YAML 1.2 numbers, so ``1e-3`` is a float; verbatim text for string fields)."""
+    from cycleqd.config import OverrideText
+
+    out: dict[str, Any] = {}
     for p in pairs:
-        if "=" not in p:
+        k, sep, v = p.partition("=")
+        if not sep or not k.strip():
             raise SystemExit(f"--set expects KEY=VALUE (e.g. qd.generations=10), got {p!r}")
-        k, v = p.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        out[k.strip()] = OverrideText(v)
     return out
 
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +30,148 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN/inf anywhere in a float field (bc_range, expert_scale, ...)
+    # is a validation error naming the field, never a silent poison of the run
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# --- numbers: YAML 1.2 core schema -------------------------------------------------------
+
+#: YAML 1.2 core-schema scalars (https://yaml.org/spec/1.2.2/#1032-tag-resolution). PyYAML
+#: implements YAML 1.1, where ``1e-3`` (no dot) is a *string* and ``yes``/``on`` are booleans.
+_Y12_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
+_Y12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_Y12_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_Y12_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+
+
+def _y12_int(value: str) -> int:
+    if value.startswith("0o"):
+        return int(value[2:], 8)
+    if value.startswith("0x"):
+        return int(value[2:], 16)
+    return int(value, 10)
+
+
+def _y12_float(value: str) -> float:
+    v = value.lower()
+    if v.endswith(".inf"):
+        return -math.inf if v.startswith("-") else math.inf
+    if v == ".nan":
+        return math.nan
+    return float(v)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with the YAML 1.2 core schema's null/bool/int/float rules."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag.rsplit(":", 1)[-1] not in ("null", "bool", "int", "float")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:null", _Y12_NULL, ["~", "n", "N", ""])
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _Y12_BOOL, list("tTfF"))
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", _Y12_INT, list("-+0123456789"))
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _Y12_FLOAT, list("-+0123456789."))
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int",
+                              lambda loader, node: _y12_int(loader.construct_scalar(node)))
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:float",
+                              lambda loader, node: _y12_float(loader.construct_scalar(node)))
+
+
+def yaml12_load(text: str) -> Any:
+    """Parse one YAML value with YAML 1.2 core-schema scalars (``1e-3`` is a float,
+    ``yes`` a string, ``010`` the integer 10). Raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - SafeLoader subclass
+
+
+def _numeric_strings(value: Any) -> Any:
+    """Strings that are YAML 1.2 numbers become numbers (recursively in lists/dicts)."""
+    if isinstance(value, str):
+        if _Y12_INT.match(value):
+            return _y12_int(value)
+        if _Y12_FLOAT.match(value):
+            return _y12_float(value)
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_numeric_strings(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _numeric_strings(v) for k, v in value.items()}
+    return value
+
+
+def _first_non_finite(value: Any) -> Any:
+    """The first NaN/inf number in ``value`` (nested lists/dicts), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    if isinstance(value, str):  # "nan", "inf", "-Infinity": what float() would make of them
+        try:
+            return value if not math.isfinite(float(value)) else None
+        except ValueError:
+            return None
+    if isinstance(value, (list, tuple)):
+        value = list(value)
+    elif isinstance(value, dict):
+        value = list(value.values())
+    else:
+        return None
+    for v in value:
+        bad = _first_non_finite(v)
+        if bad is not None:
+            return bad
+    return None
+
+
+def _is_str_type(tp: Any) -> bool:
+    """True when a value of annotation ``tp`` can only be a string (or None)."""
+    origin = typing.get_origin(tp)
+    if tp is str:
+        return True
+    if origin is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return bool(args) and all(_is_str_type(a) for a in args)
+    return False
+
+
+def _accepts_str(tp: Any) -> bool:
+    """True when annotation ``tp`` admits a string (``str``, ``str | None``,
+    ``Sequence[str] | str``, a Literal of strings, ...)."""
+    if _is_str_type(tp):
+        return True
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_accepts_str(a) for a in typing.get_args(tp))
+    return False
+
+
+def _registries() -> list[dict]:
+    from cycleqd.ops import CROSSOVERS, MUTATIONS
+
+    regs = [CROSSOVERS, MUTATIONS]
+    try:
+        from cycleqd.ops.aggregation import AGGREGATIONS
+
+        regs.append(AGGREGATIONS)
+    except ImportError:  # pragma: no cover
+        pass
+    return regs
+
+
+def _string_params(op_name: str) -> set[str]:
+    """Parameters that some registered operator called ``op_name`` annotates as ``str``."""
+    out: set[str] = set()
+    for reg in _registries():
+        factory = reg.get(op_name)
+        if factory is None:
+            continue
+        try:
+            hints = typing.get_type_hints(factory)
+        except Exception:
+            continue
+        out |= {k for k, tp in hints.items() if _accepts_str(tp)}
+    return out
 
 
 SKILL_TYPES = ("mbpp", "humaneval", "dbbench", "os", "lmeval", "synthetic", "external")
@@ -104,13 +248,33 @@ class ModelConfig(_Strict):
 
 
 class OperatorConfig(_Strict):
-    """A registered operator and its keyword arguments (``{name: linear, sigma: 0.01}``)."""
+    """A registered operator and its keyword arguments (``{name: linear, sigma: 0.01}``).
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    Keyword arguments are untyped in the schema (each operator has its own); every number
+    among them, nested lists included, must be finite (NaN/inf are refused here), and
+    :func:`check_operators` builds the operator once to apply its own range checks
+    (e.g. ``svd_expert.rate >= 0``, ``dare.density >= 1e-3``). A string that reads as a
+    number under YAML 1.2 (``1e-3``, which YAML 1.1 leaves a string) is passed to the
+    operator as that number unless the operator declares the parameter as a string
+    (:meth:`kwargs`).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     name: str
 
+    @model_validator(mode="after")
+    def _finite(self) -> "OperatorConfig":
+        for key, value in (self.model_extra or {}).items():
+            bad = _first_non_finite(_numeric_strings(value))
+            if bad is not None:
+                raise ValueError(f"{key}={bad!r}: must be a finite number")
+        return self
+
     def kwargs(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+        """The operator's keyword arguments, with YAML-1.2 numeric strings as numbers
+        (except for parameters the operator's factory annotates as ``str``)."""
+        str_params = _string_params(self.name)
+        return {k: (v if k in str_params else _numeric_strings(v)) for k, v in (self.model_extra or {}).items()}
 
 
 class OperatorsConfig(_Strict):
@@ -223,7 +387,10 @@ def _format(err: ValidationError) -> str:
 
 
 def check_operators(cfg: RunConfig) -> None:
-    """Operator names exist in the registries and their keyword arguments fit the factory.
+    """Operator names exist in the registries, their keyword arguments fit the factory, and
+    the operator accepts their values: each operator is built once here without any model
+    (cheap: no tensors), so its own range checks (finite numbers, ``rate >= 0``, DARE
+    density, ...) run at ``cycleqd validate`` time instead of after the models are loaded.
 
     Raises:
         ConfigError: naming ``operators.<kind>`` and the problem.
@@ -245,12 +412,42 @@ def check_operators(cfg: RunConfig) -> None:
             continue
         params = inspect.signature(registry[op.name]).parameters
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = False
         for key in op.kwargs():
             if key not in params and not accepts_any:
+                unknown = True
                 problems.append(f"  operators.{kind}.{key}: {op.name!r} takes no argument {key!r}; "
                                 f"it takes {[p for p in params if p not in ('experts', 'bases')]}")
+        if not unknown:
+            err = _try_build(kind, op)
+            if err:
+                problems.append(f"  operators.{kind}: {err}")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def _try_build(kind: str, op: OperatorConfig) -> str | None:
+    """Build the operator without models; its error message, or None when it accepts its
+    arguments."""
+    from cycleqd.ops.crossover import CROSSOVERS, make_crossover
+    from cycleqd.ops.mutation import make_mutation
+
+    kw = op.kwargs()
+    try:
+        if kind == "crossover":
+            make_crossover({"name": op.name, **kw}, base={})
+        elif kind == "mutation":
+            make_mutation({"name": op.name, **kw})
+        elif op.name in CROSSOVERS:  # aggregation by a crossover operator
+            kw.pop("seed", None)
+            make_crossover({"name": op.name, **kw}, base={})
+        else:
+            from cycleqd.ops.aggregation import AGGREGATIONS
+
+            AGGREGATIONS[op.name](**kw)
+    except (ValueError, TypeError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
 
 
 def parse_config(data: Any, *, source: str = "<config>") -> RunConfig:
@@ -276,14 +473,137 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
 
 
+class OverrideText(str):
+    """A ``--set KEY=VALUE`` value exactly as typed on the command line.
+
+    :func:`load_config` parses it according to the type of the field it sets: a string field
+    (``name``, ``model.base``, ``model.experts.<skill>``, an operator parameter annotated
+    ``str``) keeps the text verbatim (``--set name=1e3`` is the name ``"1e3"``); every other
+    field gets the text parsed as YAML with the YAML 1.2 core schema (``1e-3`` is a float,
+    ``[0, 0.5]`` a list, ``null`` None, ``yes`` a string), and the config schema then
+    validates it like a value from the file.
+    """
+
+
+def _field_annotation(data: dict, parts: list[str]) -> Any:
+    """The annotation of the config field at ``parts`` (list positions already resolved to
+    indices), or None when unknown (free-form ``params``, unknown keys)."""
+    model: Any = RunConfig
+    tp: Any = None
+    i = 0
+    node: Any = data
+    while i < len(parts):
+        key = parts[i]
+        if model is None:
+            return None
+        if model is OperatorConfig:  # operator kwargs: the factory's annotation
+            if key == "name":
+                return str
+            name = node.get("name") if isinstance(node, dict) else None
+            for reg in _registries():
+                factory = reg.get(name)
+                if factory is not None:
+                    try:
+                        return typing.get_type_hints(factory).get(key)
+                    except Exception:
+                        return None
+            return None
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        tp = field.annotation
+        node = node.get(key) if isinstance(node, dict) else None
+        i += 1
+        # unwrap Optional / list[...] / dict[str, ...] down to the next model or leaf
+        while True:
+            origin = typing.get_origin(tp)
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1 \
+                    and i < len(parts):
+                tp = args[0]
+                continue
+            if origin is list and i < len(parts):
+                tp, i = args[0], i + 1
+                node = node[int(parts[i - 1])] if isinstance(node, list) and parts[i - 1].isdigit() \
+                    and int(parts[i - 1]) < len(node) else None
+                continue
+            if origin is dict and i < len(parts):
+                tp, i = args[1] if len(args) == 2 else Any, i + 1
+                node = node.get(parts[i - 1]) if isinstance(node, dict) else None
+                continue
+            break
+        model = tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+    return tp
+
+
+def _apply_override(data: dict, dotted: str, value: Any, source: str) -> None:
+    """Set ``data[dotted]``; list items are addressed by index (``skills.0.bins``) or, for
+    lists of named entries, by name (``skills.coding.bins``). Raises ConfigError."""
+    parts = dotted.split(".")
+    if not dotted or any(p == "" for p in parts):
+        raise ConfigError(f"--set {dotted!r}: empty key (expected e.g. qd.generations)")
+    node: Any = data
+    resolved: list[str] = []
+    for depth, p in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(resolved) or "<top level>"
+        if isinstance(node, list):
+            if p.lstrip("-").isdigit():
+                idx = int(p)
+                if not -len(node) <= idx < len(node):
+                    raise ConfigError(f"--set {dotted}: {where} has {len(node)} entries, no index {idx}")
+                idx %= len(node)
+            else:
+                names = [x.get("name") for x in node if isinstance(x, dict)]
+                if p not in names:
+                    raise ConfigError(f"--set {dotted}: {where} has no entry named {p!r} "
+                                      f"(names: {', '.join(map(str, names)) or 'none'}; or use an index 0..{len(node) - 1})")
+                idx = names.index(p)
+            resolved.append(str(idx))
+            if last:
+                node[idx] = yaml12_load(str(value)) if isinstance(value, OverrideText) else value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {where} holds {node!r} ({type(node).__name__}), not a mapping")
+        resolved.append(p)
+        if last:
+            if isinstance(value, OverrideText):
+                value = _typed_override(data, resolved, value, dotted)
+            node[p] = value
+        else:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+    return None
+
+
+def _typed_override(data: dict, parts: list[str], text: OverrideText, dotted: str) -> Any:
+    tp = _field_annotation(data, parts)
+    try:
+        parsed = yaml12_load(str(text))
+    except yaml.YAMLError as e:
+        parsed_error = str(e).splitlines()[0]
+        if tp is not None and _accepts_str(tp):
+            return str(text)
+        raise ConfigError(f"--set {dotted}={text}: not a valid YAML value ({parsed_error})") from None
+    if tp is not None and _is_str_type(tp):
+        optional = type(None) in typing.get_args(tp)
+        return None if (optional and parsed is None) else str(text)
+    if tp is not None and _accepts_str(tp) and isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+        return str(text)  # e.g. a regex parameter typed ``Sequence[str] | str``: "1e3" is text
+    return parsed
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate a YAML config; ``overrides`` maps dotted keys to values
-    (``{"qd.generations": 10}``). Raises ConfigError (also for a missing/unparsable file)."""
+    (``{"qd.generations": 10}``, ``{"skills.coding.bins": 10}``, ``{"skills.0.bins": 10}``);
+    an :class:`OverrideText` value is parsed by the type of the field it sets.
+    Raises ConfigError (also for a missing/unparsable file or a key path that does not fit)."""
     data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        _apply_override(data, dotted, value, str(path))
     return parse_config(data, source=str(path))

@@ -89,7 +89,7 @@ def _fill(args: argparse.Namespace) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """The demo settings: the YAML, then the command-line flags on top."""
-    import yaml
+    from cycleqd.config import yaml12_load
 
     args = _fill(args)
     path = Path(args.config) if args.config else (TOY_CONFIG if args.toy else DEFAULT_CONFIG)
@@ -98,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         if "=" not in pair:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. qd.generations=40), got {pair!r}")
         k, v = pair.split("=", 1)
-        ov[k] = yaml.safe_load(v)
+        ov[k] = yaml12_load(v)  # YAML 1.2 numbers: 3e-4 is a float (YAML 1.1 reads a string)
     if args.generations is not None:
         ov["qd.generations"] = args.generations
     if args.seed is not None:

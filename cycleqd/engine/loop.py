@@ -99,7 +99,8 @@ def _record(res: JobResult, entered: list[str], archives: Sequence[GridArchive],
             "entered": entered, "saved": res.saved, "genome_bytes": res.genome_bytes,
             "timings": {k: round(v, 6) for k, v in res.timings.items()}, "worker": res.worker,
             "archives": {a.quality_skill: archive_stats(a) for a in archives},
-            "wall_s": round(time.time() - started, 3)}
+            "wall_s": round(time.time() - started, 3),
+            **({"rejected": res.rejected} if getattr(res, "rejected", None) else {})}
 
 
 @contextmanager
@@ -268,7 +269,7 @@ class CycleQDRun:
             self.executor.submit(Job(0, 0, (), sid, self.cfg.seed))
             res = self.executor.next_result()
             elite = Elite(sid, res.scores, 0, ())
-            entered = [a.quality_skill for a in self.archives if a.add(elite)]
+            entered = [] if getattr(res, "rejected", None) else [a.quality_skill for a in self.archives if a.add(elite)]
             self.rd.append_metrics(_record(res, entered, self.archives, self._started))
         self._checkpoint()
 
@@ -312,7 +313,7 @@ class CycleQDRun:
                 job = in_flight.pop(0)
                 assert res.job.generation == job.generation, "executor returned results out of order"
                 child = Elite(job.child_id, res.scores, job.generation, job.parents)
-                entered = self.scheduler.tell(job.generation, child)        # offer to every archive
+                entered = self.scheduler.tell(job.generation, None if getattr(res, "rejected", None) else child)  # offer to every archive
                 if entered and not res.saved:
                     raise RuntimeError(f"generation {job.generation}: child entered {entered} but its "
                                        f"genome was not saved")

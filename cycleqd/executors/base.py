@@ -8,6 +8,7 @@ worker ran it.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -16,7 +17,7 @@ import torch
 
 from cycleqd.inference.fingerprint import fingerprint_state_dict
 from cycleqd.qd.scheduler import derive_seed
-from cycleqd.skills.base import SkillResult
+from cycleqd.skills.base import NonFiniteScore, SkillResult
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,12 @@ class Job:
 
 @dataclass
 class JobResult:
-    """What a worker sends back: the child's scores on all skills and timings (seconds)."""
+    """What a worker sends back: the child's scores on all skills and timings (seconds).
+
+    ``rejected`` is None for a normal result, else why the child was rejected (weights not
+    finite, or a skill returned a NaN/inf score); a rejected child has no (or partial)
+    results, is never stored and never offered to an archive, and its metrics line says so.
+    """
 
     job: Job
     results: dict[str, SkillResult]
@@ -62,6 +68,7 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
     genome_bytes: int = 0
     worker: str = "local"
+    rejected: str | None = None
 
     @property
     def scores(self) -> dict[str, float]:
@@ -122,6 +129,13 @@ def run_job(job: Job, ctx: "WorkerContext") -> JobResult:
     t = time.perf_counter()
     weights = space.materialize(child)
     timings["materialize_s"] = time.perf_counter() - t
+    # -- non-finite check (issue 18): a child whose weights are NaN/inf/beyond the float16
+    # range is rejected before evaluation; it is never stored and never enters an archive
+    t = time.perf_counter()
+    bad = non_finite_weights(weights)
+    timings["finite_check_s"] = time.perf_counter() - t
+    if bad is not None:
+        return JobResult(job, {}, False, timings, 0, ctx.name, rejected=bad)
     # every model is named by the content of its weights (not by run and id: a run resumed or
     # repeated after an expert was rewritten at the same path would reuse stale outcomes)
     t = time.perf_counter()
@@ -130,11 +144,23 @@ def run_job(job: Job, ctx: "WorkerContext") -> JobResult:
     model = ctx.adapter.bind(weights, fp)
     del weights
     results: dict[str, SkillResult] = {}
+    rejected = None
     for skill in ctx.skills:
         t = time.perf_counter()
-        results[skill.name] = skill.evaluate(model)
+        try:
+            results[skill.name] = skill.evaluate(model)
+        except NonFiniteScore as e:  # a NaN/inf score is a failed evaluation, not a dead run
+            rejected = f"skill {skill.name!r} failed: {e}"
         timings[f"eval_{skill.name}_s"] = time.perf_counter() - t
+        q = getattr(results.get(skill.name), "quality", 0.0)
+        if rejected is None and not _finite(q):
+            rejected = f"skill {skill.name!r} failed: non-finite score {q!r}"
+        if rejected is not None:
+            results.pop(skill.name, None)
+            break
     timings["eval_s"] = sum(v for k, v in timings.items() if k.startswith("eval_") and k != "eval_s")
+    if rejected is not None:
+        return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected)
     saved, nbytes = False, 0
     if job.parents and would_enter(job, {k: r.quality for k, r in results.items()}):
         t = time.perf_counter()
@@ -142,6 +168,27 @@ def run_job(job: Job, ctx: "WorkerContext") -> JobResult:
         timings["save_s"] = time.perf_counter() - t
         saved = True
     return JobResult(job, results, saved, timings, nbytes, ctx.name)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def non_finite_weights(weights) -> str | None:
+    """None when every float weight is finite with ``|w| <= 65504`` (the float16 range,
+    :data:`cycleqd.models.loading.MAX_ABS_WEIGHT`); else one line naming the first bad
+    tensor. Costs one chunked pass over the weights."""
+    from cycleqd.models.loading import MAX_ABS_WEIGHT, non_finite_description
+
+    for name, t in weights.items():
+        if isinstance(t, torch.Tensor):
+            desc = non_finite_description(t, MAX_ABS_WEIGHT)
+            if desc is not None:
+                return f"weights not finite: tensor {name!r}: {desc}"
+    return None
 
 
 @dataclass

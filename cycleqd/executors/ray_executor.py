@@ -44,6 +44,14 @@ The one way results can differ from the in-process executor
     ``synchronous=True`` (capacity 1, ``--synchronous``) every job sees the archives of all
     earlier generations and the run reproduces the in-process run exactly.
 
+Network: a local cluster stays on loopback
+    Without ``address`` the executor starts a single-node Ray cluster (:func:`init_local_ray`)
+    whose every socket -- GCS, raylet, object manager, workers, dashboard -- is bound to and
+    connects through 127.0.0.1. (Ray on Linux rewrites a ``_node_ip_address`` of 127.0.0.1
+    to the machine's outward address, see ``ray._private.services.resolve_ip_for_localhost``;
+    the node would then listen on all interfaces and the driver connect via that address.)
+    Joining a real multi-node cluster needs ``address`` (``--address HOST:PORT``).
+
 Progress
     With ``progress=True`` a status line under the engine's progress bar shows jobs running
     and queued, workers up, per-worker throughput (jobs/min) and workers lost;
@@ -73,6 +81,54 @@ log = logging.getLogger("cycleqd.executors.ray")
 
 #: Environment variables forwarded from the driver to every worker (data/cache locations).
 FORWARDED_ENV_PREFIXES = ("CYCLEQD_",)
+
+
+#: The only address a local cluster uses.
+LOOPBACK = "127.0.0.1"
+
+
+def init_local_ray(ray: Any = None, **kwargs: Any) -> Any:
+    """Start a local single-node Ray cluster that listens and connects on 127.0.0.1 only.
+
+    ``ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+    **kwargs)`` while Ray's cluster-mode address lookup is switched off
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the environment the Ray processes inherit, and
+    ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` in this process): with cluster mode on
+    (the Linux default, Ray 2.x) Ray resolves 127.0.0.1 to the machine's own network address,
+    binds its servers to all interfaces and connects there. The driver's environment and
+    the constant are restored after start-up; the Ray processes keep the setting.
+
+    Args:
+        ray: the ``ray`` module (imported if None).
+        **kwargs: further ``ray.init`` arguments (``num_cpus``, ``include_dashboard``, ...);
+            ``address``, ``_node_ip_address`` and ``dashboard_host`` are fixed.
+    Returns:
+        What ``ray.init`` returns.
+    Raises:
+        ValueError: ``address`` or a non-loopback ``_node_ip_address``/``dashboard_host`` given.
+    """
+    ray = ray or _require_ray()
+    for key in ("_node_ip_address", "dashboard_host"):
+        if kwargs.get(key, LOOPBACK) != LOOPBACK:
+            raise ValueError(f"init_local_ray: {key}={kwargs[key]!r}; a local cluster stays on {LOOPBACK}")
+    if kwargs.get("address") not in (None, "local"):
+        raise ValueError("init_local_ray starts a local cluster; join an existing one with ray.init(address=...)")
+    kwargs.update(address="local", _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
+    import ray._private.ray_constants as rc
+
+    env_key = getattr(rc, "ENABLE_RAY_CLUSTERS_ENV_VAR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    old_env, old_const = os.environ.get(env_key), getattr(rc, "ENABLE_RAY_CLUSTER", None)
+    os.environ[env_key] = "0"
+    rc.ENABLE_RAY_CLUSTER = False
+    try:
+        return ray.init(**kwargs)
+    finally:
+        if old_env is None:
+            os.environ.pop(env_key, None)
+        else:
+            os.environ[env_key] = old_env
+        if old_const is not None:
+            rc.ENABLE_RAY_CLUSTER = old_const
 
 
 def _require_ray():
@@ -250,7 +306,8 @@ class RayExecutor:
             store; its space/adapter/skills are shipped to the workers when ``build`` is None.
         workers: number of actors (>= 1).
         address: Ray cluster to join (``HOST:PORT`` or ``auto``); None starts a local Ray
-            (or uses the one already initialised in this process).
+            bound to 127.0.0.1 only (:func:`init_local_ray`), or uses the one already
+            initialised in this process.
         synchronous: capacity 1: one job at a time, reproducing the in-process run exactly.
         build: zero-argument picklable callable run once in each actor and returning
             Components (see :func:`build_from_config`); None ships the driver's components.
@@ -298,13 +355,13 @@ class RayExecutor:
 
         if not ray.is_initialized():
             kw = dict(ray_init_kwargs or {})
-            if address:
-                kw["address"] = address
-            else:
-                kw.setdefault("num_cpus", max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker)))
             kw.setdefault("log_to_driver", True)
             try:
-                info = ray.init(**kw)
+                if address:
+                    info = ray.init(address=address, **kw)
+                else:  # a local cluster: loopback only (see the module docstring)
+                    kw.setdefault("num_cpus", max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker)))
+                    info = init_local_ray(ray, **kw)
             except ConnectionError as e:
                 raise ConnectionError(f"cannot join the Ray cluster at address={address!r}: {e}") from e
             self._owns_ray = True

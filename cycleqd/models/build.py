@@ -15,8 +15,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from cycleqd.models.loading import (Expert, LoadedModel, ModelLoadError, check_float, load_expert,
-                                    load_model, resident, resolve_source, tokenizer_files)
+from cycleqd.models.loading import (Expert, LoadedModel, ModelLoadError, check_finite, check_float,
+                                    load_expert, load_model, needs_untie, resident, resolve_source,
+                                    tokenizer_files)
 from cycleqd.ops.base import CROSSOVERS, MUTATIONS
 from cycleqd.ops.crossover import make_crossover
 from cycleqd.ops.genome import SVDGenomeWeightSpace
@@ -43,6 +44,9 @@ class ModelInfo:
         checkpoint_bytes: bytes of one checkpoint in the stored dtypes.
         genome: ``"svd"`` or ``"dense"`` (what the space stores).
         resident: base and task vectors held in RAM (else read lazily per tensor).
+        extra: ``untied``: tied names (``lm_head.weight``) the space holds as tensors of
+            their own because an expert trains one side of a tied pair (exports of such
+            models are untied, see :func:`cycleqd.models.export.write_hf_folder`).
     """
 
     model_dir: Path | None
@@ -118,8 +122,10 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
         ``(space, info)``.
     Raises:
         ValueError: bad operator names/parameters/genome choice, no experts.
-        FileNotFoundError / ModelLoadError: a source is missing, corrupt, or does not match
-            the base (the first mismatching tensor is named).
+        FileNotFoundError / ModelLoadError: a source is missing, corrupt, does not match
+            the base (the first mismatching tensor is named), or holds a weight that is NaN,
+            inf or beyond the float16 range (model and tensor named; checked before any
+            task vector, SVD or merge is computed).
     """
     if not experts:
         raise ValueError("model.experts: at least one expert is needed")
@@ -135,7 +141,10 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
     if base_src.kind == "lora":
         raise ModelLoadError(f"model.base {base!r} is a LoRA adapter; the base must be a full model")
     base_m: LoadedModel = load_model(base_src, cache_dir=cache_dir, gguf_dtype=gguf_dtype)
+    if needs_untie(base_m, experts):  # a LoRA expert trains lm_head or embed_tokens alone
+        base_m = load_model(base_src, cache_dir=cache_dir, gguf_dtype=gguf_dtype, untie=True)
     check_float(base_m.state, f"base {base}")
+    check_finite(base_m.state, f"base {base}")  # NaN/inf/|w| > 65504: refuse before any compute
     loaded: list[Expert] = [load_expert(e, base_m, cache_dir=cache_dir, label=f"expert {i} ({e})",
                                         gguf_dtype=gguf_dtype) for i, e in enumerate(experts)]
 
@@ -167,7 +176,7 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
         expert_kinds=[e.kind for e in loaded],
         fingerprints=[base_m.fingerprint] + [e.fingerprint for e in loaded],
         dtype=max(dtypes, key=dtypes.get), n_params=n_params, checkpoint_bytes=ck_bytes,
-        genome=kind, resident=res)
+        genome=kind, resident=res, extra={"untied": list(base_m.extra.get("untied", []))})
     return space, info
 
 

@@ -11,6 +11,7 @@ export is never half-overwritten, and an existing non-empty ``out_dir`` is refus
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,12 @@ def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path |
         source_dir: HF folder of the base (config + tokenizer). ``None``: weights only.
         max_shard_bytes: shard size limit (one tensor larger than it gets its own shard).
         provenance: written to ``cycleqd_export.json``.
+    Tied embeddings: when the base config ties ``lm_head`` to the input embeddings and the
+    tensors include both sides with different values (an expert trained one side, e.g. a peft
+    adapter with ``modules_to_save=["lm_head"]``), both are saved and the exported config
+    says ``tie_word_embeddings: false`` -- with ``true`` transformers would load one side
+    over the other and the model's logits would change. Equal sides stay tied.
+
     Returns:
         ``out_dir``.
     Raises:
@@ -51,6 +58,9 @@ def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path |
     """
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
+    pairs = _tied_pairs(Path(source_dir)) if source_dir is not None else {}
+    watched = set(pairs) | set(pairs.values())
+    digests: dict[str, str] = {}
     with atomic_directory(out_dir) as tmp:
         shards: list[list[str]] = []
         current: dict[str, torch.Tensor] = {}
@@ -68,6 +78,9 @@ def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path |
 
         for name, t in tensors:
             t = t.detach().contiguous()
+            if name in watched:
+                digests[name] = hashlib.blake2b(t.float().numpy().tobytes() + str(t.shape).encode(),
+                                                digest_size=16).hexdigest()
             nb = t.numel() * t.element_size()
             if current and size + nb > max_shard_bytes:
                 flush()
@@ -88,18 +101,38 @@ def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path |
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
         dtype = max(dtypes, key=dtypes.get) if dtypes else torch.float32
+        untie = any(a in digests and b in digests and digests[a] != digests[b] for a, b in pairs.items())
         if source_dir is not None:
-            _copy_model_files(Path(source_dir), tmp, dtype)
+            _copy_model_files(Path(source_dir), tmp, dtype, untie=untie)
         if provenance:
             (tmp / "cycleqd_export.json").write_text(json.dumps(dict(provenance), indent=2, default=str))
     return out_dir
 
 
-def _copy_model_files(src: Path, dst: Path, dtype: torch.dtype) -> None:
+def _tied_pairs(src: Path) -> dict[str, str]:
+    """``{tied name: source name}`` of the model in ``src`` (``{}`` when untied / no config)."""
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        return {}
+    try:
+        if not json.loads(cfg_path.read_text()).get("tie_word_embeddings", False):
+            return {}
+        from transformers import AutoConfig
+
+        from cycleqd.models.loading import tied_weight_names
+
+        return tied_weight_names(AutoConfig.from_pretrained(str(src)))
+    except Exception:  # unreadable config: _copy_model_files reports it
+        return {}
+
+
+def _copy_model_files(src: Path, dst: Path, dtype: torch.dtype, *, untie: bool = False) -> None:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{src} has no config.json to export with the weights")
     cfg = json.loads(cfg_path.read_text())
+    if untie:
+        cfg["tie_word_embeddings"] = False
     cfg.pop("torch_dtype", None)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("quantization_config", None)
@@ -155,10 +188,13 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
     with 3 models about 13 GB + shard; use a smaller ``max_shard_bytes`` to trim it.
 
     Raises:
-        ModelLoadError / FileNotFoundError: as :func:`cycleqd.models.loading.load_expert`.
-        ValueError: bad crossover spec.
+        ModelLoadError / FileNotFoundError: as :func:`cycleqd.models.loading.load_expert`
+            (also for a base or model with NaN/inf/out-of-range weights).
+        ValueError: bad crossover spec, or a merged tensor that is not finite in the output
+            dtype (named; the output folder is not created).
     """
-    from cycleqd.models.loading import load_expert, load_model
+    from cycleqd.models.loading import (check_finite, load_expert, load_model, needs_untie,
+                                        non_finite_description)
     from cycleqd.ops.crossover import make_crossover
 
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(
@@ -166,6 +202,9 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
     base_m = load_model(base, cache_dir=cache_dir)
+    if needs_untie(base_m, models):
+        base_m = load_model(base, cache_dir=cache_dir, untie=True)
+    check_finite(base_m.state, f"base {base}")
     experts = [load_expert(m, base_m, cache_dir=cache_dir, label=f"model {i} ({m})")
                for i, m in enumerate(models)]
     op = make_crossover(crossover, base=base_m.state)
@@ -177,7 +216,12 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
             b = base_m.state[name]
             taus = [e.task_vector[name] for e in experts]
             merged = op.merge_tensor(name, taus, state, g)
-            yield name, (b.float() + merged).to(dtype or b.dtype)
+            out = (b.float() + merged).to(dtype or b.dtype)
+            bad = non_finite_description(out)
+            if bad is not None:
+                raise ValueError(f"merged tensor {name!r} is not finite in {out.dtype} ({bad}); "
+                                 f"nothing was written to {out_dir}")
+            yield name, out
 
     return write_hf_folder(gen(), out_dir, base_m.folder, overwrite=overwrite,
                            max_shard_bytes=max_shard_bytes,

@@ -182,14 +182,18 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     Args:
         files: safetensors or bin files (shards of one checkpoint).
         drop: names to hide (tied weights).
+        aliases: ``{name: source}``: expose ``name`` (absent from the files) reading
+            ``source`` -- a tied ``lm_head.weight`` shown as its own tensor (untied view).
     Raises:
         ModelLoadError: a corrupt or unreadable file (names the file).
     """
 
-    def __init__(self, files: Sequence[Path], *, drop: Sequence[str] = ()):
+    def __init__(self, files: Sequence[Path], *, drop: Sequence[str] = (),
+                 aliases: Mapping[str, str] | None = None):
         from safetensors import safe_open
 
         self.files = [Path(f) for f in files]
+        self._alias: dict[str, str] = {}
         self._where: dict[str, Any] = {}
         self._bins: list[dict] = []
         for f in self.files:
@@ -219,9 +223,14 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
                         self._where[k] = sd
         for d in drop:
             self._where.pop(d, None)
+        for name, source in (aliases or {}).items():
+            if name not in self._where and source in self._where:
+                self._where[name] = self._where[source]
+                self._alias[name] = source
 
     def __getitem__(self, k: str) -> torch.Tensor:
         src = self._where[k]
+        k = self._alias.get(k, k)
         if isinstance(src, dict):
             return src[k]
         try:
@@ -237,13 +246,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
 
     def shape(self, k: str) -> tuple[int, ...]:
         """Shape without reading the data (safetensors header / mmapped tensor)."""
-        src = self._where[k]
+        src, k = self._where[k], self._alias.get(k, k)
         if isinstance(src, dict):
             return tuple(src[k].shape)
         return tuple(src.get_slice(k).get_shape())
 
     def dtype(self, k: str) -> torch.dtype:
-        src = self._where[k]
+        src, k = self._where[k], self._alias.get(k, k)
         if isinstance(src, dict):
             return src[k].dtype
         return _ST_DTYPES[src.get_slice(k).get_dtype()]
@@ -350,11 +359,16 @@ def gguf_cache_folder(gguf: Path, cache_dir: Path, dtype: torch.dtype) -> Path:
 
 
 def load_model(spec: str | os.PathLike | ResolvedSource, *, cache_dir: Path | str,
-               gguf_dtype: torch.dtype = torch.float32) -> LoadedModel:
+               gguf_dtype: torch.dtype = torch.float32, untie: bool = False) -> LoadedModel:
     """Open a full model (not a LoRA adapter) lazily.
 
     GGUF files are converted once into ``cache_dir/gguf/<name>-<hash>/`` (an HF folder),
     then opened like any folder.
+
+    Tied weights (``lm_head.weight`` of a ``tie_word_embeddings`` model) appear once, under
+    the source name, unless ``untie=True``: then the tied name is a tensor of its own (read
+    from the source when the checkpoint does not store it) and ``extra["untied"]`` lists
+    the tied names -- needed when an expert trains one side only (see :func:`needs_untie`).
 
     Raises:
         ModelLoadError / FileNotFoundError: see :func:`resolve_source`; a LoRA adapter
@@ -379,10 +393,41 @@ def load_model(spec: str | os.PathLike | ResolvedSource, *, cache_dir: Path | st
     config = _load_config(src.config_dir)
     state = LazyStateDict(src.files)
     tied = tied_weight_names(config)
-    drop = [t for t, s in tied.items() if t in state and s in state]
-    if drop:
-        state = LazyStateDict(src.files, drop=drop)
-    return LoadedModel(source=src, state=state, config=config, folder=src.config_dir, fingerprint=fp)
+    extra: dict = {}
+    if untie and tied:
+        state = LazyStateDict(src.files, aliases=tied)
+        extra["untied"] = sorted(t for t in tied if t in state)
+    else:
+        drop = [t for t, s in tied.items() if t in state and s in state]
+        if drop:
+            state = LazyStateDict(src.files, drop=drop)
+    return LoadedModel(source=src, state=state, config=config, folder=src.config_dir, fingerprint=fp,
+                       extra=extra)
+
+
+def needs_untie(base: LoadedModel, experts: Sequence[str | os.PathLike]) -> bool:
+    """True when ``base`` ties its output layer to the input embeddings and a LoRA expert
+    trains one side of the pair on its own (``modules_to_save`` of ``lm_head`` or
+    ``embed_tokens``, or a LoRA on either). peft keeps the two apart in such an adapter
+    (the wrapped copy is trained, the other side keeps the base weight), so merging it into
+    a tied model would lose one side: the weight space must then hold both tensors and the
+    export untie them (``tie_word_embeddings=False``)."""
+    tied = tied_weight_names(base.config)
+    if not tied:
+        return False
+    modules = {n.rsplit(".", 1)[0] for pair in tied.items() for n in pair}
+    for spec in experts:
+        try:
+            src = resolve_source(spec)
+        except (FileNotFoundError, ModelLoadError):
+            continue
+        if src.kind != "lora":
+            continue
+        for k in LazyStateDict(src.files):
+            name = k[len("base_model.model."):] if k.startswith("base_model.model.") else k
+            if any(name == m or name.startswith(m + ".") for m in modules):
+                return True
+    return False
 
 
 # --- validation ----------------------------------------------------------------------
@@ -467,6 +512,56 @@ def check_float(base: Mapping[str, torch.Tensor], label: str = "base") -> None:
         if dt in (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2) and k.endswith("weight"):
             raise ModelLoadError(f"{label}: tensor {k!r} is stored as {dt} (a quantised "
                                  "checkpoint); task-vector arithmetic needs float weights")
+
+
+#: Largest |weight| a model may hold: the float16 maximum (65504). A weight above it becomes
+#: inf when the model is served in float16 (``backend.dtype: float16``); sums of such weights
+#: in crossovers and their squares in the SVD overflow fp32 long before 3e38 does; and no
+#: trained LLM weight comes near it (healthy weights are O(1), outliers O(10^2)). So a value
+#: like 3e38, finite in fp32 and bf16, is treated as corruption just like NaN and inf.
+MAX_ABS_WEIGHT = float(torch.finfo(torch.float16).max)
+
+def non_finite_description(t: torch.Tensor, max_abs: float = MAX_ABS_WEIGHT) -> str | None:
+    """None when every entry of a float tensor is finite with ``|w| <= max_abs``; else a
+    short description ("2 NaN, 1 inf, max |w| 3e+38 at index 17"). Non-float tensors: None.
+    One ``torch.aminmax`` pass without a copy (a bad tensor is then examined in fp32 to
+    describe it)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    flat = t.detach().reshape(-1)
+    lo, hi = torch.aminmax(flat)  # one pass, no copy; NaN propagates into both
+    if bool(hi <= max_abs) and bool(lo >= -max_abs):
+        return None
+    x = flat.float()
+    n_nan = int(torch.isnan(x).sum())
+    n_inf = int(torch.isinf(x).sum())
+    big = torch.isfinite(x) & (x.abs() > max_abs)
+    parts = []
+    if n_nan:
+        parts.append(f"{n_nan} NaN")
+    if n_inf:
+        parts.append(f"{n_inf} inf")
+    if bool(big.any()):
+        parts.append(f"{int(big.sum())} beyond +-{max_abs:g} (max |w| {float(x[big].abs().max()):.3g})")
+    first = int(torch.nonzero(~(x.abs() <= max_abs))[0, 0])
+    return ", ".join(parts) + f"; first at flat index {first}"
+
+
+def check_finite(state: Mapping[str, torch.Tensor], label: str, *, max_abs: float = MAX_ABS_WEIGHT) -> None:
+    """Every float weight of ``state`` is finite with ``|w| <= max_abs`` (default
+    :data:`MAX_ABS_WEIGHT`, the float16 maximum). Reads every tensor once.
+
+    Raises:
+        ModelLoadError: one line naming the model (``label``), the tensor and what is wrong,
+            e.g. ``expert 1 (/m/coding): tensor 'model.layers.0.mlp.up_proj.weight' is not
+            finite: 1 NaN; first at flat index 5``.
+    """
+    for k in state:
+        desc = non_finite_description(state[k], max_abs)
+        if desc is not None:
+            raise ModelLoadError(f"{label}: tensor {k!r} is not finite: {desc} (weights must be finite "
+                                 f"with |w| <= {max_abs:g}, the float16 range); the checkpoint is "
+                                 "corrupt or diverged -- re-export or retrain it")
 
 
 # --- LoRA adapters -------------------------------------------------------------------
@@ -655,7 +750,9 @@ def load_expert(spec: str | os.PathLike, base: LoadedModel, *, cache_dir: Path |
 
     Raises:
         ModelLoadError: mismatching architecture / tensor names / shapes (first mismatching
-            tensor named; tied embeddings and resized vocabularies explained), corrupt files.
+            tensor named; tied embeddings and resized vocabularies explained), corrupt files,
+            a weight (or LoRA factor) that is NaN, inf or beyond :data:`MAX_ABS_WEIGHT`
+            (:func:`check_finite`).
         FileNotFoundError: missing path.
     """
     label = label or f"expert {spec}"
@@ -664,16 +761,19 @@ def load_expert(spec: str | os.PathLike, base: LoadedModel, *, cache_dir: Path |
         declared = json.loads((src.config_dir / "adapter_config.json").read_text()).get(
             "base_model_name_or_path")
         tv = LoraTaskVector(src.config_dir, base.state)
+        check_finite(tv.raw, label)
         fp = hashlib.blake2b(f"{src.fingerprint()}|{base.fingerprint}".encode(), digest_size=12).hexdigest()
         if tv.needs_peft:
             tv = lora_task_vector_via_peft(src.config_dir, base)
+            check_finite(tv, label)
         e = Expert(spec=str(spec), kind="lora", task_vector=tv, fingerprint=fp)
         e.declared_base = declared  # type: ignore[attr-defined]
         return e
-    m = load_model(src, cache_dir=cache_dir, gguf_dtype=gguf_dtype)
+    m = load_model(src, cache_dir=cache_dir, gguf_dtype=gguf_dtype, untie=bool(base.extra.get("untied")))
     check_config(base.config, m.config, label)
     check_tensors(base.state, m.state, label, base_cfg=base.config)
     check_float(m.state, label)
+    check_finite(m.state, label)
     fp = hashlib.blake2b(f"{m.fingerprint}|{base.fingerprint}".encode(), digest_size=12).hexdigest()
     return Expert(spec=str(spec), kind=m.source.kind, task_vector=DiffTaskVector(m.state, base.state),
                   fingerprint=fp)

@@ -36,6 +36,7 @@ is checked by ``tests/ops/test_mergekit_equivalence.py``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -61,10 +62,30 @@ def _check_parents(parents: Sequence[Mapping[str, torch.Tensor]], *, n: int | No
                                  f"but {tuple(parents[0][k].shape)} in parent 0")
 
 
+def _finite(value: Any, field: str) -> float:
+    """``float(value)``, refusing NaN/inf and non-numbers with a ValueError naming ``field``."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}={value!r}: must be a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{field}={value!r}: must be a finite number")
+    return x
+
+
+def _check_numbers(value: float | Sequence[float], field: str) -> None:
+    """A scalar or per-parent list of finite numbers (checked at construction)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        _finite(value, field)
+    else:
+        for v in value:
+            _finite(v, field)
+
+
 def _per_parent(value: float | Sequence[float], n: int, field: str) -> list[float]:
     if isinstance(value, (int, float)):
-        return [float(value)] * n
-    vals = [float(v) for v in value]
+        return [_finite(value, field)] * n
+    vals = [_finite(v, field) for v in value]
     if len(vals) != n:
         raise ValueError(f"{field}: {len(vals)} values given for {n} parents")
     return vals
@@ -136,7 +157,10 @@ class LinearCrossover(TensorwiseCrossover):
     is_linear = True  # child = sum_i w_i tau_i: compact SVD genomes apply
 
     def __init__(self, mu: float = 0.0, sigma: float = 0.01):
-        self.mu, self.sigma = float(mu), float(sigma)
+        self.mu, self.sigma = _finite(mu, "linear.mu"), _finite(sigma, "linear.sigma")
+        if self.sigma < 0:
+            raise ValueError(f"linear.sigma={sigma!r}: must be >= 0 (the standard deviation of the "
+                             "merge weights)")
 
     def merge_weights(self, n: int, generator: torch.Generator) -> list[float]:
         """The normalised weights the next child would get (consumes the generator)."""
@@ -163,7 +187,9 @@ class TaskArithmetic(TensorwiseCrossover):
 
     def __init__(self, weights: float | Sequence[float] = 1.0, lambda_: float = 1.0,
                  normalize: bool = False):
-        self.weights, self.lambda_, self.normalize = weights, float(lambda_), bool(normalize)
+        _check_numbers(weights, "task_arithmetic.weights")
+        self.weights, self.lambda_ = weights, _finite(lambda_, "task_arithmetic.lambda")
+        self.normalize = bool(normalize)
 
     def prepare(self, n, generator):
         w = _per_parent(self.weights, n, "task_arithmetic.weights")
@@ -189,7 +215,7 @@ def _pop_lambda(kw: dict, op: str) -> float:
     lam = kw.pop("lambda", kw.pop("lambda_", 1.0))
     if kw:
         raise ValueError(f"{op}: unknown parameter(s) {sorted(kw)}")
-    return float(lam)
+    return _finite(lam, f"{op}.lambda")
 
 
 # --- sparsification and sign election (TIES / DARE) ---------------------------------
@@ -274,8 +300,10 @@ class Ties(TensorwiseCrossover):
                  lambda_: float = 1.0, consensus: Literal["sum", "count"] = "sum"):
         if consensus not in ("sum", "count"):
             raise ValueError(f"ties.consensus={consensus!r}: expected 'sum' or 'count'")
+        _check_numbers(weights, "ties.weights")
+        _check_density(_as_list(density, "ties.density"), "ties")
         self.weights, self.density = weights, density
-        self.normalize, self.lambda_, self.consensus = bool(normalize), float(lambda_), consensus
+        self.normalize, self.lambda_, self.consensus = bool(normalize), _finite(lambda_, "ties.lambda"), consensus
 
     def prepare(self, n, generator):
         return (_per_parent(self.weights, n, "ties.weights"),
@@ -288,10 +316,29 @@ class Ties(TensorwiseCrossover):
                         lambda_=self.lambda_)
 
 
-def _check_density(d: list[float], op: str) -> list[float]:
+#: Smallest DARE density accepted. DARE keeps each entry with probability ``density`` and
+#: rescales what it keeps by about ``1 / density`` (``inverse_density``, and ``l1`` on
+#: average), so a density of 1e-8 multiplies kept fp16/bf16 deltas by 1e8 and the merged
+#: weights overflow to inf (a public mergekit report). Yu et al. 2023 (DARE) evaluate drop
+#: rates up to 0.99; 1e-3 (drop rate 0.999, kept entries scaled ~1000x) is well beyond that.
+MIN_DARE_DENSITY = 1e-3
+
+
+def _as_list(value: float | Sequence[float], field: str) -> list[float]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return [_finite(value, field)]
+    return [_finite(v, field) for v in value]
+
+
+def _check_density(d: list[float], op: str, minimum: float = 0.0) -> list[float]:
     for x in d:
         if not 0.0 <= x <= 1.0:
             raise ValueError(f"{op}.density={x}: must be in [0, 1]")
+        if x < minimum:
+            raise ValueError(f"{op}.density={x:g}: below the minimum {minimum:g}: DARE rescales the "
+                             f"kept entries by about 1/density ({1 / x if x else math.inf:.3g}x), which "
+                             "overflows 16-bit weights to inf; use a density >= "
+                             f"{minimum:g} (DARE's paper goes down to 0.01)")
     return d
 
 
@@ -325,8 +372,11 @@ class Dare(TensorwiseCrossover):
             raise ValueError(f"dare.rescale={rescale!r}: expected l1, inverse_density or none")
         if consensus not in (None, "sum", "count"):
             raise ValueError(f"dare.consensus={consensus!r}: expected None, 'sum' or 'count'")
+        _check_numbers(weights, "dare.weights")
+        _check_density(_as_list(density, "dare.density"), "dare", MIN_DARE_DENSITY)
         self.weights, self.density, self.rescale = weights, density, rescale
-        self.consensus, self.normalize, self.lambda_ = consensus, bool(normalize), float(lambda_)
+        self.consensus, self.normalize = consensus, bool(normalize)
+        self.lambda_ = _finite(lambda_, "dare.lambda")
         self.keep_masks = keep_masks
         self.last_masks: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -334,22 +384,34 @@ class Dare(TensorwiseCrossover):
         if self.keep_masks:
             self.last_masks = {}
         return (_per_parent(self.weights, n, "dare.weights"),
-                _check_density(_per_parent(self.density, n, "dare.density"), "dare"))
+                _check_density(_per_parent(self.density, n, "dare.density"), "dare", MIN_DARE_DENSITY))
 
     def drop(self, name: str, i: int, tau: torch.Tensor, density: float,
              generator: torch.Generator) -> torch.Tensor:
-        """Bernoulli(density) keep-mask on ``tau`` (fp32, shape S) and rescale."""
+        """Bernoulli(density) keep-mask on ``tau`` and rescale, computed in fp32 (mergekit's
+        ``sparsify.bernoulli`` works in the tensor's dtype; fp32 here, so the rescale itself
+        cannot overflow 16-bit types). Returns (S,) fp32.
+
+        Raises:
+            ValueError: the rescaled delta is not finite (names the tensor).
+        """
         if density >= 1:
             return tau
+        tau = tau.float()
         keep = torch.rand(tau.shape, generator=generator) < density
         if self.keep_masks:
             self.last_masks[(name, i)] = keep
         masked = tau * keep
         if self.rescale == "inverse_density":
-            return masked / density if density > 0 else masked
-        if self.rescale == "none":
-            return masked
-        return rescale_to_norm(tau, masked, self.rescale)
+            out = masked / density if density > 0 else masked
+        elif self.rescale == "none":
+            out = masked
+        else:
+            out = rescale_to_norm(tau, masked, self.rescale)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"dare: tensor {name!r} of parent {i} is not finite after dropping with "
+                             f"density {density:g} and rescaling ({self.rescale})")
+        return out
 
     def merge_tensor(self, name, taus, state, generator):
         weights, density = state
@@ -430,7 +492,7 @@ class Slerp(TensorwiseCrossover):
                  space: Literal["weights", "task_vector"] = "weights",
                  dot_threshold: float = 0.9995, eps: float = 1e-8,
                  granularity: Literal["row", "tensor"] = "tensor"):
-        if not 0.0 <= float(t) <= 1.0:
+        if not 0.0 <= _finite(t, "slerp.t") <= 1.0:
             raise ValueError(f"slerp.t={t}: must be in [0, 1]")
         if space not in ("weights", "task_vector"):
             raise ValueError(f"slerp.space={space!r}: expected 'weights' or 'task_vector'")
@@ -439,7 +501,7 @@ class Slerp(TensorwiseCrossover):
         if granularity not in ("row", "tensor"):
             raise ValueError(f"slerp.granularity={granularity!r}: expected 'row' or 'tensor'")
         self.t, self.space, self.granularity = float(t), space, granularity
-        self.dot_threshold, self.eps = float(dot_threshold), float(eps)
+        self.dot_threshold, self.eps = _finite(dot_threshold, "slerp.dot_threshold"), _finite(eps, "slerp.eps")
         self._base = base
 
     def merge_tensor(self, name, taus, state, generator):

@@ -23,6 +23,7 @@ reproduces the very same ``r`` vectors.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -32,6 +33,19 @@ import torch
 from cycleqd.ops.base import MUTATIONS, TaskVector, TensorSelector, register
 
 SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m, r), S (r,), Vh (r, n), fp32
+
+
+def _nonneg(value, field: str) -> float:
+    """``float(value)`` if it is a finite number >= 0, else ValueError naming ``field``."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}={value!r}: must be a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{field}={value!r}: must be a finite number")
+    if x < 0:
+        raise ValueError(f"{field}={value!r}: must be >= 0")
+    return x
 
 
 def svd_matrix(t: torch.Tensor, rank: int | None = None, method: str = "exact") -> SVD:
@@ -218,12 +232,9 @@ class SVDExpertMutation:
                  fingerprints: Sequence[str | None] | None = None,
                  bases: Sequence[dict[str, SVD]] | None = None, svd_method: str = "exact",
                  svd_tol: float = 1e-6):
-        if svd_tol < 0:
-            raise ValueError(f"svd_expert.svd_tol={svd_tol}: must be >= 0")
-        self.svd_tol = float(svd_tol)
+        self.svd_tol = _nonneg(svd_tol, "svd_expert.svd_tol")
         self._ndraw: dict[int, dict[str, int]] = {}
-        if rate < 0:
-            raise ValueError(f"svd_expert.rate={rate}: must be >= 0")
+        rate = _nonneg(rate, "svd_expert.rate")
         if rank is not None and int(rank) < 1:
             raise ValueError(f"svd_expert.rank={rank}: must be >= 1 or None")
         if svd_method not in ("exact", "lowrank"):
@@ -296,9 +307,9 @@ class SVDSelfMutation:
     def __init__(self, rate: float = 0.1, rank: int | None = None,
                  include: Sequence[str] | str | None = None,
                  exclude: Sequence[str] | str | None = None):
-        if rate < 0:
-            raise ValueError(f"svd_self.rate={rate}: must be >= 0")
-        self.rate, self.rank = float(rate), rank
+        self.rate, self.rank = _nonneg(rate, "svd_self.rate"), rank
+        if rank is not None and int(rank) < 1:
+            raise ValueError(f"svd_self.rank={rank!r}: must be >= 1 or None")
         self.select = TensorSelector(include, exclude)
 
     def __call__(self, child: TaskVector, *, skill: int, generator: torch.Generator) -> TaskVector:
@@ -325,9 +336,7 @@ class GaussianMutation:
     """``tau' = tau + N(0, std^2)`` on every tensor (official ablation) or matrices only."""
 
     def __init__(self, std: float = 0.0003, matrices_only: bool = False):
-        if std < 0:
-            raise ValueError(f"gaussian.std={std}: must be >= 0")
-        self.std, self.matrices_only = float(std), bool(matrices_only)
+        self.std, self.matrices_only = _nonneg(std, "gaussian.std"), bool(matrices_only)
         self.select = TensorSelector(matrices_only=matrices_only)
 
     def __call__(self, child: TaskVector, *, skill: int, generator: torch.Generator) -> TaskVector:

@@ -9,6 +9,7 @@ are clamped into the edge bins.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -96,8 +97,35 @@ class GridArchive:
         return int(np.prod(self.shape)) if self.axes else 1
 
     def cell_of(self, scores: dict[str, float]) -> Cell:
-        """The cell of a model with these skill scores. Raises KeyError for a missing skill."""
+        """The cell of a model with these skill scores.
+
+        Raises:
+            KeyError: a missing skill.
+            ValueError: a BC score that is NaN/inf (it has no bin).
+        """
+        for a in self.axes:
+            v = scores[a.skill]
+            if not _finite(v):
+                raise ValueError(f"archive {self.quality_skill!r}: BC score {a.skill}={v!r} is not a "
+                                 "finite number; a model with a non-finite score has no cell")
         return tuple(a.index(scores[a.skill]) for a in self.axes)
+
+    def check_elite(self, elite: "Elite") -> None:
+        """Refuse an elite whose quality or BC scores are not finite numbers.
+
+        Raises:
+            ValueError: naming the archive, the model and the score.
+        """
+        bad = {k: v for k, v in elite.scores.items() if not _finite(v)}
+        if bad:
+            k, v = next(iter(bad.items()))
+            raise ValueError(f"archive {self.quality_skill!r}: model {elite.id!r} has a non-finite score "
+                             f"{k}={v!r}; NaN/inf scores never enter an archive (they would poison the "
+                             "cell, the QD score and the sampling probabilities)")
+        q = self.quality_of(elite.scores)
+        if not _finite(q):
+            raise ValueError(f"archive {self.quality_skill!r}: model {elite.id!r} has non-finite "
+                             f"quality {q!r}")
 
     def quality_of(self, scores: dict[str, float]) -> float:
         """The quality of a model with these scores: the quality skill's score, or the mean
@@ -108,7 +136,12 @@ class GridArchive:
 
     def add(self, elite: Elite) -> bool:
         """Insert ``elite`` if its cell is empty or its quality is *strictly* higher than the
-        incumbent's (official rule). Returns True when the archive changed."""
+        incumbent's (official rule). Returns True when the archive changed.
+
+        Raises:
+            ValueError: a quality or BC score that is NaN/inf (:meth:`check_elite`).
+        """
+        self.check_elite(elite)
         cell = self.cell_of(elite.scores)
         incumbent = self.elites.get(cell)
         if incumbent is not None and not self.quality_of(elite.scores) > self.quality_of(incumbent.scores):
@@ -135,10 +168,24 @@ class GridArchive:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "GridArchive":
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ValueError: an elite with a NaN/inf score (:meth:`check_elite`).
+        """
         arch = cls(d["quality_skill"], tuple(BCAxis(**a) for a in d["axes"]))
         for e in d["elites"]:
-            arch.elites[tuple(e["cell"])] = Elite.from_json(e)
+            elite = Elite.from_json(e)
+            arch.check_elite(elite)
+            arch.elites[tuple(e["cell"])] = elite
         return arch
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def make_archives(skills: Sequence[str], ranges: dict[str, tuple[float, float]],

@@ -69,13 +69,17 @@ class CycleQDScheduler:
         self._asked.append(generation)
         return Ask(generation, k, tuple(p.id for p in parents))
 
-    def tell(self, generation: int, child: Elite) -> list[str]:
-        """Offer ``child`` to every archive; returns the quality skills of those it entered."""
+    def tell(self, generation: int, child: Elite | None) -> list[str]:
+        """Offer ``child`` to every archive; returns the quality skills of those it entered.
+        ``child=None`` (a rejected child: non-finite weights or scores) answers the ask and
+        offers nothing."""
         if not self._asked or self._asked[0] != generation:
             raise RuntimeError(f"tell({generation}) without a matching outstanding ask "
                                f"(outstanding: {self._asked})")
         self._asked.pop(0)
         self._last_told = generation
+        if child is None:
+            return []
         return [a.quality_skill for a in self.archives if a.add(child)]
 
     def seed_archives(self, elites: Sequence[Elite]) -> None:

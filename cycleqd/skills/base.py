@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 
+class NonFiniteScore(ValueError):
+    """A skill produced a NaN/inf score: the evaluation failed (the engine records the child
+    as rejected and keeps it out of every archive)."""
+
+
 @dataclass(frozen=True)
 class SkillResult:
     """One skill's score of one model.
@@ -21,6 +26,8 @@ class SkillResult:
     subscores: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if float(self.quality) != float(self.quality) or float(self.quality) in (float("inf"), float("-inf")):
+            raise NonFiniteScore(f"SkillResult.quality must be a finite number in [0, 1], got {self.quality!r}")
         if not 0.0 <= float(self.quality) <= 1.0:
             raise ValueError(f"SkillResult.quality must be in [0, 1], got {self.quality!r}")
 

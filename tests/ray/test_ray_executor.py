@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 from cycleqd.engine.build import build_components  # noqa: E402
 from cycleqd.engine.loop import Components, CycleQDRun, run_cycleqd  # noqa: E402
 from cycleqd.engine.rundir import RunDir  # noqa: E402
-from cycleqd.executors.ray_executor import RayExecutor  # noqa: E402
+from cycleqd.executors.ray_executor import RayExecutor, init_local_ray  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -33,7 +33,7 @@ def local_ray():
     replacement while a dead worker is being cleaned up), no dashboard."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        init_local_ray(ray, num_cpus=4, include_dashboard=False, log_to_driver=False)
     # the helper classes below live in this test module, which workers cannot import
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray
