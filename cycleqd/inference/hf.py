@@ -159,6 +159,18 @@ class HFBackend:
             raise ValueError("neither the tokenizer nor the generation config defines an EOS token")
         return ids
 
+    def _untie(self, name: str) -> None:
+        """Give the tied alias ``name`` (e.g. ``lm_head.weight``) its own parameter, a copy
+        of the tensor it shared. The model config is left as loaded: nothing on the
+        generation path re-ties weights, and the config is part of the sample cache's
+        backend key (:func:`cycleqd.skills.cache.backend_key`), which must not change with
+        the weights loaded (the weights have their own fingerprint)."""
+        mod_name, _, attr = name.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        old = getattr(mod, attr)
+        setattr(mod, attr, torch.nn.Parameter(old.detach().clone(), requires_grad=False))
+        del self._tied[name]
+
     @staticmethod
     def _tied_aliases(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
         """name -> canonical name, for state-dict entries sharing storage (tied weights)."""
@@ -406,7 +418,12 @@ class HFBackend:
         Args:
             state_dict: name -> tensor with the model's names and shapes (any float dtype or
                 device; cast on copy). A tied alias (``lm_head.weight`` of a model with tied
-                embeddings) may be omitted; if given, the canonical tensor wins.
+                embeddings) may be omitted. If given and equal to its canonical tensor, the
+                two stay tied; if given and *different* (a weight space untied by an expert
+                that trained ``lm_head`` or ``embed_tokens`` alone, see
+                :func:`cycleqd.models.loading.load_model`), the model is untied in place:
+                the alias gets its own parameter and keeps it for later loads (so the run
+                evaluates exactly the weights its export writes).
             fingerprint: identity of the new weights (cache key).
         Raises:
             ValueError: unknown/missing names or shape mismatches, checked before any copy,
@@ -415,6 +432,10 @@ class HFBackend:
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError("load_weights: fingerprint must be a non-empty string")
         check_state_dict(state_dict, self._shapes, optional=set(self._tied))
+        for name, src in list(self._tied.items()):
+            if name in state_dict and src in state_dict and not torch.equal(
+                    state_dict[name].to(state_dict[src].dtype), state_dict[src]):
+                self._untie(name)
         targets = self.model.state_dict()
         for name, t in state_dict.items():
             if name in self._tied and self._tied[name] in state_dict:

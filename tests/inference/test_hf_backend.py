@@ -222,6 +222,29 @@ def test_tied_embeddings_alias_optional(tiny_tied_dir, convs):
     assert be.generate(convs[:3], max_new_tokens=8) == ref
 
 
+def test_untied_weights_untie_a_tied_model(tiny_tied_dir, convs):
+    """A weight space untied by an expert that trained ``lm_head`` alone (issue 18.9) is
+    evaluated as untied: the logits are those of a model holding both tensors, not of one
+    whose output layer silently stayed equal to the embeddings."""
+    be = HFBackend.from_pretrained(tiny_tied_dir)
+    sd = {k: v.clone() for k, v in be.model.state_dict().items()}
+    emb = sd["model.embed_tokens.weight"]
+    head = emb + 0.5 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
+    new = dict(sd, **{"lm_head.weight": head})
+    be.load_weights(new, fingerprint="untied")
+    assert torch.equal(be.model.get_output_embeddings().weight, head)
+    assert torch.equal(be.model.get_input_embeddings().weight, emb)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        hidden = be.model.model(input_ids=ids).last_hidden_state
+        assert torch.allclose(be.model(input_ids=ids).logits, hidden @ head.T, atol=1e-5)
+    # later loads keep the two apart; loading tied weights again gives the original model
+    be.load_weights(sd, fingerprint="orig")
+    assert torch.equal(be.model.get_output_embeddings().weight, emb)
+    ref = HFBackend.from_pretrained(tiny_tied_dir).generate(convs[:3], max_new_tokens=8)
+    assert be.generate(convs[:3], max_new_tokens=8) == ref
+
+
 def test_default_fingerprint_is_content_hash(tiny_llama_dirs):
     a, b = tiny_llama_dirs
     a1, a2, b1 = (HFBackend.from_pretrained(p) for p in (a, a, b))
