@@ -206,7 +206,7 @@ class WorkerSpec:
     Attributes:
         store_root: the run's ``genomes/`` folder (shared path).
         seed_ids: ids of the seed models, experts first (``store.seeds`` order).
-        run_fingerprint: config fingerprint (prefix of model fingerprints given to adapters).
+        run_fingerprint: config fingerprint (checked against the worker's config; models are named by their weights).
         build: zero-argument picklable callable returning Components, or None to use the
             shipped ``(space, seeds, adapter, skills)``.
     """
