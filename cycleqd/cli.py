@@ -81,8 +81,24 @@ def _stage(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _library_progress(show: bool) -> None:
+    """transformers' own bars (loading/writing local shards) only on a terminal; the hub's
+    download bars always (transformers' switch also turns the hub's off, so it is turned
+    back on: a multi-GB download must show that it is happening)."""
+    if show:
+        return
+    try:
+        from huggingface_hub.utils import enable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()
+
+
 def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = None) -> int:
     _stage("building weight space and models (importing torch, loading base and experts) ...")
+    _library_progress(sys.stderr.isatty() and not args.no_progress)
     from cycleqd._io import is_disk_full
     from cycleqd.engine.build import build_components
     from cycleqd.engine.loop import CycleQDRun

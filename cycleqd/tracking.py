@@ -91,6 +91,7 @@ class Tracker:
         self._tb = None
         self._wandb = None
         self._wandb_run = None
+        self._step = 0   # highest step logged (W&B refuses steps that go back)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -127,6 +128,7 @@ class Tracker:
     def log_record(self, rec: Mapping[str, Any]) -> None:
         """Log one ``metrics.jsonl`` record (see :func:`flatten_record`)."""
         step, values = flatten_record(rec)
+        self._step = max(self._step, step)
         if self._tb is not None:
             try:
                 for tag, v in values.items():
@@ -140,7 +142,9 @@ class Tracker:
                 self._fail("wandb", e)
 
     def log_images(self, paths: Iterable[str | Path], step: int) -> None:
-        """Log PNG files (the elite maps) as images tagged ``maps/<file stem>``."""
+        """Log PNG files (the elite maps) as images tagged ``maps/<file stem>`` at ``step``
+        (or the highest step logged so far, if that is later)."""
+        step = max(step, self._step)
         paths = [Path(p) for p in paths if Path(p).is_file()]
         if self._tb is not None and paths:
             try:
