@@ -172,6 +172,9 @@ def cmd_run(args) -> int:
     if args.wandb_mode:
         ov["tracking.wandb.mode"] = args.wandb_mode
     cfg = load_config(path, ov)
+    from cycleqd.tracking import check_available
+
+    check_available(cfg)   # a missing tensorboard/wandb package: one line, before any model
     run_dir = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return _run(cfg, run_dir, resume=False, args=args)
 

@@ -81,7 +81,7 @@ class Tracker:
         name: run name shown by W&B.
     Raises:
         ImportError: a requested backend's package is missing (one line naming the extra),
-            raised here, before any model is built.
+            (:func:`check_available` checks the same before any model is built).
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = False,
@@ -179,3 +179,19 @@ def make_tracker(cfg, run_dir: str | Path) -> Tracker | None:
     return Tracker(run_dir, tensorboard=t.tensorboard,
                    wandb=t.wandb.model_dump() if t.wandb is not None else None,
                    config=cfg.model_dump(mode="json"), name=cfg.name)
+
+
+def check_available(cfg) -> None:
+    """Raise ImportError (one line naming the extra to install) when ``cfg.tracking`` asks
+    for a backend whose package is missing; cheap (no import), so ``cycleqd run`` calls it
+    before any model is built."""
+    import importlib.util
+
+    t = getattr(cfg, "tracking", None)
+    if t is None:
+        return
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("tracking.tensorboard needs the tensorboard package: "
+                          "pip install 'cycleqd[tensorboard]'")
+    if t.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise ImportError("tracking.wandb needs the wandb package: pip install 'cycleqd[wandb]'")
