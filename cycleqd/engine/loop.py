@@ -184,13 +184,17 @@ class _Progress:
             return
         if self.bar is None:
             self._open_bar()
-        post = (f" q={skill} cov " + "/".join(f"{s['coverage']:.2f}" for s in stats.values())
-                + " best " + "/".join(f"{s['best_quality']:.2f}" for s in stats.values()))
         import shutil
 
+        cov = "cov " + "/".join(f"{s['coverage']:.2f}" for s in stats.values())
+        best = "best " + "/".join(f"{s['best_quality']:.2f}" for s in stats.values())
         cols = shutil.get_terminal_size((80, 20)).columns
-        room = max(0, cols - 55)   # what the bar, counts and times leave at this width
-        post = post if len(post) <= room else (post[: max(0, room - 1)] + "…" if room > 8 else "")
+        # desc, counts, times and a 10-column bar take ~50 columns; the postfix gets the rest,
+        # dropping parts that do not fit (tqdm would otherwise shrink the bar to nothing and
+        # wrap the line, one new line per update)
+        room = cols - 50
+        post = next((p for p in (f"q={skill} {cov} {best}", f"q={skill} {cov}", f"q={skill}")
+                     if len(p) <= room), "")
         self.bar.set_postfix_str(post, refresh=False)
         self.bar.update(1)
 
