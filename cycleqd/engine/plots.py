@@ -68,7 +68,7 @@ def fit_label(label: str, cell_w_pt: float, cell_h_pt: float) -> tuple[str, floa
     """The label text and font size (points) that fit a cell of that size: the largest size
     up to :data:`LABEL_MAX_PT` at which the whole label fits; below :data:`LABEL_MIN_PT` the
     label is shortened (``cod.``); None when not even one letter fits (the outline stays)."""
-    usable_w, usable_h = 0.9 * cell_w_pt, 0.8 * cell_h_pt
+    usable_w, usable_h = 0.85 * cell_w_pt, 0.8 * cell_h_pt   # margin: tight_layout may shrink ax a little
     size = min(LABEL_MAX_PT, usable_h, usable_w / (_GLYPH_W * max(1, len(label))))
     if size >= LABEL_MIN_PT:
         return label, size
@@ -99,6 +99,9 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
     extent = [x_ax.lo if x_ax else 0, x_ax.hi if x_ax else 1, y_ax.lo if y_ax else 0, y_ax.hi if y_ax else 1]
     vmin, vmax = colour_range(grid)
     im = ax.imshow(grid.T, origin="lower", extent=extent, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+    cb = plt.colorbar(im, ax=ax, label=f"{archive.quality_skill} (quality)")   # before sizing: it narrows ax
+    cb.formatter.set_useOffset(False)
+    cb.update_ticks()
     seed_ids = set(seed_ids)
     if x_ax is not None:
         fig_ = ax.figure
@@ -125,9 +128,6 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
     finite = grid[np.isfinite(grid)]
     note = " (all elites score 0)" if finite.size and not (finite != 0).any() else ""
     ax.set_title(title or f"archive: quality = {archive.quality_skill}{note}", fontsize=9)
-    cb = plt.colorbar(im, ax=ax, label=f"{archive.quality_skill} (quality)")
-    cb.formatter.set_useOffset(False)
-    cb.update_ticks()
     if own:
         fig.tight_layout()
         _save(fig, path)
