@@ -268,11 +268,14 @@ def cmd_demo(args) -> int:
         return 0
     from cycleqd.demo.llm import main as llm_main
 
+    _library_progress(sys.stderr.isatty() and not args.no_progress)
     return llm_main(args)
 
 
 def cmd_train_expert(args) -> int:
     from cycleqd.training.cli import main as train_main
+
+    _library_progress(sys.stderr.isatty())
 
     return train_main(args)
 
