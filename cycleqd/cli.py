@@ -155,6 +155,25 @@ def _config_path(config: str) -> Path:
     return configs.resolve(config)
 
 
+def _with_tracking_flags(cfg, args):
+    """``cfg`` with ``--tensorboard`` / ``--wandb`` / ``--wandb-mode`` applied (resume: the run's
+    config.yaml is not changed; tracking is not part of the run's fingerprint)."""
+    from cycleqd.config import TrackingConfig, WandbConfig
+    from cycleqd.tracking import check_available
+
+    t = cfg.tracking
+    if args.tensorboard or args.wandb or args.wandb_mode:
+        w = t.wandb
+        if args.wandb or args.wandb_mode:
+            w = WandbConfig(**{**(w.model_dump() if w else {}),
+                               **({"project": args.wandb} if args.wandb else {}),
+                               **({"mode": args.wandb_mode} if args.wandb_mode else {})})
+        t = TrackingConfig(tensorboard=t.tensorboard or args.tensorboard, wandb=w)
+        cfg = cfg.model_copy(update={"tracking": t})
+    check_available(cfg)
+    return cfg
+
+
 def cmd_run(args) -> int:
     from cycleqd.config import load_config
 
@@ -217,6 +236,7 @@ def cmd_resume(args) -> int:
                 print(f"run already complete ({st['generation']} generations): {rd.root}; nothing to do "
                       f"(extend it with `cycleqd resume {rd.root} --generations N`)")
                 return 0
+        cfg = _with_tracking_flags(cfg, args)
         return _run(cfg, rd.root, resume=True, args=args, from_snapshot=snap)
     finally:
         lock.release()

@@ -142,3 +142,17 @@ def test_a_failing_backend_warns_once_and_never_stops_the_run(tmp_path, capsys):
     assert err.count("warning: tensorboard logging failed (OSError: disk gone)") == 1
     assert not t.active
     t.close()
+
+
+def test_resume_with_tensorboard_flag_logs_the_remaining_generations(tmp_path, cache_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = tiny_config_dict(cache_dir, generations=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    assert main(["resume", str(tmp_path / "run"), "--generations", "4", "--tensorboard", "--no-progress"]) == 0
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert sorted({e.step for e in ea.Scalars("child/a")}) == [3, 4]
