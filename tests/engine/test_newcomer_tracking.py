@@ -156,3 +156,13 @@ def test_resume_with_tensorboard_flag_logs_the_remaining_generations(tmp_path, c
     ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
     ea.Reload()
     assert sorted({e.step for e in ea.Scalars("child/a")}) == [3, 4]
+
+
+def test_documented_tracking_section_parses(tmp_path):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "python-api.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", doc, flags=re.S) if "tracking:" in b)
+    cfg = parse_config({**tiny_config_dict(tmp_path), **yaml.safe_load(block)})
+    assert cfg.tracking.tensorboard and cfg.tracking.wandb.mode == "offline"
