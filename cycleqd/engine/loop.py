@@ -132,8 +132,8 @@ class _Progress:
 
     Args:
         total, initial: generations in all / already done.
-        mode: ``"bar"`` a tqdm bar whose width fits the terminal (the postfix is cut to the
-            columns left, never wrapped); ``"lines"`` one plain line per generation
+        mode: ``"bar"`` a tqdm bar that keeps to one terminal line (postfix parts that do
+            not fit the width are dropped, so the line never wraps); ``"lines"`` one plain line per generation
             (generation, quality skill, the child's scores, the archives it entered,
             elapsed seconds) -- for ``--no-progress`` and non-TTY output (log files get
             no ``\r``); ``"off"`` nothing. ``True`` means ``"auto"``: a bar when both stdout and
@@ -162,7 +162,7 @@ class _Progress:
     def _open_bar(self) -> None:
         from tqdm.auto import tqdm
 
-        # the bar's own text is about 45 columns; the postfix gets the rest (set per update)
+        # the postfix (quality skill, coverage, best) is sized to the width in update()
         self.bar = tqdm(total=self.total, initial=self.initial, unit="gen", dynamic_ncols=True,
                         desc="CycleQD", file=self._stream,
                         bar_format="{desc} {n}/{total} {bar} [{elapsed}<{remaining}]{postfix}")
