@@ -1,4 +1,8 @@
-"""The ``cycleqd`` command line."""
+"""The ``cycleqd`` command line.
+
+Startup is kept light: ``cycleqd --help``, ``--version``, ``init`` and argument parsing import
+neither torch nor transformers; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from cycleqd import __version__
+
 DESCRIPTION = """\
 CycleQD (Kuroki et al., ICLR 2025): evolve a population of multi-skill models from
 single-skill experts by quality-diversity search over their weights - no training.
@@ -18,9 +24,11 @@ are merged (crossover of task vectors), mutated along the expert's singular vect
 scored on every skill, and offered to every archive.
 
 Start here:
-  cycleqd run configs/tiny.yaml          a 30-second run on a tiny synthetic model
+  cycleqd run tiny                       a one-minute run on a tiny synthetic model (CPU)
   cycleqd report RUN_DIR                 elite maps, curves and best models of a run
   cycleqd demo                           SmolLM2-135M experts + CycleQD on real benchmarks
+  cycleqd init my-configs                editable copies of the example configs
+                                         (tiny, paper, demo, demo-toy; usable by name)
 """
 
 EPILOG = "Run `cycleqd COMMAND --help` for a command's options. Docs: README.md."
@@ -73,15 +81,40 @@ def _disk_full_message(e: BaseException, run_dir: Path | None) -> str:
             f"free space and run `cycleqd resume {run_dir}`")
 
 
+def _stage(text: str) -> None:
+    """One line on stderr as a stage starts (before the first generation nothing else shows)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _library_progress(show: bool) -> None:
+    """transformers' own bars (loading/writing local shards) only on a terminal; the hub's
+    download bars always (transformers' switch also turns the hub's off, so it is turned
+    back on: a multi-GB download must show that it is happening)."""
+    if show:
+        return
+    try:
+        from huggingface_hub.utils import enable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()
+
+
 def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = None) -> int:
+    _stage("building weight space and models (importing torch, loading base and experts) ...")
+    _library_progress(sys.stderr.isatty() and not args.no_progress)
     from cycleqd._io import is_disk_full
     from cycleqd.engine.build import build_components
     from cycleqd.engine.loop import CycleQDRun
 
     try:
+        t0 = time.time()
         comps = build_components(cfg)
+        _stage(f"  built in {time.time() - t0:.1f}s")
         try:
-            run = CycleQDRun(cfg, comps, run_dir, resume=resume, progress=not args.no_progress,
+            run = CycleQDRun(cfg, comps, run_dir, resume=resume,
+                             progress="lines" if args.no_progress else "auto",
                              from_snapshot=from_snapshot)
             for note in run.notes:
                 print(f"note: {note}", file=sys.stderr)
@@ -120,15 +153,52 @@ def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = 
     return 0
 
 
+def _config_path(config: str) -> Path:
+    """A path, or the name of a bundled example config (``tiny``, ``paper``, ...)."""
+    from cycleqd import configs
+
+    return configs.resolve(config)
+
+
+def _with_tracking_flags(cfg, args):
+    """``cfg`` with ``--tensorboard`` / ``--wandb`` / ``--wandb-mode`` applied (resume: the run's
+    config.yaml is not changed; tracking is not part of the run's fingerprint)."""
+    from cycleqd.config import TrackingConfig, WandbConfig
+    from cycleqd.tracking import check_available
+
+    t = cfg.tracking
+    if args.tensorboard or args.wandb or args.wandb_mode:
+        w = t.wandb
+        if args.wandb or args.wandb_mode:
+            w = WandbConfig(**{**(w.model_dump() if w else {}),
+                               **({"project": args.wandb} if args.wandb else {}),
+                               **({"mode": args.wandb_mode} if args.wandb_mode else {})})
+        t = TrackingConfig(tensorboard=t.tensorboard or args.tensorboard, wandb=w)
+        cfg = cfg.model_copy(update={"tracking": t})
+    check_available(cfg)
+    return cfg
+
+
 def cmd_run(args) -> int:
     from cycleqd.config import load_config
 
+    path = _config_path(args.config)
+    _stage(f"loading config {path}")
     ov = _overrides(args.set)
     if args.generations is not None:
         ov["qd.generations"] = args.generations
     if args.seed is not None:
         ov["seed"] = args.seed
-    cfg = load_config(args.config, ov)
+    if args.tensorboard:
+        ov["tracking.tensorboard"] = True
+    if args.wandb:
+        ov["tracking.wandb.project"] = args.wandb
+    if args.wandb_mode:
+        ov["tracking.wandb.mode"] = args.wandb_mode
+    cfg = load_config(path, ov)
+    from cycleqd.tracking import check_available
+
+    check_available(cfg)   # a missing tensorboard/wandb package: one line, before any model
     run_dir = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return _run(cfg, run_dir, resume=False, args=args)
 
@@ -171,6 +241,7 @@ def cmd_resume(args) -> int:
                 print(f"run already complete ({st['generation']} generations): {rd.root}; nothing to do "
                       f"(extend it with `cycleqd resume {rd.root} --generations N`)")
                 return 0
+        cfg = _with_tracking_flags(cfg, args)
         return _run(cfg, rd.root, resume=True, args=args, from_snapshot=snap)
     finally:
         lock.release()
@@ -179,9 +250,19 @@ def cmd_resume(args) -> int:
 def cmd_validate(args) -> int:
     from cycleqd.config import load_config
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = load_config(_config_path(args.config), _overrides(args.set))
     print(f"{args.config}: valid ({len(cfg.skills)} skills: {', '.join(cfg.skill_names)}; "
           f"{cfg.qd.generations} generations)")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from cycleqd import configs
+
+    written = configs.write_examples(args.dir, overwrite=args.overwrite)
+    for p in written:
+        print(p)
+    print(f"edit one and run it: cycleqd run {Path(args.dir) / 'tiny.yaml'}")
     return 0
 
 
@@ -212,18 +293,32 @@ def cmd_demo(args) -> int:
         return 0
     from cycleqd.demo.llm import main as llm_main
 
+    _library_progress(sys.stderr.isatty() and not args.no_progress)
     return llm_main(args)
 
 
 def cmd_train_expert(args) -> int:
     from cycleqd.training.cli import main as train_main
 
+    _library_progress(sys.stderr.isatty())
+
     return train_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named in ``argv`` (first word not starting with ``-``), or None."""
+    argv = sys.argv[1:] if argv is None else argv
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser. The ``demo`` and ``train-expert`` options come from modules that
+    import torch; they are added only when ``argv`` names that command (``argv=None``:
+    ``sys.argv``), so ``cycleqd --help`` and the other commands start without torch."""
+    command = _command_of(argv)
     p = argparse.ArgumentParser(prog="cycleqd", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"cycleqd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add_exec(sp):
@@ -233,12 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--workers", type=int, default=None, help="Ray workers (default: executor.workers)")
         sp.add_argument("--synchronous", action="store_true",
                         help="Ray: one job at a time, reproducing the in-process run exactly")
-        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sp.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: one plain line per generation (also the default "
+                             "when the output is not a terminal)")
+        sp.add_argument("--tensorboard", action="store_true",
+                        help="log metrics and maps to RUN_DIR/tensorboard (tracking.tensorboard)")
+        sp.add_argument("--wandb", metavar="PROJECT", default=None,
+                        help="log metrics and maps to Weights & Biases project PROJECT")
+        sp.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None,
+                        help="W&B mode (offline: no network; `wandb sync` later)")
 
     sp = sub.add_parser("run", help="start a CycleQD run from a YAML config",
                         description="Start a CycleQD run. Every generation is checkpointed; "
                                     "`cycleqd resume RUN_DIR` continues a killed run exactly.")
-    sp.add_argument("config", help="YAML config (see configs/tiny.yaml, configs/paper.yaml)")
+    sp.add_argument("config", help="YAML config file, or the name of a bundled example "
+                                   "(tiny, paper; `cycleqd init DIR` writes editable copies)")
     sp.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
     sp.add_argument("--generations", type=int, help="override qd.generations")
     sp.add_argument("--seed", type=int, help="override seed")
@@ -261,9 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_resume)
 
     sp = sub.add_parser("validate", help="check a config without loading any model")
-    sp.add_argument("config")
+    sp.add_argument("config", help="YAML config file or bundled config name")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("init", help="write editable copies of the example configs into DIR",
+                        description="Write the bundled example configs (tiny, paper, demo, demo-toy) "
+                                    "into DIR for editing; `cycleqd run DIR/tiny.yaml` runs one.")
+    sp.add_argument("dir", help="target folder (created if missing)")
+    sp.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
+    sp.set_defaults(fn=cmd_init)
 
     sp = sub.add_parser("report", help="render a run's summary (elite maps, curves, best models)")
     sp.add_argument("run_dir")
@@ -286,39 +397,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--generations", type=int, help="CycleQD generations")
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--toy", action="store_true", help="toy size (tiny model, few items) for CI")
-    from cycleqd.demo.llm import add_arguments as demo_arguments
+    if command == "demo":
+        from cycleqd.demo.llm import add_arguments as demo_arguments
 
-    demo_arguments(sp)
+        demo_arguments(sp)
     sp.set_defaults(fn=cmd_demo)
 
     sp = sub.add_parser("train-expert", help="fine-tune (LoRA) an expert for one skill")
     sp.add_argument("skill")
-    from cycleqd.training.cli import add_arguments as train_arguments
+    if command == "train-expert":
+        from cycleqd.training.cli import add_arguments as train_arguments
 
-    train_arguments(sp)
+        train_arguments(sp)
     sp.set_defaults(fn=cmd_train_expert)
     return p
 
 
 def _quiet_libraries() -> None:
+    """Quieter transformers/tokenizers logs, without importing them (environment variables
+    they read at import). Download progress bars of the hub stay on: a large model's
+    download must show that it is happening."""
     import logging
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     import signal
     import threading
 

@@ -333,6 +333,31 @@ class ExecutorConfig(_Strict):
     synchronous: bool = False
 
 
+class WandbConfig(_Strict):
+    """Weights & Biases logging (``pip install cycleqd[wandb]``).
+
+    Attributes:
+        project: W&B project name.
+        mode: ``online`` | ``offline`` (no network; ``wandb sync`` later) | ``disabled``;
+            None: wandb's own default (``WANDB_MODE``, else online).
+        entity: W&B entity (team/user); None: the logged-in default.
+    """
+
+    project: str = Field("cycleqd", min_length=1)
+    mode: Literal["online", "offline", "disabled"] | None = None
+    entity: str | None = None
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking (:mod:`cycleqd.tracking`): the figures of ``metrics.jsonl``
+    (coverage, QD score, best quality per archive, child scores, timings) and the final
+    elite maps, to TensorBoard event files (``RUN_DIR/tensorboard``; ``pip install
+    cycleqd[tensorboard]``) and/or W&B. Not part of the run's fingerprint."""
+
+    tensorboard: bool = False
+    wandb: WandbConfig | None = None
+
+
 class RunConfig(_Strict):
     """A whole CycleQD run (one YAML file)."""
 
@@ -345,6 +370,7 @@ class RunConfig(_Strict):
     backend: BackendConfig = BackendConfig()
     executor: ExecutorConfig = ExecutorConfig()
     cache_dir: str | None = None
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _skills(self) -> "RunConfig":
@@ -371,7 +397,8 @@ class RunConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Short hash of the full config (identifies a run's setup)."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        data = self.model_dump(mode="json", exclude={"tracking"})   # logging never changes results
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,4 +1,5 @@
-"""The demo's settings: one YAML file (``configs/demo.yaml``; ``configs/demo-toy.yaml`` for CI).
+"""The demo's settings: one YAML file (``configs/demo.yaml``; ``configs/demo-toy.yaml`` for CI;
+both ship inside the package as :mod:`cycleqd.configs` data, so a plain ``pip install`` finds them).
 
 Validated like a run config (pydantic, ``extra="forbid"``): an unknown key or an impossible
 value is reported with its field path before any model loads. The CycleQD part becomes an
@@ -13,7 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cycleqd import configs as _bundled
 from cycleqd.config import BackendConfig, ConfigError, OperatorsConfig, QDConfig, _format, read_yaml
+
+#: the demo's default settings and the CI-size ones: package data (``cycleqd/configs/``), the
+#: same files as ``configs/*.yaml`` in the source tree
+DEFAULT_CONFIG: Path = _bundled.path("demo")
+TOY_CONFIG: Path = _bundled.path("demo-toy")
 
 
 class _Strict(BaseModel):

@@ -39,11 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config
-from cycleqd.demo.config import DemoConfig, load_demo_config
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-TOY_CONFIG = REPO_ROOT / "configs" / "demo-toy.yaml"
+from cycleqd.demo.config import DEFAULT_CONFIG, TOY_CONFIG, DemoConfig, load_demo_config  # package data
 #: a claim "beats by >= 5 points" means a difference of at least this (scores in [0, 1])
 EXPERT_MARGIN = 0.05
 

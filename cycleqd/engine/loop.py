@@ -129,24 +129,80 @@ def _commit_section():
 
 
 class _Progress:
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="gen", dynamic_ncols=True, desc="CycleQD")
+    """What a run prints while it works (stderr).
 
-    def update(self, skill: str, archives: Sequence[GridArchive]) -> None:
-        if self.bar is None:
+    Args:
+        total, initial: generations in all / already done.
+        mode: ``"bar"`` a tqdm bar that keeps to one terminal line (postfix parts that do
+            not fit the width are dropped, so the line never wraps); ``"lines"`` one plain line per generation
+            (generation, quality skill, the child's scores, the archives it entered,
+            elapsed seconds) -- for ``--no-progress`` and non-TTY output (log files get
+            no ``\r``); ``"off"`` nothing. ``True`` means ``"auto"``: a bar when both stdout and
+            stderr are terminals, else lines; ``False`` means ``"lines"``.
+    """
+
+    def __init__(self, total: int, initial: int, mode: bool | str = True):
+        import sys
+
+        if mode is True or mode == "auto":
+            mode = "bar" if sys.stderr.isatty() and sys.stdout.isatty() else "lines"
+        elif mode is False or mode is None:
+            mode = "lines"
+        if mode not in ("bar", "lines", "off"):
+            raise ValueError(f"progress mode {mode!r}: choose bar, lines, off or auto")
+        self.mode, self.total, self.initial = mode, total, initial
+        self.bar = None
+        self._t0 = time.time()
+        self._stream = sys.stderr
+
+    def stage(self, text: str) -> None:
+        """Announce a stage as it starts (one line)."""
+        if self.mode != "off":
+            print(text, file=self._stream, flush=True)
+
+    def _open_bar(self) -> None:
+        from tqdm.auto import tqdm
+
+        # the postfix (quality skill, coverage, best) is sized to the width in update()
+        self.bar = tqdm(total=self.total, initial=self.initial, unit="gen", dynamic_ncols=True,
+                        desc="CycleQD", file=self._stream,
+                        bar_format="{desc} {n}/{total} {bar} [{elapsed}<{remaining}]{postfix}")
+
+    def update(self, skill: str, archives: Sequence[GridArchive], scores: dict | None = None,
+               entered: Sequence[str] = (), generation: int | None = None) -> None:
+        if self.mode == "off":
             return
         stats = {a.quality_skill: archive_stats(a) for a in archives}
-        post = {"q": skill, "cov": "/".join(f"{s['coverage']:.2f}" for s in stats.values()),
-                "best": "/".join(f"{s['best_quality']:.2f}" for s in stats.values())}
-        self.bar.set_postfix(post, refresh=False)
+        if self.mode == "lines":
+            g = generation if generation is not None else self.initial + 1
+            sc = " ".join(f"{k}={v:.3f}" for k, v in (scores or {}).items()
+                          if isinstance(v, (int, float)))
+            cov = " ".join(f"{n}={s['coverage']:.2f}" for n, s in stats.items())
+            print(f"gen {g}/{self.total}  q={skill}  child {sc or '-'}  "
+                  f"entered {','.join(entered) or '-'}  coverage {cov}  "
+                  f"{time.time() - self._t0:.1f}s", file=self._stream, flush=True)
+            self.initial = g
+            return
+        if self.bar is None:
+            self._open_bar()
+        import shutil
+
+        cov = "cov " + "/".join(f"{s['coverage']:.2f}" for s in stats.values())
+        best = "best " + "/".join(f"{s['best_quality']:.2f}" for s in stats.values())
+        cols = shutil.get_terminal_size((80, 20)).columns
+        # desc, counts, times and a 10-column bar take ~50 columns; the postfix gets the rest,
+        # dropping parts that do not fit (tqdm would otherwise shrink the bar to nothing and
+        # wrap the line, one new line per update)
+        room = cols - 50
+        post = next((p for p in (f"q={skill} {cov} {best}", f"q={skill} {cov}", f"q={skill}")
+                     if len(p) <= room), "")
+        self.bar.set_postfix_str(post, refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 class CycleQDRun:
@@ -201,6 +257,8 @@ class CycleQDRun:
                                  cfg.fingerprint())
         self.executor = executor or LocalExecutor(self.ctx)
         self.progress = progress
+        self.show = _Progress(cfg.qd.generations, 0, progress)    # stage lines, bar or per-generation lines
+        self.tracker = None   # cycleqd.tracking.Tracker (cfg.tracking), opened by run()
         self.generation = 0
         self.aggregate: dict[str, float] | None = None
         self.digests: dict[str, str] = {}   # stored genome id -> sha256 recorded at write time
@@ -265,12 +323,13 @@ class CycleQDRun:
     # -- the algorithm -----------------------------------------------------------------
     def _seed(self) -> None:
         """Evaluate the seed models on all skills and put them into every archive."""
-        for sid in self.store.seeds:
+        for i, sid in enumerate(self.store.seeds, 1):
+            self.show.stage(f"seeding archives: scoring seed model {i}/{len(self.store.seeds)} ({sid})")
             self.executor.submit(Job(0, 0, (), sid, self.cfg.seed))
             res = self.executor.next_result()
             elite = Elite(sid, res.scores, 0, ())
             entered = [] if getattr(res, "rejected", None) else [a.quality_skill for a in self.archives if a.add(elite)]
-            self.rd.append_metrics(_record(res, entered, self.archives, self._started))
+            self.rd.append_metrics(self._track(_record(res, entered, self.archives, self._started)))
         self._checkpoint()
 
     def run(self, stop_after: int | None = None) -> RunResult:
@@ -282,9 +341,22 @@ class CycleQDRun:
                 self._restore_archives_only()
                 return RunResult(self.rd.root, self.archives, self.generation, self.aggregate,
                                  {a.quality_skill: archive_stats(a) for a in self.archives}, complete=True)
-            return self._run(stop_after)
+            from cycleqd.tracking import make_tracker
+
+            self.tracker = make_tracker(self.cfg, self.rd.root)
+            try:
+                return self._run(stop_after)
+            finally:
+                if self.tracker is not None:
+                    self.tracker.close()
         finally:
             self.close()
+
+    def _track(self, rec: dict) -> dict:
+        """Hand a metrics record to the experiment tracker (if any); returns ``rec``."""
+        if self.tracker is not None:
+            self.tracker.log_record(rec)
+        return rec
 
     def _restore_archives_only(self) -> None:
         st = self._state
@@ -298,7 +370,9 @@ class CycleQDRun:
             self._seed()
         total = self.cfg.qd.generations
         last = total if stop_after is None else min(total, self.generation + stop_after)
-        bar = _Progress(total, self.generation, self.progress)
+        bar = self.show
+        bar.total, bar.initial = total, self.generation
+        bar.stage(f"generation loop: generations {self.generation + 1}..{last} of {total}")
         in_flight: list[Job] = []
         next_gen = self.generation + 1
         try:
@@ -321,19 +395,23 @@ class CycleQDRun:
                     self.digests[job.child_id] = self.store.seal(job.child_id)   # fsync + sha256
                 self.generation = job.generation
                 with _commit_section():   # SIGINT/SIGTERM wait until the generation is committed
-                    self.rd.append_metrics(_record(res, entered, self.archives, self._started))
+                    self.rd.append_metrics(self._track(_record(res, entered, self.archives, self._started)))
                     self._checkpoint(in_flight)
-                bar.update(self.archives[job.skill].quality_skill, self.archives)
+                bar.update(self.archives[job.skill].quality_skill, self.archives, res.scores, entered,
+                           job.generation)
         finally:
             bar.close()
             if in_flight:
                 self.executor.close()
         if self.generation == total and self.aggregate is None:
+            self.show.stage("model aggregation: merging each archive's best model and scoring it")
             self.aggregate = self._aggregate()
             with _commit_section():
                 self._checkpoint()
         from cycleqd.engine.plots import plot_all_maps
-        plot_all_maps(self.archives, self.rd.maps, seed_ids=set(self.store.seeds))
+        maps = plot_all_maps(self.archives, self.rd.maps, seed_ids=set(self.store.seeds))
+        if self.tracker is not None:
+            self.tracker.log_images(maps, self.generation)
         return RunResult(self.rd.root, self.archives, self.generation, self.aggregate,
                          {a.quality_skill: archive_stats(a) for a in self.archives})
 
@@ -358,7 +436,7 @@ class CycleQDRun:
         rec = _record(res, [], self.archives, self._started)
         rec.update(kind="aggregate", sources=[e.id for e in bests])
         rec["timings"]["merge_s"] = round(merge_s, 6)
-        self.rd.append_metrics(rec)
+        self.rd.append_metrics(self._track(rec))
         return res.scores
 
 

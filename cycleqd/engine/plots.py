@@ -35,9 +35,60 @@ def quality_grid(archive: GridArchive) -> np.ndarray:
     return grid
 
 
+#: label font sizes (points): the largest that fits the cell, never below the smallest
+LABEL_MAX_PT, LABEL_MIN_PT = 8.0, 4.5
+#: average bold glyph width of DejaVu Sans relative to the font size (for fitting a label)
+_GLYPH_W = 0.7
+
+
+def colour_range(grid: np.ndarray) -> tuple[float, float]:
+    """(vmin, vmax) of the colour scale for a quality grid (NaN = empty cell).
+
+    ``vmin`` is 0 (skill scores are fractions in [0, 1]) unless a quality is negative;
+    ``vmax`` is the best quality, or 1.0 when there is none or every quality is <= vmin
+    (an all-zero archive gets a 0..1 scale, not a degenerate 0..1e-9 one).
+    """
+    finite = grid[np.isfinite(grid)]
+    lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 1.0
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def text_colour(rgba: Sequence[float]) -> str:
+    """``"white"`` on dark cells, ``"black"`` on light ones (WCAG relative luminance of
+    the cell colour; threshold 0.4)."""
+    def lin(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(float(c)) for c in rgba[:3])
+    return "white" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.4 else "black"
+
+
+def fit_label(label: str, cell_w_pt: float, cell_h_pt: float) -> tuple[str, float] | None:
+    """The label text and font size (points) that fit a cell of that size: the largest size
+    up to :data:`LABEL_MAX_PT` at which the whole label fits; below :data:`LABEL_MIN_PT` the
+    label is shortened (``cod.``); None when not even one letter fits (the outline stays)."""
+    usable_w, usable_h = 0.85 * cell_w_pt, 0.8 * cell_h_pt   # margin: tight_layout may shrink ax a little
+    size = min(LABEL_MAX_PT, usable_h, usable_w / (_GLYPH_W * max(1, len(label))))
+    if size >= LABEL_MIN_PT:
+        return label, size
+    if usable_h < LABEL_MIN_PT:
+        return None
+    n = int(usable_w / (_GLYPH_W * LABEL_MIN_PT))
+    if n < 1:
+        return None
+    return (label[: n - 1] + "." if 1 < n < len(label) else label[:n]), LABEL_MIN_PT
+
+
 def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] = (),
                    title: str | None = None, ax=None) -> Path:
-    """Draw one archive's elite map to ``path`` (PNG, written atomically)."""
+    """Draw one archive's elite map to ``path`` (PNG, written atomically).
+
+    Seed models' cells are outlined in red and labelled with the skill name, in white on
+    dark cells and black on light ones, at a font size that fits the cell (shortened when
+    the cell is too small). The colour scale runs from 0 to the best quality (0..1 for an
+    archive whose elites all score 0, which the title then says).
+    """
     grid = quality_grid(archive)
     own = ax is None
     if own:
@@ -46,9 +97,19 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
     x_ax = axes[0] if axes else None
     y_ax = axes[1] if len(axes) > 1 else None
     extent = [x_ax.lo if x_ax else 0, x_ax.hi if x_ax else 1, y_ax.lo if y_ax else 0, y_ax.hi if y_ax else 1]
-    im = ax.imshow(grid.T, origin="lower", extent=extent, aspect="auto", cmap="viridis", vmin=0.0,
-                   vmax=max(1e-9, float(np.nanmax(grid))) if np.isfinite(grid).any() else 1.0)
+    vmin, vmax = colour_range(grid)
+    im = ax.imshow(grid.T, origin="lower", extent=extent, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+    cb = plt.colorbar(im, ax=ax, label=f"{archive.quality_skill} (quality)")   # before sizing: it narrows ax
+    cb.formatter.set_useOffset(False)
+    cb.update_ticks()
     seed_ids = set(seed_ids)
+    if x_ax is not None:
+        fig_ = ax.figure
+        box = ax.get_position()   # axes size in figure fractions -> points
+        ax_w_pt = box.width * fig_.get_figwidth() * 72
+        ax_h_pt = box.height * fig_.get_figheight() * 72
+        cell_w_pt = ax_w_pt / x_ax.bins
+        cell_h_pt = ax_h_pt / (y_ax.bins if y_ax else 1)
     for cell, e in archive:
         if e.id in seed_ids and x_ax is not None:
             w = (x_ax.hi - x_ax.lo) / x_ax.bins
@@ -56,12 +117,17 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
             x0 = x_ax.lo + cell[0] * w
             y0 = (y_ax.lo + cell[1] * h) if y_ax else 0.0
             ax.add_patch(plt.Rectangle((x0, y0), w, h, fill=False, ec="red", lw=1.8))
-            ax.annotate(e.id.split(":")[-1], (x0 + w / 2, y0 + h / 2), color="red", fontsize=7,
-                        ha="center", va="center")
+            fitted = fit_label(e.id.split(":")[-1], cell_w_pt, cell_h_pt)
+            if fitted is not None:
+                q = grid[(cell[0], cell[1] if len(cell) > 1 else 0)]
+                colour = text_colour(im.cmap(im.norm(q))) if np.isfinite(q) else "black"
+                ax.annotate(fitted[0], (x0 + w / 2, y0 + h / 2), color=colour, fontsize=fitted[1],
+                            ha="center", va="center", fontweight="bold", annotation_clip=True)
     ax.set_xlabel(f"{x_ax.skill} (BC)" if x_ax else "")
     ax.set_ylabel(f"{y_ax.skill} (BC)" if y_ax else "")
-    ax.set_title(title or f"archive: quality = {archive.quality_skill}", fontsize=9)
-    plt.colorbar(im, ax=ax, label=f"{archive.quality_skill} (quality)")
+    finite = grid[np.isfinite(grid)]
+    note = " (all elites score 0)" if finite.size and not (finite != 0).any() else ""
+    ax.set_title(title or f"archive: quality = {archive.quality_skill}{note}", fontsize=9)
     if own:
         fig.tight_layout()
         _save(fig, path)
