@@ -128,8 +128,8 @@ def test_demo_set_documented_overrides_are_typed():
     from cycleqd.cli import build_parser
     from cycleqd.demo.llm import config_from_args
 
-    args = build_parser().parse_args(["demo", "--toy", "--set", "train.recipe.lr=3e-4",
-                                      "--set", "skills.os.bins=15"])
+    argv = ["demo", "--toy", "--set", "train.recipe.lr=3e-4", "--set", "skills.os.bins=15"]
+    args = build_parser(argv).parse_args(argv)  # the demo's options load for a demo argv
     cfg = config_from_args(args)
     assert cfg.train.recipe["lr"] == 3e-4 and isinstance(cfg.train.recipe["lr"], float)
     assert {s.name: s.bins for s in cfg.skills}["os"] == 15
