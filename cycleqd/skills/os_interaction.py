@@ -36,12 +36,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cycleqd.sandbox import BwrapSession, SandboxLimits
+from cycleqd.sandbox.rootfs import RootFS, RootfsUnavailableError, build_rootfs
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
 from cycleqd.skills.data_agentbench import Episode, OSItem, Script, evaluate_cached, load_os, run_lockstep
@@ -98,7 +103,9 @@ ls -1 /etc | wc -l
 Act: answer(220)"""},
 ]
 
-_VERSION = "1"
+#: Judge version (part of :attr:`OSInteractionSkill.cache_key`): 2 = reference from the
+#: post-init snapshot, stdout only, failed init fails, checker needs a reference.
+_VERSION = "2"
 #: Limits of one episode's machine.
 OS_LIMITS = SandboxLimits(cpu_seconds=20, memory_bytes=512 << 20, wall_seconds=10,
                           max_output_bytes=64 << 10, max_processes=96,
@@ -207,11 +214,32 @@ def _script_argv(script: Script, params: Sequence[str]) -> list[str]:
     raise ValueError(f"unsupported script language {script.language!r}")
 
 
+def _needs_reference(item: OSItem) -> bool:
+    return item.check is not None and any(c is None for c in item.check)
+
+
+def _snapshot_dir(rootfs: RootFS) -> Path:
+    d = Path(rootfs.path).parent / "snap"
+    d.mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="ref-", dir=d))
+
+
 class OSEpisode(Episode):
-    """One OS task in its own sandbox machine."""
+    """One OS task in its own machine (see the module docstring for the protocol).
+
+    Args:
+        item: the task.
+        limits: the machine's sandbox limits.
+        command_timeout_s: limit of one agent command, seconds.
+        setup_timeout_s: limit of each init / reference / check script, seconds.
+        one_shot: include AgentBench's one-shot example conversation.
+        rootfs: the OS machine image (:func:`cycleqd.sandbox.rootfs.build_rootfs`); None:
+            the host-tree sandbox (read-only host ``/usr``, ``/etc``).
+    """
 
     def __init__(self, item: OSItem, *, limits: SandboxLimits, command_timeout_s: float,
-                 setup_timeout_s: float, one_shot: bool = True) -> None:
+                 setup_timeout_s: float, one_shot: bool = True,
+                 rootfs: RootFS | None = None) -> None:
         if one_shot:
             msgs = [{"role": "user", "content": OS_PROMPT + "Now, my problem is:\n\n"
                      + ONE_SHOT[0]["content"]}] + [dict(m) for m in ONE_SHOT[1:]]
@@ -222,25 +250,75 @@ class OSEpisode(Episode):
                      + item.description}]
         super().__init__(item.id, msgs)
         self.item = item
+        self.limits = limits
+        self.rootfs = rootfs
         self.command_timeout_s, self.setup_timeout_s = command_timeout_s, setup_timeout_s
         self.answer: str | None = None
         self.committed = False
-        self.session = BwrapSession(limits, workdir="/")
+        self.setup_failed: str | None = None
+        #: stdout of the reference (``example``) command on the machine as it was right
+        #: after ``init`` (None: not needed or not run), and whether it exited 0.
+        self.reference: str | None = None
+        self.reference_ok = False
+        self.session = BwrapSession(limits, workdir="/", rootfs=rootfs)
 
+    # -- setup
     def setup(self) -> None:
-        """Start the machine, run ``init`` then ``start``. Errors are recorded, not raised
-        (a broken task is a failed sample, as in AgentBench)."""
+        """Start the machine; run ``init`` (each script must exit 0, else the sample
+        fails, as in AgentBench); compute the reference output on a copy of the
+        post-init machine; run ``start`` in the agent's shell. Errors are recorded, not
+        raised (a broken task is a failed sample)."""
         self.session.start()
-        for script in self.item.init:
+        for k, script in enumerate(self.item.init):
             r = self.session.run(_script_argv(script, []), timeout=self.setup_timeout_s,
                                  merge_stderr=True)
-            if r.killed:
-                self.detail.setdefault("init", []).append(r.killed)
+            if not r.ok:
+                why = r.killed or f"exit {r.returncode}"
+                self._fail_setup(f"init[{k}] failed ({why}): {r.stdout.strip()[-200:]}")
+                return
+        if _needs_reference(self.item):
+            self._run_reference()
         if self.item.start is not None:
             s = self.item.start
             cmd = s.code if s.language == "bash" else "python3 -c " + shlex.quote(s.code)
-            self.session.spawn(cmd)
+            # typed into the agent's shell, as AgentBench does (cwd, variables carry over)
+            r = self.session.exec(cmd, timeout=self.setup_timeout_s, merge_stderr=True)
+            if r.killed == "sandbox_died":
+                self._fail_setup("start killed the machine")
 
+    def _fail_setup(self, why: str) -> None:
+        self.setup_failed = why
+        self.detail["end"] = "setup failed"
+        self.detail["setup"] = why
+        self.done = True
+
+    def _run_reference(self) -> None:
+        """The ``example`` command, stdout only, without the agent's answer as argument,
+        on the machine as ``init`` left it: with an OS machine image, in a second machine
+        started from a snapshot of this one's writable layer (so the reference's own
+        side effects stay out of the agent's machine and nothing the agent does later can
+        change it); on the host-tree sandbox, in this machine before the agent starts."""
+        ex = self.item.example
+        assert ex is not None  # checked at load
+        argv = _script_argv(ex, [])
+        if self.rootfs is None:
+            r = self.session.run(argv, timeout=self.setup_timeout_s)
+        else:
+            snap = _snapshot_dir(self.rootfs)
+            try:
+                self.session.snapshot(snap)
+                with BwrapSession(self.limits, workdir="/", rootfs=self.rootfs,
+                                  layers=[snap]) as ref:
+                    r = ref.run(argv, timeout=self.setup_timeout_s)
+            finally:
+                shutil.rmtree(snap, ignore_errors=True)
+        self.reference, self.reference_ok = r.stdout, r.ok
+        self.detail["reference"] = r.stdout[:200]
+        if not r.ok:
+            self.detail["reference_error"] = (r.killed or f"exit {r.returncode}") + \
+                (": " + r.stderr.strip()[-200:] if r.stderr.strip() else "")
+
+    # -- turns
     def step(self, reply: str) -> None:
         act = extract_action(reply)
         if act["action"] is None:
@@ -259,9 +337,17 @@ class OSEpisode(Episode):
             out = out or "bash: the shell was killed"
         self.messages.append({"role": "user", "content": os_observation(out)})
 
+    # -- verdict
     def judge(self, answer: str | None) -> bool:
-        """AgentBench's verdict for ``answer`` in the machine as it is now."""
+        """AgentBench's verdict for ``answer``: ``match`` compares the answer; a ``check``
+        chain runs in order with arguments [answer, outputs of earlier entries], where a
+        ``null`` entry contributes the reference output computed at setup (never run
+        again, never given the answer), named checkers compare the answer with the last
+        output (and fail when there is none), and other entries (inline checks of the
+        machine's end state) run in the agent's machine. Every entry must succeed."""
         it = self.item
+        if self.setup_failed is not None:
+            return False
         if it.match is not None:
             if not isinstance(answer, str):
                 return False
@@ -275,25 +361,28 @@ class OSEpisode(Episode):
                 return False
         params = [str(answer)]
         for script in it.check or ():
-            script = it.example if script is None else script
             if script is None:
-                return False
+                if self.reference is None or not self.reference_ok:
+                    return False
+                params.append(self.reference)
+                continue
             if script.language == "checker":
                 fn = CHECKERS.get(script.code)
-                if fn is None or not fn(params[0], params[-1]):
-                    return False
+                if fn is None or len(params) < 2 or not fn(params[0], params[-1]):
+                    return False  # a checker with no reference before it compares nothing
                 params.append("")
                 continue
-            r = self.session.run(_script_argv(script, params), timeout=self.setup_timeout_s,
-                                 merge_stderr=True)
-            if r.returncode != 0 or r.killed is not None:
+            r = self.session.run(_script_argv(script, params), timeout=self.setup_timeout_s)
+            if not r.ok:
                 return False
             params.append(r.stdout)
-        self.detail["reference"] = params[1][:200] if len(params) > 1 else None
         return True
 
     def finish(self) -> None:
         self.detail["answer"] = None if self.answer is None else self.answer[:500]
+        if self.setup_failed is not None:
+            self.score = 0.0
+            return
         if not self.committed:
             self.detail.setdefault("end", "round limit")
             self.score = 0.0
@@ -322,9 +411,19 @@ class OSInteractionSkill:
         workers: threads running the episodes' commands between turns.
         script_dir: AgentBench's ``scripts/`` folder, for tasks referring to script files.
         cache: a :class:`SampleCache` or a path to one; None disables caching.
+        machine: ``"auto"`` (default: the OS machine image, built once on first use;
+            where it cannot be built or used, one line on stderr says why and the
+            host-tree sandbox is used -- unless ``$CYCLEQD_REQUIRE_ROOTFS=1``, which makes
+            that an error), ``"rootfs"`` (the image or an error) or ``"host"`` (the
+            host-tree sandbox: read-only host ``/usr`` and ``/etc``).
+        rootfs: a built image (:class:`cycleqd.sandbox.rootfs.RootFS`) to use instead
+            of the default one.
+        cache_dir: where the image is built/cached (default ``$CYCLEQD_CACHE`` or
+            ``~/.cache/cycleqd``).
 
     Raises:
         ValueError: bad arguments (named), before any data is read.
+        RootfsUnavailableError: ``machine="rootfs"`` (or required) and no image.
     """
 
     def __init__(self, data_path: str | Path | None = None, split: str = "search",
@@ -333,7 +432,10 @@ class OSInteractionSkill:
                  command_timeout_s: float = 10.0, setup_timeout_s: float = 60.0,
                  episode_batch: int = 16, workers: int = 4, one_shot: bool = True,
                  stop: Sequence[str] = (), script_dir: str | Path | None = None,
-                 cache: SampleCache | str | Path | None = None) -> None:
+                 cache: SampleCache | str | Path | None = None, machine: str = "auto",
+                 rootfs: RootFS | None = None, cache_dir: str | Path | None = None) -> None:
+        if machine not in ("auto", "rootfs", "host"):
+            raise ValueError(f"machine must be 'auto', 'rootfs' or 'host', got {machine!r}")
         for k, v in (("max_rounds", max_rounds), ("max_new_tokens", max_new_tokens),
                      ("episode_batch", episode_batch), ("workers", workers)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -354,6 +456,16 @@ class OSInteractionSkill:
         self.stop = tuple(stop)
         self.cache = SampleCache(cache) if isinstance(cache, (str, Path)) else cache
         self.last_details: dict[str, dict[str, Any]] = {}
+        self.rootfs: RootFS | None = rootfs if machine != "host" else None
+        if machine != "host" and rootfs is None:
+            try:
+                self.rootfs = build_rootfs(cache_dir, log=lambda m: print(m, file=sys.stderr))
+            except RootfsUnavailableError as e:
+                if machine == "rootfs" or os.environ.get("CYCLEQD_REQUIRE_ROOTFS") == "1":
+                    raise
+                print(f"cycleqd OS skill: no OS machine image ({e}); using the host-tree "
+                      f"sandbox (read-only /usr, /etc: ~15 % of tasks cannot pass)",
+                      file=sys.stderr)
 
     @property
     def cache_key(self) -> str:
@@ -361,12 +473,16 @@ class OSInteractionSkill:
                "rounds": self.max_rounds, "tok": self.max_new_tokens, "stop": list(self.stop),
                "cmd_t": self.command_timeout_s, "limits": [self.limits.memory_bytes,
                                                            self.limits.max_processes,
-                                                           self.limits.cpu_seconds]}
+                                                           self.limits.cpu_seconds,
+                                                           self.limits.tmpfs_bytes],
+               "setup_t": self.setup_timeout_s,
+               "machine": f"rootfs:{self.rootfs.key}" if self.rootfs is not None else "host"}
         return "os/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
     def _episode(self, item: OSItem) -> OSEpisode:
         return OSEpisode(item, limits=self.limits, command_timeout_s=self.command_timeout_s,
-                         setup_timeout_s=self.setup_timeout_s, one_shot=self.one_shot)
+                         setup_timeout_s=self.setup_timeout_s, one_shot=self.one_shot,
+                         rootfs=self.rootfs)
 
     def run_episodes(self, items: Sequence[OSItem], generate) -> dict[str, OSEpisode]:
         """Run ``items`` with ``generate(conversations) -> replies``; finished episodes."""
