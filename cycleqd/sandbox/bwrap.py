@@ -424,7 +424,26 @@ class _MachineSpec:
                 "sh", self.mnt]
 
 
+def _machine_mountpoint() -> Path:
+    """An empty root-owned directory every path component of which the machine's owner
+    uid can traverse (bwrap runs as that uid): /run/cycleqd-machine (or under /var/tmp).
+    Mounts over it happen only in private mount namespaces."""
+    for base in ("/run", "/var/tmp"):
+        if os.path.isdir(base) and os.stat(base).st_mode & 0o001:
+            d = Path(base) / "cycleqd-machine"
+            try:
+                d.mkdir(mode=0o755, exist_ok=True)
+            except OSError:
+                continue
+            st = os.lstat(d)
+            if st.st_uid == 0 and not os.path.islink(d) and not st.st_mode & 0o022:
+                return d
+    raise SandboxUnavailableError("no traversable directory for the OS machine's mount point "
+                                  "(/run or /var/tmp)")
+
+
 _UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
+_NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
 
 
 class _Userns:
@@ -436,24 +455,30 @@ class _Userns:
 
     def __init__(self, host: "_Host", uid_base: int) -> None:
         b = uid_base
-        script = ("echo up; read x; echo 0 > /proc/sys/user/max_user_namespaces && echo ok; "
-                  "exec sleep 2147483647")
         self.proc = _launch([host.setpriv, f"--reuid={b}", f"--regid={b}", "--clear-groups",
                              "--pdeathsig", "KILL", "--", _UNSHARE, "--user", "--", "/bin/sh", "-c",
-                             script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, cwd="/", env={"PATH": _DEFAULT_PATH},
-                            close_fds=True)
+                             "echo up; exec sleep 2147483647"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
+                            env={"PATH": _DEFAULT_PATH}, close_fds=True)
         self._fd: int | None = None
         try:
-            if self.proc.stdout.readline() != b"up\n":
-                raise SandboxUnavailableError("cannot create a user namespace for the OS machine")
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.proc.stdout, selectors.EVENT_READ)
+                if not sel.select(timeout=20) or self.proc.stdout.readline() != b"up\n":
+                    raise SandboxUnavailableError("cannot create a user namespace for the OS machine")
             for f in ("uid_map", "gid_map"):
                 with open(f"/proc/{self.proc.pid}/{f}", "w") as fh:
                     fh.write(f"0 {b} {_MACHINE_IDS}\n")
-            self.proc.stdin.write(b"go\n")
-            self.proc.stdin.flush()
-            if self.proc.stdout.readline() != b"ok\n":
-                raise SandboxUnavailableError("cannot disable nested user namespaces in the OS machine")
+            # user.max_user_namespaces is per user namespace; set from inside (as its root)
+            r = subprocess.run([host.setpriv, f"--reuid={b}", f"--regid={b}", "--clear-groups",
+                                "--", _NSENTER, f"--user=/proc/{self.proc.pid}/ns/user",
+                                "--setuid", "0", "--setgid", "0", "--", "/bin/sh", "-c",
+                                "echo 0 > /proc/sys/user/max_user_namespaces"],
+                               capture_output=True, text=True, timeout=20, cwd="/",
+                               env={"PATH": _DEFAULT_PATH})
+            if r.returncode != 0:
+                raise SandboxUnavailableError("cannot disable nested user namespaces in the OS "
+                                              f"machine: {r.stderr.strip()[:200]}")
             self._fd = os.open(f"/proc/{self.proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             self.close()
@@ -473,11 +498,10 @@ class _Userns:
             self.proc.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        try:
+            self.proc.stdout.close()
+        except OSError:
+            pass
 
 
 _MACHINE_IDS = 65536
@@ -878,8 +902,7 @@ class BwrapSession:
             image = Path(getattr(rootfs, "path", rootfs))
             if not (image / "usr").is_dir():
                 raise ValueError(f"rootfs {image} is not a root file system (no usr/)")
-            mnt = image.parent / "mnt"
-            mnt.mkdir(exist_ok=True)
+            mnt = _machine_mountpoint()
             self._machine = _MachineSpec(str(image), tuple(str(Path(x)) for x in layers),
                                          str(mnt), ROOTFS_UID_BASE)
             self._machine.lowerdir()  # validates the paths now
