@@ -3,12 +3,19 @@
 Protocol (AgentBench v0.2 ``src/server/tasks/os_interaction/task.py``; prompt wording and
 one-shot example verbatim):
 
-1. **Machine**: every episode gets a fresh :class:`cycleqd.sandbox.BwrapSession` (its
-   own root-owned tmpfs machine: writable ``/``, ``/root``, ``/tmp``, ``/home``,
-   ``/var``...; the host's ``/usr`` and ``/etc`` read-only; no network; own PID
-   namespace; CPU/memory/process/output limits; everything killed at the end). The
-   task's ``init`` scripts run first, each independently (``bash -c`` / ``python3 -c``
-   at ``/``, as ``docker exec`` does), then its ``start`` script in the background.
+1. **Machine**: every episode gets a fresh :class:`cycleqd.sandbox.BwrapSession` on the
+   OS machine image (:mod:`cycleqd.sandbox.rootfs`: Debian built once with
+   ``mmdebstrap``, read-only, under a per-episode writable overlay; own user namespace
+   with real users, so ``useradd``/``su``/``sudo`` work; root has Docker's default
+   capabilities; no network; own PID namespace; CPU/memory/process/tmpfs/output limits;
+   everything killed at the end; nothing of the host visible). Where the image cannot be
+   built or used (not root, no ``mmdebstrap``, no archive), one line says so and the
+   host-tree sandbox is used (read-only host ``/usr``, ``/etc``: ~15 % of tasks cannot
+   pass there). The task's ``init`` scripts run first, each independently (``bash -c`` /
+   ``python3 -c`` at ``/``, as ``docker exec`` does); one that fails (non-zero exit,
+   timeout) fails the sample. Then the reference is computed (4.), then the ``start``
+   script is typed into the agent's shell (its working directory and variables carry
+   over, as AgentBench's ``container.execute``).
 2. **Conversation**: the instruction, the one-shot example (``ls /etc`` ... ``answer(220)``)
    and "Now, I will start a new problem in a new OS. My problem is: ...".
 3. **Turns** (lockstep over all episodes; one batched ``generate`` per turn; at most
@@ -19,17 +26,29 @@ one-shot example verbatim):
    user message ("The output of the OS is empty." when empty); ``answer(...)``: the text
    between the first "(" and the last ")" is the answer; ``finish``: ends with no
    answer. A reply without a valid action fails the episode.
-4. **Judging** (after the episode, in the same machine): ``match`` compares the answer
-   (stripped) with the expected string or regex; otherwise the ``check`` chain runs in
-   order with arguments = [answer, outputs of the earlier entries...], a ``null`` entry
-   being the task's ``example`` command (its output becomes the next argument); every
-   entry must exit 0. Named checkers are implemented here (:data:`CHECKERS`):
-   ``integer-match``, ``string-match``, ``size-match``, ``containing``, ``in``; they
-   compare the first argument (the answer) with the last (the reference output).
+4. **Judging**: ``match`` compares the answer (stripped) with the expected string or
+   regex. A ``check`` chain runs in order with arguments = [answer, outputs of the earlier
+   entries...]; every entry must succeed. A ``null`` entry stands for the reference
+   (``example``) command, whose output here comes from the machine **as init left it**,
+   not as the agent left it: right after ``init`` (before ``start`` and the agent), the
+   machine's writable layer is snapshotted and the reference runs in a second machine
+   started from that snapshot (so ``$RANDOM`` setups keep their values, the reference's
+   own side effects never reach the agent's machine, and nothing the agent deletes or
+   plants changes it); it gets no arguments (never the answer) and only its stdout
+   counts. Named checkers (:data:`CHECKERS`: ``integer-match``, ``string-match``,
+   ``size-match``, ``containing``, ``in``) compare the answer with the last output and
+   fail when no output precedes them. Other entries (inline checks of the end state)
+   run in the agent's machine with the arguments, stdout only.
 
+Differences from AgentBench (THUDM/AgentBench ``src/server/tasks/os_interaction/task.py``,
+also the official CycleQD ``fishfarm/tasks/os_interaction.py``): there the reference
+runs after the agent in its container with the answer as ``$1`` and stdout+stderr, and
+init exit codes are ignored -- each of these lets an agent (or a broken task) pass
+without solving it, which an evolutionary search would exploit. A ``start`` that
+switches users (``su``) does not carry the new user into later commands (each command
+runs in a fresh bash restoring cwd, variables, functions and aliases). On the
+host-tree sandbox the reference runs in the agent's machine before the agent starts.
 Score: quality = fraction of tasks passed; sub-score ``<name>_pass`` = quality.
-Differences from AgentBench's Docker image: ``/usr`` and ``/etc`` are read-only (tasks
-that ``useradd`` or write there fail their init), and the installed tools are the host's.
 """
 
 from __future__ import annotations
