@@ -13,7 +13,8 @@ one-shot example verbatim):
    host-tree sandbox is used (read-only host ``/usr``, ``/etc``: ~15 % of tasks cannot
    pass there). The task's ``init`` scripts run first, each independently (``bash -c`` /
    ``python3 -c`` at ``/``, as ``docker exec`` does); one that fails (non-zero exit,
-   timeout) fails the sample. Then the reference is computed (4.), then the ``start``
+   timeout) fails the sample. Then the machine's state is snapshotted for the reference
+   (4.), then the ``start``
    script is typed into the agent's shell (its working directory and variables carry
    over, as AgentBench's ``container.execute``).
 2. **Conversation**: the instruction, the one-shot example (``ls /etc`` ... ``answer(220)``)
@@ -31,8 +32,8 @@ one-shot example verbatim):
    entries...]; every entry must succeed. A ``null`` entry stands for the reference
    (``example``) command, whose output here comes from the machine **as init left it**,
    not as the agent left it: right after ``init`` (before ``start`` and the agent), the
-   machine's writable layer is snapshotted and the reference runs in a second machine
-   started from that snapshot (so ``$RANDOM`` setups keep their values, the reference's
+   machine's writable layer is snapshotted and, when the verdict first needs it, the
+   reference runs in a second machine started from that snapshot (so ``$RANDOM`` setups keep their values, the reference's
    own side effects never reach the agent's machine, and nothing the agent deletes or
    plants changes it); it gets no arguments (never the answer) and only its stdout
    counts. Named checkers (:data:`CHECKERS`: ``integer-match``, ``string-match``,
@@ -279,6 +280,7 @@ class OSEpisode(Episode):
         #: after ``init`` (None: not needed or not run), and whether it exited 0.
         self.reference: str | None = None
         self.reference_ok = False
+        self._snap: Path | None = None  # post-init snapshot, until the reference ran
         self.session = BwrapSession(limits, workdir="/", rootfs=rootfs)
 
     # -- setup
@@ -296,7 +298,11 @@ class OSEpisode(Episode):
                 self._fail_setup(f"init[{k}] failed ({why}): {r.stdout.strip()[-200:]}")
                 return
         if _needs_reference(self.item):
-            self._run_reference()
+            if self.rootfs is None:
+                self._run_reference()  # host-tree sandbox: before the agent, in its machine
+            else:
+                self._snap = _snapshot_dir(self.rootfs)
+                self.session.snapshot(self._snap)  # the reference runs on it when judging
         if self.item.start is not None:
             s = self.item.start
             cmd = s.code if s.language == "bash" else "python3 -c " + shlex.quote(s.code)
@@ -304,6 +310,11 @@ class OSEpisode(Episode):
             r = self.session.exec(cmd, timeout=self.setup_timeout_s, merge_stderr=True)
             if r.killed == "sandbox_died":
                 self._fail_setup("start killed the machine")
+
+    def _drop_snapshot(self) -> None:
+        if self._snap is not None:
+            shutil.rmtree(self._snap, ignore_errors=True)
+            self._snap = None
 
     def _fail_setup(self, why: str) -> None:
         self.setup_failed = why
@@ -314,23 +325,24 @@ class OSEpisode(Episode):
     def _run_reference(self) -> None:
         """The ``example`` command, stdout only, without the agent's answer as argument,
         on the machine as ``init`` left it: with an OS machine image, in a second machine
-        started from a snapshot of this one's writable layer (so the reference's own
-        side effects stay out of the agent's machine and nothing the agent does later can
-        change it); on the host-tree sandbox, in this machine before the agent starts."""
+        started from the snapshot of this one's writable layer taken right after
+        ``init`` (so the reference's own side effects stay out of the agent's machine and
+        nothing the agent does can change it; run when the verdict first needs it, so
+        episodes that never answer cost no second machine); on the host-tree sandbox,
+        in this machine at setup, before the agent starts."""
         ex = self.item.example
         assert ex is not None  # checked at load
         argv = _script_argv(ex, [])
         if self.rootfs is None:
             r = self.session.run(argv, timeout=self.setup_timeout_s)
         else:
-            snap = _snapshot_dir(self.rootfs)
+            assert self._snap is not None
             try:
-                self.session.snapshot(snap)
                 with BwrapSession(self.limits, workdir="/", rootfs=self.rootfs,
-                                  layers=[snap]) as ref:
+                                  layers=[self._snap]) as ref:
                     r = ref.run(argv, timeout=self.setup_timeout_s)
             finally:
-                shutil.rmtree(snap, ignore_errors=True)
+                self._drop_snapshot()
         self.reference, self.reference_ok = r.stdout, r.ok
         self.detail["reference"] = r.stdout[:200]
         if not r.ok:
@@ -381,6 +393,8 @@ class OSEpisode(Episode):
         params = [str(answer)]
         for script in it.check or ():
             if script is None:
+                if self.reference is None and self._snap is not None:
+                    self._run_reference()
                 if self.reference is None or not self.reference_ok:
                     return False
                 params.append(self.reference)
@@ -410,6 +424,7 @@ class OSEpisode(Episode):
 
     def close(self) -> None:
         self.session.close()
+        self._drop_snapshot()
 
 
 class OSInteractionSkill:
