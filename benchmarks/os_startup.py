@@ -6,8 +6,8 @@ per episode on 2 cores, the image built once and reused).
 Prints, with the CPU model (``lscpu``):
 - machine: start a machine (bwrap + overlay + user namespace + supervisor ping) and
   close it, one at a time -- median / p90 seconds;
-- episode setup: a real OS task's full setup (machine, ``init`` scripts, the reference
-  run on a snapshot of the post-init machine, ``start``) and close, ``--workers`` at a
+- episode setup: a real OS task's full setup (machine, ``init`` scripts, the
+  snapshot of the post-init machine, ``start``) and close, ``--workers`` at a
   time over the first ``--n`` training tasks -- median / p90 seconds per episode and
   wall seconds per episode (throughput).
 The image build is not timed (it is reused; the first build is reported by
@@ -76,7 +76,7 @@ def main() -> None:
     print(f"machine: {rootfs if rootfs is not None else 'host-tree sandbox'}")
     print(f"cpu: {_cpu()}; {a.workers} workers; n={a.n}")
     print(f"machine start+close: median {statistics.median(bare):.3f} s, p90 {_q(bare, .9):.3f} s")
-    print(f"episode setup+close (init, reference, start): median {statistics.median(per):.3f} s, "
+    print(f"episode setup+close (init, snapshot for the reference, start): median {statistics.median(per):.3f} s, "
           f"p90 {_q(per, .9):.3f} s; wall {wall / len(items):.3f} s per episode; "
           f"{len(failed)} setups failed")
 
