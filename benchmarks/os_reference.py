@@ -4,6 +4,8 @@ tasks: answers the expected string). Prints pass counts and which tasks fail, by
 
     PYTHONPATH=$PWD python benchmarks/os_reference.py --split all [--limit N] [--workers 2]
         [--machine auto|rootfs|host] [--data FILE] [--out per_task.json]
+    # CycleQD's 110 official search tasks (os_search_samples.json, converted on the fly):
+    PYTHONPATH=$PWD python benchmarks/os_reference.py --official ../shared/data/cycleqd-official/os_search_samples.json
     # compare two runs (e.g. before = another checkout's code, after = this one):
     python benchmarks/os_reference.py --compare before.json after.json
 
@@ -63,9 +65,38 @@ class ReferenceAgent:
         return out
 
 
+def _official_to_agentbench(path: str) -> list[dict]:
+    """The official samples' decoded ``config.config`` (lists ``[language, code]``) as
+    AgentBench task objects."""
+    def script(x):
+        return None if x is None else {"language": x[0], "code": x[1]}
+
+    out = []
+    for s in json.loads(Path(path).read_text()):
+        c = s["config"]["config"]
+        e: dict = {"description": c["description"]}
+        if c.get("init_script"):
+            e["create"] = {"init": [script(x) for x in c["init_script"]]}
+        if c.get("start"):
+            e["start"] = script(c["start"])
+        if c.get("match"):
+            e["evaluation"] = {"match": c["match"]}
+        else:
+            e["evaluation"] = {"check": [script(x) for x in c["check"]],
+                               "example": script(c.get("example_script"))}
+        out.append(e)
+    return out
+
+
 def _run(args) -> dict:
     from cycleqd.skills.os_interaction import OSInteractionSkill
 
+    if args.official:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp()) / "official_search.json"
+        tmp.write_text(json.dumps(_official_to_agentbench(args.official)))
+        args.data, args.split = str(tmp), "all"
     kw = dict(split=args.split, limit=args.limit, episode_batch=args.batch, workers=args.workers,
               max_rounds=3)
     if args.data:
@@ -124,6 +155,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--machine", default="auto", choices=["auto", "rootfs", "host"])
+    p.add_argument("--official", default=None, help="CycleQD's os_search_samples.json")
     p.add_argument("--out", default=None, help="write per-task results (JSON) here")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     args = p.parse_args()

@@ -159,3 +159,23 @@ def test_start_runs_in_the_agents_shell(tmp_path):
     sk = OSInteractionSkill(data_path=path, split="all", machine="rootfs")
     r = sk.evaluate(Agent())
     assert r.quality == 1.0, sk.last_details
+
+
+def test_no_image_is_said_in_one_line_then_host_or_error(tmp_path, monkeypatch, capsys):
+    import cycleqd.skills.os_interaction as osi
+    from cycleqd.sandbox.rootfs import RootfsUnavailableError
+
+    def nope(*a, **k):
+        raise RootfsUnavailableError("mmdebstrap is not installed: `apt-get install mmdebstrap`")
+    monkeypatch.setattr(osi, "build_rootfs", nope)
+    monkeypatch.delenv("CYCLEQD_REQUIRE_ROOTFS", raising=False)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([{"description": "x", "evaluation": {"match": "1"}}]))
+    sk = OSInteractionSkill(data_path=path, split="all")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sk.rootfs is None and len(err) == 1 and "mmdebstrap is not installed" in err[0]
+    with pytest.raises(RootfsUnavailableError, match="mmdebstrap"):
+        OSInteractionSkill(data_path=path, split="all", machine="rootfs")
+    monkeypatch.setenv("CYCLEQD_REQUIRE_ROOTFS", "1")
+    with pytest.raises(RootfsUnavailableError):
+        OSInteractionSkill(data_path=path, split="all")
