@@ -419,6 +419,10 @@ class _MachineSpec:
             'mkdir "$M/u" "$M/w" "$M/m"', f'chown {b}:{b} "$M/u"',
             f'mount -t overlay -o "lowerdir={self.lowerdir()},upperdir=$M/u,workdir=$M/w" '
             'cycleqd-machine "$M/m"',
+            # a read-only, noatime view of the writable layer for snapshot(): reading
+            # through it does not touch the machine's access times
+            'mkdir "$M/s"', 'mount --bind "$M/u" "$M/s"',
+            'mount -o remount,bind,ro,noatime "$M/s"',
             'exec "$@"'])
         return [_UNSHARE, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script,
                 "sh", self.mnt]
@@ -975,14 +979,16 @@ class BwrapSession:
         deletions included) into the empty or missing host directory ``dest``; usable
         as a ``layers`` entry of another machine, which then starts as this one is now
         (files only: no processes). Take it while nothing untrusted has run yet: the
-        copy is made by the host (``cp -a``; symlinks are copied, never followed).
+        copy is made by the host (``cp -a``; symlinks are copied, never followed)
+        through a read-only ``noatime`` view, so it changes nothing in this machine,
+        access times included.
 
         Raises:
             RuntimeError: not an OS machine, not started, or the copy failed.
         """
         if self._machine is None or self._sb is None or not self.alive:
             raise RuntimeError("snapshot() needs a started BwrapSession with a rootfs")
-        src = f"/proc/{self._sb.proc.pid}/root{self._machine.mnt}/u"
+        src = f"/proc/{self._sb.proc.pid}/root{self._machine.mnt}/s"
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         r = subprocess.run(["cp", "-a", "--no-target-directory", src, str(dest)],

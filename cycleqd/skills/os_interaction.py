@@ -440,7 +440,8 @@ class OSInteractionSkill:
         max_new_tokens: generation budget per reply.
         limits: each machine's sandbox limits (``wall_seconds`` is not used: see below).
         command_timeout_s: wall-clock limit of one agent command.
-        setup_timeout_s: limit of each init / check / example script.
+        setup_timeout_s: limit of each init / check / example script, seconds (AgentBench has
+            none; some tasks' init sleeps 60 s).
         episode_batch: machines alive at once (episodes run in lockstep per batch).
         workers: threads running the episodes' commands between turns.
         script_dir: AgentBench's ``scripts/`` folder, for tasks referring to script files.
@@ -463,7 +464,7 @@ class OSInteractionSkill:
     def __init__(self, data_path: str | Path | None = None, split: str = "search",
                  limit: int | None = None, *, name: str = "os", max_rounds: int = 5,
                  max_new_tokens: int = 512, limits: SandboxLimits = OS_LIMITS,
-                 command_timeout_s: float = 10.0, setup_timeout_s: float = 60.0,
+                 command_timeout_s: float = 10.0, setup_timeout_s: float = 120.0,
                  episode_batch: int = 16, workers: int = 4, one_shot: bool = True,
                  stop: Sequence[str] = (), script_dir: str | Path | None = None,
                  cache: SampleCache | str | Path | None = None, machine: str = "auto",

@@ -179,3 +179,19 @@ def test_no_image_is_said_in_one_line_then_host_or_error(tmp_path, monkeypatch, 
     monkeypatch.setenv("CYCLEQD_REQUIRE_ROOTFS", "1")
     with pytest.raises(RootfsUnavailableError):
         OSInteractionSkill(data_path=path, split="all")
+
+
+@needs_machine
+def test_snapshot_copies_the_state_and_changes_nothing(tmp_path):
+    """The reference's snapshot keeps contents, deletions and times, and reading it does
+    not touch the agent's machine (access times: `find -atime` tasks)."""
+    with _machine() as s:
+        assert s.exec("head -c 3000 /dev/zero > /root/old && touch -a -d '40 days ago' /root/old "
+                      "&& rm /etc/hostname && echo $RANDOM > /root/rnd").ok
+        before = s.exec("stat -c %X /root/old").stdout
+        s.snapshot(tmp_path / "snap")
+        assert s.exec("stat -c %X /root/old").stdout == before
+        rnd = s.exec("cat /root/rnd").stdout
+    with _machine(layers=[tmp_path / "snap"]) as r:
+        out = r.exec("cat /root/rnd; stat -c %X /root/old; test -e /etc/hostname || echo gone")
+    assert out.stdout.splitlines() == [rnd.strip(), before.strip(), "gone"]
