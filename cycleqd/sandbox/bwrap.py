@@ -375,6 +375,15 @@ def _default_env(workdir: str) -> dict[str, str]:
             "HOSTNAME": "sandbox", "PWD": workdir}
 
 
+def _nofile_ceiling(host: "_Host") -> int:
+    """The highest RLIMIT_NOFILE we may set: our own hard limit (raising it needs
+    CAP_SYS_RESOURCE, which a root in a container often lacks)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+
 def _check_files(files: Mapping[str, bytes | str]) -> None:
     for path, data in files.items():
         if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/"):
@@ -568,8 +577,9 @@ class _Sandbox:
             other_fds.append(_memfd(b"".join(o.encode() + b"\0" for o in opts)))
             bw = [host.bwrap, "--args", str(other_fds[-1]), "--", *inner]
             cpu = max(1, int(round(limits.cpu_seconds)))
+            nofile = min(limits.max_open_files, _nofile_ceiling(host))
             pl = [host.prlimit, f"--cpu={cpu}:{cpu + 1}", f"--as={limits.memory_bytes}",
-                  f"--fsize={limits.max_file_bytes}", f"--nofile={limits.max_open_files}",
+                  f"--fsize={limits.max_file_bytes}", f"--nofile={nofile}",
                   "--core=0"]
             if host.root and machine is None:
                 pl.append(f"--nproc={nproc}")

@@ -36,7 +36,9 @@ one-shot example verbatim):
    reference runs in a second machine started from that snapshot (so ``$RANDOM`` setups keep their values, the reference's
    own side effects never reach the agent's machine, and nothing the agent deletes or
    plants changes it); it gets no arguments (never the answer) and only its stdout
-   counts. Named checkers (:data:`CHECKERS`: ``integer-match``, ``string-match``,
+   counts (when ``init`` leaves processes running, which a snapshot cannot hold, the
+   reference runs in the agent's machine right after ``init``, before the agent).
+   Named checkers (:data:`CHECKERS`: ``integer-match``, ``string-match``,
    ``size-match``, ``containing``, ``in``) compare the answer with the last output and
    fail when no output precedes them. Other entries (inline checks of the end state)
    run in the agent's machine with the arguments, stdout only.
@@ -129,7 +131,10 @@ _VERSION = "2"
 #: Limits of one episode's machine.
 OS_LIMITS = SandboxLimits(cpu_seconds=20, memory_bytes=512 << 20, wall_seconds=10,
                           max_output_bytes=64 << 10, max_processes=96,
-                          max_file_bytes=64 << 20, tmpfs_bytes=128 << 20)
+                          max_file_bytes=64 << 20, tmpfs_bytes=128 << 20,
+                          max_open_files=1 << 20)
+# (open files: Docker's default, capped at the evaluator's own hard limit; one official
+# task's init writes `echo 123321>/var/x`, which bash reads as a redirection of fd 123321)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -298,8 +303,10 @@ class OSEpisode(Episode):
                 self._fail_setup(f"init[{k}] failed ({why}): {r.stdout.strip()[-200:]}")
                 return
         if _needs_reference(self.item):
-            if self.rootfs is None:
-                self._run_reference()  # host-tree sandbox: before the agent, in its machine
+            if self.rootfs is None or self._init_left_processes():
+                # host-tree sandbox, or processes started by init (a snapshot holds files
+                # only): the reference runs now, in this machine, before the agent
+                self._run_reference(in_this_machine=True)
             else:
                 self._snap = _snapshot_dir(self.rootfs)
                 self.session.snapshot(self._snap)  # the reference runs on it when judging
@@ -310,6 +317,13 @@ class OSEpisode(Episode):
             r = self.session.exec(cmd, timeout=self.setup_timeout_s, merge_stderr=True)
             if r.killed == "sandbox_died":
                 self._fail_setup("start killed the machine")
+
+    def _init_left_processes(self) -> bool:
+        """Whether ``init`` left processes running (besides the machine's own init and
+        supervisor, pids 1 and 2)."""
+        r = self.session.run(["/bin/sh", "-c", 'ps -e -o pid=,ppid= | awk -v me=$$ '
+                              "'$1 > 2 && $1 != me && $2 != me' | wc -l"], timeout=30)
+        return not r.ok or r.stdout.strip() != "0"
 
     def _drop_snapshot(self) -> None:
         if self._snap is not None:
@@ -322,18 +336,21 @@ class OSEpisode(Episode):
         self.detail["setup"] = why
         self.done = True
 
-    def _run_reference(self) -> None:
+    def _run_reference(self, in_this_machine: bool = False) -> None:
         """The ``example`` command, stdout only, without the agent's answer as argument,
         on the machine as ``init`` left it: with an OS machine image, in a second machine
         started from the snapshot of this one's writable layer taken right after
         ``init`` (so the reference's own side effects stay out of the agent's machine and
         nothing the agent does can change it; run when the verdict first needs it, so
-        episodes that never answer cost no second machine); on the host-tree sandbox,
-        in this machine at setup, before the agent starts."""
+        episodes that never answer cost no second machine). A snapshot holds files, not
+        processes: when ``init`` left processes running (e.g. ``sudo -u user sleep &``
+        for a "count the user's processes" task), and on the host-tree sandbox, the
+        reference runs in this machine at setup, before the agent starts (untouchable by
+        the agent; its side effects stay)."""
         ex = self.item.example
         assert ex is not None  # checked at load
         argv = _script_argv(ex, [])
-        if self.rootfs is None:
+        if in_this_machine:
             r = self.session.run(argv, timeout=self.setup_timeout_s)
         else:
             assert self._snap is not None
@@ -509,7 +526,8 @@ class OSInteractionSkill:
                "cmd_t": self.command_timeout_s, "limits": [self.limits.memory_bytes,
                                                            self.limits.max_processes,
                                                            self.limits.cpu_seconds,
-                                                           self.limits.tmpfs_bytes],
+                                                           self.limits.tmpfs_bytes,
+                                                           self.limits.max_open_files],
                "setup_t": self.setup_timeout_s,
                "machine": f"rootfs:{self.rootfs.key}" if self.rootfs is not None else "host"}
         return "os/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]

@@ -127,3 +127,17 @@ def test_reference_side_effects_stay_out_of_the_agents_machine(tmp_path, machine
     s, d = _score(tmp_path, task, Agent(["cat /root/leak 2>/dev/null || echo none"], "none"),
                   machine)
     assert s == 0.0 and "none" in d["transcript"][1], d
+
+
+@pytest.mark.parametrize("machine", ["rootfs"], indirect=True)
+def test_processes_left_by_init_count_and_killing_them_does_not_pass(tmp_path, machine):
+    """A snapshot holds files, not processes: when init leaves processes running the
+    reference runs in the agent's machine right after init, before the agent."""
+    task = {"description": "How many processes does user u run?",
+            "create": {"init": "useradd u; for i in 1 2 3; do sudo -u u sleep 1000 & done"},
+            "evaluation": {"check": [None, {"language": "python", "file": "check/integer-match.py"}],
+                           "example": {"code": "ps -u u --no-headers | wc -l"}}}
+    s, d = _score(tmp_path, task, Agent(["ps -u u --no-headers | wc -l"], "3"), machine)
+    assert s == 1.0, d
+    s, d = _score(tmp_path, task, Agent(["pkill -u u; sleep 0.2"], "0"), machine)
+    assert s == 0.0, d
