@@ -244,6 +244,12 @@ def _needs_reference(item: OSItem) -> bool:
 
 
 def _snapshot_dir(rootfs: RootFS) -> Path:
+    """A fresh host directory for a post-init snapshot: on /dev/shm (a tmpfs, like the
+    machine's writable layer, so ``du`` counts the same blocks in the reference machine
+    as in the agent's), else beside the image."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="cycleqd-ref-", dir=shm))
     d = Path(rootfs.path).parent / "snap"
     d.mkdir(exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="ref-", dir=d))
