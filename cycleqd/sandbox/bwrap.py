@@ -5,8 +5,15 @@ Every sandbox is a fresh set of Linux namespaces made by ``bwrap`` (Debian packa
 capabilities), PID, network (loopback only, not the host's), IPC, UTS and mount
 namespaces. The file system is a size-limited tmpfs root with the host's ``/usr``,
 ``/etc`` (secrets masked) and library directories bound read-only, fresh writable
-``/root``, ``/tmp``, ``/home``, ``/var``, and nothing else of the host (no ``/work``,
-``/run``, ``/proc`` of the host, no sockets). The environment is cleared.
+``/root``, ``/tmp``, ``/home``, ``/var`` (directories on that one tmpfs), a 1 MiB
+``/dev`` with a few device nodes, and nothing else of the host (no ``/work``, ``/run``,
+``/proc`` of the host, no sockets). Every tmpfs has a size (RLIMIT_AS does not bound
+tmpfs pages). The environment is cleared.
+
+An *OS machine* (``BwrapSession(rootfs=...)``, see :mod:`.rootfs`) instead has its own
+Debian root: the image under a private writable overlay (upper layer: a sized tmpfs),
+in its own user namespace mapping 65536 ids, root with Docker's default capabilities
+and no nested user namespaces; nothing of the host's file system is visible.
 
 Limits (:class:`SandboxLimits`) are layered so that each holds even if another is not
 available on a host:

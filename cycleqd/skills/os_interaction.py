@@ -243,6 +243,19 @@ def _needs_reference(item: OSItem) -> bool:
     return item.check is not None and any(c is None for c in item.check)
 
 
+def _sweep_stale_snapshots(max_age_s: float = 6 * 3600) -> None:
+    """Remove post-init snapshots left on /dev/shm by killed evaluators (each is deleted
+    when its episode closes; one older than ``max_age_s`` has no live episode)."""
+    import time
+
+    for d in Path("/dev/shm").glob("cycleqd-ref-*"):
+        try:
+            if time.time() - d.stat().st_mtime > max_age_s:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _snapshot_dir(rootfs: RootFS) -> Path:
     """A fresh host directory for a post-init snapshot: on /dev/shm (a tmpfs, like the
     machine's writable layer, so ``du`` counts the same blocks in the reference machine
@@ -524,6 +537,8 @@ class OSInteractionSkill:
                 print(f"cycleqd OS skill: no OS machine image ({e}); using the host-tree "
                       f"sandbox (read-only /usr, /etc: ~15 % of tasks cannot pass)",
                       file=sys.stderr)
+        if self.rootfs is not None:
+            _sweep_stale_snapshots()
 
     @property
     def cache_key(self) -> str:
