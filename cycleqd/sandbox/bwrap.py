@@ -5,8 +5,15 @@ Every sandbox is a fresh set of Linux namespaces made by ``bwrap`` (Debian packa
 capabilities), PID, network (loopback only, not the host's), IPC, UTS and mount
 namespaces. The file system is a size-limited tmpfs root with the host's ``/usr``,
 ``/etc`` (secrets masked) and library directories bound read-only, fresh writable
-``/root``, ``/tmp``, ``/home``, ``/var``, and nothing else of the host (no ``/work``,
-``/run``, ``/proc`` of the host, no sockets). The environment is cleared.
+``/root``, ``/tmp``, ``/home``, ``/var`` (directories on that one tmpfs), a 1 MiB
+``/dev`` with a few device nodes, and nothing else of the host (no ``/work``, ``/run``,
+``/proc`` of the host, no sockets). Every tmpfs has a size (RLIMIT_AS does not bound
+tmpfs pages). The environment is cleared.
+
+An *OS machine* (``BwrapSession(rootfs=...)``, see :mod:`.rootfs`) instead has its own
+Debian root: the image under a private writable overlay (upper layer: a sized tmpfs),
+in its own user namespace mapping 65536 ids, root with Docker's default capabilities
+and no nested user namespaces; nothing of the host's file system is visible.
 
 Limits (:class:`SandboxLimits`) are layered so that each holds even if another is not
 available on a host:
@@ -41,6 +48,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -65,7 +73,7 @@ _SECRET_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-",
                  "/etc/sudoers", "/etc/mysql/debian.cnf", "/etc/machine-id")
 _SECRET_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/sudoers.d")
 _WRITABLE_DIRS = ("/root", "/tmp", "/home", "/var", "/opt", "/srv", "/mnt", "/media",
-                  "/run", "/dev/shm")
+                  "/run", "/run/shm")
 _UID_BASE = 1_500_000_000  # throw-away uids: _UID_BASE + pid*256 + counter (mod 2**24)
 
 
@@ -90,7 +98,10 @@ class SandboxLimits:
             sandbox's own uid, and cgroup pids.max).
         max_file_bytes: size of any one file written, bytes (RLIMIT_FSIZE).
         max_open_files: open file descriptors per process (RLIMIT_NOFILE).
-        tmpfs_bytes: size of each writable tmpfs (the root and /root, /tmp, ...), bytes.
+        tmpfs_bytes: size of the sandbox's writable file system, bytes: the tmpfs root
+            (which holds /root, /tmp, /home, /var, /run/shm = /dev/shm ...), or an OS
+            machine's overlay upper layer. RLIMIT_AS does not bound tmpfs pages; this
+            does (and the cgroup, where there is one, charges them as memory).
     """
 
     cpu_seconds: float = 10.0
@@ -201,6 +212,13 @@ def _host() -> _Host:
                     _HOST_ERR = f"bwrap cannot create a sandbox here: {e}"
                 if _HOST_ERR is not None:
                     _HOST = None
+                elif not (root and cg):
+                    why = "not root" if not root else _cgroup.probe()[1]
+                    # said once per process, at the first sandbox (issue 18.6)
+                    sys.stderr.write(
+                        f"cycleqd sandbox: no memory cgroup ({why}): a sandbox's memory is "
+                        "bounded only by RLIMIT_AS per process, its tmpfs sizes and "
+                        "RLIMIT_NPROC in its user namespace\n")
         if _HOST is None:
             raise SandboxUnavailableError(_HOST_ERR)
         return _HOST
@@ -282,29 +300,67 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+#: Size of the small tmpfs mounts (/dev and the masks over secret directories), bytes.
+_SMALL_TMPFS = 1 * _MiB
+#: Device nodes bound into the sandbox's own (size-limited) /dev.
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+#: Capabilities root keeps inside an OS machine (its own user namespace only): Docker's
+#: default set, as in AgentBench's containers (no CAP_SYS_ADMIN: no mounts, so no tmpfs
+#: without a size; no CAP_SYS_RESOURCE).
+_MACHINE_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_SETGID",
+                 "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT",
+                 "CAP_KILL", "CAP_AUDIT_WRITE", "CAP_SETFCAP")
+
+
+def _dev_args() -> list[str]:
+    """A size-limited /dev (bwrap's ``--dev`` tmpfs has no size): device nodes bound
+    from the host, the usual symlinks, and /dev/shm pointing at /run/shm (on the
+    sandbox's own sized root)."""
+    a = ["--size", str(_SMALL_TMPFS), "--tmpfs", "/dev"]
+    for d in _DEVICES:
+        if os.path.exists("/dev/" + d):
+            a += ["--dev-bind", "/dev/" + d, "/dev/" + d]
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("core", "/proc/kcore"), ("shm", "/run/shm")):
+        a += ["--symlink", target, "/dev/" + name]
+    return a
+
+
 def _bwrap_args(limits: SandboxLimits, *, workdir: str, env: Mapping[str, str],
-                ro_binds: Sequence[tuple[str, str]], file_fds: list[tuple[int, str]]) -> list[str]:
-    size = str(limits.tmpfs_bytes)
-    a = ["--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-net",
-         "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--disable-userns",
-         "--hostname", "sandbox", "--die-with-parent", "--new-session",
-         "--size", size, "--tmpfs", "/"]
-    for d in _SYSTEM_DIRS:
-        if os.path.islink(d):
-            a += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            a += ["--ro-bind", d, d]
-    for f in _SECRET_FILES:
-        if os.path.isfile(f):
-            a += ["--ro-bind", "/dev/null", f]
-    for d in _SECRET_DIRS:
-        if os.path.isdir(d):
-            a += ["--tmpfs", d]
-    a += ["--proc", "/proc", "--dev", "/dev"]
-    for d in _WRITABLE_DIRS:
-        a += ["--size", size, "--tmpfs", d]
-    a += ["--chmod", "1777", "/tmp", "--chmod", "1777", "/dev/shm", "--dir", "/var/tmp",
-          "--chmod", "1777", "/var/tmp", "--dir", "/var/log", "--chmod", "0700", "/root"]
+                ro_binds: Sequence[tuple[str, str]], file_fds: list[tuple[int, str]],
+                machine_root: str | None = None) -> list[str]:
+    """bwrap options. Every tmpfs has a size: the root (``tmpfs_bytes``; /root, /tmp,
+    /home, /var, ... and /dev/shm are directories on it, so their total is bounded by
+    one size), /dev and the secret masks (1 MiB each). With ``machine_root`` (a merged
+    overlay prepared by the launcher, see :mod:`.rootfs`) that directory is ``/``."""
+    a = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+         "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent", "--new-session"]
+    if machine_root is not None:
+        a += ["--bind", machine_root, "/", "--proc", "/proc"] + _dev_args()
+        a += ["--dir", "/run/shm", "--chmod", "1777", "/run/shm"]
+        a += ["--cap-drop", "ALL"]
+        for c in _MACHINE_CAPS:
+            a += ["--cap-add", c]
+    else:
+        a = ["--unshare-user", "--uid", "0", "--gid", "0", "--disable-userns"] + a
+        a += ["--size", str(limits.tmpfs_bytes), "--tmpfs", "/"]
+        for d in _SYSTEM_DIRS:
+            if os.path.islink(d):
+                a += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                a += ["--ro-bind", d, d]
+        for f in _SECRET_FILES:
+            if os.path.isfile(f):
+                a += ["--ro-bind", "/dev/null", f]
+        for d in _SECRET_DIRS:
+            if os.path.isdir(d):
+                a += ["--size", str(_SMALL_TMPFS), "--tmpfs", d]
+        a += ["--proc", "/proc"] + _dev_args()
+        for d in _WRITABLE_DIRS:
+            a += ["--dir", d]
+        a += ["--chmod", "1777", "/tmp", "--chmod", "1777", "/run/shm", "--dir", "/var/tmp",
+              "--chmod", "1777", "/var/tmp", "--dir", "/var/log", "--chmod", "0700", "/root"]
     for src, dst in ro_binds:
         a += ["--ro-bind", src, dst]
     for fd, path in file_fds:
@@ -326,6 +382,15 @@ def _default_env(workdir: str) -> dict[str, str]:
             "HOSTNAME": "sandbox", "PWD": workdir}
 
 
+def _nofile_ceiling(host: "_Host") -> int:
+    """The highest RLIMIT_NOFILE we may set: our own hard limit (raising it needs
+    CAP_SYS_RESOURCE, which a root in a container often lacks)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+
 def _check_files(files: Mapping[str, bytes | str]) -> None:
     for path, data in files.items():
         if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/"):
@@ -334,19 +399,156 @@ def _check_files(files: Mapping[str, bytes | str]) -> None:
             raise ValueError(f"files[{path!r}] must be bytes or str, got {type(data).__name__}")
 
 
+@dataclass(frozen=True)
+class _MachineSpec:
+    """Where an OS machine's root comes from (see :mod:`.rootfs`).
+
+    Attributes:
+        image: the read-only image root (ids shifted by ``uid_base``).
+        layers: extra read-only layers above the image, top first (e.g. a snapshot of
+            another machine's writable layer, :meth:`BwrapSession.snapshot`).
+        mnt: an empty host directory; a tmpfs is mounted over it only inside the
+            machine's private mount namespace (the host never sees the mount).
+        uid_base: host uid/gid that is root inside; 65536 ids are mapped from it.
+    """
+
+    image: str
+    layers: tuple[str, ...] = ()
+    mnt: str = ""
+    uid_base: int = 0
+
+    def lowerdir(self) -> str:
+        dirs = [*self.layers, self.image]
+        for d in dirs:
+            if any(c in d for c in ":,\n") or not os.path.isabs(d):
+                raise ValueError(f"machine layer path must be absolute without ':' or ',': {d!r}")
+        return ":".join(dirs)
+
+    def mount_argv(self, limits: SandboxLimits) -> list[str]:
+        """Host-root commands run in a private mount namespace: the size-limited tmpfs for
+        the writable layer and the overlay; then ``exec "$@"``."""
+        b = self.uid_base
+        script = "; ".join([
+            "set -e", 'M="$1"', "shift",
+            f'mount -t tmpfs -o size={limits.tmpfs_bytes},nr_inodes={max(4096, limits.tmpfs_bytes >> 12)},'
+            f'mode=0755 cycleqd-machine "$M"',
+            'mkdir "$M/u" "$M/w" "$M/m"', f'chown {b}:{b} "$M/u"',
+            f'mount -t overlay -o "lowerdir={self.lowerdir()},upperdir=$M/u,workdir=$M/w" '
+            'cycleqd-machine "$M/m"',
+            # a read-only, noatime view of the writable layer for snapshot(): reading
+            # through it does not touch the machine's access times
+            'mkdir "$M/s"', 'mount --bind "$M/u" "$M/s"',
+            'mount -o remount,bind,ro,noatime "$M/s"',
+            'exec "$@"'])
+        return [_UNSHARE, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script,
+                "sh", self.mnt]
+
+
+def _machine_mountpoint() -> Path:
+    """An empty root-owned directory every path component of which the machine's owner
+    uid can traverse (bwrap runs as that uid): /run/cycleqd-machine (or under /var/tmp).
+    Mounts over it happen only in private mount namespaces."""
+    for base in ("/run", "/var/tmp"):
+        if os.path.isdir(base) and os.stat(base).st_mode & 0o001:
+            d = Path(base) / "cycleqd-machine"
+            try:
+                d.mkdir(mode=0o755, exist_ok=True)
+            except OSError:
+                continue
+            st = os.lstat(d)
+            if st.st_uid == 0 and not os.path.islink(d) and not st.st_mode & 0o022:
+                return d
+    raise SandboxUnavailableError("no traversable directory for the OS machine's mount point "
+                                  "(/run or /var/tmp)")
+
+
+_UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
+_NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
+
+
+class _Userns:
+    """A user namespace owned by ``uid_base`` mapping ids 0..65535 inside onto
+    ``uid_base..uid_base+65535`` (written by us, root, from outside), in which nobody can
+    create a further user namespace (``user.max_user_namespaces = 0``, so no process in
+    the machine can gain capabilities it was not given). A ``sleep`` holds it until the
+    machine has joined; :meth:`fd` is passed to ``bwrap --userns``."""
+
+    def __init__(self, host: "_Host", uid_base: int) -> None:
+        b = uid_base
+        self.proc = _launch([host.setpriv, f"--reuid={b}", f"--regid={b}", "--clear-groups",
+                             "--pdeathsig", "KILL", "--", _UNSHARE, "--user", "--", "/bin/sh", "-c",
+                             "echo up; exec sleep 2147483647"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
+                            env={"PATH": _DEFAULT_PATH}, close_fds=True)
+        self._fd: int | None = None
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.proc.stdout, selectors.EVENT_READ)
+                if not sel.select(timeout=20) or self.proc.stdout.readline() != b"up\n":
+                    raise SandboxUnavailableError("cannot create a user namespace for the OS machine")
+            for f in ("uid_map", "gid_map"):
+                with open(f"/proc/{self.proc.pid}/{f}", "w") as fh:
+                    fh.write(f"0 {b} {_MACHINE_IDS}\n")
+            # user.max_user_namespaces is per user namespace; set from inside (as its root)
+            r = subprocess.run([host.setpriv, f"--reuid={b}", f"--regid={b}", "--clear-groups",
+                                "--", _NSENTER, f"--user=/proc/{self.proc.pid}/ns/user",
+                                "--setuid", "0", "--setgid", "0", "--", "/bin/sh", "-c",
+                                "echo 0 > /proc/sys/user/max_user_namespaces"],
+                               capture_output=True, text=True, timeout=20, cwd="/",
+                               env={"PATH": _DEFAULT_PATH})
+            if r.returncode != 0:
+                raise SandboxUnavailableError("cannot disable nested user namespaces in the OS "
+                                              f"machine: {r.stderr.strip()[:200]}")
+            self._fd = os.open(f"/proc/{self.proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def fd(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        try:
+            self.proc.stdout.close()
+        except OSError:
+            pass
+
+
+_MACHINE_IDS = 65536
+
+
 class _Sandbox:
     """One launched bwrap process tree and its cleanup."""
 
     def __init__(self, inner: Sequence[str], *, limits: SandboxLimits,
                  files: Mapping[str, bytes | str], workdir: str, env: Mapping[str, str] | None,
                  ro_binds: Sequence[tuple[str, str]], stdin: bool,
-                 inherit_data: bytes | None = None) -> None:
+                 inherit_data: bytes | None = None,
+                 machine: "_MachineSpec | None" = None) -> None:
         host = _host() if _HOST is None else _HOST
         if not workdir.startswith("/"):
             raise ValueError(f"workdir must be an absolute path, got {workdir!r}")
         _check_files(files)
+        if machine is not None and not host.root:
+            raise SandboxUnavailableError(
+                "an OS machine (own root file system) needs root on the host")
         self.limits = limits
-        self.uid = _alloc_uid() if host.root else None
+        self.machine = machine
+        self.userns: _Userns | None = None
+        # An OS machine runs in its own user namespace mapping 65536 ids onto the image's
+        # shifted owners (shared by all machines: they never see each other's processes
+        # or files, and each has its own per-namespace process count).
+        self.uid = _alloc_uid() if host.root and machine is None else None
         self.cg = (_cgroup.create(f"cycleqd-sbx-{os.getpid()}-{self.uid or next(_uid_counter)}",
                                   memory_bytes=limits.memory_bytes,
                                   max_processes=limits.max_processes)
@@ -366,22 +568,43 @@ class _Sandbox:
             # bwrap's own options go through an fd (--args) so that the sandbox's
             # /proc/1/cmdline shows no host paths or plumbing.
             opts = _bwrap_args(limits, workdir=workdir, env=full_env, ro_binds=ro_binds,
-                               file_fds=fds)
+                               file_fds=fds,
+                               machine_root=None if machine is None else machine.mnt + "/m")
+            nproc = limits.max_processes + 4
+            if machine is not None or not host.root:
+                # All OS machines (and, when not root, all sandboxes) share one host uid, so
+                # RLIMIT_NPROC is set INSIDE the sandbox's own user namespace, where the
+                # kernel (>= 5.14) counts it per namespace; set outside it would count every
+                # process of that uid.
+                inner = ["/usr/bin/prlimit", f"--nproc={nproc}", "--", *inner]
+            if machine is not None:
+                self.userns = _Userns(host, machine.uid_base)
+                other_fds.append(os.dup(self.userns.fd))
+                opts = ["--userns", str(other_fds[-1]), "--uid", "0", "--gid", "0", *opts]
             other_fds.append(_memfd(b"".join(o.encode() + b"\0" for o in opts)))
             bw = [host.bwrap, "--args", str(other_fds[-1]), "--", *inner]
-            nproc = limits.max_processes + 4
             cpu = max(1, int(round(limits.cpu_seconds)))
+            nofile = min(limits.max_open_files, _nofile_ceiling(host))
             pl = [host.prlimit, f"--cpu={cpu}:{cpu + 1}", f"--as={limits.memory_bytes}",
-                  f"--fsize={limits.max_file_bytes}", f"--nofile={limits.max_open_files}",
+                  f"--fsize={limits.max_file_bytes}", f"--nofile={nofile}",
                   "--core=0"]
-            if host.root:
+            if host.root and machine is None:
                 pl.append(f"--nproc={nproc}")
             pl.append("--")
-            drop = ([host.setpriv, f"--reuid={self.uid}", f"--regid={self.uid}",
-                     "--clear-groups", "--"] if host.root else [])
+            if machine is not None:
+                # host root: private mount namespace, tmpfs + overlay; then the machine's
+                # owner uid, which owns the user namespace bwrap joins.
+                pre = machine.mount_argv(limits)
+                drop = [host.setpriv, f"--reuid={machine.uid_base}",
+                        f"--regid={machine.uid_base}", "--clear-groups", "--"]
+            else:
+                pre = []
+                drop = ([host.setpriv, f"--reuid={self.uid}", f"--regid={self.uid}",
+                         "--clear-groups", "--"] if host.root else [])
             join = ("while [ \"$1\" != -- ]; do echo $$ > \"$1\" || exit 125; shift; done; "
                     "shift; exec \"$@\"")
-            argv = ["/bin/sh", "-c", join, "sh", *self.cg.procs_files(), "--", *pl, *drop, *bw]
+            argv = ["/bin/sh", "-c", join, "sh", *self.cg.procs_files(), "--", *pre, *pl, *drop,
+                    *bw]
             self.t0 = time.monotonic()
             self.proc = _launch(
                 argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -391,6 +614,8 @@ class _Sandbox:
                 close_fds=True)
         except BaseException:
             self.cg.remove()
+            if self.userns is not None:
+                self.userns.close()
             raise
         finally:
             for fd in [fd for fd, _ in fds] + other_fds:
@@ -447,6 +672,8 @@ class _Sandbox:
                 except OSError:
                     pass
         self.cg.remove()
+        if self.userns is not None:
+            self.userns.close()
         _LIVE.discard(self)
 
 
@@ -663,6 +890,15 @@ class BwrapSession:
         env: extra environment variables.
         ro_binds: extra (host path, sandbox path) pairs bound read-only.
         python: the interpreter inside the sandbox that runs the supervisor.
+        rootfs: an OS machine image (:class:`cycleqd.sandbox.rootfs.RootFS` or its root
+            directory): the machine's ``/`` is then that image under a private writable
+            overlay (upper layer: a tmpfs of ``limits.tmpfs_bytes``), in its own user
+            namespace with 65536 ids (so ``useradd``/``su``/``sudo``/``chown`` work) and
+            Docker's default capabilities for its root; nothing of the host's file
+            system is visible. Needs root on the host. None: the host's ``/usr`` and
+            ``/etc`` read-only under a tmpfs root (the default).
+        layers: with ``rootfs``, read-only layers put above the image, top first
+            (e.g. a :meth:`snapshot` of another machine).
 
     Raises:
         SandboxUnavailableError: at :meth:`start`, when no sandbox can be made.
@@ -675,9 +911,24 @@ class BwrapSession:
     def __init__(self, limits: SandboxLimits = SandboxLimits(), *,
                  files: Mapping[str, bytes | str] | None = None, workdir: str = "/root",
                  env: Mapping[str, str] | None = None,
-                 ro_binds: Sequence[tuple[str, str]] = (), python: str = "/usr/bin/python3"):
+                 ro_binds: Sequence[tuple[str, str]] = (), python: str = "/usr/bin/python3",
+                 rootfs: "object | str | os.PathLike | None" = None,
+                 layers: Sequence[str | os.PathLike] = ()):
         if not workdir.startswith("/"):
             raise ValueError(f"workdir must be an absolute path, got {workdir!r}")
+        self._machine: _MachineSpec | None = None
+        if rootfs is not None:
+            from .rootfs import ROOTFS_UID_BASE
+
+            image = Path(getattr(rootfs, "path", rootfs))
+            if not (image / "usr").is_dir():
+                raise ValueError(f"rootfs {image} is not a root file system (no usr/)")
+            mnt = _machine_mountpoint()
+            self._machine = _MachineSpec(str(image), tuple(str(Path(x)) for x in layers),
+                                         str(mnt), ROOTFS_UID_BASE)
+            self._machine.lowerdir()  # validates the paths now
+        elif layers:
+            raise ValueError("layers need a rootfs")
         _check_files(files or {})
         self.limits = limits
         self.workdir = workdir
@@ -702,7 +953,7 @@ class BwrapSession:
         self._sb = _Sandbox([self._python, "-I", "-S", "-c", boot],
                             limits=self.limits, files=self._files, workdir=self.workdir,
                             env=env, ro_binds=self._ro_binds, stdin=True,
-                            inherit_data=self._agent_source.encode())
+                            inherit_data=self._agent_source.encode(), machine=self._machine)
         self._key = secrets.token_bytes(32)
         try:
             self._sb.proc.stdin.write(self._key.hex().encode() + b"\n")
@@ -739,6 +990,29 @@ class BwrapSession:
     def uid(self) -> int | None:
         """The host uid the sandbox runs as (root hosts only), for checks by tests."""
         return self._sb.uid if self._sb is not None else None
+
+    def snapshot(self, dest: str | os.PathLike) -> Path:
+        """Copy this OS machine's writable layer (everything changed since the image,
+        deletions included) into the empty or missing host directory ``dest``; usable
+        as a ``layers`` entry of another machine, which then starts as this one is now
+        (files only: no processes). Take it while nothing untrusted has run yet: the
+        copy is made by the host (``cp -a``; symlinks are copied, never followed)
+        through a read-only ``noatime`` view, so it changes nothing in this machine,
+        access times included.
+
+        Raises:
+            RuntimeError: not an OS machine, not started, or the copy failed.
+        """
+        if self._machine is None or self._sb is None or not self.alive:
+            raise RuntimeError("snapshot() needs a started BwrapSession with a rootfs")
+        src = f"/proc/{self._sb.proc.pid}/root{self._machine.mnt}/s"
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["cp", "-a", "--no-target-directory", src, str(dest)],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"snapshot of the machine failed: {r.stderr.strip()[:300]}")
+        return dest
 
     # -- commands
     def exec(self, cmd: str, *, timeout: float | None = None, merge_stderr: bool = False,

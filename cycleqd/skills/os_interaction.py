@@ -3,12 +3,20 @@
 Protocol (AgentBench v0.2 ``src/server/tasks/os_interaction/task.py``; prompt wording and
 one-shot example verbatim):
 
-1. **Machine**: every episode gets a fresh :class:`cycleqd.sandbox.BwrapSession` (its
-   own root-owned tmpfs machine: writable ``/``, ``/root``, ``/tmp``, ``/home``,
-   ``/var``...; the host's ``/usr`` and ``/etc`` read-only; no network; own PID
-   namespace; CPU/memory/process/output limits; everything killed at the end). The
-   task's ``init`` scripts run first, each independently (``bash -c`` / ``python3 -c``
-   at ``/``, as ``docker exec`` does), then its ``start`` script in the background.
+1. **Machine**: every episode gets a fresh :class:`cycleqd.sandbox.BwrapSession` on the
+   OS machine image (:mod:`cycleqd.sandbox.rootfs`: Debian built once with
+   ``mmdebstrap``, read-only, under a per-episode writable overlay; own user namespace
+   with real users, so ``useradd``/``su``/``sudo`` work; root has Docker's default
+   capabilities; no network; own PID namespace; CPU/memory/process/tmpfs/output limits;
+   everything killed at the end; nothing of the host visible). Where the image cannot be
+   built or used (not root, no ``mmdebstrap``, no archive), one line says so and the
+   host-tree sandbox is used (read-only host ``/usr``, ``/etc``: ~15 % of tasks cannot
+   pass there). The task's ``init`` scripts run first, each independently (``bash -c`` /
+   ``python3 -c`` at ``/``, as ``docker exec`` does); one that fails (non-zero exit,
+   timeout) fails the sample. Then the machine's state is snapshotted for the reference
+   (4.), then the ``start``
+   script is typed into the agent's shell (its working directory and variables carry
+   over, as AgentBench's ``container.execute``).
 2. **Conversation**: the instruction, the one-shot example (``ls /etc`` ... ``answer(220)``)
    and "Now, I will start a new problem in a new OS. My problem is: ...".
 3. **Turns** (lockstep over all episodes; one batched ``generate`` per turn; at most
@@ -19,17 +27,31 @@ one-shot example verbatim):
    user message ("The output of the OS is empty." when empty); ``answer(...)``: the text
    between the first "(" and the last ")" is the answer; ``finish``: ends with no
    answer. A reply without a valid action fails the episode.
-4. **Judging** (after the episode, in the same machine): ``match`` compares the answer
-   (stripped) with the expected string or regex; otherwise the ``check`` chain runs in
-   order with arguments = [answer, outputs of the earlier entries...], a ``null`` entry
-   being the task's ``example`` command (its output becomes the next argument); every
-   entry must exit 0. Named checkers are implemented here (:data:`CHECKERS`):
-   ``integer-match``, ``string-match``, ``size-match``, ``containing``, ``in``; they
-   compare the first argument (the answer) with the last (the reference output).
+4. **Judging**: ``match`` compares the answer (stripped) with the expected string or
+   regex. A ``check`` chain runs in order with arguments = [answer, outputs of the earlier
+   entries...]; every entry must succeed. A ``null`` entry stands for the reference
+   (``example``) command, whose output here comes from the machine **as init left it**,
+   not as the agent left it: right after ``init`` (before ``start`` and the agent), the
+   machine's writable layer is snapshotted and, when the verdict first needs it, the
+   reference runs in a second machine started from that snapshot (so ``$RANDOM`` setups keep their values, the reference's
+   own side effects never reach the agent's machine, and nothing the agent deletes or
+   plants changes it); it gets no arguments (never the answer) and only its stdout
+   counts (when ``init`` leaves processes running, which a snapshot cannot hold, the
+   reference runs in the agent's machine right after ``init``, before the agent).
+   Named checkers (:data:`CHECKERS`: ``integer-match``, ``string-match``,
+   ``size-match``, ``containing``, ``in``) compare the answer with the last output and
+   fail when no output precedes them. Other entries (inline checks of the end state)
+   run in the agent's machine with the arguments, stdout only.
 
+Differences from AgentBench (THUDM/AgentBench ``src/server/tasks/os_interaction/task.py``,
+also the official CycleQD ``fishfarm/tasks/os_interaction.py``): there the reference
+runs after the agent in its container with the answer as ``$1`` and stdout+stderr, and
+init exit codes are ignored -- each of these lets an agent (or a broken task) pass
+without solving it, which an evolutionary search would exploit. A ``start`` that
+switches users (``su``) does not carry the new user into later commands (each command
+runs in a fresh bash restoring cwd, variables, functions and aliases). On the
+host-tree sandbox the reference runs in the agent's machine before the agent starts.
 Score: quality = fraction of tasks passed; sub-score ``<name>_pass`` = quality.
-Differences from AgentBench's Docker image: ``/usr`` and ``/etc`` are read-only (tasks
-that ``useradd`` or write there fail their init), and the installed tools are the host's.
 """
 
 from __future__ import annotations
@@ -37,12 +59,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shlex
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cycleqd.sandbox import BwrapSession, SandboxLimits
+from cycleqd.sandbox.rootfs import RootFS, RootfsUnavailableError, build_rootfs
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
 from cycleqd.skills.data_agentbench import Episode, OSItem, Script, evaluate_cached, load_os, run_lockstep
@@ -99,11 +126,16 @@ ls -1 /etc | wc -l
 Act: answer(220)"""},
 ]
 
-_VERSION = "1"
+#: Judge version (part of :attr:`OSInteractionSkill.cache_key`): 2 = reference from the
+#: post-init snapshot, stdout only, failed init fails, checker needs a reference.
+_VERSION = "2"
 #: Limits of one episode's machine.
 OS_LIMITS = SandboxLimits(cpu_seconds=20, memory_bytes=512 << 20, wall_seconds=10,
                           max_output_bytes=64 << 10, max_processes=96,
-                          max_file_bytes=64 << 20, tmpfs_bytes=128 << 20)
+                          max_file_bytes=64 << 20, tmpfs_bytes=128 << 20,
+                          max_open_files=1 << 20)
+# (open files: Docker's default, capped at the evaluator's own hard limit; one official
+# task's init writes `echo 123321>/var/x`, which bash reads as a redirection of fd 123321)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -208,11 +240,51 @@ def _script_argv(script: Script, params: Sequence[str]) -> list[str]:
     raise ValueError(f"unsupported script language {script.language!r}")
 
 
+def _needs_reference(item: OSItem) -> bool:
+    return item.check is not None and any(c is None for c in item.check)
+
+
+def _sweep_stale_snapshots(max_age_s: float = 6 * 3600) -> None:
+    """Remove post-init snapshots left on /dev/shm by killed evaluators (each is deleted
+    when its episode closes; one older than ``max_age_s`` has no live episode)."""
+    import time
+
+    for d in Path("/dev/shm").glob("cycleqd-ref-*"):
+        try:
+            if time.time() - d.stat().st_mtime > max_age_s:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _snapshot_dir(rootfs: RootFS) -> Path:
+    """A fresh host directory for a post-init snapshot: on /dev/shm (a tmpfs, like the
+    machine's writable layer, so ``du`` counts the same blocks in the reference machine
+    as in the agent's), else beside the image."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="cycleqd-ref-", dir=shm))
+    d = Path(rootfs.path).parent / "snap"
+    d.mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="ref-", dir=d))
+
+
 class OSEpisode(Episode):
-    """One OS task in its own sandbox machine."""
+    """One OS task in its own machine (see the module docstring for the protocol).
+
+    Args:
+        item: the task.
+        limits: the machine's sandbox limits.
+        command_timeout_s: limit of one agent command, seconds.
+        setup_timeout_s: limit of each init / reference / check script, seconds.
+        one_shot: include AgentBench's one-shot example conversation.
+        rootfs: the OS machine image (:func:`cycleqd.sandbox.rootfs.build_rootfs`); None:
+            the host-tree sandbox (read-only host ``/usr``, ``/etc``).
+    """
 
     def __init__(self, item: OSItem, *, limits: SandboxLimits, command_timeout_s: float,
-                 setup_timeout_s: float, one_shot: bool = True) -> None:
+                 setup_timeout_s: float, one_shot: bool = True,
+                 rootfs: RootFS | None = None) -> None:
         if one_shot:
             msgs = [{"role": "user", "content": OS_PROMPT + "Now, my problem is:\n\n"
                      + ONE_SHOT[0]["content"]}] + [dict(m) for m in ONE_SHOT[1:]]
@@ -223,25 +295,98 @@ class OSEpisode(Episode):
                      + item.description}]
         super().__init__(item.id, msgs)
         self.item = item
+        self.limits = limits
+        self.rootfs = rootfs
         self.command_timeout_s, self.setup_timeout_s = command_timeout_s, setup_timeout_s
         self.answer: str | None = None
         self.committed = False
-        self.session = BwrapSession(limits, workdir="/")
+        self.setup_failed: str | None = None
+        #: stdout of the reference (``example``) command on the machine as it was right
+        #: after ``init`` (None: not needed or not run), and whether it exited 0.
+        self.reference: str | None = None
+        self.reference_ok = False
+        self._snap: Path | None = None  # post-init snapshot, until the reference ran
+        self.session = BwrapSession(limits, workdir="/", rootfs=rootfs)
 
+    # -- setup
     def setup(self) -> None:
-        """Start the machine, run ``init`` then ``start``. Errors are recorded, not raised
-        (a broken task is a failed sample, as in AgentBench)."""
+        """Start the machine; run ``init`` (each script must exit 0, else the sample
+        fails, as in AgentBench); compute the reference output on a copy of the
+        post-init machine; run ``start`` in the agent's shell. Errors are recorded, not
+        raised (a broken task is a failed sample)."""
         self.session.start()
-        for script in self.item.init:
+        for k, script in enumerate(self.item.init):
             r = self.session.run(_script_argv(script, []), timeout=self.setup_timeout_s,
                                  merge_stderr=True)
-            if r.killed:
-                self.detail.setdefault("init", []).append(r.killed)
+            if not r.ok:
+                why = r.killed or f"exit {r.returncode}"
+                self._fail_setup(f"init[{k}] failed ({why}): {r.stdout.strip()[-200:]}")
+                return
+        if _needs_reference(self.item):
+            if self.rootfs is None or self._init_left_processes():
+                # host-tree sandbox, or processes started by init (a snapshot holds files
+                # only): the reference runs now, in this machine, before the agent
+                self._run_reference(in_this_machine=True)
+            else:
+                self._snap = _snapshot_dir(self.rootfs)
+                self.session.snapshot(self._snap)  # the reference runs on it when judging
         if self.item.start is not None:
             s = self.item.start
             cmd = s.code if s.language == "bash" else "python3 -c " + shlex.quote(s.code)
-            self.session.spawn(cmd)
+            # typed into the agent's shell, as AgentBench does (cwd, variables carry over)
+            r = self.session.exec(cmd, timeout=self.setup_timeout_s, merge_stderr=True)
+            if r.killed == "sandbox_died":
+                self._fail_setup("start killed the machine")
 
+    def _init_left_processes(self) -> bool:
+        """Whether ``init`` left processes running (besides the machine's own init and
+        supervisor, pids 1 and 2)."""
+        r = self.session.run(["/bin/sh", "-c", 'ps -e -o pid=,ppid= | awk -v me=$$ '
+                              "'$1 > 2 && $1 != me && $2 != me' | wc -l"], timeout=30)
+        return not r.ok or r.stdout.strip() != "0"
+
+    def _drop_snapshot(self) -> None:
+        if self._snap is not None:
+            shutil.rmtree(self._snap, ignore_errors=True)
+            self._snap = None
+
+    def _fail_setup(self, why: str) -> None:
+        self.setup_failed = why
+        self.detail["end"] = "setup failed"
+        self.detail["setup"] = why
+        self.done = True
+
+    def _run_reference(self, in_this_machine: bool = False) -> None:
+        """The ``example`` command, stdout only, without the agent's answer as argument,
+        on the machine as ``init`` left it: with an OS machine image, in a second machine
+        started from the snapshot of this one's writable layer taken right after
+        ``init`` (so the reference's own side effects stay out of the agent's machine and
+        nothing the agent does can change it; run when the verdict first needs it, so
+        episodes that never answer cost no second machine). A snapshot holds files, not
+        processes: when ``init`` left processes running (e.g. ``sudo -u user sleep &``
+        for a "count the user's processes" task), and on the host-tree sandbox, the
+        reference runs in this machine at setup, before the agent starts (untouchable by
+        the agent; its side effects stay)."""
+        ex = self.item.example
+        assert ex is not None  # checked at load
+        argv = _script_argv(ex, [])
+        if in_this_machine:
+            r = self.session.run(argv, timeout=self.setup_timeout_s)
+        else:
+            assert self._snap is not None
+            try:
+                with BwrapSession(self.limits, workdir="/", rootfs=self.rootfs,
+                                  layers=[self._snap]) as ref:
+                    r = ref.run(argv, timeout=self.setup_timeout_s)
+            finally:
+                self._drop_snapshot()
+        self.reference, self.reference_ok = r.stdout, r.ok
+        self.detail["reference"] = r.stdout[:200]
+        if not r.ok:
+            self.detail["reference_error"] = (r.killed or f"exit {r.returncode}") + \
+                (": " + r.stderr.strip()[-200:] if r.stderr.strip() else "")
+
+    # -- turns
     def step(self, reply: str) -> None:
         act = extract_action(reply)
         if act["action"] is None:
@@ -260,9 +405,17 @@ class OSEpisode(Episode):
             out = out or "bash: the shell was killed"
         self.messages.append({"role": "user", "content": os_observation(out)})
 
+    # -- verdict
     def judge(self, answer: str | None) -> bool:
-        """AgentBench's verdict for ``answer`` in the machine as it is now."""
+        """AgentBench's verdict for ``answer``: ``match`` compares the answer; a ``check``
+        chain runs in order with arguments [answer, outputs of earlier entries], where a
+        ``null`` entry contributes the reference output computed at setup (never run
+        again, never given the answer), named checkers compare the answer with the last
+        output (and fail when there is none), and other entries (inline checks of the
+        machine's end state) run in the agent's machine. Every entry must succeed."""
         it = self.item
+        if self.setup_failed is not None:
+            return False
         if it.match is not None:
             if not isinstance(answer, str):
                 return False
@@ -276,25 +429,30 @@ class OSEpisode(Episode):
                 return False
         params = [str(answer)]
         for script in it.check or ():
-            script = it.example if script is None else script
             if script is None:
-                return False
+                if self.reference is None and self._snap is not None:
+                    self._run_reference()
+                if self.reference is None or not self.reference_ok:
+                    return False
+                params.append(self.reference)
+                continue
             if script.language == "checker":
                 fn = CHECKERS.get(script.code)
-                if fn is None or not fn(params[0], params[-1]):
-                    return False
+                if fn is None or len(params) < 2 or not fn(params[0], params[-1]):
+                    return False  # a checker with no reference before it compares nothing
                 params.append("")
                 continue
-            r = self.session.run(_script_argv(script, params), timeout=self.setup_timeout_s,
-                                 merge_stderr=True)
-            if r.returncode != 0 or r.killed is not None:
+            r = self.session.run(_script_argv(script, params), timeout=self.setup_timeout_s)
+            if not r.ok:
                 return False
             params.append(r.stdout)
-        self.detail["reference"] = params[1][:200] if len(params) > 1 else None
         return True
 
     def finish(self) -> None:
         self.detail["answer"] = None if self.answer is None else self.answer[:500]
+        if self.setup_failed is not None:
+            self.score = 0.0
+            return
         if not self.committed:
             self.detail.setdefault("end", "round limit")
             self.score = 0.0
@@ -303,6 +461,7 @@ class OSEpisode(Episode):
 
     def close(self) -> None:
         self.session.close()
+        self._drop_snapshot()
 
 
 class OSInteractionSkill:
@@ -318,23 +477,37 @@ class OSInteractionSkill:
         max_new_tokens: generation budget per reply.
         limits: each machine's sandbox limits (``wall_seconds`` is not used: see below).
         command_timeout_s: wall-clock limit of one agent command.
-        setup_timeout_s: limit of each init / check / example script.
+        setup_timeout_s: limit of each init / check / example script, seconds (AgentBench has
+            none; some tasks' init sleeps 60 s).
         episode_batch: machines alive at once (episodes run in lockstep per batch).
         workers: threads running the episodes' commands between turns.
         script_dir: AgentBench's ``scripts/`` folder, for tasks referring to script files.
         cache: a :class:`SampleCache` or a path to one; None disables caching.
+        machine: ``"auto"`` (default: the OS machine image, built once on first use;
+            where it cannot be built or used, one line on stderr says why and the
+            host-tree sandbox is used -- unless ``$CYCLEQD_REQUIRE_ROOTFS=1``, which makes
+            that an error), ``"rootfs"`` (the image or an error) or ``"host"`` (the
+            host-tree sandbox: read-only host ``/usr`` and ``/etc``).
+        rootfs: a built image (:class:`cycleqd.sandbox.rootfs.RootFS`) to use instead
+            of the default one.
+        cache_dir: where the image is built/cached (default ``$CYCLEQD_CACHE`` or
+            ``~/.cache/cycleqd``).
 
     Raises:
         ValueError: bad arguments (named), before any data is read.
+        RootfsUnavailableError: ``machine="rootfs"`` (or required) and no image.
     """
 
     def __init__(self, data_path: str | Path | None = None, split: str = "search",
                  limit: int | None = None, *, name: str = "os", max_rounds: int = 5,
                  max_new_tokens: int = 512, limits: SandboxLimits = OS_LIMITS,
-                 command_timeout_s: float = 10.0, setup_timeout_s: float = 60.0,
+                 command_timeout_s: float = 10.0, setup_timeout_s: float = 120.0,
                  episode_batch: int = 16, workers: int = 4, one_shot: bool = True,
                  stop: Sequence[str] = (), script_dir: str | Path | None = None,
-                 cache: SampleCache | str | Path | None = None) -> None:
+                 cache: SampleCache | str | Path | None = None, machine: str = "auto",
+                 rootfs: RootFS | None = None, cache_dir: str | Path | None = None) -> None:
+        if machine not in ("auto", "rootfs", "host"):
+            raise ValueError(f"machine must be 'auto', 'rootfs' or 'host', got {machine!r}")
         for k, v in (("max_rounds", max_rounds), ("max_new_tokens", max_new_tokens),
                      ("episode_batch", episode_batch), ("workers", workers)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -355,18 +528,32 @@ class OSInteractionSkill:
         self.stop = tuple(stop)
         self.cache = SampleCache(cache) if isinstance(cache, (str, Path)) else cache
         self.last_details: dict[str, dict[str, Any]] = {}
+        self.rootfs: RootFS | None = rootfs if machine != "host" else None
+        if machine != "host" and rootfs is None:
+            try:
+                self.rootfs = build_rootfs(cache_dir, log=lambda m: print(m, file=sys.stderr))
+            except RootfsUnavailableError as e:
+                if machine == "rootfs" or os.environ.get("CYCLEQD_REQUIRE_ROOTFS") == "1":
+                    raise
+                print(f"cycleqd OS skill: no OS machine image ({e}); using the host-tree "
+                      f"sandbox (read-only /usr, /etc: ~15 % of tasks cannot pass)",
+                      file=sys.stderr)
+        if self.rootfs is not None:
+            _sweep_stale_snapshots()
 
     @property
     def cache_key(self) -> str:
         cfg = {"v": _VERSION, "prompt": OS_PROMPT, "one_shot": ONE_SHOT if self.one_shot else None,
                "rounds": self.max_rounds, "tok": self.max_new_tokens, "stop": list(self.stop),
                "cmd_t": self.command_timeout_s, "setup_t": self.setup_timeout_s,
-               "limits": dataclasses.asdict(self.limits)}  # every limit: output caps reach the model
+               "limits": dataclasses.asdict(self.limits),  # every limit: output caps reach the model
+               "machine": f"rootfs:{self.rootfs.key}" if self.rootfs is not None else "host"}
         return "os/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
     def _episode(self, item: OSItem) -> OSEpisode:
         return OSEpisode(item, limits=self.limits, command_timeout_s=self.command_timeout_s,
-                         setup_timeout_s=self.setup_timeout_s, one_shot=self.one_shot)
+                         setup_timeout_s=self.setup_timeout_s, one_shot=self.one_shot,
+                         rootfs=self.rootfs)
 
     def run_episodes(self, items: Sequence[OSItem], generate) -> dict[str, OSEpisode]:
         """Run ``items`` with ``generate(conversations) -> replies``; finished episodes."""
