@@ -43,15 +43,31 @@ def local_ray():
 
 
 class KillOnceAdapter:
-    """Wraps an adapter; SIGKILLs the worker process that binds ``child_id`` first (once per
-    ``marker`` file), never the test process itself."""
+    """Wraps an adapter; SIGKILLs the worker process that makes the N-th bind of the run
+    (N = the generation number of ``child_id``, counted over all workers in a file next to
+    ``marker``), once per ``marker`` file, never the test process itself. Models are bound
+    under the fingerprint of their weights, which names no child, so the count stands in for
+    "the worker that evaluates ``child_id``"."""
 
     def __init__(self, inner, child_id: str, marker: Path):
-        self.inner, self.child_id, self.marker = inner, child_id, str(marker)
+        self.inner, self.marker = inner, str(marker)
+        self.nth = int(child_id.lstrip("g"))
         self.driver_pid = os.getpid()
 
+    def _count(self) -> int:
+        import fcntl
+
+        with open(self.marker + ".count", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            n = int(f.read() or 0) + 1
+            f.seek(0)
+            f.truncate()
+            f.write(str(n))
+            return n
+
     def bind(self, weights, fingerprint):
-        if fingerprint.endswith("/" + self.child_id) and os.getpid() != self.driver_pid:
+        if os.getpid() != self.driver_pid and self._count() == self.nth:
             try:
                 fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
