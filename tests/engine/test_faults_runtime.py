@@ -55,9 +55,12 @@ def _same_as_reference(d: Path, reference: Path) -> None:
 
 
 def _one_line_error(err: str) -> str:
-    msg = err.strip()
-    assert "Traceback" not in err and "\n" not in msg and msg.startswith("error: "), err
-    return msg
+    """The error: one line starting with ``error: ``, the last on stderr, no traceback (the
+    stage lines printed as each stage starts may precede it)."""
+    lines = err.strip().splitlines()
+    errors = [l for l in lines if l.startswith("error: ")]
+    assert "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
 
 
 # ------------------------------------------------------------------------ processes
