@@ -1,0 +1,100 @@
+"""Red-team attacks on resume's run-state checks (issue 18 item 1) that are accepted silently.
+
+Each test corrupts a run directory in a way the committed metrics contradict, and asserts
+that ``cycleqd resume`` refuses with a one-line error. They FAIL on the current code: the
+corruption is accepted and the run continues from archives that are not the ones the run
+committed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from cycleqd.cli import main
+from cycleqd.config import parse_config
+from cycleqd.engine.build import build_components
+from cycleqd.engine.loop import run_cycleqd
+from tests.conftest import tiny_config_dict
+
+G, STOP, EVERY = 12, 8, 5
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, cache_dir):
+    d = tmp_path_factory.mktemp("partial") / "run"
+    cfg = parse_config(tiny_config_dict(cache_dir, generations=G, snapshot_every=EVERY))
+    run_cycleqd(build_components(cfg), cfg, d, progress=False, stop_after=STOP)
+    return d
+
+
+@pytest.fixture()
+def run_dir(template, tmp_path):
+    d = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(template), str(d)], check=True)
+    return d
+
+
+def _state(d):
+    return json.loads((d / "state.json").read_text())
+
+
+def _resume(capsys, d):
+    rc = main(["resume", str(d), "--no-progress"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_elite_deleted_from_state_is_refused(capsys, run_dir):
+    """Drop one child elite (and its digest) from state.json: every remaining elite is
+    consistent, so resume continues with an archive that lost a committed elite, although
+    the last metrics line records the archive's size (``archives.<skill>``) and the
+    child's ``entered`` list says it went in."""
+    st = _state(run_dir)
+    k, j = next((k, j) for k, a in enumerate(st["archives"]) for j, e in enumerate(a["elites"])
+                if e["generation"] >= 1)
+    gone = st["archives"][k]["elites"].pop(j)
+    if gone["id"] not in {e["id"] for a in st["archives"] for e in a["elites"]}:
+        st["genomes"].pop(gone["id"], None)
+    (run_dir / "state.json").write_text(json.dumps(st))
+    rc, out, err = _resume(capsys, run_dir)
+    assert rc == 2, ("resume accepted an archive that lost elite "
+                     f"{gone['id']} (rc={rc}); stderr: {err[-300:]}")
+    assert err.startswith("error: ") and gone["id"] in err or "elite" in err
+
+
+def test_elite_swapped_for_a_losing_child_is_refused(capsys, run_dir):
+    """Replace an elite by a child of the same cell that lost to it (its metrics line says
+    it did not enter that archive). Scores, cell and quality are all consistent with the
+    metrics line of that child, so only the metrics' ``entered`` lists can tell."""
+    st = _state(run_dir)
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # find a (archive, elite, loser) triple: a child that did not enter archive k but
+    # maps to the cell of an elite of archive k
+    from cycleqd.qd.archive import GridArchive  # noqa: F401  (the archive rules)
+    for k, a in enumerate(st["archives"]):
+        cells = {tuple(e["cell"]): j for j, e in enumerate(a["elites"])}
+        q = a["quality_skill"]
+        for r in recs:
+            if r["generation"] < 1 or q in r.get("entered", []) or r["child"] not in st["genomes"]:
+                continue
+            # the child's cell under this archive's axes
+            cell = []
+            for ax in a["axes"]:
+                v = r["scores"][ax["skill"]]
+                b = int((v - ax["lo"]) / (ax["hi"] - ax["lo"]) * ax["bins"])
+                cell.append(min(max(b, 0), ax["bins"] - 1))
+            j = cells.get(tuple(cell))
+            if j is None:
+                continue
+            a["elites"][j] = {"cell": cell, "quality": float(r["scores"][q]), "id": r["child"],
+                              "scores": {s: float(v) for s, v in r["scores"].items()},
+                              "generation": r["generation"], "parents": r["parents"]}
+            (run_dir / "state.json").write_text(json.dumps(st))
+            rc, out, err = _resume(capsys, run_dir)
+            assert rc == 2, ("resume accepted archive " + q + " holding " + r["child"] +
+                             ", which metrics.jsonl says never entered it")
+            return
+    pytest.skip("no losing child with a stored genome in this tiny run")
