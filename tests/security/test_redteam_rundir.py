@@ -98,3 +98,23 @@ def test_elite_swapped_for_a_losing_child_is_refused(capsys, run_dir):
                              ", which metrics.jsonl says never entered it")
             return
     pytest.skip("no losing child with a stored genome in this tiny run")
+
+
+def test_stray_pending_config_does_not_overwrite_config_before_validation(capsys, run_dir):
+    """``state.json`` with a ``pending_config`` whose fingerprint is not the state's (a
+    corrupted or foreign state file): ``cmd_resume`` calls ``finish_pending_config`` before
+    any check, so config.yaml is overwritten with it, and only then is the resume refused
+    ("config differs") -- the refusal has destroyed the run's own config.yaml, which its
+    message tells the user to resume with."""
+    import yaml
+
+    cfg_before = (run_dir / "config.yaml").read_text()
+    other = yaml.safe_load(cfg_before)
+    other["seed"] = 12345
+    st = _state(run_dir)
+    st["pending_config"] = yaml.safe_dump(other)
+    (run_dir / "state.json").write_text(json.dumps(st))
+    rc, out, err = _resume(capsys, run_dir)
+    assert (run_dir / "config.yaml").read_text() == cfg_before, (
+        f"resume (rc={rc}) replaced config.yaml with state.json's pending_config "
+        f"before validating it; stderr: {err.strip()[-200:]}")
