@@ -19,3 +19,32 @@ def test_db_backend_object_settings_are_in_the_key():
     fast = DBBenchSkill(split="search", limit=2, backend=SQLiteBackend(statement_timeout_s=0.001))
     assert one_row.cache_key != base.cache_key, "max_rows=1 backend shares the default key"
     assert fast.cache_key != base.cache_key, "1 ms statement timeout shares the default key"
+
+
+def test_expert_rewritten_in_place_changes_its_svd_cache_key(tmp_path):
+    """The expert SVD cache (``cache_dir/svd``, used by the SVD mutation) is keyed by
+    ``ResolvedSource.fingerprint()`` = resolved path + size + mtime of the weight files.
+    A same-architecture expert retrained and written back at the same path has the same
+    size; restored with its old mtime (``cp -p``, ``rsync -a``, ``tar x``, ``touch -r``) it
+    gets the old key, and every later run mutates along the *old* expert's singular
+    vectors. The key must follow the content (cf. docs/cache.md: "key every cached outcome
+    by the content of what produced it")."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from cycleqd.models.loading import resolve_source
+
+    d = tmp_path / "expert"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    f = d / "model.safetensors"
+    save_file({"w": torch.ones(4, 4)}, str(f))
+    before = resolve_source(d).fingerprint()
+    st = os.stat(f)
+    save_file({"w": torch.full((4, 4), 2.0)}, str(f))        # retrained: same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))           # mtime kept (cp -p, rsync -a)
+    assert os.stat(f).st_size == st.st_size
+    assert resolve_source(d).fingerprint() != before, \
+        "other weights at the same path (same size and mtime) keep the same SVD cache key"
