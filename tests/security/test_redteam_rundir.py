@@ -118,3 +118,26 @@ def test_stray_pending_config_does_not_overwrite_config_before_validation(capsys
     assert (run_dir / "config.yaml").read_text() == cfg_before, (
         f"resume (rc={rc}) replaced config.yaml with state.json's pending_config "
         f"before validating it; stderr: {err.strip()[-200:]}")
+
+
+def test_seed_expert_rewritten_between_runs_is_noticed_on_resume(capsys, tmp_path):
+    """state.json records a digest for every *stored* genome but none for the seed models,
+    which are re-read from the config's paths on resume. An expert retrained in place
+    between the kill and the resume is accepted silently: the archives keep the seed
+    elites' scores of the old expert while parents drawn from them (and the SVD mutation's
+    task vectors) now use the new weights. Resume must notice (refuse, or re-score the
+    seeds)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "cache"
+    d = tmp_path / "run"
+    cfg = parse_config(tiny_config_dict(cache, generations=G, snapshot_every=EVERY))
+    run_cycleqd(build_components(cfg), cfg, d, progress=False, stop_after=3)
+    (f,) = list((cache / "synthetic").glob("*/expert-a/model.safetensors"))
+    sd = load_file(str(f))
+    save_file({k: (v * 1.5 if v.ndim == 2 else v) for k, v in sd.items()}, str(f),
+              metadata={"format": "pt"})
+    rc, out, err = _resume(capsys, d)
+    assert rc == 2, ("resume accepted a run whose seed expert 'a' was rewritten after the "
+                     "seed elites were scored")
