@@ -48,3 +48,45 @@ def test_expert_rewritten_in_place_changes_its_svd_cache_key(tmp_path):
     assert os.stat(f).st_size == st.st_size
     assert resolve_source(d).fingerprint() != before, \
         "other weights at the same path (same size and mtime) keep the same SVD cache key"
+
+
+def test_infrastructure_failures_are_not_cached_as_the_models_outcome(tmp_path, monkeypatch):
+    """A sample that failed because the *evaluator* failed (no sandbox could run it, the
+    judge gave no verdict, a timeout on an overloaded machine) is cached as 0.0 under the
+    model's weights, exactly like a wrong answer: the same weights evaluated again (resume,
+    final aggregation, a byte-identical child) are served that 0.0 forever, while a healthy
+    evaluator would have scored 1.0 -- one key, two outcomes, decided by machine load.
+    Outcomes whose status says the judge could not decide must not be stored."""
+    import json
+
+    from cycleqd.skills import coding as coding_mod
+    from cycleqd.skills.cache import SampleCache
+    from cycleqd.skills.coding import CodingSkill, Verdict
+
+    add = {"task_id": 11, "text": "Write a function to add two numbers.",
+           "code": "def add(a, b):\n    return a + b\n",
+           "test_list": ["assert add(1, 2) == 3"], "test_setup_code": ""}
+    data = tmp_path / "m.jsonl"
+    data.write_text(json.dumps(add) + "\n")
+
+    class Backend:
+        fingerprint = "w-1"
+
+        def __init__(self):
+            self.asked = 0
+
+        def generate(self, convs, *, max_new_tokens, stop=()):
+            self.asked += len(convs)
+            return ["```python\ndef add(a, b):\n    return a + b\n```"] * len(convs)
+
+    sk = CodingSkill("mbpp", data_path=data, split="all", cache=SampleCache(tmp_path / "c.sqlite"))
+    be = Backend()
+    # the evaluator is broken for this call (e.g. the judge's sandbox was killed under load)
+    monkeypatch.setattr(coding_mod, "run_programs", lambda programs, limits, workers=2: {
+        k: Verdict(False, "judge_error", "the judge gave no verdict: wall_time") for k in programs})
+    assert sk.evaluate(be).quality == 0.0
+    monkeypatch.undo()
+    # evaluator healthy again: the correct solution must be judged, not served the 0.0
+    r = sk.evaluate(be)
+    assert be.asked == 2 and r.quality == 1.0, (
+        f"the judge_error was cached as the model's outcome (asked {be.asked}x, quality {r.quality})")
