@@ -146,9 +146,9 @@ def test_seed_expert_rewritten_between_runs_is_noticed_on_resume(capsys, tmp_pat
 def test_aggregate_scores_edited_in_state_are_refused(capsys, tmp_path, cache_dir):
     """A finished run: ``state.json``'s ``aggregate`` (the final model's scores, what the
     run reports) is checked for finiteness only. Edited to other finite scores, resume
-    accepts it ("run already complete", exit 0) and ``cycleqd.api`` / reports read the
-    forged figures, although metrics.jsonl's aggregate line recorded the true ones
-    (elites get exactly this cross-check; the aggregate does not)."""
+    accepts it ("run already complete", exit 0; a resumed run returns it as
+    ``RunResult.aggregate``), although metrics.jsonl's aggregate line recorded the true
+    ones (elites get exactly this cross-check; the aggregate does not)."""
     d = tmp_path / "run"
     cfg = parse_config(tiny_config_dict(cache_dir, generations=3, snapshot_every=EVERY))
     run_cycleqd(build_components(cfg), cfg, d, progress=False)
