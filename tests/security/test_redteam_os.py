@@ -1,0 +1,72 @@
+"""Red-team attacks on the OS grader's inline checks (issue 12 item 3).
+
+Inline ``check`` entries (bash/python code that inspects the machine's end state, e.g.
+AgentBench dev's ``check/0.sh`` for the ``calc`` tasks) run in the agent's machine after the
+agent, through ``bash -c`` / ``python3 -c`` looked up on the machine's own PATH. The agent
+is root on a writable root file system, so it can replace the interpreter the check runs
+with (or plant ``sitecustomize``) and every inline check then passes without the task being
+done. These tests FAIL on the current code (score 1.0 for a do-nothing agent).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.security.test_os_graders import ROOTFS_OK, ROOTFS_WHY, SANDBOX, Agent, _score
+
+pytestmark = pytest.mark.skipif(not SANDBOX.available, reason=f"no sandbox: {SANDBOX.reason}")
+needs_rootfs = pytest.mark.skipif(not ROOTFS_OK, reason=f"no OS machine image: {ROOTFS_WHY}")
+
+BASH_TASK = {
+    "description": "Create the file /root/ok holding the single line hello.",
+    "create": {"init": {"code": "true"}},
+    "evaluation": {"check": [{"code": "grep -qx hello /root/ok"}]},
+}
+PY_TASK = {
+    "description": "Create the file /root/ok holding the single line hello.",
+    "create": {"init": {"code": "true"}},
+    "evaluation": {"check": [{"language": "python",
+                              "code": "import sys; sys.exit(open('/root/ok').read() != 'hello\\n')"}]},
+}
+
+FAKE_BASH = ("printf '#!/bin/sh\\nexit 0\\n' > /tmp/fb && chmod 755 /tmp/fb && "
+             "rm -f /usr/bin/bash && cp /tmp/fb /usr/bin/bash && echo planted")
+SITECUSTOMIZE = ("for d in $(python3 -c 'import site,sys; print(\" \".join(site.getsitepackages()+[p for p in sys.path if p.endswith(\"python3\") or \"python3.\" in p]))'); do "
+                 "mkdir -p $d && echo 'import os; os._exit(0)' > $d/sitecustomize.py; done; echo planted")
+
+
+@needs_rootfs
+def test_honest_agent_passes_inline_checks(tmp_path):
+    s, d = _score(tmp_path, BASH_TASK, Agent(["echo hello > /root/ok"], "done"), "rootfs")
+    assert s == 1.0, d
+    s, d = _score(tmp_path, BASH_TASK, Agent(["true"], "done"), "rootfs")
+    assert s == 0.0, d
+
+
+@needs_rootfs
+def test_replacing_bash_does_not_pass_an_inline_check(tmp_path):
+    s, d = _score(tmp_path, BASH_TASK, Agent([FAKE_BASH], "done"), "rootfs")
+    assert s == 0.0, ("a do-nothing agent that replaced /usr/bin/bash passed the inline "
+                      f"bash check: {d}")
+
+
+@needs_rootfs
+def test_sitecustomize_does_not_pass_an_inline_python_check(tmp_path):
+    s, d = _score(tmp_path, PY_TASK, Agent([SITECUSTOMIZE], "done"), "rootfs")
+    assert s == 0.0, ("a do-nothing agent that planted sitecustomize.py passed the inline "
+                      f"python check: {d}")
+
+
+USERCUSTOMIZE = ("d=$(python3 -c 'import site; print(site.getusersitepackages())') && mkdir -p $d && "
+                 "echo 'import os; os._exit(0)' > $d/usercustomize.py && echo planted $d")
+
+
+@pytest.mark.parametrize("machine", ["host", "rootfs"])
+def test_usercustomize_does_not_pass_an_inline_python_check(tmp_path, machine):
+    """``python3 -c CHECK`` (no ``-I``/``-s``) imports the agent's ``usercustomize.py`` from
+    its writable home -- on the host-tree sandbox too, where /usr is read-only."""
+    if machine == "rootfs" and not ROOTFS_OK:
+        pytest.skip(f"no OS machine image: {ROOTFS_WHY}")
+    s, d = _score(tmp_path, PY_TASK, Agent([USERCUSTOMIZE], "done"), machine)
+    assert s == 0.0, ("a do-nothing agent that planted usercustomize.py passed the inline "
+                      f"python check ({machine}): {d}")
