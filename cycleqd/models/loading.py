@@ -73,12 +73,19 @@ class ResolvedSource:
     hub_id: str | None = None
 
     def fingerprint(self) -> str:
-        """Cheap identity: resolved paths, sizes and mtimes of the weight files."""
+        """Cheap identity of the weight files (no read of their content): resolved path,
+        size, mtime, device, inode and ctime of each. Every way of putting other bytes at
+        the same path changes the inode (``cp -p``, ``rsync -a``, ``tar x`` write a new
+        file) or the ctime (an in-place write; users cannot set ctime, unlike the mtime
+        that those tools restore), so a retrained expert never reuses the old one's SVD
+        basis or conversion. A metadata-only change (chmod) changes it too: a recompute,
+        never a stale reuse."""
         h = hashlib.blake2b(digest_size=12)
         h.update(self.kind.encode())
         for f in self.files:
             st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}|"
+                     f"{st.st_ctime_ns}".encode())
         return h.hexdigest()
 
 

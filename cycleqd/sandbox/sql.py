@@ -242,6 +242,13 @@ class SQLBackend:
 
     name = "abstract"
 
+    @property
+    def identity(self) -> dict:
+        """What about this backend can change what a model sees or how it is judged (part
+        of DB-Bench's sample-cache key): its name, statement timeout and row cap."""
+        return {"name": self.name, "timeout_s": getattr(self, "statement_timeout_s", None),
+                "max_rows": getattr(self, "max_rows", None)}
+
     def create(self, key: str, table: TableSpec) -> None:
         """A fresh private database for episode ``key`` holding ``table``.
 

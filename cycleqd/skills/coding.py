@@ -320,6 +320,11 @@ def chunk_scores(outcomes: Sequence[float], n_chunks: int, prefix: str) -> dict[
 
 
 # ------------------------------------------------------------------------ the skill
+#: verdict statuses that mean the evaluator, not the model, failed: such a sample scores 0
+#: in this evaluation but is never cached, so the same weights are judged again later
+EVALUATOR_FAILURES = frozenset({"judge_error", "sandbox_error"})
+
+
 class CodingSkill:
     """MBPP or HumanEval pass@1 as a CycleQD skill (see the module docstring).
 
@@ -452,7 +457,10 @@ class CodingSkill:
                 new[p.id] = 1.0 if v.passed else 0.0
                 details[p.id] = {"status": v.status, "detail": v.detail, "reply": r[:4000]}
             if self.cache is not None and fp:
-                self.cache.put_many(fp, self.cache_key, new, details, items=keys)
+                # an evaluator failure (the judge gave no verdict, no sandbox ran) says nothing
+                # about the model: scored 0 now, never cached (the same weights are judged again)
+                kept = {k: v for k, v in new.items() if details[k]["status"] not in EVALUATOR_FAILURES}
+                self.cache.put_many(fp, self.cache_key, kept, details, items=keys)
         self.last_details = details
         outcomes = {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
         ordered = [outcomes[i] for i in ids]

@@ -425,7 +425,10 @@ def evaluate_cached(skill: Any, model: Any) -> dict[str, float]:
             details[sid] = dict(ep.detail, transcript=[m["content"][:2000]
                                                        for m in ep.messages[ep.n_prompt:]])
         if cache is not None:
-            cache.put_many(mk, skill.cache_key, new,
+            # an evaluator failure (no machine/database could be started: detail
+            # ``evaluator_error``) says nothing about the model: scored 0 now, never cached
+            new_cached = {k: v for k, v in new.items() if not details[k].get("evaluator_error")}
+            cache.put_many(mk, skill.cache_key, new_cached,
                            {k: {kk: vv for kk, vv in v.items() if kk != "transcript"}
                             for k, v in details.items()}, items=keys)
     skill.last_details = details

@@ -592,6 +592,12 @@ class DBBenchSkill:
                "prompt": DB_PROMPT, "rounds": self.max_rounds,
                "tok": self.max_new_tokens, "tol": self.tolerance, "stop": list(self.stop),
                "backend": "mariadb" if self.backend_name == "mysql" else self.backend_name}
+        b = self._backend_spec
+        if not isinstance(b, str):  # a configured backend object: its settings too
+            ident = dict(b.identity)
+            ident["name"] = cfg["backend"]
+            if ident != {"name": cfg["backend"], "timeout_s": 5.0, "max_rows": 1000}:
+                cfg["backend_settings"] = ident  # defaults keep the key of backend="<name>"
         return "dbbench/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
     def _open_backend(self) -> tuple[SQLBackend, bool]:

@@ -568,6 +568,7 @@ class OSInteractionSkill:
                         ep.setup()
                     except Exception as e:  # noqa: BLE001 - no machine = failed sample
                         ep.detail["error"] = f"setup: {type(e).__name__}: {e}"
+                        ep.detail["evaluator_error"] = True   # the evaluator failed: not cached
                         ep.done = True
 
                 with ThreadPoolExecutor(max_workers=self.workers) as pool:

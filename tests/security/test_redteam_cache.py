@@ -90,3 +90,44 @@ def test_infrastructure_failures_are_not_cached_as_the_models_outcome(tmp_path, 
     r = sk.evaluate(be)
     assert be.asked == 2 and r.quality == 1.0, (
         f"the judge_error was cached as the model's outcome (asked {be.asked}x, quality {r.quality})")
+
+
+def test_agent_evaluator_failures_are_not_cached(tmp_path):
+    """The agent skills' shared evaluate (OS, DB-Bench): an episode whose machine could not
+    be started (detail ``evaluator_error``) scores 0 now but is not cached; an episode the
+    model failed is cached."""
+    from dataclasses import dataclass
+
+    from cycleqd.skills.cache import SampleCache
+    from cycleqd.skills.data_agentbench import evaluate_cached
+
+    @dataclass(frozen=True)
+    class Item:
+        id: str
+        text: str
+
+    class Ep:
+        def __init__(self, sid, broken):
+            self.sample_id, self.score, self.messages, self.n_prompt = sid, 0.0, [], 0
+            self.detail = {"error": "setup: OSError: no machine", "evaluator_error": True} if broken else {}
+
+    class Skill:
+        items = [Item("a", "x"), Item("b", "y")]
+        cache_key, max_new_tokens, stop = "fake/1", 8, ()
+        cache = SampleCache(tmp_path / "c.sqlite")
+        runs: list = []
+
+        def run_episodes(self, items, generate):
+            self.runs.append([it.id for it in items])
+            return {it.id: Ep(it.id, broken=(it.id == "a")) for it in items}
+
+    class Model:
+        fingerprint = "w"
+
+        def generate(self, convs, **kw):
+            return [""] * len(convs)
+
+    sk = Skill()
+    assert evaluate_cached(sk, Model()) == {"a": 0.0, "b": 0.0}
+    assert evaluate_cached(sk, Model()) == {"a": 0.0, "b": 0.0}
+    assert sk.runs == [["a", "b"], ["a"]]   # "b" (the model's own failure) came from the cache

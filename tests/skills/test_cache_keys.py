@@ -197,7 +197,10 @@ def test_one_change_misses_coding(tmp_path, monkeypatch):
 #: constructor parameters that cannot change a sample's outcome; every OTHER parameter must
 #: change ``cache_key`` (items are keyed by content: data_path/split/limit select items)
 OUTCOME_NEUTRAL = {"data_path", "split", "limit", "name", "cache", "workers", "episode_batch",
-                   "n_chunks", "script_dir", "dataset"}
+                   "n_chunks", "script_dir", "dataset",
+                   # OS: where the image is cached / a prepared image object: the image's own
+                   # key is in cache_key; ``machine`` is a variant when an image exists
+                   "cache_dir", "rootfs", "machine"}
 
 
 def _variants(cls) -> dict[str, object]:
@@ -211,9 +214,15 @@ def _variants(cls) -> dict[str, object]:
         return {"backend": "mariadb", "max_rounds": 2, "max_new_tokens": 17, "tolerance": 0.5,
                 "stop": ("\n\n",), "scorer": "agentbench"}
     from cycleqd.skills.os_interaction import OS_LIMITS
-    return {"max_rounds": 2, "max_new_tokens": 17, "command_timeout_s": 3.0,
-            "setup_timeout_s": 7.0, "one_shot": False, "stop": ("\n\n",),
-            "limits": dataclasses.replace(OS_LIMITS, max_output_bytes=2048)}
+    v = {"max_rounds": 2, "max_new_tokens": 17, "command_timeout_s": 3.0,
+         "setup_timeout_s": 7.0, "one_shot": False, "stop": ("\n\n",),
+         "limits": dataclasses.replace(OS_LIMITS, max_output_bytes=2048)}
+    # the machine: the Debian image (rootfs) vs the host-tree sandbox are different keys
+    # (``rootfs`` -- a prepared image object -- selects the same machine as the default)
+    from cycleqd.skills.os_interaction import OSInteractionSkill
+    if OSInteractionSkill(limit=1).rootfs is not None:
+        v["machine"] = "host"
+    return v
 
 
 def _skill_classes():
