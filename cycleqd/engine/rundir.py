@@ -22,7 +22,9 @@ on resume, ``metrics.jsonl`` is cut back to the generations ``state.json`` cover
 
 Nothing loaded on resume is trusted: :func:`check_resume` validates ``state.json`` (schema,
 generation range, every elite in its own cell with finite scores that match its metrics line,
-every referenced genome present with the SHA-256 recorded when it was written) and
+every referenced genome present with the SHA-256 recorded when it was written, the
+archives equal cell by cell to a replay of the committed metrics lines
+(:func:`replay_archives`), the aggregate's scores equal to its metrics line) and
 ``metrics.jsonl`` (a torn last line from a crash is dropped; any other bad line is an error),
 and refuses with one line naming the file and the problem and the newest snapshot that
 passes the same checks (``cycleqd resume RUN_DIR --from-snapshot N``, :func:`restore_snapshot`).
@@ -491,7 +493,11 @@ def check_resume(rd: RunDir, cfg: Any, expected: Sequence[Any], seed_ids: Sequen
 
     Raises:
         RunDirError: one line: the file, what is wrong, and the newest snapshot to resume
-            from instead (or how to start again).
+            from instead (or how to start again). Checked besides each elite on its own: the
+            archives equal the replay of the committed metrics lines (:func:`replay_archives`,
+            :func:`compare_replayed`) and the aggregate's scores equal its metrics line. The
+            seed models' weight fingerprints are checked once they are loaded
+            (``engine.loop.check_seed_fingerprints``).
     """
     scan = rd.scan_metrics()
     if not rd.state.exists():
