@@ -80,6 +80,44 @@ def seed_ids(cfg: RunConfig) -> list[str]:
     return ids + (["base"] if cfg.model.seed_with_base else [])
 
 
+def seed_fingerprints(space: Any, seeds: dict[str, Any]) -> dict[str, str]:
+    """Seed model id -> :func:`~cycleqd.inference.fingerprint.fingerprint_state_dict` of its
+    materialised weights (the key its evaluation is cached under, ``executors/base.py``
+    ``run_job``). Recorded in ``state.json`` and the snapshots at seeding time and checked on
+    every resume (:func:`check_seed_fingerprints`). Cost: one materialisation and one pass
+    over each seed's bytes (0.76 s for SmolLM2-135M in fp32)."""
+    from cycleqd.inference.fingerprint import fingerprint_state_dict
+
+    out = {}
+    for sid, genome in seeds.items():
+        w = space.materialize(genome)
+        out[sid] = fingerprint_state_dict(w)
+        del w
+    return out
+
+
+def check_seed_fingerprints(rd: RunDir, recorded: dict | None, now: dict[str, str]) -> None:
+    """Refuse a resume whose seed models (re-read from the config's paths) are not the weights
+    the run was seeded with. ``recorded`` None: a state written before seed fingerprints were
+    recorded (accepted; the current ones are recorded from now on).
+
+    Raises:
+        RunDirError: one line naming the seed model whose weights changed.
+    """
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or set(recorded) != set(now):
+        raise RunDirError(f"{rd.state}: seed_fingerprints names {sorted(recorded) if isinstance(recorded, dict) else recorded}, "
+                          f"the config's seed models are {sorted(now)}")
+    for sid, fp in now.items():
+        if recorded[sid] != fp:
+            what = f"expert for skill {sid.split(':', 1)[1]}" if sid.startswith("expert:") else f"seed model {sid}"
+            raise RunDirError(f"{what} changed since the run started: its weights now have "
+                              f"fingerprint {fp}, the run was seeded with {recorded[sid]} ({rd.state}); "
+                              f"restore the original weights at the config's path, or start a new "
+                              f"run with `cycleqd run`")
+
+
 def _job(ask: Ask, cfg: RunConfig, archives: Sequence[GridArchive], child_id: str) -> Job:
     # single-archive ablation: the archive index is always 0, the mutation basis still rotates
     basis = None if cfg.qd.mode == "cyclic" else (ask.generation // cfg.qd.flip_interval) % len(cfg.skills)
@@ -250,6 +288,11 @@ class CycleQDRun:
                 self.notes.append(f"took over the lock of pid {t.get('pid')} on {t.get('host')}, "
                                   f"which ended without releasing it")
             self.store = GenomeStore(self.rd.genomes, components.space, seeds)
+            # the seed models are re-read from the config's paths: the weights must be the
+            # ones the seed elites were scored with
+            self.seed_fps = seed_fingerprints(components.space, seeds)
+            if self._state is not None:
+                check_seed_fingerprints(self.rd, self._state.get("seed_fingerprints"), self.seed_fps)
         except BaseException:
             self.close()
             raise
@@ -288,12 +331,14 @@ class CycleQDRun:
             elites = {m: self.store.path(m) for m in sorted(referenced - {"aggregate"})}
             link_snapshot_genomes(self.rd, g, elites)
             atomic_write_json(self.rd.snapshot(g), {"generation": g, "archives": archives,
-                                                    "genomes": {m: digests[m] for m in elites}})
+                                                    "genomes": {m: digests[m] for m in elites},
+                                                    "seed_fingerprints": self.seed_fps})
         atomic_write_json(self.rd.state, {
             "format": STATE_FORMAT,
             "generation": g, "config_fingerprint": self.cfg.fingerprint(), "seed": self.cfg.seed,
             "rng": "every random draw is derived from (seed, generation, purpose): nothing else to restore",
-            "archives": archives, "aggregate": self.aggregate, "genomes": digests})
+            "archives": archives, "aggregate": self.aggregate, "genomes": digests,
+            "seed_fingerprints": self.seed_fps})
         keep = {e.id for a in self.archives for _, e in a} | {"aggregate"}
         keep |= {p for j in in_flight for p in j.parents} | {j.child_id for j in in_flight}
         self.store.gc(keep - set(self.store.seeds))

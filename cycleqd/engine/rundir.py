@@ -22,7 +22,9 @@ on resume, ``metrics.jsonl`` is cut back to the generations ``state.json`` cover
 
 Nothing loaded on resume is trusted: :func:`check_resume` validates ``state.json`` (schema,
 generation range, every elite in its own cell with finite scores that match its metrics line,
-every referenced genome present with the SHA-256 recorded when it was written) and
+every referenced genome present with the SHA-256 recorded when it was written, the
+archives equal cell by cell to a replay of the committed metrics lines
+(:func:`replay_archives`), the aggregate's scores equal to its metrics line) and
 ``metrics.jsonl`` (a torn last line from a crash is dropped; any other bad line is an error),
 and refuses with one line naming the file and the problem and the newest snapshot that
 passes the same checks (``cycleqd resume RUN_DIR --from-snapshot N``, :func:`restore_snapshot`).
@@ -295,6 +297,13 @@ def _finite_scores(scores: dict) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores.values())
 
 
+def _float_scores(scores: Any) -> dict[str, float] | None:
+    try:
+        return {str(k): float(v) for k, v in scores.items()}
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def _fmt_cell(c) -> str:
     return "[" + ", ".join(str(int(x)) for x in c) + "]"
 
@@ -382,6 +391,56 @@ def check_metrics(records: Sequence[dict], seed_ids: Sequence[str], generation: 
     return None, by_child
 
 
+def replay_archives(records: Sequence[dict], expected: Sequence[Any], seed_ids: Sequence[str],
+                    generation: int) -> tuple[list[Any] | None, str | None]:
+    """Rebuild the archives the committed metrics lines imply: the seed lines, then the child
+    lines of generations 1..``generation``, each offered in order to copies of ``expected``
+    (empty GridArchives of the run's layout) with :meth:`GridArchive.add` (a strictly higher
+    quality wins a cell; a line with ``"rejected"`` is never offered). Each line's ``entered``
+    list must be the archives the replay puts it in. ``records`` passed :func:`check_metrics`.
+
+    Returns:
+        (archives, None), or (None, "line N: ...") naming the first line whose ``entered``
+        list contradicts the replay.
+    """
+    import copy
+
+    from cycleqd.qd.archive import Elite
+
+    archives = [copy.deepcopy(a) for a in expected]
+    for a in archives:
+        a.elites.clear()
+    n = len(seed_ids) + generation
+    lines = [r for r in records if r.get("kind") != "aggregate"][:n]
+    for i, r in enumerate(lines, 1):
+        entered: list[str] = []
+        if not r.get("rejected"):
+            try:
+                elite = Elite(str(r["child"]), {k: float(v) for k, v in r["scores"].items()},
+                              int(r["generation"]), tuple(r.get("parents") or ()))
+                entered = [a.quality_skill for a in archives if a.add(elite)]
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                return None, f"line {i} ({r.get('child')}): its scores cannot be replayed ({e})"
+        if sorted(entered) != sorted(r.get("entered") or []):
+            return None, (f"line {i} ({r.get('child')}): records entering {r.get('entered') or []}, "
+                          f"but replaying the committed lines puts it in {entered}")
+    return archives, None
+
+
+def compare_replayed(archives: Sequence[_ArchiveJ], replayed: Sequence[Any]) -> str | None:
+    """None if ``archives`` (parsed JSON) hold exactly the elite ids of ``replayed`` cell by
+    cell; else one phrase naming the first differing cell."""
+    for k, (aj, ar) in enumerate(zip(archives, replayed)):
+        have = {tuple(e.cell): e.id for e in aj.elites}
+        want = {c: e.id for c, e in ar.elites.items()}
+        for cell in sorted(set(have) | set(want)):
+            if have.get(cell) != want.get(cell):
+                return (f"archives.{k} ({aj.quality_skill}) cell {_fmt_cell(cell)} holds "
+                        f"{have.get(cell) or 'nothing'}, but the committed metrics lines put "
+                        f"{want.get(cell) or 'nothing'} there")
+    return None
+
+
 def _elite_ids(archives: Sequence[_ArchiveJ], seed_ids: Sequence[str]) -> list[str]:
     ids = {e.id for a in archives for e in a.elites}
     return sorted(i for i in ids if i not in seed_ids)
@@ -434,7 +493,11 @@ def check_resume(rd: RunDir, cfg: Any, expected: Sequence[Any], seed_ids: Sequen
 
     Raises:
         RunDirError: one line: the file, what is wrong, and the newest snapshot to resume
-            from instead (or how to start again).
+            from instead (or how to start again). Checked besides each elite on its own: the
+            archives equal the replay of the committed metrics lines (:func:`replay_archives`,
+            :func:`compare_replayed`) and the aggregate's scores equal its metrics line. The
+            seed models' weight fingerprints are checked once they are loaded
+            (``engine.loop.check_seed_fingerprints``).
     """
     scan = rd.scan_metrics()
     if not rd.state.exists():
@@ -486,6 +549,19 @@ def check_resume(rd: RunDir, cfg: Any, expected: Sequence[Any], seed_ids: Sequen
                             break
                     if problem:
                         break
+                if problem is None and st.aggregate is not None:
+                    rec = by_child["aggregate"]
+                    if _float_scores(rec.get("scores")) != st.aggregate:
+                        problem = (f"{rd.state}: aggregate scores {st.aggregate} differ from the "
+                                   f"aggregated model's line in {rd.metrics.name} ({rec.get('scores')})")
+                if problem is None:
+                    replayed, why = replay_archives(scan.records, expected, seed_ids, g)
+                    if why:
+                        problem = f"{rd.metrics}: {why}"
+                    else:
+                        why = compare_replayed(st.archives, replayed)
+                        if why:
+                            problem = f"{rd.state}: {why}"
     if problem is None:
         ids = _elite_ids(st.archives, seed_ids) + (["aggregate"] if st.aggregate is not None else [])
         why = check_genomes(ids, st.genomes, rd.genomes, genome_suffix)
@@ -539,6 +615,12 @@ def check_snapshot(rd: RunDir, generation: int, cfg: Any, expected: Sequence[Any
             rec = by_child.get(e.id)
             if rec is not None and {k: float(v) for k, v in rec["scores"].items()} != e.scores:
                 return None, f"{path}: elite {e.id} scores differ from {rd.metrics.name}"
+    replayed, why = replay_archives(prefix, expected, seed_ids, generation)
+    if why:
+        return None, f"{rd.metrics}: {why}"
+    why = compare_replayed(snap.archives, replayed)
+    if why:
+        return None, f"{path}: {why}"
     return snap, None
 
 
@@ -591,13 +673,20 @@ def restore_snapshot(rd: RunDir, generation: int, cfg: Any, expected: Sequence[A
     keep = [r for r in scan.records if r.get("kind") != "aggregate"][:len(seed_ids) + generation]
     dropped = len(scan.records) - len(keep) + (1 if scan.bad_line else 0)
     atomic_write_text(rd.metrics, "".join(json.dumps(r) + "\n" for r in keep))
+    seed_fps = getattr(snap, "seed_fingerprints", None)   # (extra key) recorded at seeding time
+    if seed_fps is None and rd.state.exists():
+        try:
+            seed_fps = json.loads(rd.state.read_text()).get("seed_fingerprints")
+        except (OSError, ValueError, AttributeError):
+            seed_fps = None
     if rd.state.exists():
         os.replace(rd.state, rd.root / f"{rd.state.name}.{tag}")
     atomic_write_json(rd.state, {
         "format": STATE_FORMAT, "generation": generation, "config_fingerprint": cfg.fingerprint(),
         "seed": cfg.seed, "rng": "every random draw is derived from (seed, generation, purpose)",
         "archives": [a.model_dump() for a in snap.archives], "aggregate": None, "genomes": digests,
-        "restored_from": str(rd.snapshot(generation))})
+        "restored_from": str(rd.snapshot(generation)),
+        **({"seed_fingerprints": seed_fps} if isinstance(seed_fps, dict) else {})})
     return (f"restored generation {generation} from {rd.snapshot(generation)} "
             f"({dropped} later metric line(s) set aside in {rd.metrics.name}.{tag})")
 
@@ -762,13 +851,34 @@ def _alive_elsewhere(info: dict) -> bool:
 def finish_pending_config(rd: RunDir) -> bool:
     """Complete an interrupted :func:`extend_run`: a ``state.json`` that carries
     ``pending_config`` was committed with that config's fingerprint, so write it to
-    ``config.yaml`` and drop the key. Returns True if there was one."""
+    ``config.yaml`` and drop the key. Returns True if there was one.
+
+    Raises:
+        RunDirError: the pending config does not parse as a config, or its fingerprint is
+            not the state's ``config_fingerprint`` (a corrupted or foreign state file); nothing
+            is written, so ``config.yaml`` stays the run's own.
+    """
     try:
         st = json.loads(rd.state.read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(st, dict) or not isinstance(st.get("pending_config"), str):
+    if not isinstance(st, dict) or "pending_config" not in st:
         return False
+    pending = st["pending_config"]
+    from cycleqd.config import ConfigError, parse_config
+
+    try:
+        import yaml
+
+        fp = parse_config(yaml.safe_load(pending) if isinstance(pending, str) else None,
+                          source="pending_config").fingerprint()
+    except (ConfigError, ValueError, yaml.YAMLError) as e:
+        raise RunDirError(f"{rd.state}: pending_config is not a valid config "
+                          f"({str(e).splitlines()[0]}); config.yaml was left as it is") from None
+    if fp != st.get("config_fingerprint"):
+        raise RunDirError(f"{rd.state}: pending_config has fingerprint {fp}, but the state was "
+                          f"committed with {st.get('config_fingerprint')}: not an interrupted "
+                          f"--generations change; config.yaml was left as it is")
     atomic_write_text(rd.config, st.pop("pending_config"))
     atomic_write_json(rd.state, st)
     return True
