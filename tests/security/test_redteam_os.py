@@ -70,3 +70,43 @@ def test_usercustomize_does_not_pass_an_inline_python_check(tmp_path, machine):
     s, d = _score(tmp_path, PY_TASK, Agent([USERCUSTOMIZE], "done"), machine)
     assert s == 0.0, ("a do-nothing agent that planted usercustomize.py passed the inline "
                       f"python check ({machine}): {d}")
+
+
+PRELOAD_TASK = {
+    "description": "Create the file /root/ok holding the single line hello.",
+    "create": {"init": {"code": "true"}},
+    # passes only if the check sees the agent's /root/ok AND the image's own (absent)
+    # /etc/ld.so.preload, not the one the agent wrote
+    "evaluation": {"check": [{"code": "test ! -e /etc/ld.so.preload && grep -qx hello /root/ok"}]},
+}
+
+
+@needs_rootfs
+def test_inline_check_sees_pristine_ld_so_preload_and_the_agents_files(tmp_path):
+    """An agent writing /etc/ld.so.preload (pointing at its own library) does not reach
+    the check's processes: /etc/ld.so.* in the judge machine are the image's; the agent's
+    other files (its end state) are what the check inspects."""
+    cmd = "echo /root/evil.so > /etc/ld.so.preload && echo hello > /root/ok"
+    s, d = _score(tmp_path, PRELOAD_TASK, Agent([cmd], "done"), "rootfs")
+    assert s == 1.0, f"the check saw the agent's /etc/ld.so.preload or not its /root/ok: {d}"
+
+
+USRLOCAL_TASK = {
+    "description": "Install an executable /usr/local/bin/greet printing hello.",
+    "create": {"init": {"code": "true"}},
+    "evaluation": {"check": [{"code": "test \"$(greet)\" = hello"},
+                             {"language": "python",
+                              "code": "import subprocess,sys; sys.exit(subprocess.run(['greet'],"
+                                      "capture_output=True,text=True).stdout != 'hello\\n')"}]},
+}
+
+
+@needs_rootfs
+def test_inline_check_uses_agents_usr_local_but_not_planted_system_tools(tmp_path):
+    honest = "printf '#!/bin/sh\\necho hello\\n' > /usr/local/bin/greet && chmod 755 /usr/local/bin/greet"
+    s, d = _score(tmp_path, USRLOCAL_TASK, Agent([honest], "done"), "rootfs")
+    assert s == 1.0, d
+    # a tool the agent drops into /usr/bin (a guarded directory) is not in the judge machine
+    planted = "printf '#!/bin/sh\\necho hello\\n' > /usr/bin/greet && chmod 755 /usr/bin/greet"
+    s, d = _score(tmp_path, USRLOCAL_TASK, Agent([planted], "done"), "rootfs")
+    assert s == 0.0, d
