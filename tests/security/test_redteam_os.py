@@ -110,3 +110,48 @@ def test_inline_check_uses_agents_usr_local_but_not_planted_system_tools(tmp_pat
     planted = "printf '#!/bin/sh\\necho hello\\n' > /usr/bin/greet && chmod 755 /usr/bin/greet"
     s, d = _score(tmp_path, USRLOCAL_TASK, Agent([planted], "done"), "rootfs")
     assert s == 0.0, d
+
+
+def test_cache_key_pins_the_images_package_versions(tmp_path):
+    """Red team #9: the image key hashes the recipe, not what it installed; a rebuild
+    months later (same key, newer packages) must not reuse cached OS outcomes."""
+    import json
+    from dataclasses import replace
+
+    from cycleqd.sandbox.rootfs import RootFS, dpkg_digest
+    from cycleqd.skills.os_interaction import OSInteractionSkill
+
+    status = ("Package: bash\nStatus: install ok installed\nArchitecture: amd64\nVersion: 5.2.15-2\n\n"
+              "Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n"
+              "Package: coreutils\nStatus: install ok installed\nArchitecture: amd64\nVersion: 9.1-1\n")
+    img = tmp_path / "img"
+    (img / "var/lib/dpkg").mkdir(parents=True)
+    (img / "var/lib/dpkg/status").write_text(status)
+    d_old = dpkg_digest(img)
+    (img / "var/lib/dpkg/status").write_text(status.replace("9.1-1", "9.1-1+deb12u1"))
+    d_new = dpkg_digest(img)
+    assert d_old != d_new
+    (img / "var/lib/dpkg/status").write_text(status.replace("Version: 1\n", "Version: 2\n"))
+    assert dpkg_digest(img) == d_old  # a package that is not installed does not count
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([{"description": "x", "evaluation": {"match": "1"}}]))
+    fake = RootFS(img, "aaaa", "bookworm", (), d_old)
+    k_old = OSInteractionSkill(data_path=path, split="all", rootfs=fake).cache_key
+    k_new = OSInteractionSkill(data_path=path, split="all", rootfs=replace(fake, content=d_new)).cache_key
+    assert k_old != k_new
+
+
+def test_image_without_recorded_digest_gets_it_on_load(tmp_path):
+    import json
+
+    from cycleqd.sandbox import rootfs as rf
+
+    d = tmp_path / "os-rootfs" / "k"
+    (d / "root/var/lib/dpkg").mkdir(parents=True)
+    (d / "root/var/lib/dpkg/status").write_text(
+        "Package: bash\nStatus: install ok installed\nVersion: 5\n")
+    m = {"key": "k", "packages": ["bash"]}
+    r = rf._loaded(d, "k", "bookworm", m, ())
+    assert r.content == rf.dpkg_digest(d / "root") and len(r.content) == 16
+    assert rf._loaded(d, "k", "bookworm", {**m, "dpkg": "feedface"}, ()).content == "feedface"
