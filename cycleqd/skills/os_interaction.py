@@ -245,6 +245,19 @@ def _script_argv(script: Script, params: Sequence[str]) -> list[str]:
     raise ValueError(f"unsupported script language {script.language!r}")
 
 
+#: ``python3 -I -S -c`` bootstrap of an inline python check: what ``site`` would add and a
+#: check may use (``exit``/``quit``; the Debian packages' ``dist-packages``, a system
+#: directory) without ``site`` itself (which would run ``.pth`` files of the agent's
+#: ``/usr/local``); then the check's code (``argv[1]``, removed so that ``sys.argv`` is
+#: ``["-c", *arguments]`` as with ``python3 -c CODE``) runs as ``__main__``.
+_PY_CHECK_BOOT = ("import builtins, sys\n"
+                  "builtins.exit = builtins.quit = sys.exit\n"
+                  "sys.path.append('/usr/lib/python3/dist-packages')\n"
+                  "_code = sys.argv.pop(1)\n"
+                  "exec(compile(_code, '<string>', 'exec'), "
+                  "{'__name__': '__main__', '__builtins__': builtins})\n")
+
+
 def _check_argv(script: Script, params: Sequence[str]) -> list[str]:
     """argv of an inline check (judge code, run after the agent): interpreters by
     absolute path, isolated from everything the agent can write (``python3 -I -S``: no
@@ -255,7 +268,7 @@ def _check_argv(script: Script, params: Sequence[str]) -> list[str]:
     env = ["/usr/bin/env", "-i", f"PATH={_CHECK_PATH}", "HOME=/root", "USER=root",
            "LOGNAME=root", "SHELL=/bin/bash", "LANG=C.UTF-8", "LC_ALL=C.UTF-8", "TERM=dumb"]
     if script.language == "python":
-        return [*env, "/usr/bin/python3", "-I", "-S", "-c", script.code, *params]
+        return [*env, "/usr/bin/python3", "-I", "-S", "-c", _PY_CHECK_BOOT, script.code, *params]
     if script.language == "bash":
         return [*env, "/usr/bin/bash", "--norc", "--noprofile", "-c", script.code,
                 *(["--", *params] if params else [])]

@@ -155,3 +155,19 @@ def test_image_without_recorded_digest_gets_it_on_load(tmp_path):
     r = rf._loaded(d, "k", "bookworm", m, ())
     assert r.content == rf.dpkg_digest(d / "root") and len(r.content) == 16
     assert rf._loaded(d, "k", "bookworm", {**m, "dpkg": "feedface"}, ()).content == "feedface"
+
+
+@pytest.mark.parametrize("machine", ["host", "rootfs"])
+def test_isolated_python_check_keeps_what_checks_use(tmp_path, machine):
+    """``python3 -I -S`` drops ``site``; the official CycleQD checks call ``exit()`` (a
+    ``site`` builtin) and read ``argv``: both must still work."""
+    if machine == "rootfs" and not ROOTFS_OK:
+        pytest.skip(f"no OS machine image: {ROOTFS_WHY}")
+    code = "from sys import argv\n\n\nif int(argv[1]) == int(argv[2]):\n    exit(0)\nexit(1)\n"
+    task = {"description": "How many lines does /etc/hostname have?",
+            "evaluation": {"check": [None, {"language": "python", "code": code}],
+                           "example": {"code": "wc -l < /etc/hostname"}}}
+    s, d = _score(tmp_path, task, Agent(["wc -l < /etc/hostname"], "1"), machine)
+    assert s == 1.0, d
+    s, d = _score(tmp_path, task, Agent([], "7"), machine)
+    assert s == 0.0, d
