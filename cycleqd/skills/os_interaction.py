@@ -41,7 +41,13 @@ one-shot example verbatim):
    Named checkers (:data:`CHECKERS`: ``integer-match``, ``string-match``,
    ``size-match``, ``containing``, ``in``) compare the answer with the last output and
    fail when no output precedes them. Other entries (inline checks of the end state)
-   run in the agent's machine with the arguments, stdout only.
+   get the arguments, stdout only, and run with trusted interpreters
+   (``/usr/bin/python3 -I -S``, ``/usr/bin/bash --norc --noprofile``, clean environment,
+   :func:`_check_argv`) in a *judge machine*: the agent's final writable layer under a
+   guard layer that restores the image's system directories
+   (:func:`cycleqd.sandbox.rootfs.judge_guard_layer`), so replacing ``bash``, planting
+   ``sitecustomize``/``usercustomize`` or writing ``/etc/ld.so.preload`` changes no
+   verdict (host-tree sandbox: the agent's machine, read-only host system directories).
 
 Differences from AgentBench (THUDM/AgentBench ``src/server/tasks/os_interaction/task.py``,
 also the official CycleQD ``fishfarm/tasks/os_interaction.py``): there the reference
@@ -449,7 +455,8 @@ class OSEpisode(Episode):
         ``null`` entry contributes the reference output computed at setup (never run
         again, never given the answer), named checkers compare the answer with the last
         output (and fail when there is none), and other entries (inline checks of the
-        machine's end state) run in the agent's machine. Every entry must succeed."""
+        machine's end state) run in the judge machine (:meth:`_judge_machine`) with
+        trusted interpreters (:func:`_check_argv`). Every entry must succeed."""
         it = self.item
         if self.setup_failed is not None:
             return False
