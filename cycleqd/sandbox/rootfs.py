@@ -15,7 +15,10 @@ machine without Docker:
   its real Debian owner, setuid bits included) and made read-only. Cached under
   ``<cache>/os-rootfs/<key>/`` where ``key`` hashes the suite, the sources, the package
   list, the mmdebstrap version and :data:`ROOTFS_VERSION`; a finished image has a
-  ``manifest.json`` (written last, so a half-built image is never used).
+  ``manifest.json`` (written last, so a half-built image is never used) that also records
+  ``dpkg``, a digest of the installed package versions (:func:`dpkg_digest`): the key
+  pins the recipe, the digest pins what was actually installed (results cached against
+  an image use both, ``RootFS.key`` and ``RootFS.content``).
 * **Use** (:class:`cycleqd.sandbox.BwrapSession` with ``rootfs=``): per machine, in a
   private mount namespace of the host (nothing is mounted on the host itself), a
   size-limited tmpfs holds the overlay's upper layer, ``overlay(lower=image)`` becomes
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ROOTFS_PACKAGES", "ROOTFS_UID_BASE", "ROOTFS_VERSION", "RootFS", "RootfsUnavailableError",
-           "build_rootfs", "default_rootfs", "rootfs_key", "rootfs_status"]
+           "build_rootfs", "default_rootfs", "dpkg_digest", "judge_guard_layer", "rootfs_key", "rootfs_status"]
 
 #: Bump when the build recipe changes (part of the image key).
 ROOTFS_VERSION = "1"
@@ -72,6 +75,10 @@ class RootFS:
     key: str
     suite: str
     packages: tuple[str, ...]
+    #: digest of the installed packages (name, version, architecture) from the image's
+    #: ``/var/lib/dpkg/status`` (:func:`dpkg_digest`): the recipe key alone does not pin
+    #: versions, so a rebuild months later has the same ``key`` and newer packages.
+    content: str = ""
 
     def __str__(self) -> str:
         return f"Debian {self.suite} image {self.key} at {self.path}"
@@ -117,6 +124,33 @@ def rootfs_key(suite: str, sources: str, packages: tuple[str, ...], tool_version
                        "packages": sorted(packages), "tool": tool_version,
                        "uid_base": ROOTFS_UID_BASE}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dpkg_digest(root: str | os.PathLike) -> str:
+    """Content digest of an image's installed packages: sha256 (first 16 hex digits) over
+    the sorted ``Package Version Architecture`` lines of the installed entries of
+    ``<root>/var/lib/dpkg/status`` (dpkg's own database; read-only here).
+
+    Raises:
+        RootfsUnavailableError: the image has no readable dpkg status file.
+    """
+    try:
+        text = (Path(root) / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
+    except OSError as e:
+        raise RootfsUnavailableError(f"image {root} has no dpkg status ({e})") from None
+    rows = []
+    for para in text.split("\n\n"):
+        f = dict(m.groups() for m in re.finditer(r"^([A-Za-z-]+):[ \t]*(.*)$", para, re.M))
+        if f.get("Package") and "installed" in f.get("Status", "").split()[-1:]:
+            rows.append(f"{f['Package']} {f.get('Version', '')} {f.get('Architecture', '')}")
+    return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()[:16]
+
+
+def _loaded(d: Path, key: str, suite: str, m: dict, packages) -> "RootFS":
+    """A finished image from its manifest; an image built before the content digest was
+    recorded gets it computed from its dpkg status (once per load)."""
+    content = m.get("dpkg") or dpkg_digest(d / "root")
+    return RootFS(d / "root", key, suite, tuple(m.get("packages", packages)), content)
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
@@ -175,7 +209,7 @@ def build_rootfs(cache_dir: str | os.PathLike | None = None, *,
     key, d, suite, src = _plan(cache_dir, packages)
     m = _manifest(d)
     if m is not None:
-        return RootFS(d / "root", key, suite, tuple(m.get("packages", packages)))
+        return _loaded(d, key, suite, m, packages)
     exe = shutil.which("mmdebstrap")
     if exe is None:
         raise RootfsUnavailableError(
@@ -190,7 +224,7 @@ def build_rootfs(cache_dir: str | os.PathLike | None = None, *,
             fcntl.flock(lockf, fcntl.LOCK_EX)  # another process may be building it
             m = _manifest(d)
             if m is not None:
-                return RootFS(d / "root", key, suite, tuple(m.get("packages", packages)))
+                return _loaded(d, key, suite, m, packages)
             tmp = d / "root.partial"
             if tmp.exists():
                 _rmtree(tmp)
@@ -218,6 +252,7 @@ def build_rootfs(cache_dir: str | os.PathLike | None = None, *,
                 tail = logf.read_text(errors="replace").strip().splitlines()[-1:] or [""]
                 raise RootfsUnavailableError(
                     f"mmdebstrap failed ({rc}): {tail[0][:300]} (full log: {logf})")
+            content = dpkg_digest(tmp)
             _finish_image(tmp)
             if (d / "root").exists():
                 _rmtree(d / "root")
@@ -225,12 +260,12 @@ def build_rootfs(cache_dir: str | os.PathLike | None = None, *,
             du = sum(f.stat(follow_symlinks=False).st_size for f in (d / "root").rglob("*"))
             man = {"key": key, "suite": suite, "sources": src, "packages": sorted(packages),
                    "tool": _mmdebstrap_version(exe), "built_s": round(time.monotonic() - t0, 1),
-                   "bytes": du, "uid_base": ROOTFS_UID_BASE}
+                   "bytes": du, "uid_base": ROOTFS_UID_BASE, "dpkg": content}
             (d / "manifest.json.tmp").write_text(json.dumps(man, indent=1))
             os.replace(d / "manifest.json.tmp", d / "manifest.json")
             if log:
                 log(f"OS machine built in {man['built_s']} s ({du >> 20} MiB)")
-            return RootFS(d / "root", key, suite, tuple(sorted(packages)))
+            return RootFS(d / "root", key, suite, tuple(sorted(packages)), content)
         finally:
             lockf.close()
 
@@ -265,6 +300,84 @@ def _finish_image(root: Path) -> None:
                 os.chmod(p, st.st_mode & 0o7777)
 
 
+#: System paths a judge machine takes from the untouched image (see
+#: :func:`judge_guard_layer`): the interpreters, every tool and library, the dynamic
+#: loader's configuration and Python's configuration. ``/usr/local`` is not among them
+#: (tasks install their scripts there).
+JUDGE_GUARDED = ("usr/bin", "usr/sbin", "usr/lib", "usr/lib32", "usr/lib64", "usr/libx32",
+                 "usr/libexec", "usr/include", "bin", "sbin", "lib", "lib32", "lib64",
+                 "libx32", "etc/ld.so.preload", "etc/ld.so.cache", "etc/ld.so.conf",
+                 "etc/ld.so.conf.d", "etc/python3", "etc/python3.*", "etc/alternatives")
+_GUARD_VERSION = "1"
+
+
+def judge_guard_layer(rootfs: "RootFS") -> Path:
+    """A read-only overlay layer that, put ABOVE a machine's own layers
+    (``BwrapSession(rootfs=..., layers=[guard, snapshot])``), makes every path of
+    :data:`JUDGE_GUARDED` exactly the untouched image's, whatever the layers below did
+    to it: guarded directories are hard-linked copies of the image's, marked opaque
+    (``trusted.overlay.opaque``: nothing from a lower layer shows through, files an agent
+    added included), guarded symlinks and files are the image's, and a guarded path the
+    image lacks (e.g. ``/etc/ld.so.preload``) is a whiteout (it does not exist in the
+    machine). Everything else (``/root``, ``/etc/passwd``, ``/usr/local``, ``/tmp``, ...)
+    is the lower layers'. Built once per image beside it (``<image dir>/guard-<v>``,
+    renamed into place when complete; hard links, so a few MiB of directories).
+
+    Raises:
+        RootfsUnavailableError: the layer cannot be built (not root, no xattr support).
+    """
+    import glob
+
+    img = Path(rootfs.path)
+    dest = img.parent / f"guard-{_GUARD_VERSION}"  # renamed into place when complete
+    if dest.is_dir():
+        return dest
+    with _BUILD_LOCK:
+        if dest.is_dir():
+            return dest
+        tmp = img.parent / f"guard-{_GUARD_VERSION}.partial-{os.getpid()}"
+        if tmp.exists():
+            _rmtree(tmp)
+        try:
+            tmp.mkdir()
+            st = os.lstat(img)
+            os.chown(tmp, st.st_uid, st.st_gid)
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            paths: list[str] = []
+            for g in JUDGE_GUARDED:
+                hits = [os.path.relpath(h, img) for h in glob.glob(str(img / g))] if "*" in g else []
+                paths += hits or ([g] if "*" not in g else [])
+            for rel in sorted(set(paths)):
+                parent = Path(rel).parent
+                for i in range(1, len(parent.parts) + 1):  # parents: the image's owner/mode
+                    sub = Path(*parent.parts[:i])
+                    if not (tmp / sub).exists():
+                        (tmp / sub).mkdir()
+                        pst = os.lstat(img / sub)
+                        os.chown(tmp / sub, pst.st_uid, pst.st_gid)
+                        os.chmod(tmp / sub, stat.S_IMODE(pst.st_mode))
+                src, dst = img / rel, tmp / rel
+                if not os.path.lexists(src):
+                    os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))  # whiteout
+                    continue
+                r = subprocess.run(["cp", "-a", "--link", "--no-target-directory", str(src),
+                                    str(dst)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RootfsUnavailableError(f"judge guard layer: cp {rel}: {r.stderr.strip()[:200]}")
+                if src.is_dir() and not src.is_symlink():
+                    os.setxattr(dst, "trusted.overlay.opaque", b"y", follow_symlinks=False)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not dest.is_dir():  # another process finished it first: keep theirs
+                    raise
+                _rmtree(tmp)
+        except OSError as e:
+            _rmtree(tmp)
+            raise RootfsUnavailableError(f"cannot build the judge guard layer at {dest}: {e}") from None
+    return dest
+
+
 def default_rootfs(cache_dir=None, *, build: bool = True, log=print) -> RootFS:
     """The default image: built if missing and ``build``, else RootfsUnavailableError."""
     if not build:
@@ -273,7 +386,7 @@ def default_rootfs(cache_dir=None, *, build: bool = True, log=print) -> RootFS:
         if m is None:
             raise RootfsUnavailableError(f"the OS machine image {key} is not built yet "
                                          f"(run `python -m cycleqd.sandbox.rootfs`)")
-        return RootFS(d / "root", key, suite, tuple(m.get("packages", ROOTFS_PACKAGES)))
+        return _loaded(d, key, suite, m, ROOTFS_PACKAGES)
     return build_rootfs(cache_dir, log=log)
 
 

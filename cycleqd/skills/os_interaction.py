@@ -41,7 +41,13 @@ one-shot example verbatim):
    Named checkers (:data:`CHECKERS`: ``integer-match``, ``string-match``,
    ``size-match``, ``containing``, ``in``) compare the answer with the last output and
    fail when no output precedes them. Other entries (inline checks of the end state)
-   run in the agent's machine with the arguments, stdout only.
+   get the arguments, stdout only, and run with trusted interpreters
+   (``/usr/bin/python3 -I -S``, ``/usr/bin/bash --norc --noprofile``, clean environment,
+   :func:`_check_argv`) in a *judge machine*: the agent's final writable layer under a
+   guard layer that restores the image's system directories
+   (:func:`cycleqd.sandbox.rootfs.judge_guard_layer`), so replacing ``bash``, planting
+   ``sitecustomize``/``usercustomize`` or writing ``/etc/ld.so.preload`` changes no
+   verdict (host-tree sandbox: the agent's machine, read-only host system directories).
 
 Differences from AgentBench (THUDM/AgentBench ``src/server/tasks/os_interaction/task.py``,
 also the official CycleQD ``fishfarm/tasks/os_interaction.py``): there the reference
@@ -127,8 +133,13 @@ Act: answer(220)"""},
 ]
 
 #: Judge version (part of :attr:`OSInteractionSkill.cache_key`): 2 = reference from the
-#: post-init snapshot, stdout only, failed init fails, checker needs a reference.
-_VERSION = "2"
+#: post-init snapshot, stdout only, failed init fails, checker needs a reference; 3 =
+#: inline checks in a judge machine (agent's files, the image's system directories) with
+#: trusted interpreters (``/usr/bin/python3 -I -S``, ``/usr/bin/bash --norc --noprofile``,
+#: clean environment).
+_VERSION = "3"
+#: PATH of an inline check: the image's (read-only, guarded) system directories first.
+_CHECK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin"
 #: Limits of one episode's machine.
 OS_LIMITS = SandboxLimits(cpu_seconds=20, memory_bytes=512 << 20, wall_seconds=10,
                           max_output_bytes=64 << 10, max_processes=96,
@@ -240,6 +251,36 @@ def _script_argv(script: Script, params: Sequence[str]) -> list[str]:
     raise ValueError(f"unsupported script language {script.language!r}")
 
 
+#: ``python3 -I -S -c`` bootstrap of an inline python check: what ``site`` would add and a
+#: check may use (``exit``/``quit``; the Debian packages' ``dist-packages``, a system
+#: directory) without ``site`` itself (which would run ``.pth`` files of the agent's
+#: ``/usr/local``); then the check's code (``argv[1]``, removed so that ``sys.argv`` is
+#: ``["-c", *arguments]`` as with ``python3 -c CODE``) runs as ``__main__``.
+_PY_CHECK_BOOT = ("import builtins, sys\n"
+                  "builtins.exit = builtins.quit = sys.exit\n"
+                  "sys.path.append('/usr/lib/python3/dist-packages')\n"
+                  "_code = sys.argv.pop(1)\n"
+                  "exec(compile(_code, '<string>', 'exec'), "
+                  "{'__name__': '__main__', '__builtins__': builtins})\n")
+
+
+def _check_argv(script: Script, params: Sequence[str]) -> list[str]:
+    """argv of an inline check (judge code, run after the agent): interpreters by
+    absolute path, isolated from everything the agent can write (``python3 -I -S``: no
+    ``PYTHON*`` variables, user site, ``site``/``sitecustomize``/``.pth`` files, or
+    current directory on ``sys.path``; ``bash --norc --noprofile``) under a clean
+    environment (``env -i``: no ``BASH_ENV``, ``LD_PRELOAD``, ...; PATH = system
+    directories first). The same argument convention as :func:`_script_argv`."""
+    env = ["/usr/bin/env", "-i", f"PATH={_CHECK_PATH}", "HOME=/root", "USER=root",
+           "LOGNAME=root", "SHELL=/bin/bash", "LANG=C.UTF-8", "LC_ALL=C.UTF-8", "TERM=dumb"]
+    if script.language == "python":
+        return [*env, "/usr/bin/python3", "-I", "-S", "-c", _PY_CHECK_BOOT, script.code, *params]
+    if script.language == "bash":
+        return [*env, "/usr/bin/bash", "--norc", "--noprofile", "-c", script.code,
+                *(["--", *params] if params else [])]
+    raise ValueError(f"unsupported script language {script.language!r}")
+
+
 def _needs_reference(item: OSItem) -> bool:
     return item.check is not None and any(c is None for c in item.check)
 
@@ -306,6 +347,8 @@ class OSEpisode(Episode):
         self.reference: str | None = None
         self.reference_ok = False
         self._snap: Path | None = None  # post-init snapshot, until the reference ran
+        self._judge: BwrapSession | None = None  # judge machine (inline checks), lazily
+        self._judge_snap: Path | None = None  # the agent's final layer, for it
         self.session = BwrapSession(limits, workdir="/", rootfs=rootfs)
 
     # -- setup
@@ -412,7 +455,8 @@ class OSEpisode(Episode):
         ``null`` entry contributes the reference output computed at setup (never run
         again, never given the answer), named checkers compare the answer with the last
         output (and fail when there is none), and other entries (inline checks of the
-        machine's end state) run in the agent's machine. Every entry must succeed."""
+        machine's end state) run in the judge machine (:meth:`_judge_machine`) with
+        trusted interpreters (:func:`_check_argv`). Every entry must succeed."""
         it = self.item
         if self.setup_failed is not None:
             return False
@@ -442,11 +486,63 @@ class OSEpisode(Episode):
                     return False  # a checker with no reference before it compares nothing
                 params.append("")
                 continue
-            r = self.session.run(_script_argv(script, params), timeout=self.setup_timeout_s)
+            judge = self._judge_machine()
+            if judge is None:
+                return False
+            r = judge.run(_check_argv(script, params), timeout=self.setup_timeout_s)
             if not r.ok:
                 return False
             params.append(r.stdout)
         return True
+
+    def _judge_machine(self) -> BwrapSession | None:
+        """Where inline checks run. With an OS machine image: a second machine made of
+        the agent's final writable layer (its end state: files, users, /usr/local, ...)
+        under :func:`cycleqd.sandbox.rootfs.judge_guard_layer`, so that every system
+        directory (interpreters, tools, libraries, ``/etc/ld.so.*``, ``/etc/python3*``)
+        is the untouched image's, whatever the agent replaced or planted; the agent's
+        processes are stopped (SIGSTOP, from the host) before its layer is copied and
+        are not in the judge machine. On the host-tree sandbox (system directories are
+        the host's, read-only): the agent's machine. None: the judge machine could not
+        be made (recorded in ``detail``; the sample fails)."""
+        if self.rootfs is None:
+            return self.session
+        if self._judge is not None:
+            return self._judge
+        from cycleqd.sandbox.rootfs import judge_guard_layer
+
+        try:
+            guard = judge_guard_layer(self.rootfs)
+            self._stop_agent()
+            self._judge_snap = _snapshot_dir(self.rootfs)
+            self.session.snapshot(self._judge_snap)
+            self._judge = BwrapSession(self.limits, workdir="/", rootfs=self.rootfs,
+                                       layers=[guard, self._judge_snap]).start()
+        except Exception as e:  # noqa: BLE001 -- one failed sample, with its reason
+            self.detail["judge_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            return None
+        return self._judge
+
+    def _stop_agent(self) -> None:
+        """SIGSTOP every process of the agent's machine (its cgroup), repeated until no
+        new one appears, so that nothing changes its layer while the host copies it."""
+        sb = getattr(self.session, "_sb", None)
+        cg = getattr(sb, "cg", None)
+        if cg is None or not cg.active:
+            return
+        import signal
+
+        stopped: set[int] = set()
+        for _ in range(50):
+            new = cg.pids() - stopped
+            if not new:
+                break
+            for pid in new:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except OSError:
+                    pass
+            stopped |= new
 
     def finish(self) -> None:
         self.detail["answer"] = None if self.answer is None else self.answer[:500]
@@ -461,7 +557,12 @@ class OSEpisode(Episode):
 
     def close(self) -> None:
         self.session.close()
+        if self._judge is not None:
+            self._judge.close()
         self._drop_snapshot()
+        if self._judge_snap is not None:
+            shutil.rmtree(self._judge_snap, ignore_errors=True)
+            self._judge_snap = None
 
 
 class OSInteractionSkill:
@@ -547,7 +648,8 @@ class OSInteractionSkill:
                "rounds": self.max_rounds, "tok": self.max_new_tokens, "stop": list(self.stop),
                "cmd_t": self.command_timeout_s, "setup_t": self.setup_timeout_s,
                "limits": dataclasses.asdict(self.limits),  # every limit: output caps reach the model
-               "machine": f"rootfs:{self.rootfs.key}" if self.rootfs is not None else "host"}
+               "machine": (f"rootfs:{self.rootfs.key}:{self.rootfs.content}"  # recipe + package versions
+                           if self.rootfs is not None else "host")}
         return "os/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
     def _episode(self, item: OSItem) -> OSEpisode:
