@@ -17,6 +17,7 @@ makes every generation durable before the next begins.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -142,28 +143,47 @@ def _record(res: JobResult, entered: list[str], archives: Sequence[GridArchive],
 
 
 @contextmanager
-def _commit_section():
-    """Hold SIGINT/SIGTERM while a generation is being committed (metrics line, archives,
-    snapshot, state), then deliver them: an interrupted run always stops on a committed
-    generation. Only in the main thread (signal handlers live there)."""
+def _commit_section(*, second_now: bool = False):
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them: an interrupted run
+    always stops on a committed generation, and the signal never lands inside a torch call
+    (where a KeyboardInterrupt can surface as an unrelated error, e.g. torch's "could not
+    determine the shape of object type"). With ``second_now`` (a whole generation: the
+    evaluation may take minutes) the first signal prints that the run stops once the current
+    generation is saved, and a second one is delivered at once. Only in the main thread
+    (signal handlers live there); nested sections hand what they caught to the outer one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
     old = {}
+
+    def deliver(sig: int) -> None:
+        h = old[sig]
+        if callable(h):
+            h(sig, None)
+        elif h == signal.SIG_DFL:
+            signal.raise_signal(sig)
+
+    def on_signal(sig: int, frame: Any) -> None:
+        if second_now and caught:
+            for s, h in old.items():
+                signal.signal(s, h)
+            deliver(sig)
+            return
+        caught.append(sig)
+        if second_now:
+            print("stopping once the current generation is saved (press Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        old[sig] = signal.signal(sig, lambda s, f: caught.append(s))
+        old[sig] = signal.signal(sig, on_signal)
     try:
         yield
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
         for sig in caught[:1]:
-            h = old[sig]
-            if callable(h):
-                h(sig, None)
-            elif h == signal.SIG_DFL:
-                signal.raise_signal(sig)
+            deliver(sig)
 
 
 class _Progress:
@@ -370,11 +390,12 @@ class CycleQDRun:
         """Evaluate the seed models on all skills and put them into every archive."""
         for i, sid in enumerate(self.store.seeds, 1):
             self.show.stage(f"seeding archives: scoring seed model {i}/{len(self.store.seeds)} ({sid})")
-            self.executor.submit(Job(0, 0, (), sid, self.cfg.seed))
-            res = self.executor.next_result()
-            elite = Elite(sid, res.scores, 0, ())
-            entered = [] if getattr(res, "rejected", None) else [a.quality_skill for a in self.archives if a.add(elite)]
-            self.rd.append_metrics(self._track(_record(res, entered, self.archives, self._started)))
+            with _commit_section(second_now=True):   # a signal waits for this seed's line
+                self.executor.submit(Job(0, 0, (), sid, self.cfg.seed))
+                res = self.executor.next_result()
+                elite = Elite(sid, res.scores, 0, ())
+                entered = [] if getattr(res, "rejected", None) else [a.quality_skill for a in self.archives if a.add(elite)]
+                self.rd.append_metrics(self._track(_record(res, entered, self.archives, self._started)))
         self._checkpoint()
 
     def run(self, stop_after: int | None = None) -> RunResult:
@@ -422,36 +443,37 @@ class CycleQDRun:
         next_gen = self.generation + 1
         try:
             while self.generation < last:
-                while len(in_flight) < self.executor.capacity and next_gen <= last:
-                    ask = self.scheduler.ask(next_gen)                       # k, parents
-                    job = _job(ask, self.cfg, self.archives, f"g{next_gen:06d}")
-                    self.executor.submit(job)                                # crossover, mutation, eval
-                    in_flight.append(job)
-                    next_gen += 1
-                res = self.executor.next_result()
-                job = in_flight.pop(0)
-                assert res.job.generation == job.generation, "executor returned results out of order"
-                child = Elite(job.child_id, res.scores, job.generation, job.parents)
-                entered = self.scheduler.tell(job.generation, None if getattr(res, "rejected", None) else child)  # offer to every archive
-                if entered and not res.saved:
-                    raise RuntimeError(f"generation {job.generation}: child entered {entered} but its "
-                                       f"genome was not saved")
-                if entered:
-                    self.digests[job.child_id] = self.store.seal(job.child_id)   # fsync + sha256
-                self.generation = job.generation
-                with _commit_section():   # SIGINT/SIGTERM wait until the generation is committed
-                    self.rd.append_metrics(self._track(_record(res, entered, self.archives, self._started)))
-                    self._checkpoint(in_flight)
-                bar.update(self.archives[job.skill].quality_skill, self.archives, res.scores, entered,
-                           job.generation)
+                with _commit_section(second_now=True):   # a signal waits for this generation's commit
+                    while len(in_flight) < self.executor.capacity and next_gen <= last:
+                        ask = self.scheduler.ask(next_gen)                       # k, parents
+                        job = _job(ask, self.cfg, self.archives, f"g{next_gen:06d}")
+                        self.executor.submit(job)                                # crossover, mutation, eval
+                        in_flight.append(job)
+                        next_gen += 1
+                    res = self.executor.next_result()
+                    job = in_flight.pop(0)
+                    assert res.job.generation == job.generation, "executor returned results out of order"
+                    child = Elite(job.child_id, res.scores, job.generation, job.parents)
+                    entered = self.scheduler.tell(job.generation, None if getattr(res, "rejected", None) else child)  # offer to every archive
+                    if entered and not res.saved:
+                        raise RuntimeError(f"generation {job.generation}: child entered {entered} but its "
+                                           f"genome was not saved")
+                    if entered:
+                        self.digests[job.child_id] = self.store.seal(job.child_id)   # fsync + sha256
+                    self.generation = job.generation
+                    with _commit_section():   # the commit itself is never cut short, even by a second signal
+                        self.rd.append_metrics(self._track(_record(res, entered, self.archives, self._started)))
+                        self._checkpoint(in_flight)
+                    bar.update(self.archives[job.skill].quality_skill, self.archives, res.scores, entered,
+                               job.generation)
         finally:
             bar.close()
             if in_flight:
                 self.executor.close()
         if self.generation == total and self.aggregate is None:
             self.show.stage("model aggregation: merging each archive's best model and scoring it")
-            self.aggregate = self._aggregate()
-            with _commit_section():
+            with _commit_section(second_now=True):
+                self.aggregate = self._aggregate()
                 self._checkpoint()
         from cycleqd.engine.plots import plot_all_maps
         maps = plot_all_maps(self.archives, self.rd.maps, seed_ids=set(self.store.seeds))
