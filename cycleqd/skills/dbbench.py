@@ -116,6 +116,35 @@ def _norm(value: Any) -> str:
     return _SPECIAL.get(s.lower(), s)
 
 
+def _list_items(text: str, *, keep_blank: bool) -> list[Any]:
+    """An answer text's items, as AgentBench's parser reads them, without evaluating code:
+    ``[...]`` as a list literal (``ast.literal_eval`` only), else AgentBench's quote-aware
+    comma split of its inside; any other text is one item. ``keep_blank``: whitespace-only
+    split items are kept (AgentBench's own rule, the ``agentbench`` scorer) or dropped
+    (strict)."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return [text]
+    try:
+        v = ast.literal_eval(text)
+        if isinstance(v, (list, tuple)):
+            return list(v)
+    except Exception:  # noqa: BLE001 - literal_eval runs no code: not a literal
+        pass
+    items, cur, inq = [], "", False
+    for ch in text[1:-1]:
+        if ch in "\"'":
+            inq = not inq
+        elif ch == "," and not inq:
+            if cur if keep_blank else cur.strip():
+                items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur if keep_blank else cur.strip():
+        items.append(cur)
+    return items
+
+
 def parse_answer(answer: Any) -> list[str]:
     """The answer's items, normalised the way AgentBench's ``DBResultProcessor._clean_answer``
     does (the ``agentbench`` scorer; the strict one uses :func:`strict_values`). Accepts
@@ -128,29 +157,7 @@ def parse_answer(answer: Any) -> list[str]:
         items = list(answer)
     else:
         text = str(answer).strip()
-        items = None
-        if text.startswith("[") and text.endswith("]"):
-            try:
-                v = ast.literal_eval(text)
-                if isinstance(v, (list, tuple)):
-                    items = list(v)
-            except Exception:  # noqa: BLE001 - literal_eval runs no code: not a literal
-                items = None
-            if items is None:  # AgentBench's manual split, quote-aware
-                items, cur, inq = [], "", False
-                for ch in text[1:-1]:
-                    if ch in "\"'":
-                        inq = not inq
-                    elif ch == "," and not inq:
-                        if cur:
-                            items.append(cur)
-                        cur = ""
-                    else:
-                        cur += ch
-                if cur:
-                    items.append(cur)
-        else:
-            items = [text]
+        items = _list_items(text, keep_blank=True)
     out = []
     for it in items:
         if isinstance(it, (tuple, list)) and len(it) == 1:
@@ -291,29 +298,7 @@ def strict_values(answer: Any) -> list[Any] | None:
         text = text.strip()
         if not text:
             return None
-        items = None
-        if text.startswith("[") and text.endswith("]"):
-            try:
-                v = ast.literal_eval(text)
-                if isinstance(v, (list, tuple)):
-                    items = list(v)
-            except Exception:  # noqa: BLE001 - literal_eval runs no code: not a literal
-                items = None
-            if items is None:  # AgentBench's manual split, quote-aware
-                items, cur, inq = [], "", False
-                for ch in text[1:-1]:
-                    if ch in "\"'":
-                        inq = not inq
-                    elif ch == "," and not inq:
-                        if cur.strip():
-                            items.append(cur)
-                        cur = ""
-                    else:
-                        cur += ch
-                if cur.strip():
-                    items.append(cur)
-        else:
-            items = [text]
+        items = _list_items(text, keep_blank=False)
     out: list[Any] = []
     for it in items:
         if isinstance(it, (tuple, list)):
