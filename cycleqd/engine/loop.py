@@ -308,10 +308,13 @@ class CycleQDRun:
                 self.notes.append(f"took over the lock of pid {t.get('pid')} on {t.get('host')}, "
                                   f"which ended without releasing it")
             self.store = GenomeStore(self.rd.genomes, components.space, seeds)
-            # the seed models are re-read from the config's paths: the weights must be the
-            # ones the seed elites were scored with
-            self.seed_fps = seed_fingerprints(components.space, seeds)
+            # the seed models are re-read from the config's paths: on resume the weights must
+            # be the ones the seed elites were scored with; a fresh run records the
+            # fingerprints its seed evaluations compute anyway (:meth:`_seed`)
+            self._seeds = seeds
+            self.seed_fps: dict[str, str] = {}
             if self._state is not None:
+                self.seed_fps = seed_fingerprints(components.space, seeds)
                 check_seed_fingerprints(self.rd, self._state.get("seed_fingerprints"), self.seed_fps)
         except BaseException:
             self.close()
@@ -396,6 +399,9 @@ class CycleQDRun:
                 elite = Elite(sid, res.scores, 0, ())
                 entered = [] if getattr(res, "rejected", None) else [a.quality_skill for a in self.archives if a.add(elite)]
                 self.rd.append_metrics(self._track(_record(res, entered, self.archives, self._started)))
+                # the fingerprint run_job bound the seed under (rejected before it: computed here)
+                fp = getattr(res, "fingerprint", None)
+                self.seed_fps[sid] = fp or seed_fingerprints(self.c.space, {sid: self._seeds[sid]})[sid]
         self._checkpoint()
 
     def run(self, stop_after: int | None = None) -> RunResult:

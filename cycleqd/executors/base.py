@@ -69,6 +69,9 @@ class JobResult:
     genome_bytes: int = 0
     worker: str = "local"
     rejected: str | None = None
+    #: fingerprint of the weights evaluated (the sample-cache model key's weight part);
+    #: None when the child was rejected before it was computed
+    fingerprint: str | None = None
 
     @property
     def scores(self) -> dict[str, float]:
@@ -160,14 +163,14 @@ def run_job(job: Job, ctx: "WorkerContext") -> JobResult:
             break
     timings["eval_s"] = sum(v for k, v in timings.items() if k.startswith("eval_") and k != "eval_s")
     if rejected is not None:
-        return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected)
+        return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected, fingerprint=fp)
     saved, nbytes = False, 0
     if job.parents and would_enter(job, {k: r.quality for k, r in results.items()}):
         t = time.perf_counter()
         nbytes = store.put(job.child_id, child)
         timings["save_s"] = time.perf_counter() - t
         saved = True
-    return JobResult(job, results, saved, timings, nbytes, ctx.name)
+    return JobResult(job, results, saved, timings, nbytes, ctx.name, fingerprint=fp)
 
 
 def _finite(v) -> bool:
