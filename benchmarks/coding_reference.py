@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
 
-    from cycleqd.skills.coding import CodingSkill
+    from cycleqd.skills.coding.skill import CodingSkill
 
     print(f"cpu: {_cpu()}, {__import__('os').cpu_count()} cores visible, workers={args.workers}")
     all_ok = True
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         n = len(verdicts)
         sandbox = sum(v.wall_s for v in verdicts.values())
         second = None
-        if "cycleqd.skills._code_judge" in sys.modules:  # new judge: inputs now recorded
+        if "cycleqd.skills.coding.judge" in sys.modules:  # new judge: inputs now recorded
             t1 = time.perf_counter()
             skill.score_completions(replies)
             second = time.perf_counter() - t1

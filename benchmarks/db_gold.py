@@ -1,7 +1,7 @@
 """DB-Bench gold answers through the real grader (not a test; prints measured counts).
 
 The reference agent of every item of ``dbbench/standard.jsonl`` plays the episode
-through :class:`cycleqd.skills.dbbench.DBBenchSkill` exactly as a model would -- INSERT/
+through :class:`cycleqd.skills.agentbench.dbbench.DBBenchSkill` exactly as a model would -- INSERT/
 UPDATE items: one ``Action: Operation`` per gold statement (``label``), then an answer;
 SELECT-type items: ``Final Answer:`` with the gold ``label`` (the gold answer is ``label``,
 not the dataset's ``sql``, which reproduces it on only 38/100 items) -- and the grader
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cycleqd.skills.dbbench import DB_PROMPT, DBBenchSkill  # noqa: E402
+from cycleqd.skills.agentbench.dbbench import DB_PROMPT, DBBenchSkill  # noqa: E402
 
 
 def gold_model(items):

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cycleqd.inference import HFBackend
-    from cycleqd.skills.coding import CodingSkill
+    from cycleqd.skills.coding.skill import CodingSkill
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -67,12 +67,12 @@ def main() -> None:
     from cycleqd.skills.cache import backend_key, item_keys
     loaders = []
     try:
-        from cycleqd.skills.data_agentbench import load_dbbench, load_os
+        from cycleqd.skills.agentbench.data import load_dbbench, load_os
         loaders += [("DB-Bench all", lambda: load_dbbench(split="all")),
                     ("OS training all", lambda: load_os(split="all"))]
     except ImportError:  # pragma: no cover
         pass
-    from cycleqd.skills.data_code import load_code_problems
+    from cycleqd.skills.coding.data import load_code_problems
     loaders.append(("MBPP all", lambda: load_code_problems("mbpp", None, "all", None)))
     for name, load in loaders:
         try:

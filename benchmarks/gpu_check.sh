@@ -48,7 +48,7 @@ print(f"checkpoint {path} ready in {time.perf_counter() - t0:.1f}s", flush=True)
 
 from cycleqd.inference.vllm_backend import VLLMBackend
 from cycleqd.inference.hf import HFBackend
-from cycleqd.skills.coding import CodingSkill
+from cycleqd.skills.coding.skill import CodingSkill
 from safetensors.torch import load_file
 
 fig = {"gpu": torch.cuda.get_device_name(0)}

@@ -17,7 +17,7 @@ Measured (medians over ``--reps``):
   late-generation SVD-genome child whose lineage has used both experts' bases.
 * ``mergekit``: ``mergekit-yaml`` (subprocess) doing the equivalent task-arithmetic merge
   (same two models, the same normalised weights) -- its whole job: load, merge, write.
-  Our streaming merge to disk (:func:`cycleqd.models.export.stream_merge`) is timed too,
+  Our streaming merge to disk (:func:`cycleqd.engine.export.stream_merge`) is timed too,
   for a like-for-like disk-to-disk number.
 
 Also printed: peak RSS (ours: this process; mergekit: the largest child process), the
@@ -112,7 +112,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from cycleqd.models.build import build_weight_space
-    from cycleqd.models.export import stream_merge
+    from cycleqd.engine.export import stream_merge
     from cycleqd.models.smollm2 import default_cache_dir, ensure_smollm2
     from cycleqd.models.tiny import make_tiny_expert
 

@@ -89,7 +89,7 @@ def _official_to_agentbench(path: str) -> list[dict]:
 
 
 def _run(args) -> dict:
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
     if args.official:
         import tempfile

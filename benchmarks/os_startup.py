@@ -27,8 +27,8 @@ sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from benchmarks.os_reference import _cpu  # noqa: E402
 from cycleqd.sandbox import BwrapSession, sandbox_status  # noqa: E402
 from cycleqd.sandbox.rootfs import default_rootfs  # noqa: E402
-from cycleqd.skills.data_agentbench import load_os  # noqa: E402
-from cycleqd.skills.os_interaction import OS_LIMITS, OSEpisode  # noqa: E402
+from cycleqd.skills.agentbench.data import load_os  # noqa: E402
+from cycleqd.skills.agentbench.os_interaction import OS_LIMITS, OSEpisode  # noqa: E402
 
 
 def _q(xs, q):

@@ -276,7 +276,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cycleqd.models.export import export_from_run
+    from cycleqd.engine.export import export_from_run
 
     out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=args.model, cell=args.cell,
                           archive=args.archive, aggregate=args.aggregate)

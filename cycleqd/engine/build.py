@@ -15,25 +15,25 @@ from cycleqd.config import ConfigError, RunConfig, SkillConfig
 from cycleqd.engine.loop import Components
 
 def make_mbpp_skill(name: str, cache_dir: Path, **params: Any):
-    from cycleqd.skills.coding import CodingSkill
+    from cycleqd.skills.coding.skill import CodingSkill
 
     return CodingSkill("mbpp", name=name, **params)
 
 
 def make_humaneval_skill(name: str, cache_dir: Path, **params: Any):
-    from cycleqd.skills.coding import CodingSkill
+    from cycleqd.skills.coding.skill import CodingSkill
 
     return CodingSkill("humaneval", name=name, **params)
 
 
 def make_dbbench_skill(name: str, cache_dir: Path, **params: Any):
-    from cycleqd.skills.dbbench import DBBenchSkill
+    from cycleqd.skills.agentbench.dbbench import DBBenchSkill
 
     return DBBenchSkill(name=name, **params)
 
 
 def make_os_skill(name: str, cache_dir: Path, **params: Any):
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
     return OSInteractionSkill(name=name, **params)
 
@@ -132,7 +132,7 @@ def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Compon
         skills = [SyntheticSkill(s.name, space.materialize(space.base_genome()), w, **s.params)
                   for s, w in zip(cfg.skills, full)]
         return Components(space, skills, SyntheticAdapter())
-    from cycleqd.engine.adapter import LLMAdapter
+    from cycleqd.inference.adapter import LLMAdapter
 
     adapter = LLMAdapter.from_config(cfg.backend, info)
     return Components(space, skills, adapter, close=getattr(adapter, "close", None))

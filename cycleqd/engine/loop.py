@@ -30,7 +30,7 @@ from cycleqd.config import RunConfig
 from cycleqd.engine.rundir import (STATE_FORMAT, RunDir, RunDirError, RunLock, atomic_write_json,
                                    check_resume, link_snapshot_genomes, prune_snapshot_genomes,
                                    restore_snapshot)
-from cycleqd.engine.store import GenomeStore
+from cycleqd.executors.store import GenomeStore
 from cycleqd.executors.base import Executor, Job, JobResult, WorkerContext
 from cycleqd.executors.local import LocalExecutor
 from cycleqd.qd.archive import MEAN_QUALITY, BCAxis, Elite, GridArchive, make_archives

@@ -11,7 +11,7 @@ Layout::
       archives/gen_NNNNNN.genomes/      hard links to the genomes a snapshot references
                                         (kept for the newest two snapshots)
       metrics.jsonl      one line per generation (and one per seed model, generation 0)
-      genomes/           stored genomes of elites (see engine/store.py)
+      genomes/           stored genomes of elites (see executors/store.py)
       maps/              elite-map PNGs, one per archive
       report.md / report.html    written by ``cycleqd report``
 
@@ -457,7 +457,7 @@ def check_genomes(ids: Sequence[str], digests: dict[str, str] | None, folder: Pa
                   suffix: str | None) -> str | None:
     """None if every genome in ``ids`` is in ``folder`` with its recorded digest (``digests``
     None: a format-1 state, presence only); else what is wrong with the first bad one."""
-    from cycleqd.engine.store import check_genome_file
+    from cycleqd.executors.store import check_genome_file
 
     for mid in ids:
         if digests is not None and mid not in digests:

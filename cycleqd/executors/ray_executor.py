@@ -74,7 +74,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any, Callable
 
-from cycleqd.engine.store import GenomeStore
+from cycleqd.executors.store import GenomeStore
 from cycleqd.executors.base import Job, JobResult, WorkerContext, run_job
 
 log = logging.getLogger("cycleqd.executors.ray")

@@ -46,7 +46,7 @@ class ModelInfo:
         resident: base and task vectors held in RAM (else read lazily per tensor).
         extra: ``untied``: tied names (``lm_head.weight``) the space holds as tensors of
             their own because an expert trains one side of a tied pair (exports of such
-            models are untied, see :func:`cycleqd.models.export.write_hf_folder`).
+            models are untied, see :func:`cycleqd.engine.export.write_hf_folder`).
     """
 
     model_dir: Path | None

@@ -23,7 +23,7 @@ Memory behaviour (honest): safetensors files are memory-mapped and read one tens
 time (``safe_open``); ``.bin`` files are ``torch.load(mmap=True)`` -- zip-format files are
 mapped lazily, legacy (pre-1.6) pickles are read whole. Task vectors of experts are
 computed per tensor in fp32 (:class:`DiffTaskVector`, :class:`LoraTaskVector`), so a
-streaming merge (:func:`cycleqd.models.export.stream_merge`) holds only a few tensors'
+streaming merge (:func:`cycleqd.engine.export.stream_merge`) holds only a few tensors'
 worth of fp32 at once plus the OS page cache. GGUF conversion materialises the whole
 dequantised model once. :func:`cycleqd.models.build.build_weight_space` decides whether to
 keep base and task vectors resident in RAM (fast, small models) or lazy (8B models).

@@ -4,7 +4,7 @@ Every operator is a :class:`TensorwiseCrossover`: it draws its model-wise random
 per child (:meth:`~TensorwiseCrossover.prepare`) and then merges one tensor at a time
 (:meth:`~TensorwiseCrossover.merge_tensor`), so the same object serves the in-memory
 ``__call__(parents, generator=...)`` of the ``Crossover`` protocol and streaming merges of
-8B models (see :func:`cycleqd.models.export.stream_merge`), one tensor in memory at a time.
+8B models (see :func:`cycleqd.engine.export.stream_merge`), one tensor in memory at a time.
 
 All inputs are task vectors ``tau_i = theta_i - theta_base`` (fp32; any shape); outputs
 are fp32 task vectors of the same shapes. The random state comes only from the explicit

@@ -44,7 +44,7 @@ def mbpp_conversations(*, data_path: str | Path | None = None, split: str = "tra
     Raises:
         ValueError: ``split`` is an evaluation split.
     """
-    from cycleqd.skills.coding import CodingSkill
+    from cycleqd.skills.coding.skill import CodingSkill
 
     if split in ("search", "test"):
         raise ValueError(f"split={split!r}: experts are never trained on evaluation splits")

@@ -6,12 +6,12 @@ the same machine / database, the same observation formatting -- and the *referen
 agent's replies are fed to it turn by turn, exactly as :func:`run_lockstep` feeds model
 replies at evaluation time:
 
-* **DB-Bench** (:class:`cycleqd.skills.dbbench.DBEpisode`): INSERT/UPDATE items execute
+* **DB-Bench** (:class:`cycleqd.skills.agentbench.dbbench.DBEpisode`): INSERT/UPDATE items execute
   their gold statements (``label``) as ``Action: Operation`` turns, then answer; SELECT
   items execute the dataset's ``sql`` (column names with spaces back-quoted, as MySQL needs)
   and answer with the gold ``label`` -- kept only when the query's real output already
   equals the label, so the trajectory never shows an answer its observation contradicts.
-* **OS** (:class:`cycleqd.skills.os_interaction.OSEpisode`): after the task's ``init`` in a
+* **OS** (:class:`cycleqd.skills.agentbench.os_interaction.OSEpisode`): after the task's ``init`` in a
   fresh bubblewrap machine, the reference command (``evaluation.example``) runs as an
   ``Act: bash`` turn and its real output is the observation; the agent then answers with
   that output (``Act: answer(...)``). Single-line, untruncated outputs only.
@@ -116,13 +116,13 @@ def dbbench_conversations(*, data_path: str | Path | None = None, split: str = "
         data_path, split, limit: which items (``split`` must not be an evaluation split).
         backend: the skill's database backend (``sqlite`` | ``mariadb``).
         cache_dir: trajectory cache root.
-        skill_params: further :class:`~cycleqd.skills.dbbench.DBBenchSkill` parameters
+        skill_params: further :class:`~cycleqd.skills.agentbench.dbbench.DBBenchSkill` parameters
             (must equal the evaluator's where they shape the prompt).
     Returns:
         Conversations (user prompt, ``Ok.``, question, then the reference turns with real
         observations), only those the skill's judge scores 1.0.
     """
-    from cycleqd.skills.dbbench import DBBenchSkill, DBEpisode
+    from cycleqd.skills.agentbench.dbbench import DBBenchSkill, DBEpisode
 
     _check_split(split)
     skill = DBBenchSkill(data_path, split, limit, backend=backend, **{
@@ -143,7 +143,7 @@ def dbbench_conversations(*, data_path: str | Path | None = None, split: str = "
                         ep.messages.append({"role": "assistant", "content": r})
                         ep.step(r)
                         if not item.is_modification and r.startswith("Action: Operation"):
-                            from cycleqd.skills.dbbench import compare_answer
+                            from cycleqd.skills.agentbench.dbbench import compare_answer
                             consistent = compare_answer(ep.messages[-1]["content"], item.label,
                                                         tolerance=skill.tolerance)
                         if ep.done:
@@ -177,7 +177,7 @@ def os_answer(answer: str) -> str:
 
 
 def _os_trajectory(skill: Any, item: Any) -> Conversation | None:
-    from cycleqd.skills.os_interaction import os_observation
+    from cycleqd.skills.agentbench.os_interaction import os_observation
 
     if item.example is None or item.example.language != "bash" or item.start is not None:
         return None
@@ -219,10 +219,10 @@ def os_conversations(*, data_path: str | Path | None = None, split: str = "train
         one_shot: the evaluator's ``one_shot`` setting (it changes the prompt).
         workers: machines prepared at once.
         cache_dir: trajectory cache root.
-        skill_params: further :class:`~cycleqd.skills.os_interaction.OSInteractionSkill`
+        skill_params: further :class:`~cycleqd.skills.agentbench.os_interaction.OSInteractionSkill`
             parameters (``command_timeout_s``, ``setup_timeout_s``, ``script_dir``...).
     """
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
     _check_split(split)
     keep = ("command_timeout_s", "setup_timeout_s", "script_dir", "max_rounds", "name")

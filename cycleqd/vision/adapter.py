@@ -3,7 +3,7 @@
 The engine and the weight operators only see ``name -> tensor`` mappings; this adapter is
 the one place that knows the weights belong to an ``nn.Module`` (here the vision
 setting's :class:`~cycleqd.vision.model.DigitCNN`, but any module works). It implements
-the :class:`cycleqd.engine.adapter.ModelAdapter` protocol.
+the :class:`cycleqd.inference.adapter.ModelAdapter` protocol.
 """
 
 from __future__ import annotations

@@ -309,7 +309,7 @@ def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, see
     model), ``mean_test`` (aggregate's mean test accuracy over the skills, if any).
     """
     from cycleqd.engine.loop import Components, run_cycleqd, seed_ids
-    from cycleqd.engine.store import GenomeStore
+    from cycleqd.executors.store import GenomeStore
 
     mut, mut_kw = make_mutation(mutation, setup.taus, mode=mode)
     cfg = run_config(setup, generations=generations, seed=seed, mode=mode, sampling=sampling,

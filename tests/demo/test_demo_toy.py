@@ -59,8 +59,8 @@ def test_comparison_table(toy_run):
         for s, res in r["results"].items():   # scored on the held-out test items
             assert len(res["outcomes"]) == 2
     # test items never overlap the search items the run scored children on
-    from cycleqd.skills.data_agentbench import load_dbbench, load_os
-    from cycleqd.skills.data_code import load_mbpp
+    from cycleqd.skills.agentbench.data import load_dbbench, load_os
+    from cycleqd.skills.coding.data import load_mbpp
     test_ids = {i for r in comp["rows"] for res in r["results"].values() for i in res["outcomes"]}
     search_ids = ({p.id for p in load_mbpp(split="search")} | {p.id for p in load_dbbench(split="search")}
                   | {p.id for p in load_os(split="search")})

@@ -66,9 +66,9 @@ def test_the_custom_operator_in_the_doc_registers_and_runs(tmp_path, cache_dir):
 
 
 def test_skills_doc_lists_every_skill_type_and_parameter():
-    from cycleqd.skills.coding import CodingSkill
-    from cycleqd.skills.dbbench import DBBenchSkill
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.coding.skill import CodingSkill
+    from cycleqd.skills.agentbench.dbbench import DBBenchSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
     from cycleqd.skills.synthetic import SyntheticSkill
 
     text = SKILLS_DOC.read_text()
@@ -89,7 +89,7 @@ def test_skills_doc_lists_every_skill_type_and_parameter():
         missing = [p for p in params if f"| `{p}` |" not in sections[t]]
         assert not missing, f"docs/skills.md § {t} lacks parameters {missing}"
     # prompt formats are the code's
-    from cycleqd.skills import coding
+    from cycleqd.skills.coding import skill as coding
 
     assert coding.OFFICIAL_SYSTEM_PROMPT in text.replace("\n", " ")
     assert "Your code should pass these tests:" in text and "Write the Python function in a single" in text

@@ -89,7 +89,7 @@ def test_rewritten_expert_children_are_scored_again_end_to_end(tmp_path):
     the expert is rewritten so that the same child (same run, same id) answers wrongly; the
     re-run must generate again and score 0.0, not serve the cached 1.0."""
     from cycleqd.skills.cache import SampleCache
-    from cycleqd.skills.coding import CodingSkill
+    from cycleqd.skills.coding.skill import CodingSkill
 
     data = tmp_path / "mbpp.jsonl"
     data.write_text(json.dumps({"task_id": 11, "text": "Add two numbers.",

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from cycleqd.models.build import build_weight_space
-from cycleqd.models.export import export_from_run, export_model, stream_merge
+from cycleqd.engine.export import export_from_run, export_model, stream_merge
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_check_finite_bound_is_the_float16_range():
 
 def test_stream_merge_refuses_output_that_overflows_the_dtype(llama, tmp_path):
     """Merged weights cast to float16 must stay finite (tensor named, nothing written)."""
-    from cycleqd.models.export import stream_merge
+    from cycleqd.engine.export import stream_merge
 
     big = _corrupt(llama["experts"][0], tmp_path / "big", TENSOR, 60000.0)
     with pytest.raises(ValueError, match=rf"merged tensor '{TENSOR}' is not finite in torch.float16"):

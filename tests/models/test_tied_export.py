@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cycleqd.models.build import build_weight_space
-from cycleqd.models.export import export_model
+from cycleqd.engine.export import export_model
 
 CASES = {
     "modules_to_save_lm_head": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),

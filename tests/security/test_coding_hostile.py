@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cycleqd.skills.coding import CodingSkill, ExecLimits
+from cycleqd.skills.coding.skill import CodingSkill, ExecLimits
 
 pytestmark = pytest.mark.timeout(600)
 

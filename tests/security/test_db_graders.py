@@ -24,8 +24,8 @@ import pytest
 
 from cycleqd.sandbox import sandbox_status
 from cycleqd.sandbox.sql import MariaDBConfig, mariadb_ping, table_hash_md5
-from cycleqd.skills.data_code import default_data_dir
-from cycleqd.skills.dbbench import DBBenchSkill, compare_answer
+from cycleqd.skills.coding.data import default_data_dir
+from cycleqd.skills.agentbench.dbbench import DBBenchSkill, compare_answer
 
 SANDBOX = sandbox_status()
 HAS_DB_DATA = (default_data_dir() / "dbbench" / "standard.jsonl").is_file()

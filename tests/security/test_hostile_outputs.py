@@ -134,7 +134,7 @@ def test_raw_sandbox_hostile(host_guard, tcp_server):
 
 
 def test_os_skill_hostile(host_guard, tcp_server, tmp_path):
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
     attacks = shell_attacks(host_guard, tcp_server.port)
     tasks, expected = [], {}
@@ -247,7 +247,7 @@ def _db_items_file(tmp_path, attacks: dict[str, str], g: dict) -> tuple[str, lis
 
 
 def _run_db(backend, host_guard, tcp_server, tmp_path, title):
-    from cycleqd.skills.dbbench import DBBenchSkill
+    from cycleqd.skills.agentbench.dbbench import DBBenchSkill
 
     attacks = sql_attacks(host_guard)
     path, names = _db_items_file(tmp_path, attacks, host_guard)

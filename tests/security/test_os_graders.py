@@ -13,7 +13,7 @@ import pytest
 
 from cycleqd.sandbox import sandbox_status
 from cycleqd.sandbox.rootfs import rootfs_status
-from cycleqd.skills.os_interaction import OSInteractionSkill
+from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
 SANDBOX = sandbox_status()
 ROOTFS_OK, ROOTFS_WHY = rootfs_status()

@@ -5,7 +5,7 @@ outcomes but not the key. Each test FAILS on the current code.
 from __future__ import annotations
 
 from cycleqd.sandbox.sql import SQLiteBackend
-from cycleqd.skills.dbbench import DBBenchSkill
+from cycleqd.skills.agentbench.dbbench import DBBenchSkill
 
 
 def test_db_backend_object_settings_are_in_the_key():
@@ -59,9 +59,9 @@ def test_infrastructure_failures_are_not_cached_as_the_models_outcome(tmp_path, 
     Outcomes whose status says the judge could not decide must not be stored."""
     import json
 
-    from cycleqd.skills import coding as coding_mod
+    from cycleqd.skills.coding import skill as coding_mod
     from cycleqd.skills.cache import SampleCache
-    from cycleqd.skills.coding import CodingSkill, Verdict
+    from cycleqd.skills.coding.skill import CodingSkill, Verdict
 
     add = {"task_id": 11, "text": "Write a function to add two numbers.",
            "code": "def add(a, b):\n    return a + b\n",
@@ -99,7 +99,7 @@ def test_agent_evaluator_failures_are_not_cached(tmp_path):
     from dataclasses import dataclass
 
     from cycleqd.skills.cache import SampleCache
-    from cycleqd.skills.data_agentbench import evaluate_cached
+    from cycleqd.skills.agentbench.data import evaluate_cached
 
     @dataclass(frozen=True)
     class Item:

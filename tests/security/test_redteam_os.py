@@ -119,7 +119,7 @@ def test_cache_key_pins_the_images_package_versions(tmp_path):
     from dataclasses import replace
 
     from cycleqd.sandbox.rootfs import RootFS, dpkg_digest
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
     status = ("Package: bash\nStatus: install ok installed\nArchitecture: amd64\nVersion: 5.2.15-2\n\n"
               "Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n"

@@ -30,7 +30,7 @@ def test_db_second_file_gets_no_outcome_of_the_first(tmp_path):
     """Two DB-Bench files whose first item has the same id ``dbbench/0`` and the same
     question, but another table state and gold answer. A model that always answers "7" is
     right on file A; on file B it is wrong -- and must be asked, not served A's 1.0."""
-    from cycleqd.skills.dbbench import DBBenchSkill
+    from cycleqd.skills.agentbench.dbbench import DBBenchSkill
 
     a, b = tmp_path / "a" / "standard.jsonl", tmp_path / "b" / "standard.jsonl"
     a.parent.mkdir()
@@ -58,7 +58,7 @@ def test_db_second_file_gets_no_outcome_of_the_first(tmp_path):
 def test_os_folders_with_the_same_id_scheme_do_not_collide(tmp_path):
     """Two OS task folders, each with ``tasks.json``: both first tasks are ``os/tasks/0``.
     A model answering "alpha" passes folder A's task and fails folder B's."""
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
     paths = []
     for folder, answer in (("a", "alpha"), ("b", "beta")):

@@ -13,11 +13,11 @@ import json
 
 import pytest
 
-from cycleqd.skills import coding as coding_mod
+from cycleqd.skills.coding import skill as coding_mod
 from cycleqd.skills.cache import (SampleCache, backend_key, canonical, item_key, item_keys,
                                   model_key)
-from cycleqd.skills.coding import CodingSkill, ExecLimits
-from cycleqd.skills.data_code import CodeProblem
+from cycleqd.skills.coding.skill import CodingSkill, ExecLimits
+from cycleqd.skills.coding.data import CodeProblem
 
 try:
     from .test_dbbench_common import HAS_DB_DATA, HAS_OS_DATA, needs_sandbox
@@ -209,17 +209,17 @@ def _variants(cls) -> dict[str, object]:
     if cls is CodingSkill:
         return {"max_new_tokens": 17, "stop": ("\n\n",), "system_prompt": "Hi.",
                 "limits": ExecLimits(max_output_bytes=2048)}
-    from cycleqd.skills.dbbench import DBBenchSkill
+    from cycleqd.skills.agentbench.dbbench import DBBenchSkill
     if cls is DBBenchSkill:
         return {"backend": "mariadb", "max_rounds": 2, "max_new_tokens": 17, "tolerance": 0.5,
                 "stop": ("\n\n",), "scorer": "agentbench"}
-    from cycleqd.skills.os_interaction import OS_LIMITS
+    from cycleqd.skills.agentbench.os_interaction import OS_LIMITS
     v = {"max_rounds": 2, "max_new_tokens": 17, "command_timeout_s": 3.0,
          "setup_timeout_s": 7.0, "one_shot": False, "stop": ("\n\n",),
          "limits": dataclasses.replace(OS_LIMITS, max_output_bytes=2048)}
     # the machine: the Debian image (rootfs) vs the host-tree sandbox are different keys
     # (``rootfs`` -- a prepared image object -- selects the same machine as the default)
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
     if OSInteractionSkill(limit=1).rootfs is not None:
         v["machine"] = "host"
     return v
@@ -227,8 +227,8 @@ def _variants(cls) -> dict[str, object]:
 
 def _skill_classes():
     out = [pytest.param(CodingSkill, {"dataset": "mbpp", "limit": 1}, id="coding")]
-    from cycleqd.skills.dbbench import DBBenchSkill
-    from cycleqd.skills.os_interaction import OSInteractionSkill
+    from cycleqd.skills.agentbench.dbbench import DBBenchSkill
+    from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
     out.append(pytest.param(DBBenchSkill, {"limit": 1}, id="dbbench",
                             marks=pytest.mark.skipif(not HAS_DB_DATA, reason="no DB-Bench data")))
     out.append(pytest.param(OSInteractionSkill, {"limit": 1}, id="os",
@@ -257,7 +257,7 @@ def test_every_setting_that_changes_outcomes_is_in_the_key(cls, base):
 
 @pytest.mark.skipif(not HAS_DB_DATA, reason="no DB-Bench data")
 def test_prompt_constants_are_in_the_keys(monkeypatch):
-    from cycleqd.skills import dbbench, os_interaction
+    from cycleqd.skills.agentbench import dbbench, os_interaction
 
     db = dbbench.DBBenchSkill(limit=1)
     k = db.cache_key

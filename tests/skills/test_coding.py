@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cycleqd.skills import data_code
+from cycleqd.skills.coding import data as data_code
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.coding import (
+from cycleqd.skills.coding.skill import (
     CodingSkill,
     ExecLimits,
     build_program,
@@ -17,7 +17,7 @@ from cycleqd.skills.coding import (
     run_program,
     sanitize_code,
 )
-from cycleqd.skills.data_code import load_humaneval, load_mbpp
+from cycleqd.skills.coding.data import load_humaneval, load_mbpp
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from cycleqd.skills import _code_judge
-from cycleqd.skills import _code_wire as wire
-from cycleqd.skills.coding import CodingSkill, ExecLimits, build_program, run_program
-from cycleqd.skills.data_code import CodeProblem, load_mbpp
+from cycleqd.skills.coding import judge as _code_judge
+from cycleqd.skills.coding import wire
+from cycleqd.skills.coding.skill import CodingSkill, ExecLimits, build_program, run_program
+from cycleqd.skills.coding.data import CodeProblem, load_mbpp
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -142,7 +142,7 @@ def test_run_program_refuses_plain_strings():
 
 
 def test_cache_key_tracks_the_judge(monkeypatch):
-    from cycleqd.skills import coding
+    from cycleqd.skills.coding import skill as coding
     a = CodingSkill("mbpp", limit=2).cache_key
     monkeypatch.setattr(coding, "JUDGE_VERSION", "something-else")
     assert CodingSkill("mbpp", limit=2).cache_key != a

@@ -8,8 +8,8 @@ import pytest
 
 from cycleqd.sandbox.sql import (MariaDBBackend, SQLiteBackend, TableSpec, format_observation,
                                  table_hash_md5)
-from cycleqd.skills.data_agentbench import dbbench_split_ids, load_dbbench, load_dbbench_all
-from cycleqd.skills.dbbench import (DB_PROMPT, DBBenchSkill, compare_answer, parse_answer,
+from cycleqd.skills.agentbench.data import dbbench_split_ids, load_dbbench, load_dbbench_all
+from cycleqd.skills.agentbench.dbbench import (DB_PROMPT, DBBenchSkill, compare_answer, parse_answer,
                                     parse_reply)
 
 try:

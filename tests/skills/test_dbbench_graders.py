@@ -9,7 +9,7 @@ import pytest
 
 from cycleqd.sandbox.sql import (GROUP_CONCAT_MAX_LEN, Reference, TableRows, TableSpec,
                                  table_hash_md5)
-from cycleqd.skills.dbbench import (INVALID, NONE, DBBenchSkill, compare_answer, judge_answer,
+from cycleqd.skills.agentbench.dbbench import (INVALID, NONE, DBBenchSkill, compare_answer, judge_answer,
                                     judge_table, strict_values)
 
 try:
@@ -138,7 +138,7 @@ def test_tablespec_problem():
 
 @needs_db_data
 def test_no_item_of_the_dataset_is_unbuildable():
-    from cycleqd.skills.data_agentbench import load_dbbench_all
+    from cycleqd.skills.agentbench.data import load_dbbench_all
 
     assert [it.id for it in load_dbbench_all() if it.table.problem()] == []
 
@@ -154,7 +154,7 @@ def test_scorer_option_and_cache_key():
     assert len({a.cache_key, b.cache_key, c.cache_key}) == 3
     with pytest.raises(ValueError, match="scorer"):
         DBBenchSkill(split="search", limit=3, scorer="lenient")
-    import cycleqd.skills.dbbench as mod
+    import cycleqd.skills.agentbench.dbbench as mod
 
     key_a, old = a.cache_key, dict(mod.SCORERS)
     try:  # a new version of the rules never reuses outcomes scored under the old one

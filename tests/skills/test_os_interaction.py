@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cycleqd.skills.data_agentbench import load_os, load_os_file, os_split_ids
-from cycleqd.skills.os_interaction import (OS_PROMPT, OSInteractionSkill, containing,
+from cycleqd.skills.agentbench.data import load_os, load_os_file, os_split_ids
+from cycleqd.skills.agentbench.os_interaction import (OS_PROMPT, OSInteractionSkill, containing,
                                            extract_action, in_, integer_match, os_observation,
                                            size_match, string_match)
 

@@ -14,7 +14,7 @@ import pytest
 from cycleqd.sandbox import BwrapSession, SandboxLimits, sandbox_status
 from cycleqd.sandbox.rootfs import (ROOTFS_PACKAGES, RootFS, default_rootfs, rootfs_key,
                                     rootfs_status)
-from cycleqd.skills.os_interaction import OSInteractionSkill
+from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
 SANDBOX = sandbox_status()
 ROOTFS_OK, ROOTFS_WHY = rootfs_status()
@@ -55,7 +55,7 @@ def test_cache_key_changes_with_machine_and_judge(tmp_path, monkeypatch):
     k_b = OSInteractionSkill(data_path=path, split="all",
                              rootfs=replace(fake, key="bbbb")).cache_key
     assert len({k_host, k_a, k_b}) == 3
-    import cycleqd.skills.os_interaction as osi
+    import cycleqd.skills.agentbench.os_interaction as osi
     monkeypatch.setattr(osi, "_VERSION", "test")
     assert OSInteractionSkill(data_path=path, split="all", rootfs=fake).cache_key != k_a
 
@@ -162,7 +162,7 @@ def test_start_runs_in_the_agents_shell(tmp_path):
 
 
 def test_no_image_is_said_in_one_line_then_host_or_error(tmp_path, monkeypatch, capsys):
-    import cycleqd.skills.os_interaction as osi
+    import cycleqd.skills.agentbench.os_interaction as osi
     from cycleqd.sandbox.rootfs import RootfsUnavailableError
 
     def nope(*a, **k):

@@ -8,7 +8,7 @@ from cycleqd.training.data import build_conversations, coding_reply, mbpp_conver
 
 
 def test_mbpp_conversations_use_the_coding_prompt_and_pass_the_tests():
-    from cycleqd.skills.coding import CodingSkill, build_program, extract_code, run_program, sanitize_code
+    from cycleqd.skills.coding.skill import CodingSkill, build_program, extract_code, run_program, sanitize_code
 
     convs = mbpp_conversations(limit=3)
     skill = CodingSkill("mbpp", split="train", limit=3)
@@ -36,7 +36,7 @@ def test_coding_reply_normalises_whitespace():
 
 
 def test_dbbench_trajectories_are_judged_correct(tmp_path):
-    from cycleqd.skills.dbbench import DB_PROMPT
+    from cycleqd.skills.agentbench.dbbench import DB_PROMPT
 
     convs = build_conversations("dbbench", split="train", limit=12, cache_dir=tmp_path)
     assert len(convs) >= 6          # INSERT/UPDATE gold statements + reproducible SELECTs

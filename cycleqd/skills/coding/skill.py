@@ -24,7 +24,7 @@ max 512 new tokens and the system message below):
    first ``def``/``import``/``class`` line; then :func:`sanitize_code` keeps only imports,
    definitions and the module-level assignments they use (the model's own demo calls,
    prints, asserts and ``__main__`` blocks are dropped, as evalplus' sanitizer does).
-4. **Execution** (:mod:`cycleqd.skills._code_judge`): the candidate never runs together
+4. **Execution** (:mod:`cycleqd.skills.coding.judge`): the candidate never runs together
    with the tests. Its sandbox (a fresh bubblewrap sandbox per sample: no network,
    throw-away filesystem, CPU/memory/process/output limits) holds setup + solution + a
    harness + the test *inputs* (recorded once per problem by running the tests on the
@@ -56,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cycleqd.skills._code_judge import (
+from cycleqd.skills.coding.judge import (
     JUDGE_SOURCE_HASH,
     JUDGE_VERSION,
     CodeProgram,
@@ -66,7 +66,7 @@ from cycleqd.skills._code_judge import (
 )
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_keys, model_key
-from cycleqd.skills.data_code import CodeProblem, load_code_problems
+from cycleqd.skills.coding.data import CodeProblem, load_code_problems
 
 #: System message of the official CycleQD MBPP task (tasks/mbpp.py).
 OFFICIAL_SYSTEM_PROMPT = ("You are an exceptionally intelligent coding assistant that consistently "
@@ -244,7 +244,7 @@ def sanitize_code(code: str, entry_point: str | None = None) -> str:
 
 def build_program(problem: CodeProblem, code: str) -> CodeProgram:
     """What runs in the candidate's sandbox: setup + solution, WITHOUT the tests (those run
-    only in the judge, see :mod:`cycleqd.skills._code_judge`).
+    only in the judge, see :mod:`cycleqd.skills.coding.judge`).
 
     HumanEval: the problem's prompt goes first (its imports and helper functions), then the
     solution; a bare indented body is appended to the prompt as a completion.

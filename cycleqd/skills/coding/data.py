@@ -67,20 +67,9 @@ class CodeProblem:
     setup_code: str = ""
 
 
-def repo_root() -> Path:
-    """The checkout's root folder (the parent of the ``cycleqd`` package)."""
-    return Path(__file__).resolve().parents[2]
-
-
-def default_data_dir() -> Path:
-    """``$CYCLEQD_DATA_DIR`` if set, else ``<repo root>/../shared/data``."""
-    env = os.environ.get("CYCLEQD_DATA_DIR")
-    return Path(env) if env else repo_root().parent / "shared" / "data"
-
-
-def default_cache_dir() -> Path:
-    """``$CYCLEQD_CACHE`` if set, else ``~/.cache/cycleqd`` (same rule as the model store)."""
-    return Path(os.environ.get("CYCLEQD_CACHE", Path.home() / ".cache" / "cycleqd"))
+from cycleqd.paths import cache_dir as default_cache_dir  # noqa: E402  (one path rule)
+from cycleqd.paths import data_dir as default_data_dir  # noqa: E402
+from cycleqd.paths import repo_root  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- MBPP
@@ -100,7 +89,7 @@ def _mbpp_file(path: str | os.PathLike | None) -> Path:
     raise FileNotFoundError(
         "MBPP sanitized not found (looked in: " + ", ".join(map(str, candidates)) + "). Point "
         "data_path at sanitized-mbpp.jsonl, set CYCLEQD_DATA_DIR, or run "
-        "`python -c 'from cycleqd.skills.data_code import fetch_mbpp; fetch_mbpp()'` once "
+        "`python -c 'from cycleqd.skills.coding.data import fetch_mbpp; fetch_mbpp()'` once "
         f"(downloads {MBPP_URL}; hub mirror: {MBPP_HUB_ID[0]}, config {MBPP_HUB_ID[1]!r}).")
 
 

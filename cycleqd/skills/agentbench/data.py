@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cycleqd.sandbox.sql import TableSpec
-from cycleqd.skills.data_code import default_cache_dir, default_data_dir
+from cycleqd.skills.coding.data import default_cache_dir, default_data_dir
 
 DB_SPLIT_SEED = 2410_14735_1
 OS_SPLIT_SEED = 2410_14735_2
@@ -67,7 +67,7 @@ def _find(rel: str, data_path: str | os.PathLike | None, what: str, url: str) ->
             return c
     raise FileNotFoundError(
         f"{what} not found (looked in: {', '.join(map(str, cands))}). Point data_path at it, "
-        f"set CYCLEQD_DATA_DIR, or run `python -c 'from cycleqd.skills.data_agentbench import "
+        f"set CYCLEQD_DATA_DIR, or run `python -c 'from cycleqd.skills.agentbench.data import "
         f"fetch_agentbench; fetch_agentbench()'` once (downloads {url}).")
 
 

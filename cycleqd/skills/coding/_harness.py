@@ -1,7 +1,7 @@
 """Candidate-side harness of the coding judge (runs INSIDE the candidate's sandbox).
 
 Usage (inside the sandbox): ``python3 -s -B /cq/harness.py MAX_RESULT_BYTES`` with
-``/cq/wire.py`` (:mod:`cycleqd.skills._code_wire`), ``/cq/solution.py`` (setup + the
+``/cq/wire.py`` (:mod:`cycleqd.skills.coding.wire`), ``/cq/solution.py`` (setup + the
 candidate's code, no tests) and ``/cq/calls.bin`` (``marshal`` data written by the trusted
 host: per call, the marshalled ``(function name, args, kwargs)`` -- the inputs only;
 expected values and test code are never here). ``marshal`` is only ever *read* here, from

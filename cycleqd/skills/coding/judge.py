@@ -5,7 +5,7 @@ Design (issue 12; see docs/graders.md, "Coding"):
 1. **Inputs** (:func:`plan_calls`, trusted, cached per problem in this process): the
    benchmark's test code runs once with the *reference* solution, in its own sandbox, with
    the tested function wrapped by a recorder; the recorded top-level calls (function name +
-   arguments as plain data, :mod:`._code_wire`) are the inputs the tests need.
+   arguments as plain data, :mod:`.wire`) are the inputs the tests need.
 2. **Candidate** (:func:`run_candidate`): a fresh sandbox per sample holds only the setup
    code, the candidate's code, the harness and the list of inputs -- no test code, no
    expected values. The harness calls the function on fresh copies of each input and
@@ -36,8 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cycleqd.skills import _code_wire as wire
-from cycleqd.skills.data_code import CodeProblem
+from cycleqd.skills.coding import wire
+from cycleqd.skills.coding.data import CodeProblem
 
 #: Bump whenever the judge's semantics change (part of CodingSkill.cache_key).
 JUDGE_VERSION = "3-plaindata-replay"
@@ -45,9 +45,9 @@ JUDGE_VERSION = "3-plaindata-replay"
 MAX_ROUNDS = 3
 
 _HERE = Path(__file__).resolve().parent
-_WIRE_SRC = (_HERE / "_code_wire.py").read_text(encoding="utf-8")
-_HARNESS_SRC = (_HERE / "_code_harness.py").read_text(encoding="utf-8")
-_DRIVER_SRC = (_HERE / "_code_driver.py").read_text(encoding="utf-8")
+_WIRE_SRC = (_HERE / "wire.py").read_text(encoding="utf-8")
+_HARNESS_SRC = (_HERE / "_harness.py").read_text(encoding="utf-8")
+_DRIVER_SRC = (_HERE / "_driver.py").read_text(encoding="utf-8")
 #: Hash of the judge's code, host side and sandbox side (also part of the cache key).
 JUDGE_SOURCE_HASH = hashlib.sha256("\0".join([
     JUDGE_VERSION, Path(__file__).read_text(encoding="utf-8"), _WIRE_SRC, _HARNESS_SRC,
@@ -142,7 +142,7 @@ class CallPlan:
     """The inputs the tests of one problem give the tested function(s).
 
     Attributes:
-        calls: call keys (:func:`._code_wire.call_key`), in first-use order, unique.
+        calls: call keys (:func:`.wire.call_key`), in first-use order, unique.
         reference_passed: the reference solution passed the tests while being recorded.
         detail: why recording failed or the reference did not pass ('' if fine).
     """
