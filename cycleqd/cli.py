@@ -276,11 +276,23 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cycleqd.engine.export import export_from_run
+    import shlex
 
+    from cycleqd.engine.export import check_hub_target, export_from_run, push_to_hub
+
+    if args.push_to_hub:
+        check_hub_target(args.push_to_hub)        # before the export's expensive work
+    pick = (["--aggregate"] if args.aggregate else ["--cell", args.cell] if args.cell else
+            ["--archive", args.archive] if args.archive else ["--model", args.model])
+    command = shlex.join(["cycleqd", "export", args.run_dir, *pick, args.out_dir]
+                         + (["--dtype", args.dtype] if args.dtype else [])
+                         + (["--overwrite"] if args.overwrite else []))
     out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=args.model, cell=args.cell,
-                          archive=args.archive, aggregate=args.aggregate)
+                          archive=args.archive, aggregate=args.aggregate, overwrite=args.overwrite,
+                          dtype=args.dtype, command=command)
     print(f"exported to {out}")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")
     return 0
 
 
@@ -389,6 +401,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--archive", help="the best elite of this archive (quality skill name)")
     g.add_argument("--model", help="a model id (e.g. g000123, expert:coding)")
     sp.add_argument("out_dir")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier export in OUT_DIR (swapped in once the new one is complete)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
+                    help="dtype of the saved weights (auto: the base's; default: as materialised)")
+    sp.add_argument("--push-to-hub", metavar="REPO",
+                    help="then upload OUT_DIR to this Hugging Face model repo (token: HF_TOKEN or `hf auth login`)")
+    sp.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("demo", help="the embedded default: experts, CycleQD, comparison table")
