@@ -423,7 +423,8 @@ def push_to_hub(folder: Path | str, repo_id: str, *, private: bool = False, toke
     Args:
         folder: the exported folder (e.g. the return value of :func:`export_from_run`).
         repo_id: ``namespace/name`` of a model repository (created when missing).
-        private: create the repository private (an existing one keeps its visibility).
+        private: create the repository private (else the namespace's default; an existing
+            repository keeps its visibility).
         token: a Hub token; ``None``: ``HF_TOKEN`` or the one saved by ``hf auth login``.
         endpoint: the Hub's URL; ``None``: ``HF_ENDPOINT`` or https://huggingface.co.
     Returns:
@@ -434,7 +435,7 @@ def push_to_hub(folder: Path | str, repo_id: str, *, private: bool = False, toke
     """
     check_hub_target(repo_id, token)
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
                              commit_message=commit_message or f"cycleqd export ({Path(folder).name})")
     return str(getattr(info, "commit_url", info))
