@@ -278,7 +278,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import shlex
 
-    from cycleqd.engine.export import check_hub_target, export_from_run, push_to_hub
+    from cycleqd.engine.export import HubPushError, check_hub_target, export_from_run, push_to_hub
 
     if args.push_to_hub:
         check_hub_target(args.push_to_hub)        # before the export's expensive work
@@ -292,7 +292,11 @@ def cmd_export(args) -> int:
                           dtype=args.dtype, command=command)
     print(f"exported to {out}")
     if args.push_to_hub:
-        print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")
+        try:
+            print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")
+        except HubPushError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
 
@@ -414,6 +414,16 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
                                     "genome": info.genome})
 
 
+class HubPushError(RuntimeError):
+    """The Hub refused an upload or could not be reached; the message is one line naming
+    the repository, the Hub's answer and the complete local folder to retry from."""
+
+
+# the Hub client's errors: its own HTTP error and the transport's base class (httpx or
+# requests, by huggingface_hub version) -- connection refused, timeouts, TLS
+_HUB_ERRORS = (HfHubHTTPError, *HfHubHTTPError.__bases__)
+
+
 def push_to_hub(folder: Path | str, repo_id: str, *, private: bool = False, token: str | None = None,
                 endpoint: str | None = None, commit_message: str | None = None) -> str:
     """Upload an exported folder to the Hugging Face Hub: ``HfApi.create_repo(repo_id,
@@ -431,13 +441,18 @@ def push_to_hub(folder: Path | str, repo_id: str, *, private: bool = False, toke
         The commit's URL.
     Raises:
         ValueError: a bad ``repo_id``, or no token anywhere (checked before any request).
-        huggingface_hub.errors.HfHubHTTPError: the Hub refused (message from the Hub).
+        HubPushError: the Hub refused or could not be reached (its answer, one line).
     """
     check_hub_target(repo_id, token)
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
-    api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
-                             commit_message=commit_message or f"cycleqd export ({Path(folder).name})")
+    try:
+        api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                                 commit_message=commit_message or f"cycleqd export ({Path(folder).name})")
+    except _HUB_ERRORS as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        raise HubPushError(f"push to {repo_id} at {api.endpoint} failed: {first}; the export is "
+                           f"complete in {folder}: retry with `hf upload {repo_id} {folder}`") from e
     return str(getattr(info, "commit_url", info))
 
 

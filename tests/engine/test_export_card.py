@@ -196,6 +196,14 @@ class _Hub(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         url = f"http://127.0.0.1:{self.server.server_port}"
         self.server.calls.append((self.path, body, self.headers.get("authorization")))
+        if self.server.refuse and "/commit/" in self.path:
+            b = json.dumps({"error": "You don't have the rights to create a model under this namespace"}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Error-Message", "You don't have the rights to create a model under this namespace")
+            self.send_header("Content-Length", str(len(b)))
+            self.end_headers()
+            return self.wfile.write(b)
         if self.path == "/api/repos/create":
             return self._send({"url": f"{url}/{self.server.repo}"})
         if self.path == "/api/validate-yaml":
@@ -216,7 +224,7 @@ class _Hub(BaseHTTPRequestHandler):
 @pytest.fixture
 def hub():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    srv.calls, srv.repo = [], "someone/cqd-model"
+    srv.calls, srv.repo, srv.refuse = [], "someone/cqd-model", False
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
@@ -230,7 +238,7 @@ def _uploaded(calls) -> dict[str, bytes]:
     return {x["value"]["path"]: base64.b64decode(x["value"]["content"]) for x in lines if x["key"] == "file"}
 
 
-def test_push_to_hub_uploads_the_exported_folder(tmp_path, run, hub, monkeypatch):
+def test_push_to_hub_uploads_the_exported_folder(tmp_path, run, hub, monkeypatch, capsys):
     out = export_from_run(run["dir"], tmp_path / "h", aggregate=True)
     url = push_to_hub(out, hub.repo, private=True, token="hf_test", endpoint=f"http://127.0.0.1:{hub.server_port}")
     assert url.endswith("/commit/" + "c" * 40)
@@ -249,6 +257,12 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, run, hub, monkeypatch
     assert "visibility" not in json.loads(hub.calls[0][1])     # the namespace's default
     assert all(auth == "Bearer hf_env" for _, _, auth in hub.calls)
     assert _uploaded(hub.calls) == {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+    hub.refuse = True                                   # a refusal: one line, the export kept
+    assert main(["export", str(run["dir"]), "--model", "base", str(tmp_path / "r"),
+                 "--push-to-hub", hub.repo]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and hub.repo in err and "rights" in err and str(tmp_path / "r") in err
+    assert (tmp_path / "r" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="NAMESPACE/NAME|push-to-hub"):
         check_hub_target("just-a-name", token="x")
     with pytest.raises(ValueError, match="push-to-hub"):
