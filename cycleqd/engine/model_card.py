@@ -157,7 +157,7 @@ def model_card(run_dir: Path | str, model_id: str, *, base: Any = None, experts:
                  f"{state['generation']})." if places else
                  f" Not an elite of the run's last state (generation {state['generation']}).")
     out.append(what)
-    out.append(f"\nMerged from the base `{base}` and the experts "
+    out.append(f"\nThe run merges the base `{base}` with the experts "
                + ", ".join(f"`{s}`: `{e}`" for s, e in zip(skills, experts)) + "." if base else "")
 
     # --- scores
