@@ -379,7 +379,7 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
     Raises:
         ValueError: bad selection (names what exists), bad dtype, a weight beyond the dtype's
             range; FileNotFoundError: missing files; FileExistsError: see :func:`_check_out`,
-            or ``out_dir`` is (or holds) the run directory.
+            or ``out_dir`` is (or holds) the run directory, or is the run's base or an expert.
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir)
@@ -390,6 +390,9 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
         resolve_dtype(dtype, None)
     mid = _pick_model(run_dir, model_id=model_id, cell=cell, archive=archive, aggregate=aggregate)
     cfg, space, info = _space_for_run(run_dir)
+    sources = [info.model_dir, info.base_spec, *info.expert_specs]
+    if any(Path(str(s)).expanduser().resolve() == out_dir.resolve() for s in sources if s):
+        raise FileExistsError(f"{out_dir} is a model the run reads (its base or an expert); export elsewhere")
     dt = resolve_dtype(dtype, info.model_dir)
     if mid.startswith("expert:"):
         skill = mid.split(":", 1)[1]

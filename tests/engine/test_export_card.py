@@ -139,6 +139,9 @@ def test_overwrite_refusal_swap_and_safety(tmp_path, run, monkeypatch, capsys):
         export_from_run(rd, other, model_id="base", overwrite=True)
     with pytest.raises(FileExistsError, match="run directory"):
         export_from_run(rd, rd.parent, model_id="base", overwrite=True)
+    base_dir = Path(json.loads((out / "cycleqd_export.json").read_text())["base"])
+    with pytest.raises(FileExistsError, match="the run reads"):
+        export_from_run(rd, base_dir, model_id="expert:a", overwrite=True)
     assert (other / "x.txt").read_text() == "keep" and (rd / "state.json").is_file()
 
 
