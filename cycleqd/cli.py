@@ -7,6 +7,7 @@ neither torch nor transformers; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -275,6 +276,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_elites(args) -> int:
+    from cycleqd.engine.elites import elite_table, format_text, listed
+
+    table = elite_table(Path(args.run_dir))
+    if args.json:
+        rows = listed(table, front_only=args.front, sort=args.sort)
+        print(json.dumps({"skills": table.skills, "elites": [r.to_json(table.skills) for r in rows]}, indent=2))
+    else:
+        print(format_text(table, front_only=args.front, sort=args.sort))
+    return 0
+
+
 def cmd_export(args) -> int:
     import shlex
 
@@ -283,11 +296,19 @@ def cmd_export(args) -> int:
     if args.push_to_hub:
         check_hub_target(args.push_to_hub)        # before the export's expensive work
     pick = (["--aggregate"] if args.aggregate else ["--cell", args.cell] if args.cell else
-            ["--archive", args.archive] if args.archive else ["--model", args.model])
+            ["--archive", args.archive] if args.archive else ["--select", args.select] if args.select
+            else ["--model", args.model])
+    model = args.model
+    if args.select:
+        from cycleqd.engine.elites import elite_table, select
+
+        chosen, why = select(elite_table(Path(args.run_dir)), args.select)
+        print(f"selected {why}")
+        model = chosen.id
     command = shlex.join(["cycleqd", "export", args.run_dir, *pick, args.out_dir]
                          + (["--dtype", args.dtype] if args.dtype else [])
                          + (["--overwrite"] if args.overwrite else []))
-    out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=args.model, cell=args.cell,
+    out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=model, cell=args.cell,
                           archive=args.archive, aggregate=args.aggregate, overwrite=args.overwrite,
                           dtype=args.dtype, command=command)
     print(f"exported to {out}")
@@ -397,6 +418,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["md", "html", "both"], default="both")
     sp.set_defaults(fn=cmd_report)
 
+    sp = sub.add_parser("elites", help="list every elite of a run with its scores and the Pareto front")
+    sp.add_argument("run_dir")
+    sp.add_argument("--front", action="store_true", help="only the Pareto front")
+    sp.add_argument("--sort", metavar="SKILL", help="sort by this skill's score (or 'mean', the default)")
+    sp.add_argument("--json", action="store_true", help="JSON for scripts (skills, elites with scores)")
+    sp.set_defaults(fn=cmd_elites)
+
     sp = sub.add_parser("export", help="export an elite or the aggregated model as a Hugging Face folder")
     sp.add_argument("run_dir")
     g = sp.add_mutually_exclusive_group(required=True)
@@ -404,6 +432,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--cell", help="ARCHIVE:i,j - the elite in that cell of that archive")
     g.add_argument("--archive", help="the best elite of this archive (quality skill name)")
     g.add_argument("--model", help="a model id (e.g. g000123, expert:coding)")
+    g.add_argument("--select", metavar="PREF",
+                   help="the elite that best fits a preference: weights 'coding=2,db=1' and/or "
+                        "constraints 'coding>=0.3' (see `cycleqd elites`)")
     sp.add_argument("out_dir")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace an earlier export in OUT_DIR (swapped in once the new one is complete)")

@@ -30,6 +30,8 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
 
 from cycleqd._io import atomic_directory
+from cycleqd.engine.elites import elite_table, load_archives
+from cycleqd.engine.elites import select as select_elite
 from cycleqd.engine.model_card import model_card
 from cycleqd.models.loading import _TOKENIZER_FILES, non_finite_description
 
@@ -324,20 +326,17 @@ def _space_for_run(run_dir: Path):
 
 
 def _pick_model(run_dir: Path, *, model_id: str | None, cell: str | None, archive: str | None,
-                aggregate: bool) -> str:
-    from cycleqd.qd.archive import GridArchive
-
-    chosen = [x for x in (model_id, cell, archive) if x] + (["aggregate"] if aggregate else [])
+                aggregate: bool, select: str | None = None) -> str:
+    chosen = [x for x in (model_id, cell, archive, select) if x] + (["aggregate"] if aggregate else [])
     if len(chosen) != 1:
-        raise ValueError("export: give exactly one of model_id, cell, archive, aggregate")
+        raise ValueError("export: give exactly one of model_id, cell, archive, aggregate, select")
     if aggregate:
         return "aggregate"
     if model_id:
         return model_id
-    state_path = run_dir / "state.json"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no state.json (not a cycleqd run, or no generation finished)")
-    archives = [GridArchive.from_json(a) for a in json.loads(state_path.read_text())["archives"]]
+    if select:
+        return select_elite(elite_table(run_dir), select)[0].id
+    archives = load_archives(run_dir)
     by_name = {a.quality_skill: a for a in archives}
     if archive:
         if archive not in by_name:
@@ -364,13 +363,15 @@ def _pick_model(run_dir: Path, *, model_id: str | None, cell: str | None, archiv
 
 def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str | None = None,
                     cell: str | None = None, archive: str | None = None, aggregate: bool = False,
-                    overwrite: bool = False, dtype: str | torch.dtype | None = None,
+                    select: str | None = None, overwrite: bool = False, dtype: str | torch.dtype | None = None,
                     command: str | None = None) -> Path:
     """Export one model of a finished (or running) CycleQD run as an HF folder with a
     model card (``README.md``: lineage, scores, config, method; :func:`model_card`).
 
     Exactly one of: ``model_id`` (``g000123``, ``expert:<skill>``, ``base``, ``aggregate``),
-    ``cell`` (``ARCHIVE:i,j``), ``archive`` (that archive's best elite), ``aggregate``.
+    ``cell`` (``ARCHIVE:i,j``), ``archive`` (that archive's best elite), ``aggregate``,
+    ``select`` (a preference such as ``coding=2,db>=0.3``:
+    :func:`cycleqd.engine.elites.parse_preference`).
     The run's weight space is rebuilt from its ``config.yaml`` (same base, experts and
     operators); the genome comes from ``RUN_DIR/genomes``. ``dtype``: see
     :func:`write_hf_folder` (``None``: as materialised); ``command``: the command line,
@@ -388,7 +389,8 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
     _check_out(out_dir, overwrite)
     if dtype not in (None, "auto") and not isinstance(dtype, torch.dtype):
         resolve_dtype(dtype, None)
-    mid = _pick_model(run_dir, model_id=model_id, cell=cell, archive=archive, aggregate=aggregate)
+    mid = _pick_model(run_dir, model_id=model_id, cell=cell, archive=archive, aggregate=aggregate,
+                      select=select)
     cfg, space, info = _space_for_run(run_dir)
     sources = [info.model_dir, info.base_spec, *info.expert_specs]
     if any(Path(str(s)).expanduser().resolve() == out_dir.resolve() for s in sources if s):
