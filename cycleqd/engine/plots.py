@@ -107,9 +107,9 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
     """Draw one archive's elite map to ``path`` (PNG, written atomically).
 
     Seed models' cells are outlined in red and labelled with the skill name; every filled
-    cell is labelled with its index ``i,j`` (:func:`cell_index`, what ``cycleqd export
-    --cell ARCHIVE:i,j`` takes; under the seed's name in a seed's cell, left out where it
-    does not fit whole). Labels are white on dark cells and black on light ones, at a font
+    cell is labelled with the index ``i,j`` of the elite drawn there (:func:`cell_index`,
+    :func:`shown_cells`; what ``cycleqd export --cell ARCHIVE:i,j`` takes; under the seed's
+    name in a seed's cell, left out where it does not fit whole). Labels are white on dark cells and black on light ones, at a font
     size that fits the cell (a seed name is shortened when the cell is too small). The colour scale runs from 0 to the best quality (0..1 for an
     archive whose elites all score 0, which the title then says).
     """
@@ -144,6 +144,7 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
             ax.annotate(text, (x0 + w / 2, y0 + y_frac * h), color=colour, fontsize=size, ha="center",
                         va="center", fontweight="bold" if bold else "normal", annotation_clip=True, gid=gid)
 
+        shown = shown_cells(archive)
         labelled = set()
         for cell, e in archive:
             if e.id not in seed_ids:
@@ -151,8 +152,10 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
             ij = (cell[0], cell[1] if len(cell) > 1 else 0)
             ax.add_patch(plt.Rectangle((x_ax.lo + ij[0] * w, (y_ax.lo + ij[1] * h) if y_ax else 0.0), w, h,
                                        fill=False, ec="red", lw=1.8))
-            name, idx = e.id.split(":")[-1], cell_index(cell)
+            name, idx = e.id.split(":")[-1], cell_index(shown[ij])
             top, bottom = fit_label(name, cell_w_pt, cell_h_pt / 2), fit_label(idx, cell_w_pt, cell_h_pt / 2)
+            if ij in labelled:
+                continue      # another seed projected onto this position already labelled it
             if top is not None and bottom is not None and bottom[0] == idx:   # name above the index
                 label(*top, ij, 0.75, SEED_LABEL_GID, True)
                 label(*bottom, ij, 0.25, INDEX_LABEL_GID, False)
@@ -160,7 +163,7 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
             elif (fitted := fit_label(name, cell_w_pt, cell_h_pt)) is not None:
                 label(*fitted, ij, 0.5, SEED_LABEL_GID, True)
                 labelled.add(ij)
-        for ij, cell in shown_cells(archive).items():
+        for ij, cell in shown.items():
             fitted = fit_label(cell_index(cell), cell_w_pt, cell_h_pt)
             if ij not in labelled and fitted is not None and fitted[0] == cell_index(cell):
                 label(*fitted, ij, 0.5, INDEX_LABEL_GID, False)
