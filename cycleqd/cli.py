@@ -27,6 +27,8 @@ scored on every skill, and offered to every archive.
 Start here:
   cycleqd run tiny                       a one-minute run on a tiny synthetic model (CPU)
   cycleqd report RUN_DIR                 elite maps, curves and best models of a run
+  cycleqd elites RUN_DIR                 every elite with its scores; the Pareto front
+  cycleqd export RUN_DIR --select coding=2,db=1 OUT    the elite that fits a preference
   cycleqd demo                           SmolLM2-135M experts + CycleQD on real benchmarks
   cycleqd init my-configs                editable copies of the example configs
                                          (tiny, paper, demo, demo-toy; usable by name)
