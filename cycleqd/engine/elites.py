@@ -192,10 +192,9 @@ def parse_preference(text: str, skills: Sequence[str]) -> Preference:
     """
     weights: dict[str, float] = {}
     constraints: list[tuple[str, str, float]] = []
-    terms = [t for t in text.split(",")]
     if not text.strip():
         raise PreferenceError("--select: empty preference; give e.g. 'coding=2,db=1' or 'coding>=0.3'")
-    for t in terms:
+    for t in text.split(","):
         m = _TERM.match(t)
         if not m:
             raise PreferenceError(f"--select: term {t.strip()!r} is not SKILL=WEIGHT or SKILL>=X "
@@ -234,7 +233,8 @@ def select(table: EliteTable, preference: str | Preference) -> tuple[EliteRow, s
         names = sorted({s for s, _, _ in pref.constraints})
         desc = "; ".join(f"{r.id} (" + ", ".join(f"{s}={r.scores.get(s, math.nan):.3f}" for s in names) + ")"
                          for r in near)
-        raise PreferenceError(f"--select {pref.text!r}: no elite satisfies it; closest: {desc or 'none (empty archives)'}")
+        raise PreferenceError(f"--select {pref.text!r}: no elite satisfies it; closest: "
+                              f"{desc or 'none (the archives are empty)'}")
     best = min(ok, key=lambda r: (-_num(pref.score(r, table.skills)), -_num(r.mean(table.skills)), r.id))
     what = ("weighted score " + " + ".join(f"{w:g}*{s}" for s, w in pref.weights.items())
             if pref.weights else "mean score")

@@ -109,9 +109,10 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
     Seed models' cells are outlined in red and labelled with the skill name; every filled
     cell is labelled with the index ``i,j`` of the elite drawn there (:func:`cell_index`,
     :func:`shown_cells`; what ``cycleqd export --cell ARCHIVE:i,j`` takes; under the seed's
-    name in a seed's cell, left out where it does not fit whole). Labels are white on dark cells and black on light ones, at a font
-    size that fits the cell (a seed name is shortened when the cell is too small). The colour scale runs from 0 to the best quality (0..1 for an
-    archive whose elites all score 0, which the title then says).
+    name in a seed's cell, left out where it does not fit whole). Labels are white on dark
+    cells and black on light ones, at a font size that fits the cell (a seed name is
+    shortened when the cell is too small). The colour scale runs from 0 to the best quality
+    (0..1 for an archive whose elites all score 0, which the title then says).
     """
     grid = quality_grid(archive)
     own = ax is None

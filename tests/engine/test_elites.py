@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 
 import matplotlib
 
@@ -149,7 +148,7 @@ def test_export_select_exports_the_chosen_elite(run, tmp_path, capsys):
     sel, ref = load_file(tmp_path / "sel" / "model.safetensors"), load_file(tmp_path / "by_id" / "model.safetensors")
     assert sel.keys() == ref.keys() and all((sel[k] == ref[k]).all() for k in sel)
     assert json.loads((tmp_path / "sel" / "cycleqd_export.json").read_text())["model_id"] == want.id
-    assert f"--select {shlex.quote(pref)}" in (tmp_path / "sel" / "README.md").read_text()   # the card quotes the command
+    assert f"--select {shlex.quote(pref)}" in (tmp_path / "sel" / "README.md").read_text()  # the command
     # weights: the best b is chosen (here the b expert or a child beating it)
     capsys.readouterr()
     best_b = min(table.rows, key=lambda x: (-x.scores["b"], -x.mean(["a", "b"]), x.id))
