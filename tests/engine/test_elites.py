@@ -15,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from cycleqd.cli import main  # noqa: E402
 from cycleqd.engine.elites import (EliteRow, EliteTable, PreferenceError, elite_table,  # noqa: E402
-                                   mark_front, parse_preference, select)
+                                   format_text, mark_front, parse_preference, select, table_rows)
 from cycleqd.engine.plots import INDEX_LABEL_GID, SEED_LABEL_GID, plot_elite_map  # noqa: E402
 from cycleqd.qd.archive import Elite, make_archives  # noqa: E402
 
@@ -209,3 +209,20 @@ def test_maps_label_every_filled_cell_with_its_export_index(skills, bins):
         assert t.get_fontsize() >= 4.5
     assert [t for t in ax.texts if t.get_gid() == SEED_LABEL_GID]     # seeds keep their names
     plt.close(fig)
+
+
+def test_test_column_only_when_held_out_scores_are_recorded(run, tmp_path, capsys):
+    rd = tmp_path / "run"
+    rd.mkdir()
+    for f in ("state.json", "config.yaml"):
+        (rd / f).write_bytes((run / f).read_bytes())
+    assert "test mean" not in format_text(elite_table(rd))
+    table = elite_table(rd)
+    some = table.rows[1]
+    (tmp_path / "comparison.json").write_text(json.dumps(
+        {"rows": [{"id": some.id, "scores": {"a": 0.25, "b": 0.75}}]}))   # as `cycleqd demo` writes it
+    table = elite_table(rd)
+    assert table.by_id()[some.id].test == {"a": 0.25, "b": 0.75}
+    header, rows = table_rows(table)
+    col = header.index("test mean")
+    assert {r[0]: r[col] for r in rows} == {r.id: ("0.500" if r.id == some.id else "-") for r in table.rows}
