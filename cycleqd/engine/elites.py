@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from cycleqd.engine.model_card import _test_scores
+from cycleqd.engine.model_card import _test_scores, load_comparison
 from cycleqd.engine.rundir import RunDir
 from cycleqd.qd.archive import GridArchive
 
@@ -116,6 +116,7 @@ def elite_table(run_dir: Path | str) -> EliteTable:
     archives = load_archives(run_dir)
     skills = _skills(run_dir, archives)
     rows: dict[str, EliteRow] = {}
+    comp = load_comparison(run_dir)
     for a in archives:
         for cell, e in sorted(a, key=lambda ce: ce[0]):
             loc = f"{a.quality_skill}:{','.join(str(int(i)) for i in cell)}"
@@ -123,7 +124,7 @@ def elite_table(run_dir: Path | str) -> EliteTable:
                 rows[e.id].locations.append(loc)
             else:
                 rows[e.id] = EliteRow(e.id, int(e.generation), [loc], dict(e.scores),
-                                      _test_scores(run_dir, e.id))
+                                      _test_scores(run_dir, e.id, comp) if comp else None)
     table = EliteTable(skills, sorted(rows.values(), key=lambda r: (-_num(r.mean(skills)), r.id)))
     mark_front(table.rows, skills)
     return table

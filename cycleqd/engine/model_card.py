@@ -68,16 +68,29 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def _test_scores(run_dir: Path, model_id: str) -> dict | None:
-    """Held-out test scores that ``cycleqd demo`` recorded for this model (its
-    ``comparison.json`` sits beside the run directory), else None."""
-    path = run_dir.parent / "comparison.json"
+def load_comparison(run_dir: Path) -> dict | None:
+    """``comparison.json`` that ``cycleqd demo`` writes beside the run directory, or None
+    (missing or unreadable)."""
+    path = Path(run_dir).parent / "comparison.json"
     if not path.is_file():
         return None
     try:
         comp = json.loads(path.read_text())
+        return comp if isinstance(comp, dict) else None
+    except ValueError:
+        return None
+
+
+def _test_scores(run_dir: Path, model_id: str, comp: dict | None = None) -> dict | None:
+    """Held-out test scores that ``cycleqd demo`` recorded for this model (its
+    ``comparison.json`` sits beside the run directory; ``comp``: already loaded by
+    :func:`load_comparison`), else None."""
+    comp = comp if comp is not None else load_comparison(run_dir)
+    if comp is None:
+        return None
+    try:
         rows = {r["id"]: r for r in comp["rows"]}
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
     if model_id == "aggregate":
         row = rows.get("cycleqd:aggregate")
