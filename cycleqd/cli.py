@@ -106,9 +106,9 @@ def _library_progress(show: bool) -> None:
 def _require_data(skills) -> None:
     """Every benchmark file the skills read from the data dir is there (skills with their own
     ``data_path`` excepted); else one error listing all missing files and the fetch command."""
-    from cycleqd.datasets import datasets_for_skill, require
+    from cycleqd.datasets import names_for_skills, require
 
-    require(dict.fromkeys(n for s in skills if "data_path" not in s.params for n in datasets_for_skill(s.type)))
+    require(names_for_skills(skills))
 
 
 def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = None) -> int:

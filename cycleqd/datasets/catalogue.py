@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 _GR = "https://raw.githubusercontent.com/google-research/google-research/"
 _AB = "https://raw.githubusercontent.com/THUDM/AgentBench/"
@@ -128,6 +128,17 @@ def datasets_for_skill(skill_type: str) -> tuple[str, ...]:
     """Names of the data sets a skill type reads from the data dir (``()`` for types that
     bring their own data: humaneval, synthetic, ...)."""
     return tuple(d.name for d in CATALOGUE.values() if skill_type in d.skills)
+
+
+def names_for_skills(skills: Iterable[Any]) -> list[str]:
+    """The data sets a run's skills read from the data dir, in order, without repeats.
+
+    Args:
+        skills: objects with ``type`` and ``params`` (run or demo skill configs); a skill
+            whose params set ``data_path`` brings its own file and needs nothing.
+    """
+    names = (n for s in skills if "data_path" not in (s.params or {}) for n in datasets_for_skill(s.type))
+    return list(dict.fromkeys(names))
 
 
 def file_entry(rel: str) -> tuple[Dataset, DataFile]:

@@ -203,4 +203,8 @@ def fetch(names: Iterable[str], root: Path | None = None, *, progress: bool = Tr
             an unknown name before any download.
     """
     root = root or data_dir()
-    return [fetch_file(f, root, progress=progress, log=log, **kw) for _, f in missing_files(names, root)]
+    missing = missing_files(names, root)
+    if missing:
+        log(f"benchmark data: {len(missing)} file(s) missing in {root}; fetching "
+            f"{', '.join(dict.fromkeys(d.name for d, _ in missing))}")
+    return [fetch_file(f, root, progress=progress, log=log, **kw) for _, f in missing]
