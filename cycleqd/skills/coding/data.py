@@ -65,8 +65,7 @@ class CodeProblem:
 
 
 from cycleqd.datasets import locate  # noqa: E402
-from cycleqd.paths import cache_dir as default_cache_dir  # noqa: E402  (one path rule)
-from cycleqd.paths import data_dir as default_data_dir  # noqa: E402
+from cycleqd.paths import data_dir as default_data_dir  # noqa: E402,F401  (one path rule; tests use it)
 
 
 # ---------------------------------------------------------------------------------- MBPP
