@@ -132,7 +132,7 @@ def _download(url: str, fh, *, desc: str, progress: bool, timeout_s: float) -> N
     with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 (catalogue or mirror URL)
         total = int(r.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
-                  disable=not progress, leave=False) as bar:
+                  disable=None if progress else True, leave=False) as bar:   # None: only on a terminal
             for block in iter(lambda: r.read(CHUNK), b""):
                 fh.write(block)
                 bar.update(len(block))
@@ -144,7 +144,7 @@ def fetch_file(f: DataFile, root: Path | None = None, *, progress: bool = True, 
 
     Args:
         f: the catalogue entry. root: data dir (default :func:`cycleqd.paths.data_dir`).
-        progress: tqdm bar on stderr. timeout_s: per connection/read. attempts: tries on
+        progress: tqdm bar on stderr (when it is a terminal). timeout_s: per connection/read. attempts: tries on
             network errors (HTTP 4xx is not retried).
         log: gets one line saying what is fetched from where.
     Returns:
