@@ -7,6 +7,7 @@ neither torch nor transformers; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -474,7 +475,6 @@ def _quiet_libraries() -> None:
     they read at import). Download progress bars of the hub stay on: a large model's
     download must show that it is happening."""
     import logging
-    import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -485,9 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
 
     args = build_parser(argv).parse_args(argv)
-    if getattr(args, "data_dir", None) and args.command != "train-expert":
-        import os
-
+    if getattr(args, "data_dir", None) and args.command != "train-expert":   # its --data-dir is a data_path
         os.environ["CYCLEQD_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
     import signal
     import threading
