@@ -26,7 +26,8 @@ Fault tolerance
     a CUDA out-of-memory error) costs no generation: its job goes back to the front of the
     queue and runs on the next free worker, and the dead actor is replaced by a fresh one.
     The callable must be deterministic in its payload for a retry to give the same result
-    (the engine's step derives every random draw from ``(run seed, generation, purpose)``). A job that kills ``max_attempts`` workers in a row stops
+    (the engine's step derives every random draw from ``(run seed, generation, purpose)``).
+    A job that kills ``max_attempts`` workers in a row stops
     the run with an error (finished generations are checkpointed; ``cycleqd resume``).
     Exceptions raised by the job's own code (a bug, bad data) are not retried: they reach
     the driver unchanged. The driver dying is covered by the engine's resume.
@@ -309,7 +310,7 @@ class RayExecutor:
             opts["runtime_env"] = {"env_vars": env}
         self._actor_cls = ray.remote(_Worker).options(**opts)
 
-        # job bookkeeping: submission sequence numbers key everything (seed jobs share generation 0)
+        # job bookkeeping: submission sequence numbers key everything
         self._seq = count()
         self._order: deque[int] = deque()           # submitted, result not yet handed back
         self._jobs: dict[int, Any] = {}

@@ -207,6 +207,27 @@ def test_job_errors_are_raised_not_retried(local_ray, tiny_cfg, tmp_path):
         ex.close()
 
 
+def _sleepy_square_factory(name, shared):
+    """A dummy task for the generic executor: x -> (x * x, worker), later payloads faster."""
+    def fn(x):
+        time.sleep(0.3 if x % 2 == 0 else 0.0)
+        return x * x + shared, name
+    return fn
+
+
+def test_generic_executor_runs_a_dummy_callable_in_order(local_ray):
+    ex = RayExecutor(_sleepy_square_factory, shared=100, workers=2, progress=False)
+    try:
+        assert ex.capacity == 2
+        for x in range(6):
+            ex.submit(x)
+        out = [ex.next_result() for _ in range(6)]
+    finally:
+        ex.close()
+    assert [r for r, _ in out] == [100 + x * x for x in range(6)]     # submission order
+    assert {w for _, w in out} == {"ray-w0", "ray-w1"}
+
+
 def test_bad_arguments_fail_before_starting_anything(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         RayExecutor(None, workers=0)
