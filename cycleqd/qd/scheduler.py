@@ -38,7 +38,7 @@ class Ask:
     generation: int
     skill: int
     parents: tuple[str, ...]
-    basis: int = 0
+    basis: int
 
 
 class CycleQDScheduler:
