@@ -57,12 +57,12 @@ def _executor(args, ctx, cfg):
     kind = getattr(args, "executor", None) or cfg.executor.type
     if kind != "ray":
         return None
-    from cycleqd.executors.ray_executor import RayExecutor
+    from cycleqd.engine.workers import ray_step_executor
 
-    return RayExecutor.from_args(ctx, address=args.address or cfg.executor.address,
-                                 workers=args.workers or cfg.executor.workers,
-                                 synchronous=args.synchronous or cfg.executor.synchronous,
-                                 progress=not getattr(args, "no_progress", False))
+    return ray_step_executor(ctx, address=args.address or cfg.executor.address,
+                             workers=args.workers or cfg.executor.workers,
+                             synchronous=args.synchronous or cfg.executor.synchronous,
+                             progress=not getattr(args, "no_progress", False))
 
 
 class Terminated(KeyboardInterrupt):
