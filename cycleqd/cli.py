@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ Start here:
   cycleqd demo                           SmolLM2-135M experts + CycleQD on real benchmarks
   cycleqd init my-configs                editable copies of the example configs
                                          (tiny, paper, demo, demo-toy; usable by name)
+  cycleqd data list                      benchmark files: present or not, where, source
+  cycleqd data fetch                     download the demo's benchmark files (checked)
 """
 
 EPILOG = "Run `cycleqd COMMAND --help` for a command's options. Docs: README.md."
@@ -57,12 +60,12 @@ def _executor(args, ctx, cfg):
     kind = getattr(args, "executor", None) or cfg.executor.type
     if kind != "ray":
         return None
-    from cycleqd.executors.ray_executor import RayExecutor
+    from cycleqd.engine.workers import ray_step_executor
 
-    return RayExecutor.from_args(ctx, address=args.address or cfg.executor.address,
-                                 workers=args.workers or cfg.executor.workers,
-                                 synchronous=args.synchronous or cfg.executor.synchronous,
-                                 progress=not getattr(args, "no_progress", False))
+    return ray_step_executor(ctx, address=args.address or cfg.executor.address,
+                             workers=args.workers or cfg.executor.workers,
+                             synchronous=args.synchronous or cfg.executor.synchronous,
+                             progress=not getattr(args, "no_progress", False))
 
 
 class Terminated(KeyboardInterrupt):
@@ -104,7 +107,16 @@ def _library_progress(show: bool) -> None:
     enable_progress_bars()
 
 
+def _require_data(skills) -> None:
+    """Every benchmark file the skills read from the data dir is there (skills with their own
+    ``data_path`` excepted); else one error listing all missing files and the fetch command."""
+    from cycleqd.datasets import names_for_skills, require
+
+    require(names_for_skills(skills))
+
+
 def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = None) -> int:
+    _require_data(cfg.skills)   # before any model work
     _stage("building weight space and models (importing torch, loading base and experts) ...")
     _library_progress(sys.stderr.isatty() and not args.no_progress)
     from cycleqd._io import is_disk_full
@@ -336,6 +348,32 @@ def cmd_demo(args) -> int:
     return llm_main(args)
 
 
+def cmd_data(args) -> int:
+    """``cycleqd data list``: one row per catalogue file; ``cycleqd data fetch [NAME...]``:
+    download what is missing (default: what the demo needs)."""
+    from cycleqd import datasets
+    from cycleqd.paths import data_dir
+
+    root = data_dir()
+    if args.data_command == "fetch":
+        names = args.names or list(datasets.DEFAULT_DATASETS)
+        got = datasets.fetch(names, root, progress=not args.no_progress)
+        print(f"{len(got)} file(s) fetched into {root}" if got else f"nothing to fetch: {', '.join(names)} "
+              f"already in {root}")
+        return 0
+    rows = [("NAME", "STATUS", "SIZE", "PATH", "SOURCE")]
+    for d in datasets.CATALOGUE.values():
+        for f in d.files:
+            src = f.url or f"mirror only: {f.mirror_only}"
+            rows.append((d.name, datasets.file_status(f, root), f"{f.size / 1e6:.2f} MB", str(root / f.rel), src))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print(f"data dir: {root} (CYCLEQD_DATA_DIR / --data-dir)" +
+          (f"; mirror: {datasets.mirror()}" if datasets.mirror() else ""))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
 def cmd_train_expert(args) -> int:
     from cycleqd.training.cli import main as train_main
 
@@ -360,6 +398,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cycleqd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def add_data_dir(sp):
+        sp.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="benchmark data folder (sets $CYCLEQD_DATA_DIR; default <cache>/data)")
+
     def add_exec(sp):
         sp.add_argument("--executor", choices=["local", "ray"], default=None,
                         help="where children are made and scored (default: the config's executor.type)")
@@ -380,6 +422,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="start a CycleQD run from a YAML config",
                         description="Start a CycleQD run. Every generation is checkpointed; "
                                     "`cycleqd resume RUN_DIR` continues a killed run exactly.")
+    add_data_dir(sp)
     sp.add_argument("config", help="YAML config file, or the name of a bundled example "
                                    "(tiny, paper; `cycleqd init DIR` writes editable copies)")
     sp.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
@@ -394,6 +437,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                         description="Continue a run from its last complete generation. The run "
                                     "directory is checked first (state, metrics, genome digests); "
                                     "one process per run directory (RUN_DIR/.lock).")
+    add_data_dir(sp)
     sp.add_argument("run_dir")
     sp.add_argument("--from-snapshot", type=int, default=None, metavar="N",
                     help="rewind to snapshot archives/gen_N.json first (when the newest state is "
@@ -404,6 +448,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_resume)
 
     sp = sub.add_parser("validate", help="check a config without loading any model")
+    add_data_dir(sp)
     sp.add_argument("config", help="YAML config file or bundled config name")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(fn=cmd_validate)
@@ -448,6 +493,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("demo", help="the embedded default: experts, CycleQD, comparison table")
+    add_data_dir(sp)
     sp.add_argument("--domain", choices=["llm", "vision"], default="llm")
     sp.add_argument("--out", help="output directory")
     sp.add_argument("--generations", type=int, help="CycleQD generations")
@@ -458,6 +504,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
         demo_arguments(sp)
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("data", help="benchmark data: list what is present, fetch what is missing")
+    dsub = sp.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    add_data_dir(dsub.add_parser("list", help="each file: present/missing, path, public source, size"))
+    dp = dsub.add_parser("fetch", help="download missing files (pinned sources, SHA-256 checked; "
+                                       "$CYCLEQD_DATA_MIRROR replaces the public URLs)")
+    dp.add_argument("names", nargs="*", metavar="NAME",
+                    help="data sets (default: mbpp dbbench os, what the demo needs); see `cycleqd data list`")
+    dp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_data_dir(dp)
+    sp.set_defaults(fn=cmd_data)
 
     sp = sub.add_parser("train-expert", help="fine-tune (LoRA) an expert for one skill")
     sp.add_argument("skill")
@@ -474,7 +531,6 @@ def _quiet_libraries() -> None:
     they read at import). Download progress bars of the hub stay on: a large model's
     download must show that it is happening."""
     import logging
-    import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -485,6 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
 
     args = build_parser(argv).parse_args(argv)
+    if getattr(args, "data_dir", None) and args.command != "train-expert":   # its --data-dir is a data_path
+        os.environ["CYCLEQD_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
     import signal
     import threading
 
@@ -508,6 +566,13 @@ def _main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from cycleqd.datasets import DataError
+
+        if not isinstance(e, DataError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config
+from cycleqd.datasets import fetch as fetch_data, names_for_skills
 from cycleqd.demo.config import DEFAULT_CONFIG, TOY_CONFIG, DemoConfig, load_demo_config  # package data
 #: a claim "beats by >= 5 points" means a difference of at least this (scores in [0, 1])
 EXPERT_MARGIN = 0.05
@@ -419,6 +420,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
     t_all = t = time.perf_counter()
 
     # cheap checks first: every evaluator (data files, parameters) before any model work
+    fetch_data(names_for_skills(cfg.skills), progress=progress, log=log)   # missing benchmark files
     test_sk = test_skills(cfg, cache)
     sizes = {s.name: _n_items(s) for s in test_sk}
 

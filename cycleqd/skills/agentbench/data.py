@@ -3,14 +3,13 @@ lockstep multi-turn episode runner both agent skills share.
 
 Sources (THUDM/AgentBench, Apache-2.0)
 - DB-Bench: ``<data_dir>/dbbench/standard.jsonl`` (300 items: 100 INSERT, 100 UPDATE, 100
-  SELECT-type in 8 sub-types). Public source: :data:`DBBENCH_URL`.
+  SELECT-type in 8 sub-types).
 - OS interaction: ``<data_dir>/os_interaction/training.json`` (1000 items) and
-  ``dev.json`` (26 items). Public sources: :data:`OS_TRAINING_URL`, :data:`OS_DEV_URL`;
-  scripts some dev items reference by file (``check/0.sh``, ``init/stock-log.sh``...)
+  ``dev.json`` (26 items). Scripts some dev items reference by file (``check/0.sh``, ``init/stock-log.sh``...)
   live under ``data/os_interaction/scripts/`` of the same repository: pass that folder as
   ``script_dir`` to evaluate those items (without it they are left out, with a warning).
-``<data_dir>`` is ``$CYCLEQD_DATA_DIR`` or ``<repo>/../shared/data``; :func:`fetch_agentbench`
-downloads the public files once into ``<cache>/data``, where the loaders also look.
+``<data_dir>`` is :func:`cycleqd.paths.data_dir`; ``cycleqd data fetch dbbench os`` downloads
+the public files there (pinned commits, SHA-256: :data:`cycleqd.datasets.CATALOGUE`).
 
 Splits (fixed in code; identical on every machine; ``train`` never overlaps
 ``search``/``test``)
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,65 +37,31 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cycleqd.sandbox.sql import TableSpec
-from cycleqd.skills.coding.data import default_cache_dir, default_data_dir
+from cycleqd.datasets import locate
 
 DB_SPLIT_SEED = 2410_14735_1
 OS_SPLIT_SEED = 2410_14735_2
 DB_SPLITS = ("train", "search", "test", "all")
 OS_SPLITS = ("train", "search", "test", "dev", "all")
-_AB = "https://raw.githubusercontent.com/THUDM/AgentBench/main/data/"
-DBBENCH_URL = _AB + "dbbench/standard.jsonl"
-OS_TRAINING_URL = _AB + "os_interaction/train_0317/training.json"
-OS_DEV_URL = _AB + "os_interaction/data/dev.json"
-OS_SCRIPTS_URL = _AB + "os_interaction/scripts/"
+OS_SCRIPTS_URL = "https://github.com/THUDM/AgentBench/tree/main/data/os_interaction/scripts/"
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def _find(rel: str, data_path: str | os.PathLike | None, what: str, url: str) -> Path:
-    cands: list[Path] = []
-    if data_path is not None:
-        p = Path(data_path)
-        cands = [p] if p.is_file() else [p / rel, p / Path(rel).name]
-    else:
-        cands = [default_data_dir() / rel, default_cache_dir() / "data" / rel]
+def _find(rel: str, data_path: str | os.PathLike | None, what: str) -> Path:
+    """``data_path`` (a file, or a folder holding ``rel`` or its name), else the data dir's
+    ``rel``. Raises FileNotFoundError naming where it looked; for the data dir a
+    :class:`cycleqd.datasets.DataMissingError` naming the ``cycleqd data fetch`` command."""
+    if data_path is None:
+        return locate(rel)
+    p = Path(data_path)
+    cands = [p] if p.is_file() else [p / rel, p / Path(rel).name]
     for c in cands:
         if c.is_file():
             return c
-    raise FileNotFoundError(
-        f"{what} not found (looked in: {', '.join(map(str, cands))}). Point data_path at it, "
-        f"set CYCLEQD_DATA_DIR, or run `python -c 'from cycleqd.skills.agentbench.data import "
-        f"fetch_agentbench; fetch_agentbench()'` once (downloads {url}).")
-
-
-def fetch_agentbench(cache_dir: str | os.PathLike | None = None, *, timeout_s: float = 60.0,
-                     urls: dict[str, str] | None = None) -> Path:
-    """Download the public DB-Bench and OS files once into ``<cache>/data`` (skips files
-    already there). Returns that folder. Raises OSError on network errors, ValueError if
-    a download does not parse as JSON/JSONL."""
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "data"
-    urls = urls or {"dbbench/standard.jsonl": DBBENCH_URL,
-                    "os_interaction/training.json": OS_TRAINING_URL,
-                    "os_interaction/dev.json": OS_DEV_URL}
-    for rel, url in urls.items():
-        out = root / rel
-        if out.is_file():
-            continue
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 (fixed URLs)
-            text = r.read().decode("utf-8")
-        try:
-            if rel.endswith(".jsonl"):
-                [json.loads(x) for x in text.splitlines() if x.strip()]
-            else:
-                json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"{url} is not valid JSON/JSONL: {e}") from e
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    return root
+    raise FileNotFoundError(f"{what} not found (looked in: {', '.join(map(str, cands))}); point data_path "
+                            f"at it, or leave it unset to use the data dir (`cycleqd data fetch`)")
 
 
 def _check_split(split: str, allowed: Sequence[str]) -> None:
@@ -172,7 +136,7 @@ def _db_item(i: int, e: dict) -> DBItem:
 
 def load_dbbench_all(data_path: str | os.PathLike | None = None) -> list[DBItem]:
     """Every DB-Bench item of the file, in file order. Raises FileNotFoundError/ValueError."""
-    path = _find("dbbench/standard.jsonl", data_path, "DB-Bench standard.jsonl", DBBENCH_URL)
+    path = _find("dbbench/standard.jsonl", data_path, "DB-Bench standard.jsonl")
     text = path.read_text(encoding="utf-8").strip()
     rows = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines()
                                                           if x.strip()]
@@ -353,10 +317,10 @@ def load_os(data_path: str | os.PathLike | None = None, split: str = "search",
     _check_limit(limit)
     sd = Path(script_dir) if script_dir is not None else None
     if split == "dev":
-        path = _find("os_interaction/dev.json", data_path, "OS dev.json", OS_DEV_URL)
+        path = _find("os_interaction/dev.json", data_path, "OS dev.json")
         items = load_os_file(path, sd)
     else:
-        path = _find("os_interaction/training.json", data_path, "OS training.json", OS_TRAINING_URL)
+        path = _find("os_interaction/training.json", data_path, "OS training.json")
         items = load_os_file(path, sd)
         if split != "all":
             by_id = {it.id: it for it in items}

@@ -516,7 +516,7 @@ class DBBenchSkill:
 
     Args:
         data_path: DB-Bench file or a folder holding ``dbbench/standard.jsonl`` (default:
-            ``$CYCLEQD_DATA_DIR`` / ``../shared/data`` / the download cache).
+            the data dir, ``$CYCLEQD_DATA_DIR`` else ``<cache>/data``; ``cycleqd data fetch dbbench``).
         split: ``search`` | ``test`` | ``train`` | ``all`` (fixed, stratified by type).
         limit: score only the first ``limit`` items of the split.
         name: skill name (prefix of sub-scores).

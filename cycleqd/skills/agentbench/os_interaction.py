@@ -570,7 +570,7 @@ class OSInteractionSkill:
 
     Args:
         data_path: a folder holding ``os_interaction/`` (or the JSON file) (default:
-            ``$CYCLEQD_DATA_DIR`` / ``../shared/data`` / the download cache).
+            the data dir, ``$CYCLEQD_DATA_DIR`` else ``<cache>/data``; ``cycleqd data fetch os``).
         split: ``search`` | ``test`` | ``train`` | ``dev`` | ``all``.
         limit: score only the first ``limit`` tasks of the split.
         name: skill name (prefix of sub-scores).
