@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-import torch
-from safetensors.torch import load_file, save_file
-
+from cycleqd._lazy import lazy_import
 from cycleqd.ops.base import Crossover, Mutation, TaskVector, apply_task_vector
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+_st = lazy_import("safetensors.torch")   # imports torch: bound on first use
 
 
 @runtime_checkable
@@ -96,7 +100,7 @@ class DenseWeightSpace:
     def save(self, genome: TaskVector, path: Path) -> int:
         path = Path(path)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        save_file({k: v.float().contiguous() for k, v in genome.items()}, str(tmp),
+        _st.save_file({k: v.float().contiguous() for k, v in genome.items()}, str(tmp),
                   metadata={"format": "cycleqd-task-vector/1"})
         os.replace(tmp, path)
         return path.stat().st_size
@@ -104,7 +108,7 @@ class DenseWeightSpace:
     def load(self, path: Path) -> TaskVector:
         """Raises ValueError (naming the file) for a missing/corrupt file or wrong tensors."""
         try:
-            tv = load_file(str(path))
+            tv = _st.load_file(str(path))
         except Exception as e:
             raise ValueError(f"cannot read task-vector checkpoint {path}: {e}") from e
         missing = [k for k in self.base if k not in tv]

@@ -1,0 +1,310 @@
+"""One registry type for every pluggable part: crossovers, mutations, aggregations, skills.
+
+A part registers itself where it is defined, by decorator, with the source it follows
+(mergekit's ``easy_define`` style; ``mergekit/merge_methods/registry.py`` keeps one dict)::
+
+    @CROSSOVERS.register("linear", source="CycleQD paper §3.2; official ModelwiseLinearMerge",
+                         svd_genome=True)
+    def linear(mu: float = 0.0, sigma: float = 0.01) -> LinearCrossover: ...
+
+and is looked up by name only through its :class:`Registry`:
+
+* :meth:`Registry.check` -- the name exists and the parameters fit, without building anything
+  heavy (``cycleqd validate``): unknown keys (with a did-you-mean), missing required ones,
+  paths that do not exist, and the part's own checker (operators: built once without any
+  tensor, which runs their range checks; lm-eval: the task name).
+* :meth:`Registry.build` -- the object, given the parameters from the config and the context
+  the caller supplies (experts, base weights, skill name ...).
+
+Both raise :class:`ConfigError` whose message names the config field
+(``operators.mutation.rate: must be >= 0, got -0.1``).
+
+Importing this module (and :mod:`cycleqd.ops`, which fills the operator registries) does not
+import torch: the operator modules bind torch lazily (:mod:`cycleqd._lazy`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names each problem with its field path.
+
+    Defined here, below every layer that raises it (re-exported by :mod:`cycleqd.config`)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered part.
+
+    Attributes:
+        name: the name configs use.
+        kind: the registry's kind (``crossover``, ``mutation``, ``aggregation``, ``skill``).
+        factory: a callable (function or class) building the part from keyword arguments.
+        source: what it follows (paper section, official file, mergekit, AgentBench ...).
+        svd_genome: operators only: it keeps every child in the compact SVD genome family
+            (:mod:`cycleqd.ops.genome`): a crossover whose child is ``sum_i w_i tau_i`` with
+            the weights from ``prepare``, or a mutation along the experts' SVD bases.
+        context: parameters the builder supplies (experts, base weights, skill name ...),
+            never set in a config.
+        preset: parameters fixed by the registration (``CodingSkill`` as ``mbpp``:
+            ``dataset="mbpp"``).
+        paths: parameters that name files or folders that must exist when given.
+        checker: ``checker(params)`` raising ValueError for a value the signature cannot
+            express, without building anything heavy (e.g. an unknown lm-eval task).
+        dry_build: build the part once with its config parameters only (no context) to run
+            its own range checks: for parts whose construction allocates nothing (operators).
+        dry_context: stand-ins for context parameters that construction insists on (slerp's
+            base weights: ``{}``), used by that dry build only.
+    """
+
+    name: str
+    kind: str
+    factory: Callable[..., Any]
+    source: str
+    svd_genome: bool = False
+    context: tuple[str, ...] = ()
+    preset: Mapping[str, Any] = field(default_factory=dict)
+    paths: tuple[str, ...] = ()
+    checker: Callable[[Mapping[str, Any]], None] | None = None
+    dry_build: bool = False
+    dry_context: Mapping[str, Any] = field(default_factory=dict)
+
+    def hints(self) -> dict[str, Any]:
+        """Parameter -> annotation, evaluated without importing torch (a lazily bound
+        module's names read as ``typing.Any``; an annotation that fails to evaluate: Any)."""
+        fn = self.factory.__init__ if isinstance(self.factory, type) else self.factory
+        fn = inspect.unwrap(fn)
+        ns = {k: (_AnyNames() if isinstance(v, types.ModuleType) and type(v) is not types.ModuleType else v)
+              for k, v in getattr(fn, "__globals__", {}).items()}
+        out: dict[str, Any] = {}
+        for k, p in inspect.signature(self.factory).parameters.items():
+            ann = p.annotation
+            if isinstance(ann, str):
+                try:
+                    ann = eval(ann, ns)  # noqa: S307 - the factory's own annotation text
+                except Exception:
+                    ann = Any
+            out[k] = Any if ann is inspect.Parameter.empty else ann
+        return out
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """The parameters a config may set: the factory's, less ``self``, context and preset."""
+        skip = set(self.context) | set(self.preset) | {"self"}
+        return {k: p for k, p in inspect.signature(self.factory).parameters.items()
+                if k not in skip and p.kind not in (p.VAR_POSITIONAL,)}
+
+
+class _AnyNames:
+    """Stands for a lazily imported module while annotations are evaluated: every name is Any."""
+
+    def __getattr__(self, name: str) -> Any:
+        return Any
+
+
+#: ``<op>.<param>=<value>: <why>``: how operator constructors word a bad value
+_OP_MSG = re.compile(r"^[\w.]*?\.?(?P<param>[A-Za-z_]\w*)=(?P<value>.*?): (?P<why>.*)$", re.S)
+
+
+class Registry(Mapping[str, Callable[..., Any]]):
+    """Name -> :class:`Entry` for one kind of part; read as a mapping it gives the factories
+    (``registry["linear"](sigma=0.1)``, ``"ties" in registry``, ``sorted(registry)``).
+
+    Args:
+        kind: what is registered (used in messages).
+        modules: modules whose import registers the built-in parts; imported on the first
+            lookup, so a registry is complete however it is reached.
+    """
+
+    def __init__(self, kind: str, modules: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self._modules = modules
+        self._loaded = not modules
+        self._entries: dict[str, Entry] = {}
+
+    # --- registration --------------------------------------------------------------------
+    def register(self, name: str, *, source: str, svd_genome: bool = False,
+                 context: tuple[str, ...] = (), preset: Mapping[str, Any] | None = None,
+                 paths: tuple[str, ...] = (), checker: Callable[[Mapping[str, Any]], None] | None = None,
+                 dry_build: bool | None = None, dry_context: Mapping[str, Any] | None = None
+                 ) -> Callable[[Callable], Callable]:
+        """Decorator: register the decorated factory (function or class) under ``name``.
+
+        ``dry_build`` defaults to True for operators (crossover, mutation, aggregation) and
+        False otherwise. See :class:`Entry` for the other arguments.
+
+        Raises:
+            ValueError: ``name`` is already registered, or ``source`` is empty.
+        """
+        if not source:
+            raise ValueError(f"{self.kind} {name!r}: give the source it follows")
+        dry = self.kind != "skill" if dry_build is None else dry_build
+
+        def deco(factory: Callable) -> Callable:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._entries[name] = Entry(name, self.kind, factory, source, svd_genome, tuple(context),
+                                        dict(preset or {}), tuple(paths), checker, dry,
+                                        dict(dry_context or {}))
+            return factory
+
+        return deco
+
+    # --- lookup ----------------------------------------------------------------------------
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for m in self._modules:
+                importlib.import_module(m)
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        self._load()
+        return sorted(self._entries)
+
+    def entry(self, name: str, field: str | None = None) -> Entry:
+        """The entry of ``name``.
+
+        Raises:
+            ConfigError: unknown name (``<field>.name: unknown ...; did you mean ...``).
+        """
+        self._load()
+        if name not in self._entries:
+            where = f"{field or self.kind}.name"
+            raise ConfigError(f"{where}: unknown {self.kind} {name!r}{_did_you_mean(name, self._entries)}; "
+                              f"registered: {', '.join(sorted(self._entries))}")
+        return self._entries[name]
+
+    def declares_svd_genome(self, name: str | None) -> bool:
+        """``name`` is registered with ``svd_genome=True`` (False for an unknown name)."""
+        self._load()
+        return name in self._entries and self._entries[name].svd_genome
+
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        self._load()
+        return self._entries[name].factory
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+    # --- check and build -------------------------------------------------------------------
+    def check(self, name: str, params: Mapping[str, Any] | None = None, *, field: str | None = None) -> None:
+        """Check that ``name`` is registered and ``params`` fit it, building nothing heavy.
+
+        Checks, in order: the name; every key is a parameter (did-you-mean for a misspelt
+        one); no required parameter is missing; every path parameter exists; the entry's
+        ``checker``; for operators, one build without context (their own range checks).
+
+        Raises:
+            ConfigError: the first problem, as ``<field>.<param>: <why>``.
+        """
+        e = self.entry(name, field)
+        params = dict(params or {})
+        where = field or self.kind
+        sig = e.parameters()
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.values())
+        named = {k: p for k, p in sig.items() if p.kind is not p.VAR_KEYWORD}
+        for key in params:
+            if key not in named and not accepts_any:
+                raise ConfigError(f"{where}.{key}: {name!r} takes no argument {key!r}"
+                                  f"{_did_you_mean(key, named)}; it takes {', '.join(named) or 'none'}")
+        missing = [k for k, p in named.items() if p.default is p.empty
+                   and p.kind is not p.VAR_POSITIONAL and k not in params]
+        if missing:
+            raise ConfigError(f"{where}.{missing[0]}: {name!r} needs this parameter")
+        for key in e.paths:
+            value = params.get(key)
+            if value is not None and not Path(str(value)).expanduser().exists():
+                raise ConfigError(f"{where}.{key}: {str(value)!r} does not exist")
+        try:
+            if e.checker is not None:
+                e.checker(params)
+            if e.dry_build:
+                e.factory(**e.preset, **params, **e.dry_context)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(_field_message(where, name, err, field)) from None
+
+    def build(self, name: str, params: Mapping[str, Any] | None = None, *, field: str | None = None,
+              **context: Any) -> Any:
+        """Build ``name`` from config ``params`` plus ``context`` (the entry's context
+        parameters that the factory takes; others are ignored).
+
+        Raises:
+            ConfigError: unknown name or parameters that do not fit (field path named), or a
+                ValueError/TypeError of the factory, reworded with the field path.
+        """
+        e = self.entry(name, field)
+        params = dict(params or {})
+        where = field or self.kind
+        sig = inspect.signature(e.factory).parameters
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.values())
+        for key in params:
+            if key in e.context or key in e.preset:
+                raise ConfigError(f"{where}.{key}: set by cycleqd, not in a config")
+        given = {k: v for k, v in context.items() if (k in sig or accepts_any) and k in e.context}
+        try:
+            return e.factory(**e.preset, **params, **given)
+        except TypeError as err:
+            bad = [k for k in params if k not in sig and not accepts_any]
+            if bad:
+                named = e.parameters()
+                raise ConfigError(f"{where}.{bad[0]}: {name!r} takes no argument {bad[0]!r}"
+                                  f"{_did_you_mean(bad[0], named)}") from None
+            raise ConfigError(_field_message(where, name, err, field)) from None
+        except ValueError as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(_field_message(where, name, err, field)) from None
+
+
+def _did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_message(where: str, name: str, err: Exception, field: str | None) -> str:
+    """With a config ``field``: ``<field>.<param>: <why>, got <value>`` for an operator's
+    ``<op>.<param>=<value>: <why>`` message; else ``<where>: <message>``."""
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if not field:
+        return f"{where} {name!r}: {msg}"
+    m = _OP_MSG.match(msg)
+    if m:
+        return f"{where}.{m['param']}: {m['why']}, got {m['value']}"
+    return f"{where}: {msg}"
+
+
+#: crossover operators (:mod:`cycleqd.ops.crossover`): parents' task vectors -> child's
+CROSSOVERS = Registry("crossover", ("cycleqd.ops.crossover",))
+#: mutation operators (:mod:`cycleqd.ops.mutation`): child's task vector -> mutated one
+MUTATIONS = Registry("mutation", ("cycleqd.ops.mutation",))
+#: model aggregation methods (:mod:`cycleqd.ops.aggregation`): the archives' bests -> one model
+AGGREGATIONS = Registry("aggregation", ("cycleqd.ops.aggregation",))
+#: skill evaluators by config ``type`` (:mod:`cycleqd.skills`)
+SKILLS = Registry("skill", ("cycleqd.skills.coding.skill", "cycleqd.skills.agentbench.dbbench",
+                            "cycleqd.skills.agentbench.os_interaction", "cycleqd.skills.lmeval",
+                            "cycleqd.skills.synthetic"))
+
+
+def svd_genome_compatible(crossover: str | None, mutation: str | None) -> bool:
+    """True when crossover ``crossover`` and mutation ``mutation`` (registered names) keep
+    every child in the compact SVD genome family, as declared at registration
+    (``svd_genome``). The one place that decides it; an unknown name: False."""
+    return CROSSOVERS.declares_svd_genome(crossover) and MUTATIONS.declares_svd_genome(mutation)
