@@ -280,4 +280,4 @@ def genome_compatible(crossover: Any, mutation: Any) -> bool:
 
 
 def _svd_names(registry: Registry) -> list[str]:
-    return [n for n in registry.names() if registry.declares_svd_genome(n)]
+    return [n for n in registry if registry.declares_svd_genome(n)]   # registration order
