@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cycleqd.registry import AGGREGATIONS, CROSSOVERS, MUTATIONS, SKILLS, ConfigError, Registry
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_config", "check_operators",
-           "check_skills", "SKILL_TYPES"]
+           "check_skills", "check_model_sources", "SKILL_TYPES"]
 
 
 class _Strict(BaseModel):
@@ -412,7 +412,7 @@ def _format(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def check_operators(cfg: RunConfig) -> None:
+def check_operators(cfg: Any) -> None:
     """Operator names exist in the registries and their parameters fit (names, required
     ones, and each operator's own range checks such as ``svd_expert.rate >= 0`` or the DARE
     density floor), through :meth:`cycleqd.registry.Registry.check`: nothing heavy is built
@@ -420,6 +420,8 @@ def check_operators(cfg: RunConfig) -> None:
 
     Raises:
         ConfigError: every problem, each naming ``operators.<kind>[.<param>]``.
+
+    ``cfg``: a :class:`RunConfig` or anything with its ``operators`` section (a demo config).
     """
     problems = []
     for kind, registry in (("crossover", CROSSOVERS), ("mutation", MUTATIONS), ("aggregation", AGGREGATIONS)):
@@ -453,16 +455,39 @@ def check_skills(skills: list[SkillConfig] | tuple[SkillConfig, ...]) -> None:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 
 
+def check_model_sources(cfg: RunConfig) -> None:
+    """Local-looking model paths exist (hub ids are checked when loaded); synthetic skills are
+    not mixed with model-evaluating ones and come with ``model.synthetic``.
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    sources = [("model.base", cfg.model.base)] + [(f"model.experts.{k}", v) for k, v in cfg.model.experts.items()]
+    for field, src in sources:
+        if src is None:
+            continue
+        looks_local = src.startswith(("/", ".", "~")) or src.endswith((".gguf", ".safetensors", ".bin", ".pt"))
+        if looks_local and not Path(src).expanduser().exists():
+            raise ConfigError(f"{field}: {src!r} does not exist")
+    synthetic = [s for s in cfg.skills if s.type == "synthetic"]
+    if synthetic and len(synthetic) != len(cfg.skills):
+        raise ConfigError("skills: synthetic skills cannot be mixed with model-evaluating skills")
+    if synthetic and cfg.model.synthetic is None:
+        raise ConfigError("skills: synthetic skills need model.synthetic (they score distance to its experts)")
+
+
 def check_config(cfg: RunConfig) -> None:
     """Everything that can be checked without loading weights, beyond the schema that
-    :func:`parse_config` applies: the operators (:func:`check_operators`) and the skills'
-    parameters, data paths and lm-eval tasks (:func:`check_skills`). Run by ``cycleqd
-    validate`` and by :func:`cycleqd.engine.build.build_components` before any model loads.
+    :func:`parse_config` applies: the operators (:func:`check_operators`), local model paths
+    (:func:`check_model_sources`) and the skills' parameters, data paths and lm-eval tasks
+    (:func:`check_skills`). Run by ``cycleqd validate`` and by
+    :func:`cycleqd.engine.build.build_components` (so by ``cycleqd run``) before any model loads.
 
     Raises:
         ConfigError: naming the field of each problem.
     """
     check_operators(cfg)
+    check_model_sources(cfg)
     check_skills(cfg.skills)
 
 

@@ -159,6 +159,12 @@ class Registry(Mapping[str, Callable[..., Any]]):
 
         return deco
 
+    def pop(self, name: str, default: Any = None) -> Any:
+        """Unregister ``name``; its factory, or ``default`` when not registered (tests, plugins)."""
+        self._load()
+        e = self._entries.pop(name, None)
+        return default if e is None else e.factory
+
     # --- lookup ----------------------------------------------------------------------------
     def _load(self) -> None:
         if not self._loaded:
@@ -205,7 +211,8 @@ class Registry(Mapping[str, Callable[..., Any]]):
         return f"Registry({self.kind!r}, {self.names()})"
 
     # --- check and build -------------------------------------------------------------------
-    def check(self, name: str, params: Mapping[str, Any] | None = None, *, field: str | None = None) -> None:
+    def check(self, name: str, params: Mapping[str, Any] | None = None, /, *,
+              field: str | None = None) -> None:
         """Check that ``name`` is registered and ``params`` fit it, building nothing heavy.
 
         Checks, in order: the name; every key is a parameter (did-you-mean for a misspelt
@@ -241,7 +248,7 @@ class Registry(Mapping[str, Callable[..., Any]]):
         except (TypeError, ValueError) as err:
             raise ConfigError(_field_message(where, name, err, field)) from None
 
-    def build(self, name: str, params: Mapping[str, Any] | None = None, *, field: str | None = None,
+    def build(self, name: str, params: Mapping[str, Any] | None = None, /, *, field: str | None = None,
               **context: Any) -> Any:
         """Build ``name`` from config ``params`` plus ``context`` (the entry's context
         parameters that the factory takes; others are ignored).
