@@ -65,6 +65,7 @@ class Entry:
             its own range checks: for parts whose construction allocates nothing (operators).
         dry_context: stand-ins for context parameters that construction insists on (slerp's
             base weights: ``{}``), used by that dry build only.
+        extra: the keys a factory's ``**kwargs`` accepts (``("lambda",)``); None: any.
     """
 
     name: str
@@ -78,6 +79,18 @@ class Entry:
     checker: Callable[[Mapping[str, Any]], None] | None = None
     dry_build: bool = False
     dry_context: Mapping[str, Any] = field(default_factory=dict)
+    extra: tuple[str, ...] | None = None
+
+    def accepts(self) -> tuple[dict[str, Any], bool]:
+        """(named parameters a config may set, whether any other key is accepted): a factory
+        with ``**kwargs`` accepts exactly ``extra`` when declared (``lambda``, a Python
+        keyword), anything when not."""
+        sig = self.parameters()
+        named = {k: p for k, p in sig.items() if p.kind is not p.VAR_KEYWORD}
+        if len(named) < len(sig) and self.extra is not None:
+            named.update({k: types.SimpleNamespace(name=k, default=None) for k in self.extra})
+            return named, False
+        return named, len(named) < len(sig)
 
     def hints(self) -> dict[str, Any]:
         """Parameter -> annotation, evaluated without importing torch (a lazily bound
@@ -135,8 +148,8 @@ class Registry(Mapping[str, Callable[..., Any]]):
     def register(self, name: str, *, source: str, svd_genome: bool = False,
                  context: tuple[str, ...] = (), preset: Mapping[str, Any] | None = None,
                  paths: tuple[str, ...] = (), checker: Callable[[Mapping[str, Any]], None] | None = None,
-                 dry_build: bool | None = None, dry_context: Mapping[str, Any] | None = None
-                 ) -> Callable[[Callable], Callable]:
+                 dry_build: bool | None = None, dry_context: Mapping[str, Any] | None = None,
+                 extra: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
         """Decorator: register the decorated factory (function or class) under ``name``.
 
         ``dry_build`` defaults to True for operators (crossover, mutation, aggregation) and
@@ -154,7 +167,7 @@ class Registry(Mapping[str, Callable[..., Any]]):
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self._entries[name] = Entry(name, self.kind, factory, source, svd_genome, tuple(context),
                                         dict(preset or {}), tuple(paths), checker, dry,
-                                        dict(dry_context or {}))
+                                        dict(dry_context or {}), None if extra is None else tuple(extra))
             return factory
 
         return deco
@@ -225,15 +238,12 @@ class Registry(Mapping[str, Callable[..., Any]]):
         e = self.entry(name, field)
         params = dict(params or {})
         where = field or self.kind
-        sig = e.parameters()
-        accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.values())
-        named = {k: p for k, p in sig.items() if p.kind is not p.VAR_KEYWORD}
+        named, accepts_any = e.accepts()
         for key in params:
             if key not in named and not accepts_any:
                 raise ConfigError(f"{where}.{key}: {name!r} takes no argument {key!r}"
                                   f"{_did_you_mean(key, named)}; it takes {', '.join(named) or 'none'}")
-        missing = [k for k, p in named.items() if p.default is p.empty
-                   and p.kind is not p.VAR_POSITIONAL and k not in params]
+        missing = [k for k, p in named.items() if p.default is inspect.Parameter.empty and k not in params]
         if missing:
             raise ConfigError(f"{where}.{missing[0]}: {name!r} needs this parameter")
         for key in e.paths:
@@ -261,19 +271,17 @@ class Registry(Mapping[str, Callable[..., Any]]):
         params = dict(params or {})
         where = field or self.kind
         sig = inspect.signature(e.factory).parameters
-        accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.values())
+        named, accepts_any = e.accepts()
         for key in params:
             if key in e.context or key in e.preset:
                 raise ConfigError(f"{where}.{key}: set by cycleqd, not in a config")
-        given = {k: v for k, v in context.items() if (k in sig or accepts_any) and k in e.context}
+            if key not in named and not accepts_any:
+                raise ConfigError(f"{where}.{key}: {name!r} takes no argument {key!r}"
+                                  f"{_did_you_mean(key, named)}; it takes {', '.join(named) or 'none'}")
+        given = {k: v for k, v in context.items() if k in sig and k in e.context}
         try:
             return e.factory(**e.preset, **params, **given)
         except TypeError as err:
-            bad = [k for k in params if k not in sig and not accepts_any]
-            if bad:
-                named = e.parameters()
-                raise ConfigError(f"{where}.{bad[0]}: {name!r} takes no argument {bad[0]!r}"
-                                  f"{_did_you_mean(bad[0], named)}") from None
             raise ConfigError(_field_message(where, name, err, field)) from None
         except ValueError as err:
             if isinstance(err, ConfigError):

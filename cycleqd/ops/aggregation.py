@@ -148,7 +148,8 @@ def _crossover_aggregation(name: str):
 
 for _name in ("task_arithmetic", "ties", "dare", "dare_ties", "slerp"):
     AGGREGATIONS.register(_name, source=f"the {_name!r} crossover applied to the archives' bests: "
-                          + CROSSOVERS.entry(_name).source)(_crossover_aggregation(_name))
+                          + CROSSOVERS.entry(_name).source,
+                          extra=CROSSOVERS.entry(_name).extra)(_crossover_aggregation(_name))
 
 
 def aggregate(space: Any, genomes: Sequence[Any], qualities: Sequence[float] | None = None, *,

@@ -49,6 +49,10 @@ else:
     torch = lazy_import("torch")
 
 
+#: the keys the ``**kw`` of a crossover factory accepts: ``lambda`` (a Python keyword)
+_LAMBDA = ("lambda", "lambda_")
+
+
 def _check_parents(parents: Sequence[Mapping[str, torch.Tensor]], *, n: int | None = None,
                    op: str = "crossover") -> None:
     if len(parents) == 0:
@@ -207,7 +211,7 @@ class TaskArithmetic(TensorwiseCrossover):
 
 
 @CROSSOVERS.register("task_arithmetic", source="Ilharco et al. 2023; mergekit task_arithmetic",
-                     svd_genome=True)
+                     extra=_LAMBDA, svd_genome=True)
 def task_arithmetic(weights: float | Sequence[float] = 1.0, normalize: bool = False,
                     **kw) -> TaskArithmetic:
     """Task arithmetic. ``lambda`` (config key) / ``lambda_`` scales the sum (default 1)."""
@@ -346,7 +350,7 @@ def _check_density(d: list[float], op: str, minimum: float = 0.0) -> list[float]
     return d
 
 
-@CROSSOVERS.register("ties", source="Yadav et al. 2023; mergekit 0.1.5 ties")
+@CROSSOVERS.register("ties", source="Yadav et al. 2023; mergekit 0.1.5 ties", extra=_LAMBDA)
 def ties(weights: float | Sequence[float] = 1.0, density: float | Sequence[float] = 0.5,
          normalize: bool = True, consensus: str = "sum", **kw) -> Ties:
     """TIES merge (mergekit semantics). ``lambda`` scales the result."""
@@ -424,7 +428,7 @@ class Dare(TensorwiseCrossover):
                         lambda_=self.lambda_)
 
 
-@CROSSOVERS.register("dare", source="Yu et al. 2023; mergekit dare_linear")
+@CROSSOVERS.register("dare", source="Yu et al. 2023; mergekit dare_linear", extra=_LAMBDA)
 def dare(weights: float | Sequence[float] = 1.0, density: float | Sequence[float] = 0.5,
          rescale: str | bool = "l1", normalize: bool = False, consensus: str | None = None,
          keep_masks: bool = False, **kw) -> Dare:
@@ -434,7 +438,7 @@ def dare(weights: float | Sequence[float] = 1.0, density: float | Sequence[float
     return d
 
 
-@CROSSOVERS.register("dare_ties", source="Yu et al. 2023; mergekit dare_ties")
+@CROSSOVERS.register("dare_ties", source="Yu et al. 2023; mergekit dare_ties", extra=_LAMBDA)
 def dare_ties(weights: float | Sequence[float] = 1.0, density: float | Sequence[float] = 0.5,
               rescale: str | bool = "l1", normalize: bool = False, consensus: str = "sum",
               keep_masks: bool = False, **kw) -> Dare:
