@@ -180,7 +180,7 @@ def _with_tracking_flags(cfg, args):
 
 
 def cmd_run(args) -> int:
-    from cycleqd.config import load_config
+    from cycleqd.config import check_config, load_config
 
     path = _config_path(args.config)
     _stage(f"loading config {path}")
@@ -196,6 +196,7 @@ def cmd_run(args) -> int:
     if args.wandb_mode:
         ov["tracking.wandb.mode"] = args.wandb_mode
     cfg = load_config(path, ov)
+    check_config(cfg)   # what `validate` checks, before torch or any model is loaded
     from cycleqd.tracking import check_available
 
     check_available(cfg)   # a missing tensorboard/wandb package: one line, before any model

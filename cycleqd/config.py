@@ -430,6 +430,13 @@ def check_operators(cfg: Any) -> None:
             registry.check(op.name, op.kwargs(), field=f"operators.{kind}")
         except ConfigError as e:
             problems.append(f"  {e}")
+    _raise(problems)
+
+
+def _raise(problems: list[str]) -> None:
+    """One problem: one line; several: a header and one line each."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0].strip())
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 
@@ -451,8 +458,7 @@ def check_skills(skills: list[SkillConfig] | tuple[SkillConfig, ...]) -> None:
             SKILLS.check(sc.type, sc.params, field=f"skills.{i}.params")
         except ConfigError as e:
             problems.append(f"  {e}")
-    if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(problems))
+    _raise(problems)
 
 
 def check_model_sources(cfg: RunConfig) -> None:
