@@ -30,6 +30,7 @@ import importlib
 import inspect
 import re
 import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,8 +230,10 @@ class Registry(Mapping[str, Callable[..., Any]]):
         """Check that ``name`` is registered and ``params`` fit it, building nothing heavy.
 
         Checks, in order: the name; every key is a parameter (did-you-mean for a misspelt
-        one); no required parameter is missing; every path parameter exists; the entry's
-        ``checker``; for operators, one build without context (their own range checks).
+        one); values of parameters annotated with plain bool/int/float/str (or unions of them,
+        None included) have such a type; no required parameter is missing; every path
+        parameter exists; the entry's ``checker``; for operators, one build without context
+        (their own range checks).
 
         Raises:
             ConfigError: the first problem, as ``<field>.<param>: <why>``.
@@ -243,6 +246,12 @@ class Registry(Mapping[str, Callable[..., Any]]):
             if key not in named and not accepts_any:
                 raise ConfigError(f"{where}.{key}: {name!r} takes no argument {key!r}"
                                   f"{_did_you_mean(key, named)}; it takes {', '.join(named) or 'none'}")
+        hints = e.hints()
+        for key, value in params.items():
+            want = _simple_types(hints.get(key, Any))
+            if want is not None and not _is_instance(value, want):
+                raise ConfigError(f"{where}.{key}: expected {' | '.join('None' if t is type(None) else t.__name__ for t in want)}, "
+                                  f"got {value!r} ({type(value).__name__})")
         missing = [k for k, p in named.items() if p.default is inspect.Parameter.empty and k not in params]
         if missing:
             raise ConfigError(f"{where}.{missing[0]}: {name!r} needs this parameter")
@@ -287,6 +296,29 @@ class Registry(Mapping[str, Callable[..., Any]]):
             if isinstance(err, ConfigError):
                 raise
             raise ConfigError(_field_message(where, name, err, field)) from None
+
+
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _simple_types(tp: Any) -> tuple[type, ...] | None:
+    """The types an annotation made only of bool/int/float/str/None (and unions of them)
+    admits; None for anything richer (sequences, paths, objects: left to the part)."""
+    if tp in _SIMPLE:
+        return (tp,)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if all(a in _SIMPLE for a in args):
+            return tuple(args)
+    return None
+
+
+def _is_instance(value: Any, want: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):               # a bool is an int in Python, not in a config
+        return bool in want
+    if isinstance(value, int) and float in want:
+        return True
+    return isinstance(value, want)
 
 
 def _did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str:

@@ -21,7 +21,7 @@ TINY = REPO / "configs" / "tiny.yaml"
     ("mutation", {"rate": float("inf")}, r"operators.mutation: rate=inf: must be a finite number"),
     ("mutation", {"rate": "nan"}, r"operators.mutation: rate='nan': must be a finite number"),
     ("mutation", {"rate": -0.1}, r"operators.mutation.rate: must be >= 0, got -0.1"),
-    ("mutation", {"rate": "fast"}, r"operators.mutation.rate: must be a number, got 'fast'"),
+    ("mutation", {"rate": "fast"}, r"operators.mutation.rate: expected float, got 'fast' \(str\)"),
     ("crossover", {"sigma": float("nan")}, r"operators.crossover: sigma=nan: must be a finite number"),
     ("crossover", {"sigma": float("-inf")}, r"operators.crossover: sigma=-inf: must be a finite number"),
     ("crossover", {"sigma": -0.01}, r"operators.crossover.sigma: must be >= 0 .*, got -0.01"),
