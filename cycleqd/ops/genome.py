@@ -47,6 +47,11 @@ else:
     torch = lazy_import("torch")
 _st = lazy_import("safetensors.torch")   # imports torch: bound on first use
 
+
+def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, imported on first use (it imports torch)."""
+    _st.save_file(tensors, filename, metadata=metadata)
+
 GENOME_FORMAT = "cycleqd-svd-genome/1"
 DENSE_FORMAT = "cycleqd-task-vector/1"
 
@@ -215,7 +220,7 @@ class SVDGenomeWeightSpace:
         path = Path(path)
         if not isinstance(genome, SVDGenome):
             tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            _st.save_file({n: genome[n].float().contiguous() for n in self.names}, str(tmp),
+            save_file({n: genome[n].float().contiguous() for n in self.names}, str(tmp),
                       metadata={"format": DENSE_FORMAT})
             os.replace(tmp, path)
             return path.stat().st_size
@@ -228,7 +233,7 @@ class SVDGenomeWeightSpace:
                 rows[name] = keep
         meta = {"format": GENOME_FORMAT, "K": str(self.K), "rows": json.dumps(rows)}
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        _st.save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
         return path.stat().st_size
 

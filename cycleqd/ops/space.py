@@ -21,6 +21,16 @@ else:
 _st = lazy_import("safetensors.torch")   # imports torch: bound on first use
 
 
+def load_file(filename: str, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file``, imported on first use (it imports torch)."""
+    return _st.load_file(filename, device=device)
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, imported on first use (it imports torch)."""
+    _st.save_file(tensors, filename, metadata=metadata)
+
+
 @runtime_checkable
 class WeightSpace(Protocol):
     """Genomes and the operators over them (see docs/architecture.md)."""
@@ -100,7 +110,7 @@ class DenseWeightSpace:
     def save(self, genome: TaskVector, path: Path) -> int:
         path = Path(path)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        _st.save_file({k: v.float().contiguous() for k, v in genome.items()}, str(tmp),
+        save_file({k: v.float().contiguous() for k, v in genome.items()}, str(tmp),
                   metadata={"format": "cycleqd-task-vector/1"})
         os.replace(tmp, path)
         return path.stat().st_size
@@ -108,7 +118,7 @@ class DenseWeightSpace:
     def load(self, path: Path) -> TaskVector:
         """Raises ValueError (naming the file) for a missing/corrupt file or wrong tensors."""
         try:
-            tv = _st.load_file(str(path))
+            tv = load_file(str(path))
         except Exception as e:
             raise ValueError(f"cannot read task-vector checkpoint {path}: {e}") from e
         missing = [k for k in self.base if k not in tv]
