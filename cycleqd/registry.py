@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cycleqd._lazy import _LazyModule
+
 
 class ConfigError(ValueError):
     """A configuration is invalid; the message names each problem with its field path.
@@ -98,7 +100,7 @@ class Entry:
         module's names read as ``typing.Any``; an annotation that fails to evaluate: Any)."""
         fn = self.factory.__init__ if isinstance(self.factory, type) else self.factory
         fn = inspect.unwrap(fn)
-        ns = {k: (_AnyNames() if isinstance(v, types.ModuleType) and type(v) is not types.ModuleType else v)
+        ns = {k: (_AnyNames() if isinstance(v, _LazyModule) else v)
               for k, v in getattr(fn, "__globals__", {}).items()}
         out: dict[str, Any] = {}
         for k, p in inspect.signature(self.factory).parameters.items():

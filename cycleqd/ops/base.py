@@ -1,4 +1,4 @@
-"""Task vectors, operator protocols and the one operator registry.
+"""Task vectors and operator protocols (the operator registries: :mod:`cycleqd.registry`).
 
 A task vector (Ilharco et al., 2023) is ``tau = theta_expert - theta_base`` per tensor.
 Operators take and return ``TaskVector = dict[str, Tensor]`` (fp32, same names/shapes as
