@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
 
 from cycleqd._lazy import lazy_import
-from cycleqd.registry import CROSSOVERS, MUTATIONS, Registry  # noqa: F401  (CROSSOVERS, MUTATIONS re-exported)
+# CROSSOVERS, MUTATIONS: re-exported (``from cycleqd.ops.base import CROSSOVERS`` still works)
+from cycleqd.registry import CROSSOVERS, MUTATIONS, Registry  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
