@@ -252,8 +252,8 @@ class Registry(Mapping[str, Callable[..., Any]]):
         for key, value in params.items():
             want = _simple_types(hints.get(key, Any))
             if want is not None and not _is_instance(value, want):
-                raise ConfigError(f"{where}.{key}: expected {' | '.join('None' if t is type(None) else t.__name__ for t in want)}, "
-                                  f"got {value!r} ({type(value).__name__})")
+                names = " | ".join("None" if t is type(None) else t.__name__ for t in want)
+                raise ConfigError(f"{where}.{key}: expected {names}, got {value!r} ({type(value).__name__})")
         missing = [k for k, p in named.items() if p.default is inspect.Parameter.empty and k not in params]
         if missing:
             raise ConfigError(f"{where}.{missing[0]}: {name!r} needs this parameter")
