@@ -195,7 +195,7 @@ def _with_tracking_flags(cfg, args):
 
 
 def cmd_run(args) -> int:
-    from cycleqd.config import load_config
+    from cycleqd.config import check_config, load_config
 
     path = _config_path(args.config)
     _stage(f"loading config {path}")
@@ -211,6 +211,7 @@ def cmd_run(args) -> int:
     if args.wandb_mode:
         ov["tracking.wandb.mode"] = args.wandb_mode
     cfg = load_config(path, ov)
+    check_config(cfg)   # what `validate` checks, before torch or any model is loaded
     from cycleqd.tracking import check_available
 
     check_available(cfg)   # a missing tensorboard/wandb package: one line, before any model
@@ -263,9 +264,30 @@ def cmd_resume(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from cycleqd.config import load_config
+    """Check a run config (or a demo config: ``configs/demo.yaml``) as far as possible without
+    loading any model: the schema, the operators, local model paths, each skill's parameters,
+    data paths and lm-eval tasks (:func:`cycleqd.config.check_config`). No torch import."""
+    from cycleqd.config import check_config, check_operators, check_skills, load_config, read_yaml
 
-    cfg = load_config(_config_path(args.config), _overrides(args.set))
+    path = _config_path(args.config)
+    data = read_yaml(path)
+    if isinstance(data, dict) and "model" not in data and {"train", "merges", "multitask"} & set(data):
+        from cycleqd.config import SkillConfig
+        from cycleqd.demo.config import load_demo_config
+
+        demo = load_demo_config(path, _overrides(args.set))
+        check_operators(demo)
+        from cycleqd.registry import CROSSOVERS
+
+        for op in ("task_arithmetic", "ties"):
+            CROSSOVERS.check(op, getattr(demo.merges, op), field=f"merges.{op}")
+        check_skills([SkillConfig(name=s.name, type=s.type, bc_range=s.bc_range, bins=s.bins, params=s.params)
+                      for s in demo.skills])
+        print(f"{args.config}: valid demo config ({len(demo.skills)} skills: "
+              f"{', '.join(s.name for s in demo.skills)}; {demo.qd.generations} generations)")
+        return 0
+    cfg = load_config(path, _overrides(args.set))
+    check_config(cfg)
     print(f"{args.config}: valid ({len(cfg.skills)} skills: {', '.join(cfg.skill_names)}; "
           f"{cfg.qd.generations} generations)")
     return 0

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cycleqd.sandbox.sql import Reference, SQLBackend, TableBuildError, TableRows, make_backend
+from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
 from cycleqd.skills.agentbench.data import DBItem, Episode, evaluate_cached, load_dbbench, run_lockstep
@@ -511,6 +512,8 @@ def _reference(item: DBItem, backend: SQLBackend,
     return ref
 
 
+@SKILLS.register("dbbench", source="AgentBench DB-Bench (Liu et al. 2023); CycleQD paper §4",
+                 context=("name",), paths=("data_path",))
 class DBBenchSkill:
     """AgentBench DB-Bench as a CycleQD skill (see module docstring).
 

@@ -76,6 +76,7 @@ from typing import Any, Callable, Sequence
 
 from cycleqd.sandbox import BwrapSession, SandboxLimits
 from cycleqd.sandbox.rootfs import RootFS, RootfsUnavailableError, build_rootfs
+from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
 from cycleqd.skills.agentbench.data import Episode, OSItem, Script, evaluate_cached, load_os, run_lockstep
@@ -565,6 +566,8 @@ class OSEpisode(Episode):
             self._judge_snap = None
 
 
+@SKILLS.register("os", source="AgentBench OS interaction (Liu et al. 2023); CycleQD paper §4",
+                 context=("name", "rootfs", "cache_dir"), paths=("data_path", "script_dir"))
 class OSInteractionSkill:
     """AgentBench OS interaction as a CycleQD skill (see module docstring).
 

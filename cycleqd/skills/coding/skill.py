@@ -64,6 +64,7 @@ from cycleqd.skills.coding.judge import (
     Verdict,
     judge_samples,
 )
+from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_keys, model_key
 from cycleqd.skills.coding.data import CodeProblem, load_code_problems
@@ -325,6 +326,10 @@ def chunk_scores(outcomes: Sequence[float], n_chunks: int, prefix: str) -> dict[
 EVALUATOR_FAILURES = frozenset({"judge_error", "sandbox_error"})
 
 
+@SKILLS.register("humaneval", source="HumanEval (Chen et al. 2021), pass@1 in bubblewrap sandboxes",
+                 preset={"dataset": "humaneval"}, context=("name",), paths=("data_path",))
+@SKILLS.register("mbpp", source="MBPP (Austin et al. 2021); CycleQD paper §4 coding skill, official prompt",
+                 preset={"dataset": "mbpp"}, context=("name",), paths=("data_path",))
 class CodingSkill:
     """MBPP or HumanEval pass@1 as a CycleQD skill (see the module docstring).
 
