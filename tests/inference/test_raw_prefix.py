@@ -120,3 +120,18 @@ def test_vllm_sends_the_same_tokens_as_hf(be, convs):
     assert [p["prompt_token_ids"] for p in prompts] == [be.prompt_ids(c, PREFIX) for c in mixed]
     vb.generate(convs, max_new_tokens=4)           # plain chat: unchanged path
     assert llm.calls[-1][0] == "chat"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (__import__("importlib").util.find_spec("vllm") and torch.cuda.is_available()),
+                    reason="needs vllm and a CUDA GPU")
+def test_real_vllm_raw_and_prefix_match_hf(tiny_llama_dirs, convs):
+    """On a GPU: the real engine's raw-prompt and prefixed replies agree with HF's (near ties
+    of a random tiny model may flip a reply or two)."""
+    a = tiny_llama_dirs[0]
+    hf = HFBackend.from_pretrained(a, device="cuda")
+    vb = VLLMBackend(a, dtype="float32", gpu_memory_utilization=0.2, max_model_len=1024)
+    mixed = [hf.render(c) if i % 2 else c for i, c in enumerate(convs)]
+    got = vb.generate(mixed, max_new_tokens=12, response_prefix=PREFIX)
+    ref = hf.generate(mixed, max_new_tokens=12, response_prefix=PREFIX)
+    assert sum(x == y for x, y in zip(got, ref)) >= len(convs) - 2
