@@ -61,7 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bwrap import BwrapSession, SandboxLimits
+from .limits import SandboxLimits
+from .session import BwrapSession
 
 __all__ = ["TableSpec", "SQLBackend", "SQLiteBackend", "MariaDBBackend", "MariaDBConfig",
            "TableBuildError", "TableRows", "Reference", "format_observation", "table_hash_md5",
