@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from safetensors.torch import save_file
 
-from cycleqd.models.loading import _TOKENIZER_FILES
+from cycleqd.models.sources import _TOKENIZER_FILES
 from cycleqd._io import atomic_directory
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
@@ -119,7 +119,7 @@ def _tied_pairs(src: Path) -> dict[str, str]:
             return {}
         from transformers import AutoConfig
 
-        from cycleqd.models.loading import tied_weight_names
+        from cycleqd.models.validate import tied_weight_names
 
         return tied_weight_names(AutoConfig.from_pretrained(str(src)))
     except Exception:  # unreadable config: _copy_model_files reports it
@@ -193,8 +193,8 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
         ValueError: bad crossover spec, or a merged tensor that is not finite in the output
             dtype (named; the output folder is not created).
     """
-    from cycleqd.models.loading import (check_finite, load_expert, load_model, needs_untie,
-                                        non_finite_description)
+    from cycleqd.models.loading import load_expert, load_model, needs_untie
+    from cycleqd.models.validate import check_finite, non_finite_description
     from cycleqd.ops.crossover import make_crossover
 
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(

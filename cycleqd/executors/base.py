@@ -182,9 +182,9 @@ def _finite(v) -> bool:
 
 def non_finite_weights(weights) -> str | None:
     """None when every float weight is finite with ``|w| <= 65504`` (the float16 range,
-    :data:`cycleqd.models.loading.MAX_ABS_WEIGHT`); else one line naming the first bad
+    :data:`cycleqd.models.validate.MAX_ABS_WEIGHT`); else one line naming the first bad
     tensor. Costs one chunked pass over the weights."""
-    from cycleqd.models.loading import MAX_ABS_WEIGHT, non_finite_description
+    from cycleqd.models.validate import MAX_ABS_WEIGHT, non_finite_description
 
     for name, t in weights.items():
         if isinstance(t, torch.Tensor):

@@ -34,7 +34,7 @@ def test_expert_rewritten_in_place_changes_its_svd_cache_key(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from cycleqd.models.loading import resolve_source
+    from cycleqd.models.sources import resolve_source
 
     d = tmp_path / "expert"
     d.mkdir()
