@@ -61,7 +61,8 @@ def test_infrastructure_failures_are_not_cached_as_the_models_outcome(tmp_path, 
 
     from cycleqd.skills.coding import skill as coding_mod
     from cycleqd.skills.cache import SampleCache
-    from cycleqd.skills.coding.skill import CodingSkill, Verdict
+    from cycleqd.skills.coding.judge import Verdict
+    from cycleqd.skills.coding.skill import CodingSkill
 
     add = {"task_id": 11, "text": "Write a function to add two numbers.",
            "code": "def add(a, b):\n    return a + b\n",
