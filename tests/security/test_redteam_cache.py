@@ -100,7 +100,7 @@ def test_agent_evaluator_failures_are_not_cached(tmp_path):
     from dataclasses import dataclass
 
     from cycleqd.skills.cache import SampleCache
-    from cycleqd.skills.agentbench.data import evaluate_cached
+    from cycleqd.skills.agentbench.episode import evaluate_cached
 
     @dataclass(frozen=True)
     class Item:

@@ -63,7 +63,8 @@ from typing import Any, Sequence
 from cycleqd.sandbox.sql import Reference, SQLBackend, TableBuildError, TableRows, make_backend
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import DBItem, Episode, evaluate_cached, load_dbbench, run_lockstep
+from cycleqd.skills.agentbench.data import DBItem, load_dbbench
+from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
 #: AgentBench DB-Bench instruction (src/server/tasks/dbbench/__init__.py, v0.2), verbatim.
 DB_PROMPT = """
