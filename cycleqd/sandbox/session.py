@@ -68,7 +68,7 @@ class BwrapSession:
     """
 
     #: Source of the in-sandbox supervisor (a subclass may run another JSON-line server,
-    #: e.g. the SQLite worker of :mod:`cycleqd.sandbox.sql`).
+    #: e.g. the SQLite worker of :mod:`cycleqd.sandbox.sql.sqlite`).
     _agent_source: str = _AGENT_SOURCE
 
     def __init__(self, limits: SandboxLimits = SandboxLimits(), *,
