@@ -367,7 +367,7 @@ def run_sandboxed(argv: Sequence[str], *, stdin: bytes | str | None = None,
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(x, str) for x in argv):
         raise ValueError(f"argv must be a non-empty sequence of str, got {argv!r}")
     sb = Sandbox(argv, limits=limits, files=files or {}, workdir=workdir, env=env,
-                  ro_binds=ro_binds, stdin=stdin is not None)
+                 ro_binds=ro_binds, stdin=stdin is not None)
     try:
         return _pump(sb, stdin)
     finally:

@@ -24,6 +24,9 @@ UID_BASE = 1_500_000_000  # throw-away uids: UID_BASE + pid*256 + counter (mod 2
 
 @dataclass(frozen=True)
 class Host:
+    """Paths of the host tools a sandbox is launched with, whether the evaluator is root
+    (each sandbox then runs as its own host uid) and the cgroup version (0: none)."""
+
     bwrap: str
     prlimit: str
     setpriv: str | None
@@ -91,6 +94,7 @@ def current() -> Host | None:
 
 # --------------------------------------------------------------------------- uid pool
 
+#: Counter behind :func:`alloc_uid` (also names cgroups of sandboxes without a uid).
 uid_counter = itertools.count()
 
 

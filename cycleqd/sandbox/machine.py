@@ -18,8 +18,8 @@ from .limits import SandboxLimits, SandboxUnavailableError
 #: default set, as in AgentBench's containers (no CAP_SYS_ADMIN: no mounts, so no tmpfs
 #: without a size; no CAP_SYS_RESOURCE).
 MACHINE_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_SETGID",
-                 "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT",
-                 "CAP_KILL", "CAP_AUDIT_WRITE", "CAP_SETFCAP")
+                "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT",
+                "CAP_KILL", "CAP_AUDIT_WRITE", "CAP_SETFCAP")
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,10 @@ class Userns:
     def __init__(self, host: Host, uid_base: int) -> None:
         b = uid_base
         self.proc = launch([host.setpriv, f"--reuid={b}", f"--regid={b}", "--clear-groups",
-                             "--pdeathsig", "KILL", "--", _UNSHARE, "--user", "--", "/bin/sh", "-c",
-                             "echo up; exec sleep 2147483647"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
-                            env={"PATH": DEFAULT_PATH}, close_fds=True)
+                            "--pdeathsig", "KILL", "--", _UNSHARE, "--user", "--", "/bin/sh", "-c",
+                            "echo up; exec sleep 2147483647"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
+                           env={"PATH": DEFAULT_PATH}, close_fds=True)
         self._fd: int | None = None
         try:
             with selectors.DefaultSelector() as sel:

@@ -86,7 +86,7 @@ class BwrapSession:
                 raise ValueError(f"rootfs {image} is not a root file system (no usr/)")
             mnt = machine_mountpoint()
             self._machine = MachineSpec(str(image), tuple(str(Path(x)) for x in layers),
-                                         str(mnt), ROOTFS_UID_BASE)
+                                        str(mnt), ROOTFS_UID_BASE)
             self._machine.lowerdir()  # validates the paths now
         elif layers:
             raise ValueError("layers need a rootfs")
@@ -112,9 +112,9 @@ class BwrapSession:
         boot = ("import os;f=os.fdopen({fd},'rb');s=f.read();f.close();"
                 "exec(compile(s,'cycleqd-agent','exec'))")
         self._sb = Sandbox([self._python, "-I", "-S", "-c", boot],
-                            limits=self.limits, files=self._files, workdir=self.workdir,
-                            env=env, ro_binds=self._ro_binds, stdin=True,
-                            inherit_data=self._agent_source.encode(), machine=self._machine)
+                           limits=self.limits, files=self._files, workdir=self.workdir,
+                           env=env, ro_binds=self._ro_binds, stdin=True,
+                           inherit_data=self._agent_source.encode(), machine=self._machine)
         self._key = secrets.token_bytes(32)
         try:
             self._sb.proc.stdin.write(self._key.hex().encode() + b"\n")
