@@ -172,7 +172,6 @@ def _resolve_hub(spec: str, revision: str | None) -> ResolvedSource:
     return r
 
 
-
 def tokenizer_files(folder: Path) -> list[Path]:
     """Tokenizer files present in an HF folder."""
     return [folder / f for f in _TOKENIZER_FILES if (folder / f).is_file()]

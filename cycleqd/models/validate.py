@@ -46,7 +46,6 @@ def tied_weight_names(config: Any) -> dict[str, str]:
     return {"lm_head.weight": "model.embed_tokens.weight"}
 
 
-
 def check_config(base_cfg: Any, exp_cfg: Any, label: str) -> None:
     """Compare architecture fields; raises :class:`ModelLoadError` naming the first difference."""
     if base_cfg is None or exp_cfg is None:
@@ -163,4 +162,3 @@ def check_finite(state: Mapping[str, torch.Tensor], label: str, *, max_abs: floa
             raise ModelLoadError(f"{label}: tensor {k!r} is not finite: {desc} (weights must be finite "
                                  f"with |w| <= {max_abs:g}, the float16 range); the checkpoint is "
                                  "corrupt or diverged -- re-export or retrain it")
-

@@ -82,7 +82,6 @@ def sandbox_status() -> SandboxStatus:
                          _cgroup.probe()[1] if h.root else "not root: rlimits only")
 
 
-
 # --------------------------------------------------------------------------- launching
 
 _LIVE: "weakref.WeakSet[Sandbox]" = weakref.WeakSet()
@@ -93,7 +92,6 @@ def _memfd(data: bytes | str) -> int:
     os.write(fd, data.encode() if isinstance(data, str) else data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
-
 
 
 #: Size of the small tmpfs mounts (/dev and the masks over secret directories), bytes.

@@ -146,7 +146,6 @@ def pids_of_uid(uid: int) -> list[int]:
     return out
 
 
-
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (all its threads'), [] if it is gone."""
     out: list[int] = []

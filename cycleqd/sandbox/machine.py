@@ -85,7 +85,6 @@ def machine_mountpoint() -> Path:
                                   "(/run or /var/tmp)")
 
 
-
 MACHINE_IDS = 65536  # ids mapped into an OS machine's user namespace
 _UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 _NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"

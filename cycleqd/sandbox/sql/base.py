@@ -96,7 +96,6 @@ class Reference:
 _MD5_RE = re.compile(r"\b[0-9a-f]{32}\b")
 
 
-
 @dataclass(frozen=True)
 class StatementResult:
     """What one model statement gave (:meth:`SQLBackend.execute`): its rows, or an error.
