@@ -93,7 +93,6 @@ class Reference:
     hash: str | None
     table: TableRows | None
     errors: tuple[str, ...] = ()
-_MD5_RE = re.compile(r"\b[0-9a-f]{32}\b")
 
 
 @dataclass(frozen=True)
