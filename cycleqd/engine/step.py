@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cycleqd.inference.fingerprint import fingerprint_state_dict
-from cycleqd.models.loading import MAX_ABS_WEIGHT, non_finite_description
+from cycleqd.models.validate import MAX_ABS_WEIGHT, non_finite_description
 from cycleqd.qd.archive import ArchiveGate
 from cycleqd.qd.scheduler import derive_seed
 from cycleqd.skills.base import NonFiniteScore, SkillResult
@@ -195,7 +195,7 @@ def _finite(v) -> bool:
 
 def non_finite_weights(weights) -> str | None:
     """None when every float weight is finite with ``|w| <= 65504`` (the float16 range,
-    :data:`cycleqd.models.loading.MAX_ABS_WEIGHT`); else one line naming the first bad
+    :data:`cycleqd.models.validate.MAX_ABS_WEIGHT`); else one line naming the first bad
     tensor. Costs one chunked pass over the weights."""
     for name, t in weights.items():
         if isinstance(t, torch.Tensor):
