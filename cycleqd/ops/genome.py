@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cycleqd.ops.base import Crossover, Mutation, TaskVector
+from cycleqd.ops.base import Crossover, Mutation, TaskVector, with_params
 from cycleqd.ops.mutation import NoMutation, SVDExpertMutation, add_svd_perturbation
 
 GENOME_FORMAT = "cycleqd-svd-genome/1"
@@ -106,7 +106,8 @@ class SVDGenomeWeightSpace:
     def base_genome(self) -> SVDGenome:
         return SVDGenome(c=torch.zeros(self.K, dtype=torch.float64))
 
-    def crossover(self, parents: Sequence[SVDGenome], generator: torch.Generator) -> SVDGenome:
+    def crossover(self, parents: Sequence[SVDGenome], generator: torch.Generator, *,
+                  params: Mapping[str, float] | None = None) -> SVDGenome:
         if any(not isinstance(p, SVDGenome) for p in parents):
             raise ValueError("crossover in the SVD genome space needs SVDGenome parents (a dense "
                              "aggregate cannot be a parent)")
@@ -115,7 +116,7 @@ class SVDGenomeWeightSpace:
         n_par = getattr(self._crossover, "n_parents", None)
         if n_par is not None and len(parents) != n_par:
             raise ValueError(f"crossover needs exactly {n_par} parents, got {len(parents)}")
-        w = self._crossover.prepare(len(parents), generator)
+        w = with_params(self._crossover, params).prepare(len(parents), generator)
         c = sum(float(wi) * p.c for wi, p in zip(w, parents))
         m: dict[str, torch.Tensor] = {}
         for name in self.names:
@@ -128,14 +129,15 @@ class SVDGenomeWeightSpace:
                 m[name] = acc
         return SVDGenome(c=c, m=m)
 
-    def mutate(self, genome: SVDGenome, skill: int, generator: torch.Generator) -> SVDGenome:
+    def mutate(self, genome: SVDGenome, skill: int, generator: torch.Generator, *,
+               params: Mapping[str, float] | None = None) -> SVDGenome:
         if not isinstance(genome, SVDGenome):
             raise ValueError("mutate in the SVD genome space needs an SVDGenome")
         if isinstance(self._mutation, NoMutation):
             return genome
         if not 0 <= skill < self.K:
             raise ValueError(f"mutate: skill {skill} out of range (K={self.K})")
-        rs = self._mutation.draw(self.names, skill, generator)
+        rs = with_params(self._mutation, params).draw(self.names, skill, generator)
         m = dict(genome.m)
         for name, r in rs.items():
             cur = m.get(name)
