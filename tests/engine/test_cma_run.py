@@ -77,3 +77,34 @@ def test_use_cma_refuses_operators_without_its_settings(tiny_cfg, tmp_path):
     cfg = parse_config(d)
     with pytest.raises(ValueError, match="use_cma needs crossover 'linear'"):
         CycleQDRun(cfg, build_components(cfg), tmp_path / "r", progress=False)
+
+
+def test_resume_from_a_snapshot_restores_the_cma_state(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(use_cma=True, cma_popsize=3)
+    _run(cfg, tmp_path / "full")
+    _run(cfg, tmp_path / "r")
+    snap = json.loads((tmp_path / "r" / "archives" / "gen_000010.json").read_text())
+    assert [len(f) for f in snap["cma"]["fitnesses"]] == [3, 4, 3]
+    run = CycleQDRun(cfg, build_components(cfg), tmp_path / "r", resume=True, progress=False, from_snapshot=10)
+    try:
+        run.run()
+    finally:
+        run.executor.close()
+    assert [m["cma"] for m in _gens(tmp_path / "r")] == [m["cma"] for m in _gens(tmp_path / "full")]
+    assert _state(tmp_path / "r")["cma"] == _state(tmp_path / "full")["cma"]
+
+
+def test_cma_in_the_compact_svd_genome_space(tiny_cfg, tmp_path, cache_dir):
+    from cycleqd.config import parse_config
+    from tests.conftest import tiny_config_dict
+
+    runs = {}
+    for use_cma in (False, True):
+        d = tiny_config_dict(cache_dir, use_cma=use_cma, generations=3)
+        d["operators"]["genome"] = "svd"
+        cfg = parse_config(d)
+        run_cycleqd(build_components(cfg), cfg, tmp_path / str(use_cma), progress=False)
+        runs[use_cma] = _gens(tmp_path / str(use_cma))
+    assert all("cma" in m for m in runs[True]) and all("cma" not in m for m in runs[False])
+    assert runs[True][0]["parents"] == runs[False][0]["parents"]
+    assert runs[True][0]["scores"] != runs[False][0]["scores"]
