@@ -406,7 +406,7 @@ class CycleQDRun:
             if "cma" in state:
                 try:
                     self.cma.restore(state["cma"])
-                except ValueError as e:
+                except (ValueError, TypeError, AttributeError) as e:   # a hand-edited or foreign state
                     raise RunDirError(f"{self.rd.state}: {e}") from None
 
     # -- the algorithm -----------------------------------------------------------------

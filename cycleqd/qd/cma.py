@@ -1,7 +1,10 @@
 """Operator parameters proposed by CMA-ES, one solver per quality skill (official ``qd.use_cma``).
 
-The official code (SakanaAI/CycleQD ``main.py``, ``Worker.__init__`` and
-``Worker.merge_models``; ``configs/config.yaml`` ``cma_es: {popsize: 8, sigma: 0.01, seed: 42}``)
+The official code (SakanaAI/CycleQD ``main.py``: ``Worker.__init__`` builds the solvers
+(~L65-91), ``Worker.merge_models`` asks (~L110-121) and tells (~L170-186),
+``Worker._get_input_info`` sizes the input; ``configs/config.yaml`` ``qd.use_cma: False``,
+``cma_es: {popsize: 8, sigma: 0.01, seed: 42}``; ``crossover/base.py`` and
+``mutation/base.py`` take the params in ``merge``/``mutate``)
 gives each task a ``cma.CMAEvolutionStrategy(x0=zeros(n_in * 3), sigma0=0.01, popsize=8)``.
 For a child of quality skill k with parents p1, p2 drawn from archive k:
 
