@@ -406,6 +406,9 @@ class RunConfig(_Strict):
     def fingerprint(self) -> str:
         """Short hash of the full config (identifies a run's setup)."""
         data = self.model_dump(mode="json", exclude={"tracking"})   # logging never changes results
+        if not self.qd.use_cma:   # unused CMA settings: fingerprints stay what they were before them
+            for k in ("use_cma", "cma_popsize", "cma_sigma0"):
+                data["qd"].pop(k)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -108,3 +108,10 @@ def test_cma_in_the_compact_svd_genome_space(tiny_cfg, tmp_path, cache_dir):
     assert all("cma" in m for m in runs[True]) and all("cma" not in m for m in runs[False])
     assert runs[True][0]["parents"] == runs[False][0]["parents"]
     assert runs[True][0]["scores"] != runs[False][0]["scores"]
+
+
+def test_fingerprint_sees_cma_settings_only_when_on(tiny_cfg):
+    off = tiny_cfg().fingerprint()
+    assert tiny_cfg(cma_popsize=4, cma_sigma0=0.5).fingerprint() == off   # unused: runs unchanged
+    on = tiny_cfg(use_cma=True).fingerprint()
+    assert on != off and tiny_cfg(use_cma=True, cma_popsize=4).fingerprint() != on
