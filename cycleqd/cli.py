@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from cycleqd import __version__
+from cycleqd.errors import CycleQDError
 
 DESCRIPTION = """\
 CycleQD (Kuroki et al., ICLR 2025): evolve a population of multi-skill models from
@@ -444,11 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from cycleqd.config import ConfigError
-
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as e:
+    except CycleQDError as e:   # config, run directory, model source, missing dependency ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:

@@ -24,8 +24,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cycleqd.errors import CycleQDError
 
-class ConfigError(ValueError):
+
+class ConfigError(CycleQDError, ValueError):
     """A configuration file is invalid; the message lists every problem with its field path."""
 
 

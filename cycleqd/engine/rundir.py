@@ -45,6 +45,7 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cycleqd.errors import CycleQDError
 from cycleqd._io import (DiskFullError, atomic_write_json, atomic_write_text,  # noqa: F401  (re-exported)
                          disk_full_names, fsync_dir, sha256_file)
 
@@ -52,7 +53,7 @@ STATE_FORMAT = 2          # 2: genome digests recorded; 1 (no "format" key): wri
 SNAPSHOT_GENOMES_KEPT = 2  # newest snapshots whose genomes are kept (hard links) for --from-snapshot
 
 
-class RunDirError(ValueError):
+class RunDirError(CycleQDError, ValueError):
     """A run directory that cannot be resumed as it is. The message is one line: the file,
     what is wrong, and what to do instead."""
 

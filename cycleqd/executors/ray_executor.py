@@ -74,6 +74,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any, Callable
 
+from cycleqd.errors import require
 from cycleqd.executors.store import GenomeStore
 from cycleqd.executors.base import Job, JobResult, WorkerContext, run_job
 
@@ -132,12 +133,7 @@ def init_local_ray(ray: Any = None, **kwargs: Any) -> Any:
 
 
 def _require_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ImportError("the Ray executor needs Ray: pip install 'cycleqd[ray]' "
-                          "(or pip install 'ray[default]')") from None
-    return ray
+    return require("ray", "the Ray executor")
 
 
 # ----------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from cycleqd.errors import CycleQDError
+
 from . import _cgroup
 
 __all__ = [
@@ -77,7 +79,7 @@ _WRITABLE_DIRS = ("/root", "/tmp", "/home", "/var", "/opt", "/srv", "/mnt", "/me
 _UID_BASE = 1_500_000_000  # throw-away uids: _UID_BASE + pid*256 + counter (mod 2**24)
 
 
-class SandboxUnavailableError(RuntimeError):
+class SandboxUnavailableError(CycleQDError, RuntimeError):
     """bwrap (or another required host tool) is missing or cannot create a sandbox here."""
 
 

@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cycleqd.errors import CycleQDError
+
 __all__ = ["ROOTFS_PACKAGES", "ROOTFS_UID_BASE", "ROOTFS_VERSION", "RootFS", "RootfsUnavailableError",
            "build_rootfs", "default_rootfs", "dpkg_digest", "judge_guard_layer", "rootfs_key", "rootfs_status"]
 
@@ -63,7 +65,7 @@ ROOTFS_PACKAGES = (
 )
 
 
-class RootfsUnavailableError(RuntimeError):
+class RootfsUnavailableError(CycleQDError, RuntimeError):
     """The OS machine's root file system cannot be built or used on this host."""
 
 

@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from cycleqd.errors import require
+
 from .bwrap import BwrapSession, SandboxLimits
 
 __all__ = ["TableSpec", "SQLBackend", "SQLiteBackend", "MariaDBBackend", "MariaDBConfig",
@@ -511,10 +513,7 @@ class MariaDBConfig:
 
     def connect(self, *, user: str, password: str | None, database: str | None = None,
                 read_timeout: float | None = None) -> Any:
-        try:
-            import pymysql
-        except ImportError as e:  # pragma: no cover - dependency hint
-            raise RuntimeError("the MariaDB backend needs `pymysql` (extra: mariadb)") from e
+        pymysql = require("pymysql", "the MariaDB backend")
         kw: dict[str, Any] = dict(user=user, password=password or "", database=database,
                                   charset="utf8mb4", autocommit=True, connect_timeout=10,
                                   read_timeout=read_timeout, write_timeout=read_timeout)

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cycleqd.errors import require
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_key, model_key
 
@@ -36,11 +37,7 @@ _CHAT_MARK = "\x00cycleqd-chat\x00"
 
 
 def _require_lm_eval():
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("LMEvalSkill needs lm-evaluation-harness: pip install 'cycleqd[lmeval]' "
-                          "(or pip install lm-eval)") from e
+    require("lm_eval", "LMEvalSkill (lm-evaluation-harness)")
 
 
 def _make_backend_lm_class():
