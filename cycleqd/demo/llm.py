@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from cycleqd import paths
 from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config
 from cycleqd.demo.config import DEFAULT_CONFIG, TOY_CONFIG, DemoConfig, load_demo_config  # package data
 #: a claim "beats by >= 5 points" means a difference of at least this (scores in [0, 1])
@@ -143,8 +144,7 @@ class DemoResult:
 
 
 def _cache_dir(cfg: DemoConfig) -> Path:
-    from cycleqd.engine.build import default_cache_dir
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return paths.cache_dir(cfg)
 
 
 def resolve_base_dir(cfg: DemoConfig, cache: Path) -> Path:

@@ -7,12 +7,13 @@ operator names, model paths) is checked before any model is loaded.
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any, Callable
 
+from cycleqd import paths
 from cycleqd.config import ConfigError, RunConfig, SkillConfig
 from cycleqd.engine.loop import Components
+from cycleqd.engine.runview import weight_space
 
 def make_mbpp_skill(name: str, cache_dir: Path, **params: Any):
     from cycleqd.skills.coding.skill import CodingSkill
@@ -35,7 +36,7 @@ def make_dbbench_skill(name: str, cache_dir: Path, **params: Any):
 def make_os_skill(name: str, cache_dir: Path, **params: Any):
     from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
-    return OSInteractionSkill(name=name, **params)
+    return OSInteractionSkill(name=name, **{"cache_dir": cache_dir, **params})  # OS image under the run's cache
 
 
 def make_lmeval_skill(name: str, cache_dir: Path, **params: Any):
@@ -54,13 +55,6 @@ SKILL_FACTORIES: dict[str, str] = {
     "os": f"{__name__}:make_os_skill",
     "lmeval": f"{__name__}:make_lmeval_skill",
 }
-
-
-def default_cache_dir(cfg: RunConfig | None = None) -> Path:
-    """``cfg.cache_dir``, else $CYCLEQD_CACHE, else ~/.cache/cycleqd."""
-    if cfg is not None and cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    return Path(os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
 
 
 def _factory(spec: str) -> Callable[..., Any]:
@@ -91,19 +85,9 @@ def _check_model_sources(cfg: RunConfig) -> None:
             raise ConfigError(f"{field}: {src!r} does not exist")
 
 
-def _weight_space(cfg: RunConfig, base: str, experts: list[str], cache_dir: Path):
-    from cycleqd.models.build import build_weight_space
-
-    ops = cfg.operators
-    space, info = build_weight_space(
-        base, experts, crossover={"name": ops.crossover.name, **ops.crossover.kwargs()},
-        mutation={"name": ops.mutation.name, **ops.mutation.kwargs()}, genome=ops.genome, cache_dir=cache_dir)
-    return space, info
-
-
 def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Components:
     """Build skills, weight space and adapter for ``cfg`` (see module doc for the order)."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(cfg)
+    cache_dir = paths.cache_dir(cache_dir or cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _check_model_sources(cfg)
     synthetic = [s for s in cfg.skills if s.type == "synthetic"]
@@ -116,14 +100,7 @@ def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Compon
     # 1. cheap checks and data loading: the skills
     skills = [] if synthetic else [build_llm_skill(s, cache_dir) for s in cfg.skills]
     # 2. models
-    if cfg.model.synthetic is not None:
-        from cycleqd.engine.synthetic import build_synthetic_models
-
-        base_dir, expert_dirs = build_synthetic_models(cfg.model.synthetic, cfg.skill_names, cache_dir)
-        base, experts = str(base_dir), [str(expert_dirs[s]) for s in cfg.skill_names]
-    else:
-        base, experts = cfg.model.base, [cfg.model.experts[s] for s in cfg.skill_names]
-    space, info = _weight_space(cfg, base, experts, cache_dir)
+    space, info = weight_space(cfg, cache_dir)
     # 3. adapter
     if synthetic:
         from cycleqd.skills.synthetic import SyntheticAdapter, SyntheticSkill

@@ -21,8 +21,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from safetensors.torch import save_file
 
-from cycleqd.models.loading import _TOKENIZER_FILES
+from cycleqd import paths
 from cycleqd._io import atomic_directory
+from cycleqd.engine.runview import RunView
+from cycleqd.models.loading import (_TOKENIZER_FILES, check_finite, load_expert, load_model, needs_untie,
+                                    non_finite_description, tied_weight_names)
+from cycleqd.ops.crossover import make_crossover
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
@@ -119,8 +123,6 @@ def _tied_pairs(src: Path) -> dict[str, str]:
             return {}
         from transformers import AutoConfig
 
-        from cycleqd.models.loading import tied_weight_names
-
         return tied_weight_names(AutoConfig.from_pretrained(str(src)))
     except Exception:  # unreadable config: _copy_model_files reports it
         return {}
@@ -193,12 +195,7 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
         ValueError: bad crossover spec, or a merged tensor that is not finite in the output
             dtype (named; the output folder is not created).
     """
-    from cycleqd.models.loading import (check_finite, load_expert, load_model, needs_untie,
-                                        non_finite_description)
-    from cycleqd.ops.crossover import make_crossover
-
-    cache_dir = Path(cache_dir) if cache_dir is not None else Path(
-        os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
+    cache_dir = paths.cache_dir(cache_dir)
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
     base_m = load_model(base, cache_dir=cache_dir)
@@ -231,32 +228,8 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
 
 # --- run directories -----------------------------------------------------------------
 
-def _space_for_run(run_dir: Path):
-    from cycleqd.config import load_config
-    from cycleqd.engine.build import default_cache_dir
-    from cycleqd.models.build import build_weight_space
-
-    cfg = load_config(run_dir / "config.yaml")
-    cache = default_cache_dir(cfg)
-    if cfg.model.synthetic is not None:
-        from cycleqd.engine.synthetic import build_synthetic_models
-
-        base_dir, expert_dirs = build_synthetic_models(cfg.model.synthetic, cfg.skill_names, cache)
-        base, experts = str(base_dir), [str(expert_dirs[s]) for s in cfg.skill_names]
-    else:
-        base, experts = cfg.model.base, [cfg.model.experts[s] for s in cfg.skill_names]
-    ops = cfg.operators
-    space, info = build_weight_space(
-        base, experts, crossover={"name": ops.crossover.name, **ops.crossover.kwargs()},
-        mutation={"name": ops.mutation.name, **ops.mutation.kwargs()}, genome=ops.genome,
-        cache_dir=cache)
-    return cfg, space, info
-
-
 def _pick_model(run_dir: Path, *, model_id: str | None, cell: str | None, archive: str | None,
                 aggregate: bool) -> str:
-    from cycleqd.qd.archive import GridArchive
-
     chosen = [x for x in (model_id, cell, archive) if x] + (["aggregate"] if aggregate else [])
     if len(chosen) != 1:
         raise ValueError("export: give exactly one of model_id, cell, archive, aggregate")
@@ -264,10 +237,7 @@ def _pick_model(run_dir: Path, *, model_id: str | None, cell: str | None, archiv
         return "aggregate"
     if model_id:
         return model_id
-    state_path = run_dir / "state.json"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no state.json (not a cycleqd run, or no generation finished)")
-    archives = [GridArchive.from_json(a) for a in json.loads(state_path.read_text())["archives"]]
+    archives = RunView(run_dir).archives
     by_name = {a.quality_skill: a for a in archives}
     if archive:
         if archive not in by_name:
@@ -307,20 +277,9 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
     """
     run_dir = Path(run_dir)
     mid = _pick_model(run_dir, model_id=model_id, cell=cell, archive=archive, aggregate=aggregate)
-    cfg, space, info = _space_for_run(run_dir)
-    if mid.startswith("expert:"):
-        skill = mid.split(":", 1)[1]
-        if skill not in cfg.skill_names:
-            raise ValueError(f"model {mid!r}: skills are {cfg.skill_names}")
-        genome = space.expert_genomes()[cfg.skill_names.index(skill)]
-    elif mid == "base":
-        genome = space.base_genome()
-    else:
-        path = run_dir / "genomes" / f"{mid}{space.genome_suffix}"
-        if not path.is_file():
-            raise FileNotFoundError(f"genome of {mid!r} not found at {path}"
-                                    + (" (the run has not aggregated yet)" if mid == "aggregate" else ""))
-        genome = space.load(path)
+    view = RunView(run_dir)
+    space, info = view.space
+    genome = view.genome(mid)
     return export_model(space, genome, out_dir, info.model_dir, overwrite=overwrite,
                         provenance={"run_dir": str(run_dir.resolve()), "model_id": mid,
                                     "base": info.base_spec, "experts": info.expert_specs,

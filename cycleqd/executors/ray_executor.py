@@ -74,6 +74,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any, Callable
 
+from cycleqd import paths
 from cycleqd.errors import require
 from cycleqd.executors.store import GenomeStore
 from cycleqd.executors.base import Job, JobResult, WorkerContext, run_job
@@ -690,7 +691,6 @@ def _config_builder(ctx: WorkerContext) -> Callable[[], Any] | None:
     """A worker-side builder from ``RUN_DIR/config.yaml`` if that config is the run's and can
     be built by :func:`cycleqd.engine.build.build_components`; else None."""
     from cycleqd.config import ConfigError, load_config
-    from cycleqd.engine.build import default_cache_dir
 
     path = Path(ctx.store.root).parent / "config.yaml"
     if not path.is_file():
@@ -701,5 +701,5 @@ def _config_builder(ctx: WorkerContext) -> Callable[[], Any] | None:
         return None
     if cfg.fingerprint() != ctx.run_fingerprint or any(s.type == "external" for s in cfg.skills):
         return None
-    cache = default_cache_dir(cfg).resolve()
+    cache = paths.cache_dir(cfg).resolve()
     return functools.partial(build_from_config, path.read_text(), str(cache), ctx.run_fingerprint)

@@ -118,8 +118,8 @@ def main(out_dir: str | Path, *, generations: int | None = None, seed: int = 0, 
         generations: CycleQD generations (default 1200, the paper's; toy: 24).
         seed: the CycleQD run seed (the data splits and training use the recipe's seeds).
         toy: tiny CNN, short training, few generations (for CI; seconds).
-        cache_root: where trained models are cached (default ``$CYCLEQD_CACHE_DIR`` or
-            ``~/.cache/cycleqd``).
+        cache_root: where trained models are cached (default :func:`cycleqd.paths.cache_dir`:
+            ``$CYCLEQD_CACHE`` or ``~/.cache/cycleqd``).
         recipe: override the data/training recipe.
         progress: show the engine's progress bar.
         threads: torch intra-op threads for the run (1 is fastest for this small CNN;
