@@ -210,12 +210,10 @@ def cmd_resume(args) -> int:
     ``--generations N`` changes the run's length (also of a finished run)."""
     from cycleqd.config import load_config
     from cycleqd.engine.loop import build_archives, seed_ids
-    from cycleqd.engine.rundir import (RunDir, RunLock, check_resume, check_snapshot, extend_run,
-                                       finish_pending_config)
+    from cycleqd.engine.rundir import RunLock, check_resume, check_snapshot, extend_run, finish_pending_config
+    from cycleqd.engine.runview import RunView
 
-    rd = RunDir(args.run_dir)
-    if not rd.config.exists():
-        raise FileNotFoundError(f"{rd.root} is not a cycleqd run directory (no config.yaml)")
+    rd = RunView(args.run_dir).rd   # refuses a folder without config.yaml
     lock = RunLock.acquire_for(rd.root)
     try:
         finish_pending_config(rd)

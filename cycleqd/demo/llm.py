@@ -41,6 +41,7 @@ from typing import Any, Sequence
 from cycleqd import paths
 from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config
 from cycleqd.demo.config import DEFAULT_CONFIG, TOY_CONFIG, DemoConfig, load_demo_config  # package data
+from cycleqd.engine.runview import RunView
 #: a claim "beats by >= 5 points" means a difference of at least this (scores in [0, 1])
 EXPERT_MARGIN = 0.05
 
@@ -258,12 +259,13 @@ def test_skills(cfg: DemoConfig, cache: Path) -> list[Any]:
     return out
 
 
-def comparison_models(cfg: DemoConfig, run: Any, multitask: str | None, base_dir: Path,
+def comparison_models(cfg: DemoConfig, run: RunView, multitask: str | None, base_dir: Path,
                       cache: Path) -> list[tuple[str, str, Any]]:
-    """``(row id, description, genome)`` of every model in the table, in table order."""
+    """``(row id, description, genome)`` of every model in the table, in table order; the
+    CycleQD rows read from the finished run directory."""
     from cycleqd.ops.aggregation import aggregate
 
-    space = run.c.space
+    space = run.space
     names = [s.name for s in cfg.skills]
     experts = list(space.expert_genomes())
     rows: list[tuple[str, str, Any]] = [("base", "base model", space.base_genome())]
@@ -279,9 +281,9 @@ def comparison_models(cfg: DemoConfig, run: Any, multitask: str | None, base_dir
     for a in run.archives:
         e = a.best()
         rows.append((f"cycleqd:best-{a.quality_skill}",
-                     f"CycleQD best {a.quality_skill} model ({e.id})", run.store.get(e.id)))
-    if run.aggregate is not None:
-        rows.append(("cycleqd:aggregate", "CycleQD aggregated model", run.store.get("aggregate")))
+                     f"CycleQD best {a.quality_skill} model ({e.id})", run.genome(e.id)))
+    if run.aggregate_scores() is not None:
+        rows.append(("cycleqd:aggregate", "CycleQD aggregated model", run.genome("aggregate")))
     return rows
 
 
@@ -447,7 +449,8 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
         shutil.copyfile(out / "cycleqd" / "maps" / "elite_maps.png", out / "elite_maps.png")
 
         t = time.perf_counter()
-        models = comparison_models(cfg, run, mt, base_dir, cache)
+        view = RunView(out / "cycleqd", space=comps.space)
+        models = comparison_models(cfg, view, mt, base_dir, cache)
         rows = evaluate_models(models, comps.space, comps.adapter, test_sk, progress=progress)
         timings["test_eval_s"] = time.perf_counter() - t
     finally:
@@ -462,7 +465,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
     atomic_write_json(out / "comparison.json", {
         "skills": names, "test_sizes": sizes, "rows": rows, "claims": claims,
         "search_aggregate": res.aggregate,
-        "archives": {a.quality_skill: {"best": a.best().id, "elites": len(a)} for a in run.archives}})
+        "archives": {a.quality_skill: {"best": a.best().id, "elites": len(a)} for a in view.archives}})
     atomic_write_text(out / "comparison.md", table + "\n\nElite maps: elite_maps.png\n")
     atomic_write_json(out / "timings.json", timings)
     log("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))

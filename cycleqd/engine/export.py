@@ -278,8 +278,7 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
     run_dir = Path(run_dir)
     mid = _pick_model(run_dir, model_id=model_id, cell=cell, archive=archive, aggregate=aggregate)
     view = RunView(run_dir)
-    space, info = view.space
-    genome = view.genome(mid)
+    space, info, genome = view.space, view.model_info, view.genome(mid)
     return export_model(space, genome, out_dir, info.model_dir, overwrite=overwrite,
                         provenance={"run_dir": str(run_dir.resolve()), "model_id": mid,
                                     "base": info.base_spec, "experts": info.expert_specs,

@@ -76,6 +76,9 @@ class RunView:
         state: ``state.json`` (schema-checked dict).
         archives: the archives of ``state.json`` (quality skill order of the config).
         metrics: ``metrics.jsonl`` records (a torn last line is skipped).
+        space: the run's weight space: the one given (a caller that already built the run's
+            components), else :func:`weight_space` of the config (loads the models).
+        model_info: the :class:`~cycleqd.models.build.ModelInfo` of :func:`weight_space`.
 
     Raises (constructor):
         RunDirError: ``run_dir`` holds no ``config.yaml``.
@@ -84,10 +87,13 @@ class RunView:
         validates).
     """
 
-    def __init__(self, run_dir: Path | str, *, cache_dir: Path | str | None = None) -> None:
+    def __init__(self, run_dir: Path | str, *, cache_dir: Path | str | None = None,
+                 space: Any = None) -> None:
         self.rd = RunDir(run_dir)
         self.root = self.rd.root
         self._cache_dir = cache_dir
+        if space is not None:
+            self.space = space   # fills the cached property
         if not self.rd.config.is_file():
             raise RunDirError(f"{self.root} is not a cycleqd run directory (no config.yaml)")
 
@@ -135,9 +141,16 @@ class RunView:
         return dict(agg[-1].get("scores") or {}) if agg else None
 
     @cached_property
-    def space(self) -> tuple[Any, Any]:
-        """``(space, info)`` = :func:`weight_space` of the run's config (loads the models)."""
+    def _built(self) -> tuple[Any, Any]:
         return weight_space(self.config, self._cache_dir)
+
+    @cached_property
+    def space(self) -> Any:
+        return self._built[0]
+
+    @cached_property
+    def model_info(self) -> Any:
+        return self._built[1]
 
     def genome(self, model_id: str) -> Any:
         """The genome of ``model_id`` in the run's weight space: ``expert:<skill>``, ``base``,
@@ -147,8 +160,7 @@ class RunView:
             ValueError: an ``expert:`` id naming no skill of the run.
             FileNotFoundError: no stored genome of that id.
         """
-        space, _ = self.space
-        cfg = self.config
+        space, cfg = self.space, self.config
         if model_id.startswith("expert:"):
             skill = model_id.split(":", 1)[1]
             if skill not in cfg.skill_names:
