@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cycleqd._checks import check_int
 from cycleqd.errors import require
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_key, model_key
@@ -148,10 +149,8 @@ class LMEvalSkill:
         _require_lm_eval()
         from lm_eval.tasks import TaskManager, get_task_dict
 
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("limit", limit, optional=True)
+        check_int("batch_size", batch_size)
         if isinstance(task, Mapping):
             if "task" not in task:
                 raise ValueError("an inline lm-eval task config needs a 'task' key (its name)")

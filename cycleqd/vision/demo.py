@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from cycleqd._checks import check_int
 from cycleqd.vision.pipeline import (
     BINS,
     VisionSetup,
@@ -134,10 +135,8 @@ def main(out_dir: str | Path, *, generations: int | None = None, seed: int = 0, 
         FileExistsError: ``out_dir`` already holds a demo run.
     """
     gens = generations if generations is not None else (TOY_GENERATIONS if toy else DEFAULT_GENERATIONS)
-    if gens < 1:
-        raise ValueError(f"generations must be >= 1, got {gens}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    check_int("generations", gens)
+    check_int("threads", threads, optional=True)
     out = Path(out_dir)
     run_dir = out / "run"
     if (run_dir / "state.json").exists() or (run_dir / "metrics.jsonl").exists() or (out / "table.json").exists():
