@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cycleqd import paths
-from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config
+from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config, yaml12_load
 from cycleqd.demo.config import DEFAULT_CONFIG, TOY_CONFIG, DemoConfig, load_demo_config  # package data
+from cycleqd.engine.rundir import atomic_write_json, atomic_write_text
 from cycleqd.engine.runview import RunView
 #: a claim "beats by >= 5 points" means a difference of at least this (scores in [0, 1])
 EXPERT_MARGIN = 0.05
@@ -87,8 +88,6 @@ def _fill(args: argparse.Namespace) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """The demo settings: the YAML, then the command-line flags on top."""
-    from cycleqd.config import yaml12_load
-
     args = _fill(args)
     path = Path(args.config) if args.config else (TOY_CONFIG if args.toy else DEFAULT_CONFIG)
     ov: dict[str, Any] = {}
@@ -406,7 +405,6 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
     :func:`check_out_dir` raises, before any model work."""
     from cycleqd.engine.build import build_components
     from cycleqd.engine.loop import CycleQDRun
-    from cycleqd.engine.rundir import atomic_write_json, atomic_write_text
 
     import yaml
 

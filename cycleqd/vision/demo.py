@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from cycleqd._checks import check_int
+from cycleqd.engine.plots import plot_curves
+from cycleqd.engine.runview import RunView
 from cycleqd.vision.pipeline import (
     BINS,
     VisionSetup,
@@ -155,10 +157,7 @@ def main(out_dir: str | Path, *, generations: int | None = None, seed: int = 0, 
         t = time.perf_counter()
         rows = results_table(setup, baselines, run)
         t_table = time.perf_counter() - t
-        from cycleqd.engine.plots import plot_curves
-        from cycleqd.engine.rundir import RunDir
-
-        curves = plot_curves(RunDir(run_dir).read_metrics(), out / "curves.png")
+        curves = plot_curves(RunView(run_dir).metrics, out / "curves.png")
         agg_path = out / "aggregate.safetensors"
         has_agg = _write_aggregate(setup, run_dir, agg_path)
     finally:
