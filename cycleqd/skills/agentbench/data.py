@@ -76,7 +76,7 @@ def fetch_agentbench(cache_dir: str | os.PathLike | None = None, *, timeout_s: f
     """Download the public DB-Bench and OS files once into ``<cache>/data`` (skips files
     already there). Returns that folder. Raises OSError on network errors, ValueError if
     a download does not parse as JSON/JSONL."""
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "data"
+    root = default_cache_dir(cache_dir) / "data"
     urls = urls or {"dbbench/standard.jsonl": DBBENCH_URL,
                     "os_interaction/training.json": OS_TRAINING_URL,
                     "os_interaction/dev.json": OS_DEV_URL}

@@ -107,7 +107,7 @@ def fetch_mbpp(cache_dir: str | os.PathLike | None = None, *, url: str = MBPP_UR
         ValueError: the download is not MBPP-shaped (no ``task_id``/``test_list`` records).
         OSError: network errors (``urllib``).
     """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = default_cache_dir(cache_dir)
     out = root / "data" / "mbpp" / "sanitized-mbpp.jsonl"
     if out.is_file():
         return out
