@@ -5,7 +5,7 @@ Conditions (each changes one thing from CycleQD as in the paper):
 * ``cycleqd``   -- K archives with the quality rotating, SVD-expert mutation, elite sampling.
 * ``single``    -- one archive whose quality is the mean of all skills (= summed quality
   up to the constant K) and whose BCs are all K skills (engine ``qd.mode: single``); the
-  SVD basis expert is drawn per child (see ``RandomBasisMutation``).
+  SVD basis expert rotates over the K skills per generation (the scheduler's ``Ask.basis``).
 * ``gaussian``  -- Gaussian mutation on the same matrices, its std matched to the SVD
   mutation's expected energy (``gaussian_std_matched``).
 * ``uniform``   -- uniform parent sampling instead of elite sampling.

@@ -3,7 +3,7 @@ weights (random, 134.5M parameters, 211 tensors), fp32 and bf16.
 
     PYTHONPATH=$PWD python benchmarks/bench_finite_check.py
 
-Prints min / median seconds of ``cycleqd.executors.base.non_finite_weights`` over 7 calls and
+Prints min / median seconds of ``cycleqd.engine.step.non_finite_weights`` over 7 calls and
 the CPU model (``lscpu``)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from cycleqd.executors.base import non_finite_weights
+from cycleqd.engine.step import non_finite_weights
 
 
 def smollm2_shaped() -> dict[str, torch.Tensor]:

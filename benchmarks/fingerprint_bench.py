@@ -4,7 +4,7 @@ Prints, measured on this machine:
 
 * ``fingerprint_state_dict`` of a SmolLM2-135M-shaped state dict (30 layers, hidden 576,
   vocab 49152, tied embeddings: 134.5 M parameters) in fp32 and bf16 -- the engine pays this
-  once per evaluated model (seed or child, :func:`cycleqd.executors.base.run_job`);
+  once per evaluated model (seed or child, :func:`cycleqd.engine.step.score_child`);
 * ``item_keys`` of every item of the DB-Bench, OS and MBPP files (paid once per skill
   evaluation, when the data is present);
 * ``backend_key`` of an ``HFBackend`` (first call: hashes the tokenizer; later calls: memo).

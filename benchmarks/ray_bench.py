@@ -57,13 +57,13 @@ def measure(cfg, workers: int, eval_s: float, out: Path) -> dict:
     from cycleqd.engine.build import build_components
     from cycleqd.engine.loop import Components, CycleQDRun
     from cycleqd.engine.rundir import RunDir
-    from cycleqd.executors.ray_executor import RayExecutor
+    from cycleqd.engine.workers import ray_step_executor
 
     base = build_components(cfg)
     comps = Components(base.space, [JudgeSkill(s, eval_s) for s in base.skills], base.adapter)
     run = CycleQDRun(cfg, comps, out, progress=False)
     t = time.perf_counter()
-    run.executor = ex = RayExecutor(run.ctx, workers=workers, progress=False)
+    run.executor = ex = ray_step_executor(run.ctx, setup="ship", workers=workers, progress=False)
     start_s = time.perf_counter() - t
     try:
         res = run.run()

@@ -12,9 +12,10 @@ Run: :func:`run_cycleqd`, :class:`CycleQDRun`, :class:`Components`, :class:`RunR
 :func:`build_components`, :class:`RunView` (read a run directory), :func:`weight_space`.
 Errors: :class:`CycleQDError`, :class:`MissingDependencyError`. Config: :class:`RunConfig`, :func:`load_config`,
 :func:`parse_config`, :class:`ConfigError`, :mod:`configs` (the bundled example configs).
-Skills: ``SKILL_TYPES``, ``SKILL_FACTORIES`` (type -> "module:factory"), :class:`Skill`.
-Operators: ``CROSSOVERS``, ``MUTATIONS``, ``AGGREGATIONS`` (name -> factory),
-:func:`register`, :func:`make_crossover`, :func:`make_mutation`.
+Skills: ``SKILL_TYPES``, ``SKILLS`` (the skill registry: type -> evaluator), :class:`Skill`.
+Operators: ``CROSSOVERS``, ``MUTATIONS``, ``AGGREGATIONS`` (registries: name -> factory),
+:func:`register`, :func:`make_crossover`, :func:`make_mutation`. Every registry is a
+:class:`cycleqd.registry.Registry` (``names()``, ``check()``, ``build()``, ``@register``).
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ConfigError": ("cycleqd.config", "ConfigError"),
     # skills
     "SKILL_TYPES": ("cycleqd.config", "SKILL_TYPES"),
-    "SKILL_FACTORIES": ("cycleqd.engine.build", "SKILL_FACTORIES"),
+    "SKILLS": ("cycleqd.registry", "SKILLS"),
+    "Registry": ("cycleqd.registry", "Registry"),
     "Skill": ("cycleqd.skills.base", "Skill"),
     # operators
-    "CROSSOVERS": ("cycleqd.ops.base", "CROSSOVERS"),
-    "MUTATIONS": ("cycleqd.ops.base", "MUTATIONS"),
-    "AGGREGATIONS": ("cycleqd.ops.aggregation", "AGGREGATIONS"),
+    "CROSSOVERS": ("cycleqd.registry", "CROSSOVERS"),
+    "MUTATIONS": ("cycleqd.registry", "MUTATIONS"),
+    "AGGREGATIONS": ("cycleqd.registry", "AGGREGATIONS"),
     "register": ("cycleqd.ops.base", "register"),
     "make_crossover": ("cycleqd.ops.crossover", "make_crossover"),
     "make_mutation": ("cycleqd.ops.mutation", "make_mutation"),
@@ -65,8 +67,6 @@ def __getattr__(name: str) -> Any:
     """Import a public name on first access (PEP 562) and cache it in the module."""
     if name in _LAZY:
         module, attr = _LAZY[name]
-        if module in ("cycleqd.ops.base", "cycleqd.ops.aggregation"):
-            importlib.import_module("cycleqd.ops")   # registers every built-in operator
         value = getattr(importlib.import_module(module), attr)
     elif name in _SUBMODULES:
         value = importlib.import_module(f"{__name__}.{name}")

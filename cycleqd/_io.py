@@ -126,19 +126,72 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``,
+    kernel 4.7+); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the platform or the filesystem cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
 @contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir``; when the block succeeds it replaces
-    ``out_dir`` (any old one is removed), when it raises the temporary folder is deleted and
-    ``out_dir`` is left as it was."""
+    ``out_dir``, when it raises the temporary folder is deleted and ``out_dir`` is left as it was.
+
+    The folder and everything in it get the modes plain ``mkdir`` / ``open`` give (0777 /
+    0666 less the umask, as after ``save_pretrained``), not ``mkdtemp``'s 0700 nor the 0600
+    of libraries that write through a private temp file (safetensors). An old ``out_dir`` is swapped out only once
+    the new one is complete -- in one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux, else
+    renamed aside, the new one renamed in (the old one is put back if that fails) -- and
+    deleted last, so a crash at any moment leaves the old or the new folder at ``out_dir``
+    (plus, at worst, a hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` sibling to delete).
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    mask = _umask()
     try:
         yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        for root, dirs, files in os.walk(tmp):
+            os.chmod(root, 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+        fsync_dir(tmp)
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+        elif _exchange(tmp, out_dir):
+            shutil.rmtree(tmp)            # now the old folder
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out_dir.parent)

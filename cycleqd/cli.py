@@ -7,6 +7,8 @@ neither torch nor transformers; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,9 +29,13 @@ scored on every skill, and offered to every archive.
 Start here:
   cycleqd run tiny                       a one-minute run on a tiny synthetic model (CPU)
   cycleqd report RUN_DIR                 elite maps, curves and best models of a run
+  cycleqd elites RUN_DIR                 every elite with its scores; the Pareto front
+  cycleqd export RUN_DIR --select coding=2,db=1 OUT    the elite that fits a preference
   cycleqd demo                           SmolLM2-135M experts + CycleQD on real benchmarks
   cycleqd init my-configs                editable copies of the example configs
                                          (tiny, paper, demo, demo-toy; usable by name)
+  cycleqd data list                      benchmark files: present or not, where, source
+  cycleqd data fetch                     download the demo's benchmark files (checked)
 """
 
 EPILOG = "Run `cycleqd COMMAND --help` for a command's options. Docs: README.md."
@@ -55,12 +61,12 @@ def _executor(args, ctx, cfg):
     kind = getattr(args, "executor", None) or cfg.executor.type
     if kind != "ray":
         return None
-    from cycleqd.executors.ray_executor import RayExecutor
+    from cycleqd.engine.workers import ray_step_executor
 
-    return RayExecutor.from_args(ctx, address=args.address or cfg.executor.address,
-                                 workers=args.workers or cfg.executor.workers,
-                                 synchronous=args.synchronous or cfg.executor.synchronous,
-                                 progress=not getattr(args, "no_progress", False))
+    return ray_step_executor(ctx, address=args.address or cfg.executor.address,
+                             workers=args.workers or cfg.executor.workers,
+                             synchronous=args.synchronous or cfg.executor.synchronous,
+                             progress=not getattr(args, "no_progress", False))
 
 
 class Terminated(KeyboardInterrupt):
@@ -102,7 +108,16 @@ def _library_progress(show: bool) -> None:
     enable_progress_bars()
 
 
+def _require_data(skills) -> None:
+    """Every benchmark file the skills read from the data dir is there (skills with their own
+    ``data_path`` excepted); else one error listing all missing files and the fetch command."""
+    from cycleqd.datasets import names_for_skills, require
+
+    require(names_for_skills(skills))
+
+
 def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = None) -> int:
+    _require_data(cfg.skills)   # before any model work
     _stage("building weight space and models (importing torch, loading base and experts) ...")
     _library_progress(sys.stderr.isatty() and not args.no_progress)
     from cycleqd._io import is_disk_full
@@ -181,7 +196,7 @@ def _with_tracking_flags(cfg, args):
 
 
 def cmd_run(args) -> int:
-    from cycleqd.config import load_config
+    from cycleqd.config import check_config, load_config
 
     path = _config_path(args.config)
     _stage(f"loading config {path}")
@@ -197,6 +212,7 @@ def cmd_run(args) -> int:
     if args.wandb_mode:
         ov["tracking.wandb.mode"] = args.wandb_mode
     cfg = load_config(path, ov)
+    check_config(cfg)   # what `validate` checks, before torch or any model is loaded
     from cycleqd.tracking import check_available
 
     check_available(cfg)   # a missing tensorboard/wandb package: one line, before any model
@@ -247,9 +263,30 @@ def cmd_resume(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from cycleqd.config import load_config
+    """Check a run config (or a demo config: ``configs/demo.yaml``) as far as possible without
+    loading any model: the schema, the operators, local model paths, each skill's parameters,
+    data paths and lm-eval tasks (:func:`cycleqd.config.check_config`). No torch import."""
+    from cycleqd.config import check_config, check_operators, check_skills, load_config, read_yaml
 
-    cfg = load_config(_config_path(args.config), _overrides(args.set))
+    path = _config_path(args.config)
+    data = read_yaml(path)
+    if isinstance(data, dict) and "model" not in data and {"train", "merges", "multitask"} & set(data):
+        from cycleqd.config import SkillConfig
+        from cycleqd.demo.config import load_demo_config
+
+        demo = load_demo_config(path, _overrides(args.set))
+        check_operators(demo)
+        from cycleqd.registry import CROSSOVERS
+
+        for op in ("task_arithmetic", "ties"):
+            CROSSOVERS.check(op, getattr(demo.merges, op), field=f"merges.{op}")
+        check_skills([SkillConfig(name=s.name, type=s.type, bc_range=s.bc_range, bins=s.bins, params=s.params)
+                      for s in demo.skills])
+        print(f"{args.config}: valid demo config ({len(demo.skills)} skills: "
+              f"{', '.join(s.name for s in demo.skills)}; {demo.qd.generations} generations)")
+        return 0
+    cfg = load_config(path, _overrides(args.set))
+    check_config(cfg)
     print(f"{args.config}: valid ({len(cfg.skills)} skills: {', '.join(cfg.skill_names)}; "
           f"{cfg.qd.generations} generations)")
     return 0
@@ -274,12 +311,48 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from cycleqd.engine.export import export_from_run
+def cmd_elites(args) -> int:
+    from cycleqd.engine.elites import elite_table, format_text, listed
 
-    out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=args.model, cell=args.cell,
-                          archive=args.archive, aggregate=args.aggregate)
+    table = elite_table(Path(args.run_dir))
+    if args.json:
+        rows = listed(table, front_only=args.front, sort=args.sort)
+        print(json.dumps({"skills": table.skills, "elites": [r.to_json(table.skills) for r in rows]}, indent=2))
+    else:
+        print(format_text(table, front_only=args.front, sort=args.sort))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import shlex
+
+    from cycleqd.engine.export import HubPushError, check_hub_target, export_from_run, push_to_hub
+
+    if args.push_to_hub:
+        check_hub_target(args.push_to_hub)        # before the export's expensive work
+    pick = (["--aggregate"] if args.aggregate else ["--cell", args.cell] if args.cell else
+            ["--archive", args.archive] if args.archive else ["--select", args.select] if args.select
+            else ["--model", args.model])
+    model = args.model
+    if args.select:
+        from cycleqd.engine.elites import elite_table, select
+
+        chosen, why = select(elite_table(Path(args.run_dir)), args.select)
+        print(f"selected {why}")
+        model = chosen.id
+    command = shlex.join(["cycleqd", "export", args.run_dir, *pick, args.out_dir]
+                         + (["--dtype", args.dtype] if args.dtype else [])
+                         + (["--overwrite"] if args.overwrite else []))
+    out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=model, cell=args.cell,
+                          archive=args.archive, aggregate=args.aggregate, overwrite=args.overwrite,
+                          dtype=args.dtype, command=command)
     print(f"exported to {out}")
+    if args.push_to_hub:
+        try:
+            print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")
+        except HubPushError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -294,6 +367,32 @@ def cmd_demo(args) -> int:
 
     _library_progress(sys.stderr.isatty() and not args.no_progress)
     return llm_main(args)
+
+
+def cmd_data(args) -> int:
+    """``cycleqd data list``: one row per catalogue file; ``cycleqd data fetch [NAME...]``:
+    download what is missing (default: what the demo needs)."""
+    from cycleqd import datasets
+    from cycleqd.paths import data_dir
+
+    root = data_dir()
+    if args.data_command == "fetch":
+        names = args.names or list(datasets.DEFAULT_DATASETS)
+        got = datasets.fetch(names, root, progress=not args.no_progress)
+        print(f"{len(got)} file(s) fetched into {root}" if got else f"nothing to fetch: {', '.join(names)} "
+              f"already in {root}")
+        return 0
+    rows = [("NAME", "STATUS", "SIZE", "PATH", "SOURCE")]
+    for d in datasets.CATALOGUE.values():
+        for f in d.files:
+            src = f.url or f"mirror only: {f.mirror_only}"
+            rows.append((d.name, datasets.file_status(f, root), f"{f.size / 1e6:.2f} MB", str(root / f.rel), src))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print(f"data dir: {root} (CYCLEQD_DATA_DIR / --data-dir)" +
+          (f"; mirror: {datasets.mirror()}" if datasets.mirror() else ""))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
 
 
 def cmd_train_expert(args) -> int:
@@ -320,6 +419,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cycleqd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def add_data_dir(sp):
+        sp.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="benchmark data folder (sets $CYCLEQD_DATA_DIR; default <cache>/data)")
+
     def add_exec(sp):
         sp.add_argument("--executor", choices=["local", "ray"], default=None,
                         help="where children are made and scored (default: the config's executor.type)")
@@ -340,6 +443,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="start a CycleQD run from a YAML config",
                         description="Start a CycleQD run. Every generation is checkpointed; "
                                     "`cycleqd resume RUN_DIR` continues a killed run exactly.")
+    add_data_dir(sp)
     sp.add_argument("config", help="YAML config file, or the name of a bundled example "
                                    "(tiny, paper; `cycleqd init DIR` writes editable copies)")
     sp.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
@@ -354,6 +458,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                         description="Continue a run from its last complete generation. The run "
                                     "directory is checked first (state, metrics, genome digests); "
                                     "one process per run directory (RUN_DIR/.lock).")
+    add_data_dir(sp)
     sp.add_argument("run_dir")
     sp.add_argument("--from-snapshot", type=int, default=None, metavar="N",
                     help="rewind to snapshot archives/gen_N.json first (when the newest state is "
@@ -364,6 +469,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_resume)
 
     sp = sub.add_parser("validate", help="check a config without loading any model")
+    add_data_dir(sp)
     sp.add_argument("config", help="YAML config file or bundled config name")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(fn=cmd_validate)
@@ -380,6 +486,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["md", "html", "both"], default="both")
     sp.set_defaults(fn=cmd_report)
 
+    sp = sub.add_parser("elites", help="list every elite of a run with its scores and the Pareto front")
+    sp.add_argument("run_dir")
+    sp.add_argument("--front", action="store_true", help="only the Pareto front")
+    sp.add_argument("--sort", metavar="SKILL", help="sort by this skill's score (or 'mean', the default)")
+    sp.add_argument("--json", action="store_true", help="JSON for scripts (skills, elites with scores)")
+    sp.set_defaults(fn=cmd_elites)
+
     sp = sub.add_parser("export", help="export an elite or the aggregated model as a Hugging Face folder")
     sp.add_argument("run_dir")
     g = sp.add_mutually_exclusive_group(required=True)
@@ -387,10 +500,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--cell", help="ARCHIVE:i,j - the elite in that cell of that archive")
     g.add_argument("--archive", help="the best elite of this archive (quality skill name)")
     g.add_argument("--model", help="a model id (e.g. g000123, expert:coding)")
+    g.add_argument("--select", metavar="PREF",
+                   help="the elite that best fits a preference: weights 'coding=2,db=1' and/or "
+                        "constraints 'coding>=0.3' (see `cycleqd elites`)")
     sp.add_argument("out_dir")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier export in OUT_DIR (swapped in once the new one is complete)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
+                    help="dtype of the saved weights (auto: the base's; default: as materialised)")
+    sp.add_argument("--push-to-hub", metavar="REPO",
+                    help="then upload OUT_DIR to this Hugging Face model repo (token: HF_TOKEN or `hf auth login`)")
+    sp.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("demo", help="the embedded default: experts, CycleQD, comparison table")
+    add_data_dir(sp)
     sp.add_argument("--domain", choices=["llm", "vision"], default="llm")
     sp.add_argument("--out", help="output directory")
     sp.add_argument("--generations", type=int, help="CycleQD generations")
@@ -401,6 +525,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
         demo_arguments(sp)
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("data", help="benchmark data: list what is present, fetch what is missing")
+    dsub = sp.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    add_data_dir(dsub.add_parser("list", help="each file: present/missing, path, public source, size"))
+    dp = dsub.add_parser("fetch", help="download missing files (pinned sources, SHA-256 checked; "
+                                       "$CYCLEQD_DATA_MIRROR replaces the public URLs)")
+    dp.add_argument("names", nargs="*", metavar="NAME",
+                    help="data sets (default: mbpp dbbench os, what the demo needs); see `cycleqd data list`")
+    dp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_data_dir(dp)
+    sp.set_defaults(fn=cmd_data)
 
     sp = sub.add_parser("train-expert", help="fine-tune (LoRA) an expert for one skill")
     sp.add_argument("skill")
@@ -417,7 +552,6 @@ def _quiet_libraries() -> None:
     they read at import). Download progress bars of the hub stay on: a large model's
     download must show that it is happening."""
     import logging
-    import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -428,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
 
     args = build_parser(argv).parse_args(argv)
+    if getattr(args, "data_dir", None) and args.command != "train-expert":   # its --data-dir is a data_path
+        os.environ["CYCLEQD_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
     import signal
     import threading
 
@@ -449,6 +585,13 @@ def _main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from cycleqd.datasets import DataError
+
+        if not isinstance(e, DataError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -13,7 +13,6 @@ See ``configs/tiny.yaml`` (documented example) and ``configs/paper.yaml`` (the p
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import re
@@ -24,11 +23,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cycleqd.errors import CycleQDError
+from cycleqd.errors import ConfigError
+from cycleqd.registry import AGGREGATIONS, CROSSOVERS, MUTATIONS, SKILLS, Registry
 
-
-class ConfigError(CycleQDError, ValueError):
-    """A configuration file is invalid; the message lists every problem with its field path."""
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_config", "check_operators",
+           "check_skills", "check_model_sources", "SKILL_TYPES"]
 
 
 class _Strict(BaseModel):
@@ -148,35 +147,26 @@ def _accepts_str(tp: Any) -> bool:
     return False
 
 
-def _registries() -> list[dict]:
-    from cycleqd.ops import CROSSOVERS, MUTATIONS
-
-    regs = [CROSSOVERS, MUTATIONS]
-    try:
-        from cycleqd.ops.aggregation import AGGREGATIONS
-
-        regs.append(AGGREGATIONS)
-    except ImportError:  # pragma: no cover
-        pass
-    return regs
+def _registries() -> list[Registry]:
+    return [CROSSOVERS, MUTATIONS, AGGREGATIONS]
 
 
 def _string_params(op_name: str) -> set[str]:
     """Parameters that some registered operator called ``op_name`` annotates as ``str``."""
     out: set[str] = set()
     for reg in _registries():
-        factory = reg.get(op_name)
-        if factory is None:
-            continue
-        try:
-            hints = typing.get_type_hints(factory)
-        except Exception:
-            continue
-        out |= {k for k, tp in hints.items() if _accepts_str(tp)}
+        if op_name in reg:
+            out |= {k for k, tp in reg.entry(op_name).hints().items() if _accepts_str(tp)}
     return out
 
 
+#: skill ``type`` values: the registered skills (:data:`cycleqd.registry.SKILLS`) and
+#: ``external`` (provided programmatically through ``Components``); a test keeps them equal
 SKILL_TYPES = ("mbpp", "humaneval", "dbbench", "os", "lmeval", "synthetic", "external")
+
+#: ``backend.device``: cpu | cuda | cuda:N | mps (what ``torch.nn.Module.to`` accepts from the
+#: HF backend; there is no "auto": the backend moves the model to exactly this device)
+_DEVICE = re.compile(r"^(?:cpu|cuda(?::\d+)?|mps)$")
 
 
 class SkillConfig(_Strict):
@@ -254,8 +244,9 @@ class OperatorConfig(_Strict):
 
     Keyword arguments are untyped in the schema (each operator has its own); every number
     among them, nested lists included, must be finite (NaN/inf are refused here), and
-    :func:`check_operators` builds the operator once to apply its own range checks
-    (e.g. ``svd_expert.rate >= 0``, ``dare.density >= 1e-3``). A string that reads as a
+    :func:`check_operators` checks them against the registered operator
+    (:meth:`cycleqd.registry.Registry.check`: names, and its own range checks such as
+    ``svd_expert.rate >= 0``, ``dare.density >= 1e-3``). A string that reads as a
     number under YAML 1.2 (``1e-3``, which YAML 1.1 leaves a string) is passed to the
     operator as that number unless the operator declares the parameter as a string
     (:meth:`kwargs`).
@@ -320,10 +311,17 @@ class BackendConfig(_Strict):
     """Generation backend for LLM skills: hf (transformers, CPU/GPU) or vllm (GPU)."""
 
     type: Literal["hf", "vllm"] = "hf"
-    device: str = "cpu"
+    device: str = "cpu"   # cpu | cuda | cuda:N | mps
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     batch_size: int = Field(32, ge=1)  # rows decoding together (continuous batching)
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"unknown device {v!r}; expected cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
+        return v
 
 
 class ExecutorConfig(_Strict):
@@ -415,68 +413,89 @@ def _format(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def check_operators(cfg: RunConfig) -> None:
-    """Operator names exist in the registries, their keyword arguments fit the factory, and
-    the operator accepts their values: each operator is built once here without any model
-    (cheap: no tensors), so its own range checks (finite numbers, ``rate >= 0``, DARE
-    density, ...) run at ``cycleqd validate`` time instead of after the models are loaded.
+def check_operators(cfg: Any) -> None:
+    """Operator names exist in the registries and their parameters fit (names, required
+    ones, and each operator's own range checks such as ``svd_expert.rate >= 0`` or the DARE
+    density floor), through :meth:`cycleqd.registry.Registry.check`: nothing heavy is built
+    and torch is not imported, so ``cycleqd validate`` reports them in a second.
 
     Raises:
-        ConfigError: naming ``operators.<kind>`` and the problem.
-    """
-    from cycleqd.ops import CROSSOVERS, MUTATIONS
+        ConfigError: every problem, each naming ``operators.<kind>[.<param>]``.
 
-    try:
-        from cycleqd.ops.aggregation import AGGREGATIONS  # type: ignore[attr-defined]
-    except ImportError:  # pragma: no cover - aggregation registry not built
-        AGGREGATIONS = None
+    ``cfg``: a :class:`RunConfig` or anything with its ``operators`` section (a demo config).
+    """
     problems = []
     for kind, registry in (("crossover", CROSSOVERS), ("mutation", MUTATIONS), ("aggregation", AGGREGATIONS)):
         op: OperatorConfig = getattr(cfg.operators, kind)
-        if registry is None:
-            continue
-        if op.name not in registry:
-            problems.append(f"  operators.{kind}.name: unknown {kind} {op.name!r}; "
-                            f"registered: {sorted(registry)}")
-            continue
-        params = inspect.signature(registry[op.name]).parameters
-        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        unknown = False
-        for key in op.kwargs():
-            if key not in params and not accepts_any:
-                unknown = True
-                problems.append(f"  operators.{kind}.{key}: {op.name!r} takes no argument {key!r}; "
-                                f"it takes {[p for p in params if p not in ('experts', 'bases')]}")
-        if not unknown:
-            err = _try_build(kind, op)
-            if err:
-                problems.append(f"  operators.{kind}: {err}")
+        try:
+            registry.check(op.name, op.kwargs(), field=f"operators.{kind}")
+        except ConfigError as e:
+            problems.append(f"  {e}")
+    _raise(problems)
+
+
+def _raise(problems: list[str]) -> None:
+    """One problem: one line; several: a header and one line each."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0].strip())
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 
 
-def _try_build(kind: str, op: OperatorConfig) -> str | None:
-    """Build the operator without models; its error message, or None when it accepts its
-    arguments."""
-    from cycleqd.ops.crossover import CROSSOVERS, make_crossover
-    from cycleqd.ops.mutation import make_mutation
+def check_skills(skills: list[SkillConfig] | tuple[SkillConfig, ...]) -> None:
+    """Each skill's parameters fit its registered evaluator (:data:`cycleqd.registry.SKILLS`):
+    no unknown keyword (with a did-you-mean for a misspelt one), data paths that exist, and the
+    evaluator's own checks that need no model or data (an lm-eval task name: this imports
+    lm-eval and indexes its tasks, a few seconds, only when an ``lmeval`` skill is configured).
 
-    kw = op.kwargs()
-    try:
-        if kind == "crossover":
-            make_crossover({"name": op.name, **kw}, base={})
-        elif kind == "mutation":
-            make_mutation({"name": op.name, **kw})
-        elif op.name in CROSSOVERS:  # aggregation by a crossover operator
-            kw.pop("seed", None)
-            make_crossover({"name": op.name, **kw}, base={})
-        else:
-            from cycleqd.ops.aggregation import AGGREGATIONS
+    Raises:
+        ConfigError: every problem, each naming ``skills.<i>.params.<key>``.
+    """
+    problems = []
+    for i, sc in enumerate(skills):
+        if sc.type == "external":
+            continue
+        try:
+            SKILLS.check(sc.type, sc.params, field=f"skills.{i}.params")
+        except ConfigError as e:
+            problems.append(f"  {e}")
+    _raise(problems)
 
-            AGGREGATIONS[op.name](**kw)
-    except (ValueError, TypeError) as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return None
+
+def check_model_sources(cfg: RunConfig) -> None:
+    """Local-looking model paths exist (hub ids are checked when loaded); synthetic skills are
+    not mixed with model-evaluating ones and come with ``model.synthetic``.
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    sources = [("model.base", cfg.model.base)] + [(f"model.experts.{k}", v) for k, v in cfg.model.experts.items()]
+    for field, src in sources:
+        if src is None:
+            continue
+        looks_local = src.startswith(("/", ".", "~")) or src.endswith((".gguf", ".safetensors", ".bin", ".pt"))
+        if looks_local and not Path(src).expanduser().exists():
+            raise ConfigError(f"{field}: {src!r} does not exist")
+    synthetic = [s for s in cfg.skills if s.type == "synthetic"]
+    if synthetic and len(synthetic) != len(cfg.skills):
+        raise ConfigError("skills: synthetic skills cannot be mixed with model-evaluating skills")
+    if synthetic and cfg.model.synthetic is None:
+        raise ConfigError("skills: synthetic skills need model.synthetic (they score distance to its experts)")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Everything that can be checked without loading weights, beyond the schema that
+    :func:`parse_config` applies: the operators (:func:`check_operators`), local model paths
+    (:func:`check_model_sources`) and the skills' parameters, data paths and lm-eval tasks
+    (:func:`check_skills`). Run by ``cycleqd validate`` and by
+    :func:`cycleqd.engine.build.build_components` (so by ``cycleqd run``) before any model loads.
+
+    Raises:
+        ConfigError: naming the field of each problem.
+    """
+    check_operators(cfg)
+    check_model_sources(cfg)
+    check_skills(cfg.skills)
 
 
 def parse_config(data: Any, *, source: str = "<config>") -> RunConfig:
@@ -530,12 +549,8 @@ def _field_annotation(data: dict, parts: list[str]) -> Any:
                 return str
             name = node.get("name") if isinstance(node, dict) else None
             for reg in _registries():
-                factory = reg.get(name)
-                if factory is not None:
-                    try:
-                        return typing.get_type_hints(factory).get(key)
-                    except Exception:
-                        return None
+                if isinstance(name, str) and name in reg:
+                    return reg.entry(name).hints().get(key)
             return None
         field = model.model_fields.get(key)
         if field is None:

@@ -33,6 +33,12 @@ class CycleQDError(Exception):
     where it can (a config error lists one problem per line)."""
 
 
+class ConfigError(CycleQDError, ValueError):
+    """A configuration is invalid; the message names each problem with its field path
+    (``operators.mutation.rate: must be >= 0, got -0.1``). Raised by :mod:`cycleqd.registry`
+    and :mod:`cycleqd.config` (which re-exports it)."""
+
+
 class MissingDependencyError(CycleQDError, ImportError):
     """An optional dependency is missing. ``str(e)``: ``<what> needs <package>: pip install
     'cycleqd[<extra>]' (or pip install '<package>')``."""

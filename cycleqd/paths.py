@@ -4,7 +4,8 @@
   else ``~/.cache/cycleqd``. Models, experts, sample outcomes, the OS image and downloads
   live under it.
 * data root: an explicit ``--data-dir``/``data_dir``, else ``$CYCLEQD_DATA_DIR``, else
-  ``<repo>/../shared/data`` beside a checkout (this workplace's read-only copy).
+  ``<cache root>/data`` (where ``cycleqd data fetch`` puts the benchmark files; a checkout's
+  test scripts point ``$CYCLEQD_DATA_DIR`` at this workplace's ``../shared/data``).
 
 ``~`` and ``$VARS`` are expanded in every form (a quoted ``CYCLEQD_CACHE='~/cq'`` means
 ``$HOME/cq`` everywhere). Nothing here creates folders or imports anything heavy.
@@ -40,8 +41,8 @@ def repo_root() -> Path:
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:
     """The benchmark data root: ``override``, else ``$CYCLEQD_DATA_DIR``, else
-    ``<repo>/../shared/data``."""
+    ``<cache_dir()>/data``."""
     if override:
         return _expand(override)
     env = os.environ.get("CYCLEQD_DATA_DIR")
-    return _expand(env) if env else repo_root().parent / "shared" / "data"
+    return _expand(env) if env else cache_dir() / "data"

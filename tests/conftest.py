@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# Benchmark data: this workplace's read-only copy beside the checkout (as scripts/test.sh
+# exports it), unless CYCLEQD_DATA_DIR says otherwise. Tests that write use tmp dirs.
+_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not os.environ.get("CYCLEQD_DATA_DIR") and _SHARED_DATA.is_dir():
+    os.environ["CYCLEQD_DATA_DIR"] = str(_SHARED_DATA)
+
 
 def tiny_config_dict(cache_dir: Path, **qd) -> dict:
     """A complete, valid run config as a dict (edit before ``parse_config``)."""

@@ -40,9 +40,11 @@ from typing import Any, Sequence
 
 from cycleqd import paths
 from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config, yaml12_load
+from cycleqd.datasets import fetch as fetch_data, names_for_skills
 from cycleqd.demo.config import DEFAULT_CONFIG, TOY_CONFIG, DemoConfig, load_demo_config  # package data
 from cycleqd.engine.rundir import atomic_write_json, atomic_write_text
 from cycleqd.engine.runview import RunView
+
 #: a claim "beats by >= 5 points" means a difference of at least this (scores in [0, 1])
 EXPERT_MARGIN = 0.05
 
@@ -287,7 +289,8 @@ def comparison_models(cfg: DemoConfig, run: RunView, multitask: str | None, base
 
 
 def _task_vector_of(source: str, base_dir: Path, cache: Path) -> dict[str, Any]:
-    from cycleqd.models.loading import load_expert, load_model, resident
+    from cycleqd.models.lazy import resident
+    from cycleqd.models.loading import load_expert, load_model
 
     base = load_model(str(base_dir), cache_dir=cache)
     return resident(load_expert(source, base, cache_dir=cache, label="multitask model").task_vector)
@@ -419,6 +422,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
     t_all = t = time.perf_counter()
 
     # cheap checks first: every evaluator (data files, parameters) before any model work
+    fetch_data(names_for_skills(cfg.skills), progress=progress, log=log)   # missing benchmark files
     test_sk = test_skills(cfg, cache)
     sizes = {s.name: _n_items(s) for s in test_sk}
 

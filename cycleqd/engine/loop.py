@@ -9,13 +9,15 @@
         offer the child to every archive                     (strictly better quality wins)
     aggregate the archives' best models into one model
 
-Here each step is one call: the scheduler (``qd/``) does the sampling and insertion, the
-executor (``executors/``) makes and scores the child, the run directory (``rundir.py``)
-makes every generation durable before the next begins.
+Here each step is one call: the scheduler (``qd/``) picks k, the mutation basis and the
+parents and does the insertion; ``step.py`` makes and scores the child (run by an executor,
+in-process or on Ray workers); the run directory (``rundir.py``) makes every generation
+durable before the next begins.
 """
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
@@ -30,9 +32,10 @@ from cycleqd.config import RunConfig
 from cycleqd.engine.rundir import (STATE_FORMAT, RunDir, RunDirError, RunLock, atomic_write_json,
                                    check_resume, link_snapshot_genomes, prune_snapshot_genomes,
                                    restore_snapshot)
-from cycleqd.executors.store import GenomeStore
-from cycleqd.executors.base import Executor, Job, JobResult, WorkerContext
+from cycleqd.engine.step import Job, JobResult, WorkerContext, run_step
+from cycleqd.executors.base import Executor
 from cycleqd.executors.local import LocalExecutor
+from cycleqd.executors.store import GenomeStore
 from cycleqd.qd.archive import MEAN_QUALITY, BCAxis, Elite, GridArchive, make_archives
 from cycleqd.qd.metrics import archive_stats
 from cycleqd.qd.scheduler import Ask, CycleQDScheduler
@@ -83,8 +86,8 @@ def seed_ids(cfg: RunConfig) -> list[str]:
 
 def seed_fingerprints(space: Any, seeds: dict[str, Any]) -> dict[str, str]:
     """Seed model id -> :func:`~cycleqd.inference.fingerprint.fingerprint_state_dict` of its
-    materialised weights (the key its evaluation is cached under, ``executors/base.py``
-    ``run_job``). Recorded in ``state.json`` and the snapshots at seeding time and checked on
+    materialised weights (the key its evaluation is cached under, ``engine/step.py``
+    ``score_child``). Recorded in ``state.json`` and the snapshots at seeding time and checked on
     every resume (:func:`check_seed_fingerprints`). Cost: one materialisation and one pass
     over each seed's bytes (0.76 s for SmolLM2-135M in fp32)."""
     from cycleqd.inference.fingerprint import fingerprint_state_dict
@@ -119,14 +122,10 @@ def check_seed_fingerprints(rd: RunDir, recorded: dict | None, now: dict[str, st
                               f"run with `cycleqd run`")
 
 
-def _job(ask: Ask, cfg: RunConfig, archives: Sequence[GridArchive], child_id: str) -> Job:
-    # single-archive ablation: the archive index is always 0, the mutation basis still rotates
-    basis = None if cfg.qd.mode == "cyclic" else (ask.generation // cfg.qd.flip_interval) % len(cfg.skills)
-    return Job(mutation_skill=basis,
-        generation=ask.generation, skill=ask.skill, parents=ask.parents, child_id=child_id, seed=cfg.seed,
-        thresholds=tuple({c: a.quality_of(e.scores) for c, e in a} for a in archives),
-        archive_cells=tuple((a.quality_skill, tuple((x.skill, x.lo, x.hi, x.bins) for x in a.axes))
-                            for a in archives))
+def _job(ask: Ask, seed: int, archives: Sequence[GridArchive]) -> Job:
+    """Generation ``ask.generation``'s job: the ask, plus every archive's gate as it is now."""
+    return Job(ask.generation, ask.skill, ask.parents, f"g{ask.generation:06d}", seed,
+               gates=tuple(a.gate() for a in archives), basis=ask.basis)
 
 
 def _record(res: JobResult, entered: list[str], archives: Sequence[GridArchive], started: float) -> dict:
@@ -277,7 +276,8 @@ class CycleQDRun:
             raise ValueError(f"skill evaluators {names} do not match configured skills {cfg.skill_names}")
         self.archives = build_archives(cfg)
         self.scheduler = CycleQDScheduler(self.archives, seed=cfg.seed, sampling=cfg.qd.sampling,
-                                          flip_interval=cfg.qd.flip_interval, num_parents=cfg.qd.num_parents)
+                                          flip_interval=cfg.qd.flip_interval, num_parents=cfg.qd.num_parents,
+                                          num_skills=len(cfg.skills))
         experts = components.space.expert_genomes()
         if len(experts) != len(cfg.skills):
             raise ValueError(f"{len(experts)} expert genomes for {len(cfg.skills)} skills")
@@ -321,7 +321,7 @@ class CycleQDRun:
             raise
         self.ctx = WorkerContext(components.space, self.store, components.adapter, components.skills,
                                  cfg.fingerprint())
-        self.executor = executor or LocalExecutor(self.ctx)
+        self.executor = executor or LocalExecutor(functools.partial(run_step, ctx=self.ctx))
         self.progress = progress
         self.show = _Progress(cfg.qd.generations, 0, progress)    # stage lines, bar or per-generation lines
         self.tracker = None   # cycleqd.tracking.Tracker (cfg.tracking), opened by run()
@@ -397,9 +397,9 @@ class CycleQDRun:
                 self.executor.submit(Job(0, 0, (), sid, self.cfg.seed))
                 res = self.executor.next_result()
                 elite = Elite(sid, res.scores, 0, ())
-                entered = [] if getattr(res, "rejected", None) else [a.quality_skill for a in self.archives if a.add(elite)]
+                entered = [] if getattr(res, "rejected", None) else self.scheduler.tell_seed(elite)
                 self.rd.append_metrics(self._track(_record(res, entered, self.archives, self._started)))
-                # the fingerprint run_job bound the seed under (rejected before it: computed here)
+                # the fingerprint score_child bound the seed under (rejected before it: computed here)
                 fp = getattr(res, "fingerprint", None)
                 self.seed_fps[sid] = fp or seed_fingerprints(self.c.space, {sid: self._seeds[sid]})[sid]
         self._checkpoint()
@@ -451,9 +451,9 @@ class CycleQDRun:
             while self.generation < last:
                 with _commit_section(second_now=True):   # a signal waits for this generation's commit
                     while len(in_flight) < self.executor.capacity and next_gen <= last:
-                        ask = self.scheduler.ask(next_gen)                       # k, parents
-                        job = _job(ask, self.cfg, self.archives, f"g{next_gen:06d}")
-                        self.executor.submit(job)                                # crossover, mutation, eval
+                        ask = self.scheduler.ask(next_gen)                       # k, basis, parents
+                        job = _job(ask, self.cfg.seed, self.archives)
+                        self.executor.submit(job)                                # step.run_step: make, score
                         in_flight.append(job)
                         next_gen += 1
                     res = self.executor.next_result()

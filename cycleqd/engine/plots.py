@@ -80,14 +80,39 @@ def fit_label(label: str, cell_w_pt: float, cell_h_pt: float) -> tuple[str, floa
     return (label[: n - 1] + "." if 1 < n < len(label) else label[:n]), LABEL_MIN_PT
 
 
+#: matplotlib gids of the map's labels: a seed model's name, a cell's index (``i,j``)
+SEED_LABEL_GID, INDEX_LABEL_GID = "seed-label", "cell-index"
+
+
+def cell_index(cell: Sequence[int]) -> str:
+    """A cell's index as ``cycleqd export --cell ARCHIVE:i,j`` takes it (``"3,7"``)."""
+    return ",".join(str(int(i)) for i in cell)
+
+
+def shown_cells(archive: GridArchive) -> dict[tuple[int, int], tuple[int, ...]]:
+    """Map position ``(i, j)`` -> full cell index of the elite drawn there (with more than
+    two BC axes: the best-quality elite among those projected onto it, as
+    :func:`quality_grid` colours it; ties by cell index)."""
+    best: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {}
+    for cell, e in sorted(archive, key=lambda ce: ce[0]):
+        ij = (cell[0], cell[1] if len(cell) > 1 else 0) if cell else (0, 0)
+        q = archive.quality_of(e.scores)
+        if ij not in best or q > best[ij][0]:
+            best[ij] = (q, tuple(cell))
+    return {ij: c for ij, (_, c) in best.items()}
+
+
 def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] = (),
                    title: str | None = None, ax=None) -> Path:
     """Draw one archive's elite map to ``path`` (PNG, written atomically).
 
-    Seed models' cells are outlined in red and labelled with the skill name, in white on
-    dark cells and black on light ones, at a font size that fits the cell (shortened when
-    the cell is too small). The colour scale runs from 0 to the best quality (0..1 for an
-    archive whose elites all score 0, which the title then says).
+    Seed models' cells are outlined in red and labelled with the skill name; every filled
+    cell is labelled with the index ``i,j`` of the elite drawn there (:func:`cell_index`,
+    :func:`shown_cells`; what ``cycleqd export --cell ARCHIVE:i,j`` takes; under the seed's
+    name in a seed's cell, left out where it does not fit whole). Labels are white on dark
+    cells and black on light ones, at a font size that fits the cell (a seed name is
+    shortened when the cell is too small). The colour scale runs from 0 to the best quality
+    (0..1 for an archive whose elites all score 0, which the title then says).
     """
     grid = quality_grid(archive)
     own = ax is None
@@ -110,19 +135,39 @@ def plot_elite_map(archive: GridArchive, path: Path, *, seed_ids: Iterable[str] 
         ax_h_pt = box.height * fig_.get_figheight() * 72
         cell_w_pt = ax_w_pt / x_ax.bins
         cell_h_pt = ax_h_pt / (y_ax.bins if y_ax else 1)
-    for cell, e in archive:
-        if e.id in seed_ids and x_ax is not None:
-            w = (x_ax.hi - x_ax.lo) / x_ax.bins
-            h = ((y_ax.hi - y_ax.lo) / y_ax.bins) if y_ax else 1.0
-            x0 = x_ax.lo + cell[0] * w
-            y0 = (y_ax.lo + cell[1] * h) if y_ax else 0.0
-            ax.add_patch(plt.Rectangle((x0, y0), w, h, fill=False, ec="red", lw=1.8))
-            fitted = fit_label(e.id.split(":")[-1], cell_w_pt, cell_h_pt)
-            if fitted is not None:
-                q = grid[(cell[0], cell[1] if len(cell) > 1 else 0)]
-                colour = text_colour(im.cmap(im.norm(q))) if np.isfinite(q) else "black"
-                ax.annotate(fitted[0], (x0 + w / 2, y0 + h / 2), color=colour, fontsize=fitted[1],
-                            ha="center", va="center", fontweight="bold", annotation_clip=True)
+        w = (x_ax.hi - x_ax.lo) / x_ax.bins
+        h = ((y_ax.hi - y_ax.lo) / y_ax.bins) if y_ax else 1.0
+
+        def label(text: str, size: float, ij: tuple[int, int], y_frac: float, gid: str, bold: bool) -> None:
+            q = grid[ij]
+            colour = text_colour(im.cmap(im.norm(q))) if np.isfinite(q) else "black"
+            x0, y0 = x_ax.lo + ij[0] * w, (y_ax.lo + ij[1] * h) if y_ax else 0.0
+            ax.annotate(text, (x0 + w / 2, y0 + y_frac * h), color=colour, fontsize=size, ha="center",
+                        va="center", fontweight="bold" if bold else "normal", annotation_clip=True, gid=gid)
+
+        shown = shown_cells(archive)
+        labelled = set()
+        for cell, e in archive:
+            if e.id not in seed_ids:
+                continue
+            ij = (cell[0], cell[1] if len(cell) > 1 else 0)
+            ax.add_patch(plt.Rectangle((x_ax.lo + ij[0] * w, (y_ax.lo + ij[1] * h) if y_ax else 0.0), w, h,
+                                       fill=False, ec="red", lw=1.8))
+            name, idx = e.id.split(":")[-1], cell_index(shown[ij])
+            top, bottom = fit_label(name, cell_w_pt, cell_h_pt / 2), fit_label(idx, cell_w_pt, cell_h_pt / 2)
+            if ij in labelled:
+                continue      # another seed projected onto this position already labelled it
+            if top is not None and bottom is not None and bottom[0] == idx:   # name above the index
+                label(*top, ij, 0.75, SEED_LABEL_GID, True)
+                label(*bottom, ij, 0.25, INDEX_LABEL_GID, False)
+                labelled.add(ij)
+            elif (fitted := fit_label(name, cell_w_pt, cell_h_pt)) is not None:
+                label(*fitted, ij, 0.5, SEED_LABEL_GID, True)
+                labelled.add(ij)
+        for ij, cell in shown.items():
+            fitted = fit_label(cell_index(cell), cell_w_pt, cell_h_pt)
+            if ij not in labelled and fitted is not None and fitted[0] == cell_index(cell):
+                label(*fitted, ij, 0.5, INDEX_LABEL_GID, False)
     ax.set_xlabel(f"{x_ax.skill} (BC)" if x_ax else "")
     ax.set_ylabel(f"{y_ax.skill} (BC)" if y_ax else "")
     finite = grid[np.isfinite(grid)]

@@ -2,7 +2,7 @@
 
 Contents: the setup, QD metrics per archive (coverage, QD score, best quality), the elite
 maps, metric curves over generations, the best model per skill (with its scores on every
-skill), the aggregated model, and time spent per phase.
+skill), the aggregated model, every elite with its cells and the Pareto front, and time spent per phase.
 
 Safety: everything the report did not write itself -- run and skill names, operator names,
 model ids, the run directory's path, all read from ``config.yaml``, ``state.json`` and
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 from cycleqd._io import atomic_write_text
+from cycleqd.engine.elites import add_to_report as add_elites_to_report
 from cycleqd.engine.plots import plot_all_maps, plot_curves
 from cycleqd.engine.runview import RunView
 from cycleqd.qd.metrics import archive_stats
@@ -222,6 +223,7 @@ def build_report(run_dir: Path) -> tuple[Doc, str]:
         sc = m.get("scores") or {}
         rows.append(["seed", [Text(m["child"], code=True)], "0"] + [_fmt(sc.get(s)) for s in skills] + [_mean(sc)])
     doc.table(["archive", "model", "generation"] + [[Text(s)] for s in skills] + ["mean"], rows)
+    add_elites_to_report(doc, run_dir, Text)
     doc.h(2, "Over generations")
     doc.img("curves", "maps/curves.png")
     if gens:

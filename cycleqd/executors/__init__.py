@@ -1,6 +1,6 @@
-"""Executors: where "make child + evaluate" jobs run (in-process or on Ray)."""
+"""Executors: where ``fn(payload)`` calls run (in-process or on Ray), results in order."""
 
-from cycleqd.executors.base import Executor, Job, JobResult, WorkerContext, run_job, would_enter
+from cycleqd.executors.base import Executor
 from cycleqd.executors.local import LocalExecutor
 
-__all__ = ["Executor", "Job", "JobResult", "WorkerContext", "run_job", "would_enter", "LocalExecutor"]
+__all__ = ["Executor", "LocalExecutor"]

@@ -1,10 +1,12 @@
-"""Ray executor: "make child + evaluate" jobs on N Ray actors, asynchronous and fault tolerant.
+"""Ray executor: ``fn(payload)`` calls on N Ray actors, asynchronous and fault tolerant.
 
-The official CycleQD code scales out with Celery workers; mergekit-evolve uses Ray. Here the
-driver (the engine's :class:`~cycleqd.engine.loop.CycleQDRun`) keeps the archives and the
-scheduler; each Ray actor holds one loaded :class:`~cycleqd.executors.base.WorkerContext`
-(weight space with base + expert task vectors and the SVD cache, model adapter / inference
-engine, skills) and runs :func:`~cycleqd.executors.base.run_job` on the jobs it is given.
+The official CycleQD code scales out with Celery workers; mergekit-evolve uses Ray. The
+executor knows nothing of CycleQD: each actor calls the caller's picklable
+``factory(name, shared)`` once when it starts and keeps the callable it returns; every
+payload submitted is run through that callable on some actor. The engine passes a factory
+that loads a worker context (weight space with base + expert task vectors and the SVD
+cache, model adapter / inference engine, skills) and returns its generation step
+(:mod:`cycleqd.engine.workers`); the driver keeps the archives and the scheduler.
 
 Scheduling (the official steady-state scheme)
     ``capacity = workers`` jobs are in flight; a job goes to a worker the moment one is
@@ -12,37 +14,30 @@ Scheduling (the official steady-state scheme)
     archives. Results are handed back in submission (generation) order, as the engine
     requires; a job that finishes early waits in the driver until the ones before it are in.
 
-Where workers get their models (once per worker, never per job)
-    * ``build=<callable>`` (what the CLI uses, :meth:`RayExecutor.from_args`): each actor
-      calls it once, e.g. ``build_components(cfg)`` from the run's own ``config.yaml``, so
-      every worker loads base, experts and its inference engine itself (on its own GPU) and
-      reads the SVD cache from the shared cache directory the driver already filled.
-    * ``build=None`` (the default for programmatic runs): the driver's space, seed genomes,
-      adapter and skills are put into the Ray object store once (``ray.put``) and each actor
-      deserialises them once when it starts. Works for any picklable components (custom
-      skills, the vision setting).
-
-    Child genomes travel through the model store (``RUN_DIR/genomes``), which must be on a
-    filesystem every node sees (local disk on one machine; NFS/Lustre/... on a cluster).
+Where workers get their state (once per worker, never per payload)
+    The factory builds it (for the engine: ``build_components`` from the run's own
+    ``config.yaml``, so every worker loads base, experts and its inference engine itself on
+    its own GPU), or unpacks ``shared``: an object the driver puts into the Ray object store
+    once (``ray.put``) and each actor deserialises once when it starts (for the engine: the
+    driver's picklable components).
 
 Fault tolerance
     A worker that dies mid-job (SIGKILL, the OOM killer, Ray's memory monitor, a lost node,
     a CUDA out-of-memory error) costs no generation: its job goes back to the front of the
     queue and runs on the next free worker, and the dead actor is replaced by a fresh one.
-    Every random draw of a job derives from ``(run seed, generation, purpose)``, so the retry
-    gives the same child and scores. A job that kills ``max_attempts`` workers in a row stops
+    The callable must be deterministic in its payload for a retry to give the same result
+    (the engine's step derives every random draw from ``(run seed, generation, purpose)``).
+    A job that kills ``max_attempts`` workers in a row stops
     the run with an error (finished generations are checkpointed; ``cycleqd resume``).
     Exceptions raised by the job's own code (a bug, bad data) are not retried: they reach
     the driver unchanged. The driver dying is covered by the engine's resume.
 
 The one way results can differ from the in-process executor
-    In asynchronous mode generation ``g`` is submitted while up to ``capacity - 1`` earlier
-    generations are still running, so its parents are elite-sampled from archives that do
-    not yet contain those generations' children (the archive snapshot the job saw). Each
-    child's scores are still exactly those the in-process executor would give the same
-    parents, and insertion still happens in generation order on the driver. With
-    ``synchronous=True`` (capacity 1, ``--synchronous``) every job sees the archives of all
-    earlier generations and the run reproduces the in-process run exactly.
+    In asynchronous mode up to ``capacity`` payloads are in flight, so the caller makes a
+    payload before the results of the ones ahead of it are in (for CycleQD: generation g's
+    parents are sampled from archives without the children of the generations still
+    running). With ``synchronous=True`` (capacity 1, ``--synchronous``) every payload is made
+    after all earlier results are in, and a CycleQD run reproduces the in-process run exactly.
 
 Network: a local cluster stays on loopback
     Without ``address`` the executor starts a single-node Ray cluster (:func:`init_local_ray`)
@@ -61,7 +56,6 @@ Progress
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -71,13 +65,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
-from pathlib import Path
 from typing import Any, Callable
 
-from cycleqd import paths
 from cycleqd.errors import require
-from cycleqd.executors.store import GenomeStore
-from cycleqd.executors.base import Job, JobResult, WorkerContext, run_job
 
 log = logging.getLogger("cycleqd.executors.ray")
 
@@ -140,101 +130,13 @@ def _require_ray():
 # ----------------------------------------------------------------------------------------
 # worker side
 # ----------------------------------------------------------------------------------------
-class IncomingGenomeStore(GenomeStore):
-    """The worker's view of the run's model store.
-
-    Identical to :class:`GenomeStore` except that :meth:`put` writes the genome under
-    ``incoming`` (a folder next to ``genomes/``) and renames it into ``genomes/`` when it is
-    complete, so the driver's garbage collection of ``genomes/`` (which runs after every
-    generation, while other jobs are still writing) never deletes a half-written file.
-    ``incoming`` must be on the same filesystem as ``root`` (the rename is atomic).
-    """
-
-    def __init__(self, root: Path, space: Any, seeds: dict[str, Any], incoming: Path):
-        super().__init__(root, space, seeds)
-        self.incoming = Path(incoming)
-
-    def put(self, model_id: str, genome: Any) -> int:
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        final = self.path(model_id)
-        tmp = self.incoming / f"{os.getpid()}-{final.name}"
-        nbytes = int(self.space.save(genome, tmp))
-        os.replace(tmp, final)
-        return nbytes
-
-
-def _seed_genomes(space: Any, seed_ids: list[str]) -> dict[str, Any]:
-    """Seed model id -> genome, in the engine's order: one per expert, then the base."""
-    experts = list(space.expert_genomes())
-    if len(seed_ids) not in (len(experts), len(experts) + 1):
-        raise ValueError(f"the run has {len(seed_ids)} seed models ({seed_ids}) but the worker's weight "
-                         f"space has {len(experts)} experts")
-    genomes = experts + ([space.base_genome()] if len(seed_ids) > len(experts) else [])
-    return dict(zip(seed_ids, genomes))
-
-
-def build_from_config(config_yaml: str, cache_dir: str, run_fingerprint: str) -> Any:
-    """Worker-side builder for config-based runs: ``build_components`` of the run's config.
-
-    Args:
-        config_yaml: the run's ``config.yaml`` text.
-        cache_dir: the driver's resolved cache directory (GGUF conversions, expert SVDs,
-            synthetic models, per-sample caches); shared with the driver on one machine.
-        run_fingerprint: the driver's config fingerprint; a mismatch raises ValueError.
-
-    Returns:
-        :class:`~cycleqd.engine.loop.Components`.
-    """
-    import yaml
-
-    from cycleqd.config import parse_config
-    from cycleqd.engine.build import build_components
-
-    cfg = parse_config(yaml.safe_load(config_yaml), source="run config.yaml")
-    if cfg.fingerprint() != run_fingerprint:
-        raise ValueError(f"worker config fingerprint {cfg.fingerprint()} != run fingerprint {run_fingerprint}")
-    return build_components(cfg, cache_dir=Path(cache_dir))
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker needs besides its components (small; sent with every actor start).
-
-    Attributes:
-        store_root: the run's ``genomes/`` folder (shared path).
-        seed_ids: ids of the seed models, experts first (``store.seeds`` order).
-        run_fingerprint: config fingerprint (checked against the worker's config; models are named by their weights).
-        build: zero-argument picklable callable returning Components, or None to use the
-            shipped ``(space, seeds, adapter, skills)``.
-    """
-
-    store_root: str
-    seed_ids: tuple[str, ...]
-    run_fingerprint: str
-    build: Callable[[], Any] | None = None
-
-
 class _Worker:
-    """A Ray actor holding one WorkerContext (wrapped with ``ray.remote`` at run time)."""
+    """A Ray actor holding the callable its factory built (wrapped with ``ray.remote`` at run time)."""
 
-    def __init__(self, name: str, spec: WorkerSpec, shipped: Any = None):
+    def __init__(self, name: str, factory: Callable[[str, Any], Callable[[Any], Any]], shared: Any = None):
         t0 = time.perf_counter()
-        self.name, self._close = name, None
-        root = Path(spec.store_root)
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"worker {name} on {socket.gethostname()}: the run's model store {root} does not exist here; "
-                f"the run directory must be on a filesystem shared by all Ray nodes")
-        if spec.build is not None:
-            comps = spec.build()
-            space, adapter, skills, self._close = comps.space, comps.adapter, list(comps.skills), comps.close
-            seeds = _seed_genomes(space, list(spec.seed_ids))
-        else:
-            if shipped is None:
-                raise ValueError("worker started with neither a builder nor shipped components")
-            space, seeds, adapter, skills = shipped
-        store = IncomingGenomeStore(root, space, seeds, root.parent / ".incoming")
-        self.ctx = WorkerContext(space, store, adapter, skills, spec.run_fingerprint, name=name)
+        self.name = name
+        self.fn = factory(name, shared)
         self.setup_s = time.perf_counter() - t0
 
     def info(self) -> dict[str, Any]:
@@ -248,16 +150,13 @@ class _Worker:
         return {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
                 "node_id": rc.get_node_id(), "gpus": gpus, "setup_s": round(self.setup_s, 3)}
 
-    def run(self, job: Job) -> JobResult:
-        t = time.perf_counter()
-        res = run_job(job, self.ctx)
-        res.timings["worker_s"] = time.perf_counter() - t
-        return res
+    def run(self, payload: Any) -> Any:
+        return self.fn(payload)
 
     def shutdown(self) -> None:
-        if self._close is not None:
-            self._close()
-            self._close = None
+        close, self.fn = getattr(self.fn, "close", None), None
+        if callable(close):
+            close()
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,18 +195,25 @@ class _Slot:
 
 
 class RayExecutor:
-    """Run CycleQD jobs on ``workers`` Ray actors (see the module docstring).
+    """Run payloads through ``workers`` Ray actors (see the module docstring).
 
     Args:
-        ctx: the driver's WorkerContext (``run.ctx``): its store root is the shared model
-            store; its space/adapter/skills are shipped to the workers when ``build`` is None.
+        factory: picklable ``factory(name, shared) -> fn``, called once in each actor when it
+            starts (``name``: ``ray-w<i>``, ``.<restart>`` appended for replacements); every
+            payload then runs as ``fn(payload)``; ``fn.close()``, if it exists, is called when
+            the executor closes (stop servers/engines). The engine's is
+            :class:`cycleqd.engine.workers.StepWorkerFactory`.
+        shared: picklable object put into the Ray object store once and handed to every
+            ``factory`` call (None: nothing shipped).
+        describe: ``describe(payload) -> str`` names a payload in errors and warnings
+            (default ``"job <n>"``, n counting submissions from 0).
+        on_close: called once in the driver by :meth:`close`, after the workers are stopped
+            (e.g. to delete files killed workers left half-written).
         workers: number of actors (>= 1).
         address: Ray cluster to join (``HOST:PORT`` or ``auto``); None starts a local Ray
             bound to 127.0.0.1 only (:func:`init_local_ray`), or uses the one already
             initialised in this process.
         synchronous: capacity 1: one job at a time, reproducing the in-process run exactly.
-        build: zero-argument picklable callable run once in each actor and returning
-            Components (see :func:`build_from_config`); None ships the driver's components.
         gpus_per_worker: GPUs per actor; None = 1 when the cluster has GPUs, else 0.
         cpus_per_worker: CPUs reserved per actor (Ray also sets OMP_NUM_THREADS from it).
         max_attempts: workers a job may kill before the run stops with an error.
@@ -323,12 +229,13 @@ class RayExecutor:
             GPUs when each worker takes one.
         ImportError: Ray is not installed.
         ConnectionError: ``address`` given and no cluster answers there.
-        TypeError: ``build`` is None and the components cannot be pickled (e.g. a vLLM engine).
+        TypeError: ``shared`` cannot be pickled (e.g. a vLLM engine).
         RuntimeError / TimeoutError: a worker fails to start (its error is included).
     """
 
-    def __init__(self, ctx: WorkerContext, *, workers: int = 2, address: str | None = None,
-                 synchronous: bool = False, build: Callable[[], Any] | None = None,
+    def __init__(self, factory: Callable[[str, Any], Callable[[Any], Any]], *, shared: Any = None,
+                 describe: Callable[[Any], str] | None = None, on_close: Callable[[], None] | None = None,
+                 workers: int = 2, address: str | None = None, synchronous: bool = False,
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
                  max_attempts: int = 3, max_in_flight: int | None = None, progress: bool = True,
                  start_timeout_s: float = 1800.0, ray_init_kwargs: dict[str, Any] | None = None):
@@ -382,19 +289,16 @@ class RayExecutor:
                                  f"gpus_per_worker (e.g. 0.5 to share GPUs)")
         self.gpus_per_worker, self.cpus_per_worker = float(gpus_per_worker), float(cpus_per_worker)
 
-        self._spec = WorkerSpec(str(Path(ctx.store.root).resolve()), tuple(ctx.store.seeds),
-                                ctx.run_fingerprint, build)
-        self._incoming = Path(ctx.store.root).resolve().parent / ".incoming"
+        self.factory, self._describe, self._on_close = factory, describe, on_close
         # shipped once into the object store; each actor deserialises it once when it starts
         self._shipped = None
-        if build is None:
+        if shared is not None:
             try:
-                self._shipped = ray.put((ctx.space, dict(ctx.store.seeds), ctx.adapter, list(ctx.skills)))
+                self._shipped = ray.put(shared)
             except Exception as e:
                 self._shutdown_ray()
-                raise TypeError(f"cannot ship the run's components to Ray workers ({type(e).__name__}: {e}); "
-                                f"let the workers build their own: build=..., or "
-                                f"RayExecutor.from_args(ctx, setup='config')") from e
+                raise TypeError(f"cannot ship {type(shared).__name__} to Ray workers ({type(e).__name__}: {e}); "
+                                f"let the workers build their own state in the factory") from e
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
         opts: dict[str, Any] = {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker,
                                 "max_restarts": 0, "max_concurrency": 1}
@@ -402,16 +306,16 @@ class RayExecutor:
             opts["runtime_env"] = {"env_vars": env}
         self._actor_cls = ray.remote(_Worker).options(**opts)
 
-        # job bookkeeping: submission sequence numbers key everything (seed jobs share generation 0)
+        # job bookkeeping: submission sequence numbers key everything
         self._seq = count()
         self._order: deque[int] = deque()           # submitted, result not yet handed back
-        self._jobs: dict[int, Job] = {}
+        self._jobs: dict[int, Any] = {}
         self._attempts: dict[int, int] = {}
         self._queue: list[int] = []                  # waiting for a worker, lowest seq first
         self._running: dict[Any, tuple[int, int, float]] = {}   # ref -> (slot, seq, t0)
         self._starting: dict[Any, int] = {}          # ready ref -> slot
         self._idle: deque[int] = deque()
-        self._done: dict[int, JobResult] = {}
+        self._done: dict[int, Any] = {}
         self.lost = 0
         self._t0 = time.time()
         self._last_show = 0.0
@@ -435,37 +339,10 @@ class RayExecutor:
                 msg += f"; dashboard {url if url.startswith('http') else 'http://' + url}"
             print(msg, file=sys.stderr, flush=True)
 
-    # -- construction from the CLI --------------------------------------------------------
-    @classmethod
-    def from_args(cls, ctx: WorkerContext, *, address: str | None = None, workers: int = 2,
-                  synchronous: bool = False, setup: str = "auto", **kwargs: Any) -> "RayExecutor":
-        """The executor for ``cycleqd run/resume --executor ray``.
-
-        Args:
-            ctx: the run's WorkerContext (``CycleQDRun.ctx``).
-            address, workers, synchronous: as in :class:`RayExecutor`.
-            setup: ``auto``/``config``: each worker builds its components from the run's
-                ``config.yaml`` (``RUN_DIR/config.yaml``, fingerprint-checked against the
-                run) with the driver's cache directory; ``auto`` falls back to shipping the
-                driver's components when the config cannot be built (e.g. ``external``
-                skills). ``ship``: always ship them through the object store.
-            **kwargs: further :class:`RayExecutor` arguments.
-
-        Raises:
-            ValueError: unknown ``setup``, or ``setup="config"`` without a buildable config.
-        """
-        if setup not in ("auto", "config", "ship"):
-            raise ValueError(f"setup must be 'auto', 'config' or 'ship', got {setup!r}")
-        build = None if setup == "ship" else _config_builder(ctx)
-        if build is None and setup == "config":
-            raise ValueError(f"setup='config': no buildable run config at "
-                             f"{Path(ctx.store.root).parent / 'config.yaml'} matching this run")
-        return cls(ctx, workers=workers, address=address, synchronous=synchronous, build=build, **kwargs)
-
     # -- actors ---------------------------------------------------------------------------
     def _start(self, slot: _Slot) -> None:
         slot.name = f"ray-w{slot.index}" + (f".{slot.restarts}" if slot.restarts else "")
-        slot.actor = self._actor_cls.remote(slot.name, self._spec, self._shipped)
+        slot.actor = self._actor_cls.remote(slot.name, self.factory, self._shipped)
         slot.up_since = None
         self._starting[slot.actor.info.remote()] = slot.index
 
@@ -512,8 +389,8 @@ class RayExecutor:
         self._start(slot)
 
     # -- the Executor protocol ------------------------------------------------------------
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; it starts at once if a worker is free."""
+    def submit(self, job: Any) -> None:
+        """Queue ``job`` (a payload); it starts at once if a worker is free."""
         if self._closed:
             raise RuntimeError("RayExecutor is closed")
         seq = next(self._seq)
@@ -522,8 +399,8 @@ class RayExecutor:
         self._queue.append(seq)
         self._dispatch()
 
-    def next_result(self) -> JobResult:
-        """The result of the oldest submitted job (blocks; handles worker losses meanwhile)."""
+    def next_result(self) -> Any:
+        """The result of the oldest submitted payload (blocks; handles worker losses meanwhile)."""
         if self._closed:
             raise RuntimeError("RayExecutor is closed")
         if not self._order:
@@ -559,18 +436,21 @@ class RayExecutor:
             if slot.first_job is None:
                 slot.first_job = now
 
+    def _name(self, seq: int) -> str:
+        return self._describe(self._jobs[seq]) if self._describe is not None else f"job {seq}"
+
     def _collect(self, ref: Any) -> None:
         si, seq, t0 = self._running.pop(ref)
-        slot, job = self._slots[si], self._jobs[seq]
+        slot = self._slots[si]
         try:
             res = self._ray.get(ref)
         except Exception as e:
             if not _is_worker_loss(e):
-                e.add_note(f"(generation {job.generation}, child {job.child_id}, Ray worker {slot.name})")
+                e.add_note(f"({self._name(seq)}, Ray worker {slot.name})")
                 raise
             self.lost += 1
             self._attempts[seq] += 1
-            what = f"generation {job.generation}" if job.parents else f"model {job.child_id}"
+            what = self._name(seq)
             first, dead = (str(e).splitlines() or [""])[0][:200], slot.name
             self._replace(slot, e)
             if self._attempts[seq] < self.max_attempts:
@@ -648,8 +528,8 @@ class RayExecutor:
 
     # -- shutdown ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the workers (letting them close their components), clean the incoming
-        folder, and shut Ray down if this executor started it. Idempotent."""
+        """Stop the workers (letting their callables close), run ``on_close``, and shut Ray
+        down if this executor started it. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -672,34 +552,13 @@ class RayExecutor:
             s.actor = None
         self._running.clear()
         self._starting.clear()
-        if self._incoming.is_dir():
-            for p in self._incoming.iterdir():
-                p.unlink(missing_ok=True)
-            try:
-                self._incoming.rmdir()
-            except OSError:
-                pass
-        self._shutdown_ray()
+        try:
+            if self._on_close is not None:
+                self._on_close()
+        finally:
+            self._shutdown_ray()
 
     def _shutdown_ray(self) -> None:
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()
         self._owns_ray = False
-
-
-def _config_builder(ctx: WorkerContext) -> Callable[[], Any] | None:
-    """A worker-side builder from ``RUN_DIR/config.yaml`` if that config is the run's and can
-    be built by :func:`cycleqd.engine.build.build_components`; else None."""
-    from cycleqd.config import ConfigError, load_config
-
-    path = Path(ctx.store.root).parent / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        cfg = load_config(path)
-    except ConfigError:
-        return None
-    if cfg.fingerprint() != ctx.run_fingerprint or any(s.type == "external" for s in cfg.skills):
-        return None
-    cache = paths.cache_dir(cfg).resolve()
-    return functools.partial(build_from_config, path.read_text(), str(cache), ctx.run_fingerprint)

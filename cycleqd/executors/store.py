@@ -103,3 +103,39 @@ def check_genome_file(path: Path, sha256: str | None) -> str | None:
         return (f"genome file {path} is damaged ({size} bytes{', empty' if size == 0 else ''}; "
                 f"sha256 {got[:12]}... but {sha256[:12]}... was recorded when it was written)")
     return None
+
+
+class IncomingGenomeStore(GenomeStore):
+    """A remote worker's view of the run's model store.
+
+    Identical to :class:`GenomeStore` except that :meth:`put` writes the genome under
+    ``incoming`` (a folder next to ``genomes/``) and renames it into ``genomes/`` when it is
+    complete, so the driver's garbage collection of ``genomes/`` (which runs after every
+    generation, while other jobs are still writing) never deletes a half-written file.
+    ``incoming`` must be on the same filesystem as ``root`` (the rename is atomic).
+    """
+
+    def __init__(self, root: Path, space: Any, seeds: dict[str, Any], incoming: Path):
+        super().__init__(root, space, seeds)
+        self.incoming = Path(incoming)
+
+    def put(self, model_id: str, genome: Any) -> int:
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        final = self.path(model_id)
+        tmp = self.incoming / f"{os.getpid()}-{final.name}"
+        nbytes = int(self.space.save(genome, tmp))
+        os.replace(tmp, final)
+        return nbytes
+
+
+def clear_incoming(incoming: Path) -> None:
+    """Delete what killed workers left half-written in ``incoming`` and the folder itself
+    (run once every worker is stopped)."""
+    incoming = Path(incoming)
+    if incoming.is_dir():
+        for p in incoming.iterdir():
+            p.unlink(missing_ok=True)
+        try:
+            incoming.rmdir()
+        except OSError:
+            pass

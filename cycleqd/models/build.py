@@ -15,17 +15,15 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from cycleqd import paths
-from cycleqd.models.loading import (Expert, LoadedModel, ModelLoadError, check_finite, check_float,
-                                    load_expert, load_model, needs_untie, resident, resolve_source,
-                                    tokenizer_files)
-from cycleqd.ops.base import CROSSOVERS, MUTATIONS
+from cycleqd.models.lazy import resident
+from cycleqd.models.loading import Expert, LoadedModel, load_expert, load_model, needs_untie
+from cycleqd.models.sources import ModelLoadError, resolve_source, tokenizer_files
+from cycleqd.models.validate import check_finite, check_float
 from cycleqd.ops.crossover import make_crossover
 from cycleqd.ops.genome import SVDGenomeWeightSpace
 from cycleqd.ops.mutation import make_mutation
 from cycleqd.ops.space import DenseWeightSpace
-
-_GENOME_CROSSOVERS = ("linear", "task_arithmetic")
-_GENOME_MUTATIONS = ("svd_expert", "none")
+from cycleqd.registry import CROSSOVERS, MUTATIONS, svd_genome_compatible
 
 
 @dataclass
@@ -75,25 +73,30 @@ def _mem_available() -> int:
     return 8 << 30
 
 
-def _spec(op: Mapping[str, Any] | str, kind: str, registry: Mapping) -> dict:
+def _spec(op: Mapping[str, Any] | str, field: str, registry) -> dict:
+    """``{"name": ..., **params}`` after ``registry.check`` (name and parameters, nothing
+    built). Raises ConfigError naming ``field``."""
     d = {"name": op} if isinstance(op, str) else dict(op)
-    if d.get("name") not in registry:
-        raise ValueError(f"{kind}.name={d.get('name')!r}: expected one of {sorted(registry)}")
+    params = {k: v for k, v in d.items() if k != "name"}
+    registry.check(d.get("name"), params, field=field)
     return d
 
 
 def choose_genome(genome: str, crossover: str, mutation: str) -> str:
-    """``auto`` -> ``svd`` when (crossover, mutation) keep children in the compact family.
+    """``auto`` -> ``svd`` when (crossover, mutation) keep children in the compact family
+    (declared at registration, :func:`cycleqd.registry.svd_genome_compatible`).
 
     Raises:
         ValueError: ``genome="svd"`` with operators that do not allow it, or a bad value.
     """
-    ok = crossover in _GENOME_CROSSOVERS and mutation in _GENOME_MUTATIONS
+    ok = svd_genome_compatible(crossover, mutation)
     if genome == "auto":
         return "svd" if ok else "dense"
     if genome == "svd" and not ok:
-        raise ValueError(f"genome='svd' needs crossover in {_GENOME_CROSSOVERS} and mutation in "
-                         f"{_GENOME_MUTATIONS}; got {crossover!r} + {mutation!r} (use 'dense' or 'auto')")
+        xs = [n for n in CROSSOVERS.names() if CROSSOVERS.declares_svd_genome(n)]
+        ms = [n for n in MUTATIONS.names() if MUTATIONS.declares_svd_genome(n)]
+        raise ValueError(f"genome='svd' needs crossover in {xs} and mutation in "
+                         f"{ms}; got {crossover!r} + {mutation!r} (use 'dense' or 'auto')")
     if genome not in ("svd", "dense"):
         raise ValueError(f"genome={genome!r}: expected 'auto', 'dense' or 'svd'")
     return genome
@@ -130,8 +133,8 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
     if not experts:
         raise ValueError("model.experts: at least one expert is needed")
     cache_dir = paths.cache_dir(cache_dir)
-    xo = _spec(crossover, "crossover", CROSSOVERS)
-    mu = _spec(mutation, "mutation", MUTATIONS)
+    xo = _spec(crossover, "operators.crossover", CROSSOVERS)
+    mu = _spec(mutation, "operators.mutation", MUTATIONS)
     kind = choose_genome(genome, xo["name"], mu["name"])
     # resolve every source before reading any tensor
     base_src = resolve_source(base)
@@ -157,9 +160,9 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
     base_state = resident(base_m.state) if res else base_m.state
     taus = [resident(e.task_vector) if res else e.task_vector for e in loaded]
 
-    xop = make_crossover(xo, base=base_state)
+    xop = make_crossover(xo, base=base_state, field="operators.crossover")
     mop = make_mutation(mu, experts=taus, cache_dir=cache_dir / "svd",
-                        fingerprints=[e.fingerprint for e in loaded])
+                        fingerprints=[e.fingerprint for e in loaded], field="operators.mutation")
     space = (SVDGenomeWeightSpace(base_state, taus, xop, mop) if kind == "svd"
              else DenseWeightSpace(base_state, taus, xop, mop))
 

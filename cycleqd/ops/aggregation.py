@@ -28,16 +28,20 @@ as in a plain merge of the K bests.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import inspect
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
-from cycleqd.ops.base import register
+from cycleqd._lazy import lazy_import
 from cycleqd.ops.crossover import make_crossover, weighted_sum
 from cycleqd.ops.genome import SVDGenome
+from cycleqd.registry import AGGREGATIONS, CROSSOVERS
 
-#: name -> factory(**params) -> fn(space, genomes, qualities) -> genome
-AGGREGATIONS: dict[str, Callable[..., Callable[[Any, Sequence[Any], Sequence[float]], Any]]] = {}
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+
+# AGGREGATIONS: name -> factory(**params) -> fn(space, genomes, qualities) -> genome
 
 
 def linear_combination(space: Any, genomes: Sequence[Any], weights: Sequence[float]) -> Any:
@@ -72,7 +76,8 @@ def _check(genomes: Sequence[Any], qualities: Sequence[float]) -> None:
         raise ValueError(f"aggregation: {len(qualities)} qualities for {len(genomes)} models")
 
 
-@register(AGGREGATIONS, "paper")
+@AGGREGATIONS.register("paper", source="CycleQD paper §3 model aggregation (the official code has "
+                       "none): equal-weight linear merge of the archives' bests")
 def paper():
     """Equal-weight linear merge of the archives' bests (see module docstring)."""
 
@@ -83,7 +88,7 @@ def paper():
     return agg
 
 
-@register(AGGREGATIONS, "quality")
+@AGGREGATIONS.register("quality", source="cycleqd: quality-weighted linear merge of the bests")
 def quality(power: float = 1.0):
     """``w_k ~ quality_k ** power`` (normalised). Raises ValueError if all qualities are 0."""
 
@@ -97,7 +102,7 @@ def quality(power: float = 1.0):
     return agg
 
 
-@register(AGGREGATIONS, "weighted")
+@AGGREGATIONS.register("weighted", source="cycleqd: explicit per-archive weights (task arithmetic)")
 def weighted(weights: Sequence[float], normalize: bool = True):
     """Explicit weights, one per archive (in skill order)."""
 
@@ -112,12 +117,16 @@ def weighted(weights: Sequence[float], normalize: bool = True):
 
 
 def _crossover_aggregation(name: str):
+    entry = CROSSOVERS.entry(name)
+
     def factory(seed: int = 0, **params):
+        entry.factory(**params, **entry.dry_context)   # the crossover's own checks, now
+
         def agg(space, genomes, qualities=None):
             _check(genomes, qualities)
             base = getattr(space, "base", None)
             op = make_crossover({"name": name, **params}, base=base)
-            if getattr(op, "is_linear", False):
+            if entry.svd_genome:   # linear: combine in the space's own representation
                 w = op.prepare(len(genomes), torch.Generator().manual_seed(seed))
                 return linear_combination(space, genomes, w)
             taus = [space.task_vector(g) for g in genomes]
@@ -128,15 +137,23 @@ def _crossover_aggregation(name: str):
     factory.__name__ = name
     factory.__doc__ = (f"Aggregate with the {name!r} crossover operator (its parameters as "
                        f"keyword arguments; ``seed`` seeds its randomness).")
+    # the crossover's parameters (less its context) plus ``seed``: what a config may set
+    params = [p for k, p in inspect.signature(entry.factory).parameters.items() if k not in entry.context]
+    seed = inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0, annotation="int")
+    plain = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is not p.VAR_KEYWORD else p for p in params]
+    factory.__signature__ = inspect.Signature([seed] + [p for p in plain if p.kind is not p.VAR_KEYWORD]
+                                              + [p for p in plain if p.kind is p.VAR_KEYWORD])
     return factory
 
 
 for _name in ("task_arithmetic", "ties", "dare", "dare_ties", "slerp"):
-    register(AGGREGATIONS, _name)(_crossover_aggregation(_name))
+    AGGREGATIONS.register(_name, source=f"the {_name!r} crossover applied to the archives' bests: "
+                          + CROSSOVERS.entry(_name).source,
+                          extra=CROSSOVERS.entry(_name).extra)(_crossover_aggregation(_name))
 
 
 def aggregate(space: Any, genomes: Sequence[Any], qualities: Sequence[float] | None = None, *,
-              method: str = "paper", **params) -> Any:
+              method: str = "paper", field: str | None = None, **params) -> Any:
     """Merge the archives' best genomes into one genome of ``space``.
 
     Args:
@@ -145,16 +162,11 @@ def aggregate(space: Any, genomes: Sequence[Any], qualities: Sequence[float] | N
         qualities: their qualities (archive k's quality skill score), same order.
         method: a name in :data:`AGGREGATIONS` (default ``paper``).
         params: the method's parameters.
+        field: the config path named in errors (e.g. ``operators.aggregation``).
     Returns:
         A genome ``space`` can save, materialise and export (an SVD genome for linear
         methods in an SVD-genome space, else a dense fp32 task vector).
     Raises:
-        ValueError: unknown method (known ones listed) or bad parameters.
+        ConfigError (a ValueError): unknown method (known ones listed) or bad parameters.
     """
-    if method not in AGGREGATIONS:
-        raise ValueError(f"aggregation.name={method!r}: expected one of {sorted(AGGREGATIONS)}")
-    try:
-        fn = AGGREGATIONS[method](**params)
-    except TypeError as e:
-        raise ValueError(f"aggregation {method!r}: bad parameters {sorted(params)}: {e}") from e
-    return fn(space, list(genomes), qualities)
+    return AGGREGATIONS.build(method, params, field=field)(space, list(genomes), qualities)

@@ -1,4 +1,4 @@
-"""Task vectors, operator protocols and the one operator registry.
+"""Task vectors and operator protocols (the operator registries: :mod:`cycleqd.registry`).
 
 A task vector (Ilharco et al., 2023) is ``tau = theta_expert - theta_base`` per tensor.
 Operators take and return ``TaskVector = dict[str, Tensor]`` (fp32, same names/shapes as
@@ -7,11 +7,18 @@ the base) and draw all randomness from an explicit ``torch.Generator``.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
 
-import torch
+from cycleqd._lazy import lazy_import
+# CROSSOVERS, MUTATIONS: re-exported (``from cycleqd.ops.base import CROSSOVERS`` still works)
+from cycleqd.registry import CROSSOVERS, MUTATIONS, Registry  # noqa: F401
 
-TaskVector = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+
+TaskVector = dict[str, "torch.Tensor"]
 
 
 @runtime_checkable
@@ -41,20 +48,10 @@ class Mutation(Protocol):
     def __call__(self, child: TaskVector, *, skill: int, generator: torch.Generator) -> TaskVector: ...
 
 
-CROSSOVERS: dict[str, Callable[..., Crossover]] = {}
-MUTATIONS: dict[str, Callable[..., Mutation]] = {}
-
-
-def register(registry: dict[str, Callable], name: str):
-    """Decorator: put an operator factory into ``registry`` under ``name`` (unique)."""
-
-    def deco(factory):
-        if name in registry:
-            raise ValueError(f"operator {name!r} registered twice")
-        registry[name] = factory
-        return factory
-
-    return deco
+def register(registry: Registry, name: str, *, source: str, **kw):
+    """Decorator: ``registry.register(name, source=..., **kw)`` (see
+    :meth:`cycleqd.registry.Registry.register`); kept for the ``cycleqd.register`` API."""
+    return registry.register(name, source=source, **kw)
 
 
 def task_vector(model: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> TaskVector:

@@ -37,11 +37,20 @@ is checked by ``tests/ops/test_mergekit_equivalence.py``.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
-import torch
+from cycleqd._lazy import lazy_import
+from cycleqd.ops.base import TaskVector
+from cycleqd.registry import CROSSOVERS
 
-from cycleqd.ops.base import CROSSOVERS, TaskVector, register
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+
+
+#: the keys the ``**kw`` of a crossover factory accepts: ``lambda`` (a Python keyword)
+_LAMBDA = ("lambda", "lambda_")
 
 
 def _check_parents(parents: Sequence[Mapping[str, torch.Tensor]], *, n: int | None = None,
@@ -100,7 +109,6 @@ class TensorwiseCrossover:
 
     name: str = "?"
     n_parents: int | None = None
-    is_linear: bool = False  # True: child = sum_i w_i tau_i with w from prepare()
 
     def prepare(self, n: int, generator: torch.Generator) -> Any:
         """Draw the model-wise random state for one child (called once per child)."""
@@ -154,7 +162,6 @@ class LinearCrossover(TensorwiseCrossover):
     """CycleQD's model-wise linear merge (see module docstring)."""
 
     name = "linear"
-    is_linear = True  # child = sum_i w_i tau_i: compact SVD genomes apply
 
     def __init__(self, mu: float = 0.0, sigma: float = 0.01):
         self.mu, self.sigma = _finite(mu, "linear.mu"), _finite(sigma, "linear.sigma")
@@ -173,7 +180,8 @@ class LinearCrossover(TensorwiseCrossover):
         return _wsum(taus, state)
 
 
-@register(CROSSOVERS, "linear")
+@CROSSOVERS.register("linear", source="CycleQD paper §3.2; official code ModelwiseLinearMerge "
+                     "(SakanaAI/CycleQD)", svd_genome=True)
 def linear(mu: float = 0.0, sigma: float = 0.01) -> LinearCrossover:
     """Model-wise linear merge (official CycleQD crossover). Shapes preserved, fp32."""
     return LinearCrossover(mu=mu, sigma=sigma)
@@ -183,7 +191,6 @@ class TaskArithmetic(TensorwiseCrossover):
     """``tau = lambda * sum_i w_i tau_i [/ sum_i w_i]`` (mergekit ``task_arithmetic``)."""
 
     name = "task_arithmetic"
-    is_linear = True
 
     def __init__(self, weights: float | Sequence[float] = 1.0, lambda_: float = 1.0,
                  normalize: bool = False):
@@ -203,7 +210,8 @@ class TaskArithmetic(TensorwiseCrossover):
         return _wsum(taus, state)
 
 
-@register(CROSSOVERS, "task_arithmetic")
+@CROSSOVERS.register("task_arithmetic", source="Ilharco et al. 2023; mergekit task_arithmetic",
+                     extra=_LAMBDA, svd_genome=True)
 def task_arithmetic(weights: float | Sequence[float] = 1.0, normalize: bool = False,
                     **kw) -> TaskArithmetic:
     """Task arithmetic. ``lambda`` (config key) / ``lambda_`` scales the sum (default 1)."""
@@ -342,7 +350,7 @@ def _check_density(d: list[float], op: str, minimum: float = 0.0) -> list[float]
     return d
 
 
-@register(CROSSOVERS, "ties")
+@CROSSOVERS.register("ties", source="Yadav et al. 2023; mergekit 0.1.5 ties", extra=_LAMBDA)
 def ties(weights: float | Sequence[float] = 1.0, density: float | Sequence[float] = 0.5,
          normalize: bool = True, consensus: str = "sum", **kw) -> Ties:
     """TIES merge (mergekit semantics). ``lambda`` scales the result."""
@@ -420,7 +428,7 @@ class Dare(TensorwiseCrossover):
                         lambda_=self.lambda_)
 
 
-@register(CROSSOVERS, "dare")
+@CROSSOVERS.register("dare", source="Yu et al. 2023; mergekit dare_linear", extra=_LAMBDA)
 def dare(weights: float | Sequence[float] = 1.0, density: float | Sequence[float] = 0.5,
          rescale: str | bool = "l1", normalize: bool = False, consensus: str | None = None,
          keep_masks: bool = False, **kw) -> Dare:
@@ -430,7 +438,7 @@ def dare(weights: float | Sequence[float] = 1.0, density: float | Sequence[float
     return d
 
 
-@register(CROSSOVERS, "dare_ties")
+@CROSSOVERS.register("dare_ties", source="Yu et al. 2023; mergekit dare_ties", extra=_LAMBDA)
 def dare_ties(weights: float | Sequence[float] = 1.0, density: float | Sequence[float] = 0.5,
               rescale: str | bool = "l1", normalize: bool = False, consensus: str = "sum",
               keep_masks: bool = False, **kw) -> Dare:
@@ -515,7 +523,8 @@ class Slerp(TensorwiseCrossover):
                             granularity=self.granularity)
 
 
-@register(CROSSOVERS, "slerp")
+@CROSSOVERS.register("slerp", source="Shoemake 1985; mergekit slerp", context=("base",),
+                     dry_context={"base": {}})
 def slerp(t: float = 0.5, base: Mapping[str, torch.Tensor] | None = None,
           space: str = "weights", dot_threshold: float = 0.9995, eps: float = 1e-8,
           granularity: str = "tensor") -> Slerp:
@@ -524,26 +533,17 @@ def slerp(t: float = 0.5, base: Mapping[str, torch.Tensor] | None = None,
                  granularity=granularity)
 
 
-def make_crossover(spec: Mapping[str, Any] | str, *, base: Mapping[str, torch.Tensor] | None = None
-                   ) -> TensorwiseCrossover:
-    """Build a crossover from a config dict ``{"name": ..., **kwargs}`` (or a bare name).
+def make_crossover(spec: Mapping[str, Any] | str, *, base: Mapping[str, torch.Tensor] | None = None,
+                   field: str | None = None) -> TensorwiseCrossover:
+    """Build a crossover from a config dict ``{"name": ..., **kwargs}`` (or a bare name)
+    through :data:`cycleqd.registry.CROSSOVERS`.
 
-    ``base`` is passed to operators that need theta_base (``slerp``).
+    ``base`` is passed to operators that need theta_base (``slerp``); ``field`` is the config
+    path named in errors (e.g. ``operators.crossover``).
 
     Raises:
-        ValueError: unknown name (the known names are listed) or bad parameters.
+        ConfigError (a ValueError): unknown name (the known names are listed) or bad parameters.
     """
-    import inspect
-
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = spec.pop("name", None)
-    if name not in CROSSOVERS:
-        raise ValueError(f"crossover.name={name!r}: expected one of {sorted(CROSSOVERS)}")
-    factory = CROSSOVERS[name]
-    params = inspect.signature(factory).parameters
-    if "base" in params and "base" not in spec and base is not None:
-        spec["base"] = base
-    try:
-        return factory(**spec)
-    except TypeError as e:
-        raise ValueError(f"crossover {name!r}: bad parameters {sorted(spec)}: {e}") from e
+    return CROSSOVERS.build(name, spec, field=field, base=base)

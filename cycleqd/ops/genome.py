@@ -32,14 +32,25 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from cycleqd._lazy import lazy_import
 from cycleqd.ops.base import Crossover, Mutation, TaskVector
-from cycleqd.ops.mutation import NoMutation, SVDExpertMutation, add_svd_perturbation
+from cycleqd.ops.mutation import NoMutation, add_svd_perturbation
+from cycleqd.registry import CROSSOVERS, MUTATIONS, Registry, svd_genome_compatible
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+_st = lazy_import("safetensors.torch")   # imports torch: bound on first use
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, imported on first use (it imports torch)."""
+    _st.save_file(tensors, filename, metadata=metadata)
 
 GENOME_FORMAT = "cycleqd-svd-genome/1"
 DENSE_FORMAT = "cycleqd-task-vector/1"
@@ -72,9 +83,9 @@ class SVDGenomeWeightSpace:
     Args:
         base: theta_base, name -> tensor in its stored dtype (may be a lazy mapping).
         experts: the K experts' task vectors in skill order (fp32, may be lazy).
-        crossover: a linear crossover (``linear`` or ``task_arithmetic``: an operator with
-            ``is_linear = True`` whose ``prepare(n, generator)`` returns the n weights).
-        mutation: ``svd_expert`` (:class:`SVDExpertMutation`) or ``none``.
+        crossover: a crossover registered with ``svd_genome=True`` (``linear``,
+            ``task_arithmetic``: ``prepare(n, generator)`` returns the n weights).
+        mutation: a mutation registered with ``svd_genome=True`` (``svd_expert``, ``none``).
     Raises:
         ValueError: operators that do not keep children in the genome family (use
             :class:`cycleqd.ops.DenseWeightSpace` for those).
@@ -84,12 +95,14 @@ class SVDGenomeWeightSpace:
 
     def __init__(self, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                  crossover: Crossover, mutation: Mutation):
-        if not getattr(crossover, "is_linear", False):
-            raise ValueError(f"compact SVD genomes need a linear crossover (linear or "
-                             f"task_arithmetic), got {crossover!r}; use genome='dense'")
-        if not isinstance(mutation, (SVDExpertMutation, NoMutation)):
-            raise ValueError(f"compact SVD genomes need mutation svd_expert or none, got "
-                             f"{type(mutation).__name__}; use genome='dense'")
+        if not genome_compatible(crossover, "none"):
+            raise ValueError(f"compact SVD genomes need a linear crossover (registered with "
+                             f"svd_genome=True: {_svd_names(CROSSOVERS)}), got {crossover!r}; "
+                             f"use genome='dense'")
+        if not genome_compatible("linear", mutation):
+            raise ValueError(f"compact SVD genomes need mutation {' or '.join(_svd_names(MUTATIONS))} "
+                             f"(registered with svd_genome=True), got {type(mutation).__name__}; "
+                             f"use genome='dense'")
         if len(experts) == 0:
             raise ValueError("SVDGenomeWeightSpace needs at least one expert")
         self.base = base
@@ -263,6 +276,13 @@ class SVDGenomeWeightSpace:
 
 
 def genome_compatible(crossover: Any, mutation: Any) -> bool:
-    """True when (crossover, mutation) keep every child in the compact genome family."""
-    return bool(getattr(crossover, "is_linear", False)) and isinstance(
-        mutation, (SVDExpertMutation, NoMutation))
+    """True when (crossover, mutation) -- registered names or operators built by the
+    registries (their ``name``) -- keep every child in the compact genome family, as declared
+    at registration (:func:`cycleqd.registry.svd_genome_compatible`: the one place it is
+    decided). An unknown name or an operator without a registered name: False."""
+    names = [x if isinstance(x, str) else getattr(x, "name", None) for x in (crossover, mutation)]
+    return svd_genome_compatible(*names)
+
+
+def _svd_names(registry: Registry) -> list[str]:
+    return [n for n in registry if registry.declares_svd_genome(n)]   # registration order

@@ -26,13 +26,18 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-import torch
+from cycleqd._lazy import lazy_import
+from cycleqd.ops.base import TaskVector, TensorSelector
+from cycleqd.registry import MUTATIONS
 
-from cycleqd.ops.base import MUTATIONS, TaskVector, TensorSelector, register
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
-SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m, r), S (r,), Vh (r, n), fp32
+SVD = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]  # U (m, r), S (r,), Vh (r, n), fp32
 
 
 def _nonneg(value, field: str) -> float:
@@ -226,6 +231,8 @@ class SVDExpertMutation:
         ValueError: ``rate`` < 0, ``rank`` < 1, or a skill index out of range (at call).
     """
 
+    name = "svd_expert"
+
     def __init__(self, experts: Sequence[Mapping[str, torch.Tensor]] = (), rate: float = 0.1,
                  rank: int | None = None, include: Sequence[str] | str | None = None,
                  exclude: Sequence[str] | str | None = None, cache_dir: Path | str | None = None,
@@ -287,7 +294,11 @@ class SVDExpertMutation:
                 for k, v in child.items()}
 
 
-@register(MUTATIONS, "svd_expert")
+_CONTEXT = ("experts", "cache_dir", "fingerprints", "bases")
+
+
+@MUTATIONS.register("svd_expert", source="CycleQD paper §3.3; official code SVDUniformMutator "
+                    "(SakanaAI/CycleQD)", svd_genome=True, context=_CONTEXT)
 def svd_expert(experts: Sequence[Mapping[str, torch.Tensor]] = (), rate: float = 0.1,
                rank: int | None = None, bases: Sequence[dict[str, SVD]] | None = None,
                include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
@@ -303,6 +314,8 @@ def svd_expert(experts: Sequence[Mapping[str, torch.Tensor]] = (), rate: float =
 class SVDSelfMutation:
     """The paper text's SVD mutation: SVD of the child's own task vector per selected
     matrix, ``tau' = tau + U diag(s * r) V^T``, ``r ~ U(0, rate)``."""
+
+    name = "svd_self"
 
     def __init__(self, rate: float = 0.1, rank: int | None = None,
                  include: Sequence[str] | str | None = None,
@@ -324,7 +337,8 @@ class SVDSelfMutation:
         return out
 
 
-@register(MUTATIONS, "svd_self")
+@MUTATIONS.register("svd_self", source="CycleQD paper §3.3 (text: SVD of the child's own task "
+                    "vector)", context=_CONTEXT)
 def svd_self(experts: Sequence[Mapping[str, torch.Tensor]] = (), rate: float = 0.1,
              rank: int | None = None, include: Sequence[str] | str | None = None,
              exclude: Sequence[str] | str | None = None) -> SVDSelfMutation:
@@ -335,6 +349,8 @@ def svd_self(experts: Sequence[Mapping[str, torch.Tensor]] = (), rate: float = 0
 class GaussianMutation:
     """``tau' = tau + N(0, std^2)`` on every tensor (official ablation) or matrices only."""
 
+    name = "gaussian"
+
     def __init__(self, std: float = 0.0003, matrices_only: bool = False):
         self.std, self.matrices_only = _nonneg(std, "gaussian.std"), bool(matrices_only)
         self.select = TensorSelector(matrices_only=matrices_only)
@@ -344,7 +360,8 @@ class GaussianMutation:
                 if self.select(k, v.shape) else v for k, v in child.items()}
 
 
-@register(MUTATIONS, "gaussian")
+@MUTATIONS.register("gaussian", source="CycleQD paper §4 ablation; official code GaussianMutator",
+                    context=_CONTEXT)
 def gaussian(experts: Sequence[Mapping[str, torch.Tensor]] = (), std: float = 0.0003,
              matrices_only: bool = False) -> GaussianMutation:
     """Gaussian-noise ablation (official ``GaussianMutator``, ``mutation_rate=0.0003``)."""
@@ -354,11 +371,14 @@ def gaussian(experts: Sequence[Mapping[str, torch.Tensor]] = (), std: float = 0.
 class NoMutation:
     """Identity (ablation)."""
 
+    name = "none"
+
     def __call__(self, child: TaskVector, *, skill: int, generator: torch.Generator) -> TaskVector:
         return child
 
 
-@register(MUTATIONS, "none")
+@MUTATIONS.register("none", source="CycleQD paper §4 ablation (no mutation)", svd_genome=True,
+                    context=_CONTEXT)
 def none(experts: Sequence[Mapping[str, torch.Tensor]] = ()) -> NoMutation:
     """No mutation (ablation)."""
     return NoMutation()
@@ -366,27 +386,18 @@ def none(experts: Sequence[Mapping[str, torch.Tensor]] = ()) -> NoMutation:
 
 def make_mutation(spec: Mapping | str, *, experts: Sequence[Mapping[str, torch.Tensor]] = (),
                   cache_dir: Path | str | None = None,
-                  fingerprints: Sequence[str | None] | None = None):
-    """Build a mutation from ``{"name": ..., **kwargs}`` (or a bare name).
+                  fingerprints: Sequence[str | None] | None = None, field: str | None = None):
+    """Build a mutation from ``{"name": ..., **kwargs}`` (or a bare name) through
+    :data:`cycleqd.registry.MUTATIONS`.
 
-    ``experts``/``cache_dir``/``fingerprints`` are passed to operators that take them.
+    ``experts``/``cache_dir``/``fingerprints`` are passed to operators that take them;
+    ``field`` is the config path named in errors (e.g. ``operators.mutation``).
 
     Raises:
-        ValueError: unknown name (known names listed) or bad parameters.
+        ConfigError (a ValueError): unknown name (known names listed) or bad parameters.
     """
-    import inspect
-
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = spec.pop("name", None)
-    if name not in MUTATIONS:
-        raise ValueError(f"mutation.name={name!r}: expected one of {sorted(MUTATIONS)}")
-    factory = MUTATIONS[name]
-    params = inspect.signature(factory).parameters
-    extra = {"experts": experts, "cache_dir": cache_dir, "fingerprints": fingerprints}
-    for k, v in extra.items():
-        if k in params and k not in spec and v is not None:
-            spec[k] = v
-    try:
-        return factory(**spec)
-    except TypeError as e:
-        raise ValueError(f"mutation {name!r}: bad parameters {sorted(spec)}: {e}") from e
+    context = {k: v for k, v in {"experts": experts, "cache_dir": cache_dir,
+                                 "fingerprints": fingerprints}.items() if v is not None}
+    return MUTATIONS.build(name, spec, field=field, **context)

@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-import torch
-from safetensors.torch import load_file, save_file
-
+from cycleqd._lazy import lazy_import
 from cycleqd.ops.base import Crossover, Mutation, TaskVector, apply_task_vector
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+_st = lazy_import("safetensors.torch")   # imports torch: bound on first use
+
+
+def load_file(filename: str, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file``, imported on first use (it imports torch)."""
+    return _st.load_file(filename, device=device)
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, imported on first use (it imports torch)."""
+    _st.save_file(tensors, filename, metadata=metadata)
 
 
 @runtime_checkable

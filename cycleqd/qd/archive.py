@@ -130,13 +130,11 @@ class GridArchive:
     def quality_of(self, scores: dict[str, float]) -> float:
         """The quality of a model with these scores: the quality skill's score, or the mean
         of all skills' scores for the single-archive ablation (``quality_skill == "mean"``)."""
-        if self.quality_skill == MEAN_QUALITY:
-            return float(sum(scores.values()) / len(scores))
-        return float(scores[self.quality_skill])
+        return _quality(self.quality_skill, scores)
 
     def add(self, elite: Elite) -> bool:
-        """Insert ``elite`` if its cell is empty or its quality is *strictly* higher than the
-        incumbent's (official rule). Returns True when the archive changed.
+        """Insert ``elite`` if :func:`enters` its cell (empty, or *strictly* higher quality than
+        the incumbent's: the official rule). Returns True when the archive changed.
 
         Raises:
             ValueError: a quality or BC score that is NaN/inf (:meth:`check_elite`).
@@ -144,10 +142,19 @@ class GridArchive:
         self.check_elite(elite)
         cell = self.cell_of(elite.scores)
         incumbent = self.elites.get(cell)
-        if incumbent is not None and not self.quality_of(elite.scores) > self.quality_of(incumbent.scores):
+        if not enters(self.quality_of(elite.scores),
+                      None if incumbent is None else self.quality_of(incumbent.scores)):
             return False
         self.elites[cell] = elite
         return True
+
+    def gate(self) -> "ArchiveGate":
+        """A picklable snapshot of what it takes to enter this archive now (cell -> incumbent
+        quality, plus the axes): :meth:`ArchiveGate.would_accept` answers as :meth:`add`
+        would have at this moment, without the elites. Executors' workers use it to decide
+        whether a child's genome is worth writing."""
+        return ArchiveGate(self.quality_skill, self.axes,
+                           tuple((c, self.quality_of(e.scores)) for c, e in self))
 
     def __len__(self) -> int:
         return len(self.elites)
@@ -179,6 +186,44 @@ class GridArchive:
             arch.check_elite(elite)
             arch.elites[tuple(e["cell"])] = elite
         return arch
+
+
+def enters(quality: float, incumbent: float | None) -> bool:
+    """The MAP-Elites insertion rule, the only copy of it: a model enters its cell when the
+    cell is empty (``incumbent`` None) or its quality is *strictly* higher than the
+    incumbent's (official ``MapElites`` archive update; a tie keeps the incumbent)."""
+    return incumbent is None or quality > incumbent
+
+
+def _quality(quality_skill: str, scores: dict[str, float]) -> float:
+    if quality_skill == MEAN_QUALITY:
+        return float(sum(scores.values()) / len(scores))
+    return float(scores[quality_skill])
+
+
+@dataclass(frozen=True)
+class ArchiveGate:
+    """An archive's entry threshold at one moment (:meth:`GridArchive.gate`): small,
+    immutable and picklable, so it travels with a job to another process or node.
+
+    Attributes:
+        quality_skill: as the archive's (a skill name, or ``"mean"``).
+        axes: the archive's BC axes.
+        incumbents: ((cell, incumbent quality), ...) for the occupied cells, in cell order.
+    """
+
+    quality_skill: str
+    axes: tuple[BCAxis, ...]
+    incumbents: tuple[tuple[Cell, float], ...] = ()
+
+    def would_accept(self, scores: dict[str, float]) -> bool:
+        """Would :meth:`GridArchive.add` have taken a model with these (finite) scores?
+
+        Raises:
+            KeyError: a missing skill. ValueError: a BC score that is NaN/inf.
+        """
+        cell = GridArchive(self.quality_skill, self.axes).cell_of(scores)
+        return enters(_quality(self.quality_skill, scores), dict(self.incumbents).get(cell))
 
 
 def _finite(v: Any) -> bool:

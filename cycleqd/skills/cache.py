@@ -274,7 +274,7 @@ def model_key(model: Any) -> str | None:
 
     The fingerprint must identify the weights by content: the engine passes
     :func:`~cycleqd.inference.fingerprint.fingerprint_state_dict` of every model it binds
-    (seeds and children, :func:`cycleqd.executors.base.run_job`).
+    (seeds and children, :func:`cycleqd.engine.step.score_child`).
     """
     fp = getattr(model, "fingerprint", None)
     if not isinstance(fp, str) or not fp:

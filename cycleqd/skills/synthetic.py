@@ -11,13 +11,20 @@ still improve quality. Per-sample outcomes are the per-tensor scores.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
-
+from cycleqd._lazy import lazy_import
+from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
+
+@SKILLS.register("synthetic", source="cycleqd: distance to a scaled synthetic expert (tests, tiny example)",
+                 context=("name", "base", "target"))
 class SyntheticSkill:
     """Args:
         name: skill name.

@@ -40,7 +40,8 @@ def resolve_base(spec: str | None, cache_dir: Path) -> Path:
     if spec in (None, "smollm2"):
         from cycleqd.models.smollm2 import ensure_smollm2
         return ensure_smollm2(cache_dir)
-    from cycleqd.models.loading import load_model, tokenizer_files
+    from cycleqd.models.loading import load_model
+    from cycleqd.models.sources import tokenizer_files
 
     m = load_model(spec, cache_dir=cache_dir)
     if m.folder is None or not (m.folder / "config.json").is_file():
@@ -68,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="bf16 autocast of forward/backward (auto: where the CPU has native bf16)")
     p.add_argument("--limit", type=int, default=None, help="use the first N train items of each skill")
     p.add_argument("--data-dir", default=None, help="benchmark data folder (default $CYCLEQD_DATA_DIR "
-                   "or ../shared/data)")
+                   "or <cache>/data; `cycleqd data fetch` fills it)")
     p.add_argument("--cache-dir", default=None, help="cache root (default $CYCLEQD_CACHE or ~/.cache/cycleqd)")
     p.add_argument("--force", action="store_true", help="retrain even if a cached adapter exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -159,28 +159,13 @@ def gaussian_std_matched(taus: Sequence[TaskVector], rate: float = 0.1) -> float
     return math.sqrt(num / den)
 
 
-class RandomBasisMutation:
-    """For the single-archive ablation: there is no quality skill, so the SVD basis expert
-    is drawn uniformly per child from ``generator`` (then ``inner`` mutates with it).
-    Without it the engine would pass skill 0 on every generation in ``qd.mode: single``
-    and every mutation would follow expert 0's basis."""
-
-    def __init__(self, inner: Any, k: int):
-        self.inner, self.k = inner, k
-
-    def __call__(self, child: TaskVector, *, skill: int, generator: torch.Generator) -> TaskVector:
-        q = int(torch.randint(self.k, (1,), generator=generator))
-        return self.inner(child, skill=q, generator=generator)
-
-
-def make_mutation(name: str, taus: Sequence[TaskVector], *, mode: str = "cyclic",
-                  rate: float = 0.1, gaussian_std: float | None = None) -> tuple[Any, dict]:
+def make_mutation(name: str, taus: Sequence[TaskVector], *, rate: float = 0.1,
+                  gaussian_std: float | None = None) -> tuple[Any, dict]:
     """Mutation operator from the registry plus the kwargs recorded in the run config.
 
     Args:
         name: ``svd_expert`` (official), ``svd_self``, ``gaussian`` (std matched to the SVD
             mutation's energy unless ``gaussian_std`` is given; matrices only) or ``none``.
-        mode: ``single`` wraps expert-basis mutation in :class:`RandomBasisMutation`.
     Raises:
         ValueError: unknown name.
     """
@@ -193,10 +178,7 @@ def make_mutation(name: str, taus: Sequence[TaskVector], *, mode: str = "cyclic"
               "matrices_only": True}
     else:
         kw = {}
-    op = MUTATIONS[name](experts=list(taus), **kw)
-    if mode == "single" and name == "svd_expert":
-        op = RandomBasisMutation(op, len(taus))
-    return op, kw
+    return MUTATIONS[name](experts=list(taus), **kw), kw
 
 
 # --- baselines ------------------------------------------------------------------------
@@ -311,7 +293,7 @@ def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, see
     from cycleqd.engine.loop import Components, run_cycleqd, seed_ids
     from cycleqd.executors.store import GenomeStore
 
-    mut, mut_kw = make_mutation(mutation, setup.taus, mode=mode)
+    mut, mut_kw = make_mutation(mutation, setup.taus)
     cfg = run_config(setup, generations=generations, seed=seed, mode=mode, sampling=sampling,
                      mutation=mutation, mutation_kwargs=mut_kw, aggregation=aggregation)
     space = DenseWeightSpace(setup.base, setup.taus, CROSSOVERS["linear"](sigma=0.01), mut)

@@ -26,7 +26,7 @@ def test_registries_and_api_names():
     assert {"linear", "ties", "task_arithmetic"} <= set(cycleqd.CROSSOVERS)
     assert {"svd_expert", "gaussian"} <= set(cycleqd.MUTATIONS)
     assert "paper" in cycleqd.AGGREGATIONS
-    assert set(cycleqd.SKILL_FACTORIES) == set(cycleqd.SKILL_TYPES) - {"synthetic", "external"}
+    assert set(cycleqd.SKILLS) == set(cycleqd.SKILL_TYPES) - {"external"}
     assert cycleqd.RunConfig is cycleqd.load_config(cycleqd.configs.path("tiny")).__class__
     for name in cycleqd.__all__:
         getattr(cycleqd, name)

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from cycleqd.engine.plots import plot_all_maps, plot_elite_map  # noqa: E402
+from cycleqd.engine.plots import SEED_LABEL_GID, plot_all_maps, plot_elite_map  # noqa: E402
 from cycleqd.qd.archive import Elite, make_archives  # noqa: E402
 
 SKILLS = ["coding", "db", "os"]
@@ -46,7 +46,7 @@ def test_seed_labels_fit_their_cells_and_contrast_with_them(bins):
     for arc in arcs:
         fig, ax = _draw(arc, seeds)
         im = ax.images[0]
-        texts = [t for t in ax.texts if t.get_text()]
+        texts = [t for t in ax.texts if t.get_text() and t.get_gid() == SEED_LABEL_GID]
         assert texts, "seed cells are labelled"
         cells = {e.id: c for c, e in arc}
         for t in texts:

@@ -48,9 +48,6 @@ def test_init_does_not_import_torch(tmp_path):
     assert (tmp_path / "c" / "tiny.yaml").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="config.check_operators imports the operator registries "
-                   "(cycleqd.ops, which imports torch at module level); validate needs a torch-free "
-                   "operator registry (owned elsewhere) to start in under 1 s")
 def test_validate_does_not_import_torch():
     r = _probe("validate", "tiny")
     assert r["rc"] == 0
@@ -62,7 +59,8 @@ def test_import_cycleqd_is_light_and_exposes_the_registries():
             "print(a, sorted(cycleqd.CROSSOVERS)[:1], 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert out.stdout.split() == ["False", "['dare']", "True"], out.stderr
+    # the registries are filled without importing torch (cycleqd.ops binds it lazily)
+    assert out.stdout.split() == ["False", "['dare']", "False"], out.stderr
 
 
 def test_version(capsys):

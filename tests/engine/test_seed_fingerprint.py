@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from cycleqd.executors.base import Job, WorkerContext, run_job
+from cycleqd.engine.step import Job, WorkerContext, run_step
 from cycleqd.inference.fingerprint import fingerprint_state_dict
 from cycleqd.sandbox import sandbox_status
 from cycleqd.skills.base import SkillResult
@@ -59,14 +59,14 @@ def _fp(t):
 def test_seeds_and_children_are_keyed_by_their_weights():
     store = _Store({"expert:a": torch.ones(3), "expert:b": torch.zeros(3)})
     ctx = WorkerContext(_Space(), store, _Adapter(), [_Skill()], "runfp")
-    run_job(Job(0, 0, (), "expert:a", 0), ctx)
-    run_job(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), ctx)
+    run_step(Job(0, 0, (), "expert:a", 0), ctx)
+    run_step(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), ctx)
     assert ctx.adapter.bound == [_fp(torch.ones(3)), _fp(torch.full((3,), 0.5))]
     # the same expert, and a byte-identical child, in a run with another config (seed) get
     # the same keys: their cached outcomes are theirs
     other = WorkerContext(_Space(), store, _Adapter(), [_Skill()], "otherfp")
-    run_job(Job(0, 0, (), "expert:a", 1), other)
-    run_job(Job(1, 0, ("expert:a", "expert:b"), "g000001", 1), other)
+    run_step(Job(0, 0, (), "expert:a", 1), other)
+    run_step(Job(1, 0, ("expert:a", "expert:b"), "g000001", 1), other)
     assert other.adapter.bound == ctx.adapter.bound
 
 
@@ -75,10 +75,10 @@ def test_expert_rewritten_at_the_same_path_makes_new_children():
     other weights -- the child must not inherit the old child's key (it did: run/id)."""
     store = _Store({"expert:a": torch.ones(3), "expert:b": torch.zeros(3)})
     ctx = WorkerContext(_Space(), store, _Adapter(), [_Skill()], "runfp")
-    run_job(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), ctx)
+    run_step(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), ctx)
     store["expert:a"] = torch.full((3,), 3.0)                    # rewritten at the same path
     again = WorkerContext(_Space(), store, _Adapter(), [_Skill()], "runfp")
-    run_job(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), again)
+    run_step(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), again)
     assert again.adapter.bound[0] != ctx.adapter.bound[0]
     assert again.adapter.bound[0] == _fp(torch.full((3,), 1.5))
 
@@ -119,10 +119,10 @@ def test_rewritten_expert_children_are_scored_again_end_to_end(tmp_path):
 
     store = _Store({"expert:a": torch.ones(3), "expert:b": torch.ones(3)})
     ctx = WorkerContext(_Space(), store, Adapter(), [skill], "runfp")
-    r1 = run_job(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), ctx)
+    r1 = run_step(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), ctx)
     assert r1.scores["mbpp"] == 1.0 and ctx.adapter.backend.calls == 1
     store["expert:a"] = torch.full((3,), -3.0)                   # retrained in place
     ctx2 = WorkerContext(_Space(), store, Adapter(), [skill], "runfp")
-    r2 = run_job(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), ctx2)
+    r2 = run_step(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0), ctx2)
     assert ctx2.adapter.backend.calls == 1, "the child was scored from the old child's cache"
     assert r2.scores["mbpp"] == 0.0

@@ -92,7 +92,7 @@ def test_slerp_in_weight_space_uses_base():
     ({"name": "ties", "density": 1.5}, "density"),
     ({"name": "dare", "rescale": "l7"}, "rescale"),
     ({"name": "slerp", "t": 2.0}, "slerp.t"),
-    ({"name": "linear", "bogus": 1}, "bad parameters"),
+    ({"name": "linear", "bogus": 1}, "crossover.bogus: 'linear' takes no argument 'bogus'"),
     ({"name": "task_arithmetic", "weights": [1.0, 2.0]}, "weights"),
 ])
 def test_bad_parameters_raise_valueerror(spec, match):

@@ -41,3 +41,53 @@ def test_json_round_trip_and_metrics():
     st = archive_stats(a)
     assert st["coverage"] == pytest.approx(3 / 5) and st["qd_score"] == pytest.approx(1.2)
     assert st["best_quality"] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("mode", ["cyclic", "single"])
+def test_gate_snapshot_agrees_with_add(mode):
+    """ArchiveGate.would_accept answers as add would have at snapshot time: over many random
+    archives and children, with coarse scores so ties and empty cells both come up often."""
+    import pickle
+
+    import numpy as np
+
+    from cycleqd.qd.archive import MEAN_QUALITY
+
+    rng = np.random.default_rng(0)
+    skills = ["a", "b", "c"]
+    seen = {"tie": 0, "empty": 0, "accept": 0, "refuse": 0}
+    for trial in range(200):
+        if mode == "cyclic":
+            arch = make_archives(skills, {s: (0, 1) for s in skills}, {s: 3 for s in skills})[trial % 3]
+        else:
+            arch = GridArchive(MEAN_QUALITY, tuple(BCAxis(s, 0.0, 1.0, 2) for s in skills))
+        score = lambda: {s: float(rng.integers(0, 5)) / 4 for s in skills}   # noqa: E731
+        for i in range(int(rng.integers(0, 8))):
+            arch.add(Elite(f"e{i}", score()))
+        gate = pickle.loads(pickle.dumps(arch.gate()))    # travels with a job
+        for j in range(10):
+            child = Elite(f"c{j}", score())
+            inc = arch.elites.get(arch.cell_of(child.scores))
+            if inc is None:
+                seen["empty"] += 1
+            elif arch.quality_of(inc.scores) == arch.quality_of(child.scores):
+                seen["tie"] += 1
+            expect = gate.would_accept(child.scores)
+            trial_arch = GridArchive.from_json(arch.to_json())
+            assert trial_arch.add(child) == expect
+            seen["accept" if expect else "refuse"] += 1
+    assert min(seen.values()) > 20, seen     # every case was exercised
+
+
+def test_gate_is_immutable_and_does_not_follow_the_archive():
+    import dataclasses
+
+    a = make_archives(["a", "b"], {s: (0, 1) for s in "ab"}, {s: 2 for s in "ab"})[0]
+    a.add(Elite("m1", {"a": 0.5, "b": 0.2}))
+    gate = a.gate()
+    assert gate.incumbents == (((0,), 0.5),)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        gate.incumbents = ()
+    a.add(Elite("m2", {"a": 0.9, "b": 0.2}))
+    assert gate.would_accept({"a": 0.7, "b": 0.1})          # as the archive was at gate()
+    assert not a.gate().would_accept({"a": 0.7, "b": 0.1})

@@ -55,3 +55,37 @@ def test_out_of_order_calls_are_refused():
     s.ask(2)                                   # two in flight is allowed (async executors)
     s.tell(1, Elite("g1", {"a": 0.2, "b": 0.2, "c": 0.2}))
     s.tell(2, Elite("g2", {"a": 0.3, "b": 0.2, "c": 0.2}))
+
+
+@pytest.mark.parametrize("flip", [1, 2])
+def test_ask_carries_the_mutation_basis_in_both_modes(flip):
+    from cycleqd.qd.archive import MEAN_QUALITY, BCAxis, GridArchive
+
+    cyc = _sched(flip)                         # cyclic: the basis is the archive's skill
+    for g in range(1, 10):
+        a = cyc.ask(g)
+        assert a.basis == a.skill == (g // flip) % 3
+        cyc.tell(g, None)
+    single = GridArchive(MEAN_QUALITY, tuple(BCAxis(s, 0.0, 1.0, 3) for s in "abc"))
+    s = CycleQDScheduler([single], seed=3, flip_interval=flip, num_skills=3)
+    for k in "abc":
+        s.tell_seed(Elite(f"expert:{k}", {x: (0.9 if x == k else 0.1) for x in "abc"}))
+    asks = []
+    for g in range(1, 10):
+        asks.append(s.ask(g))
+        s.tell(g, None)
+    assert [a.skill for a in asks] == [0] * 9                       # one archive
+    assert [a.basis for a in asks] == [(g // flip) % 3 for g in range(1, 10)]   # K bases in turn
+    with pytest.raises(ValueError, match="num_skills"):
+        CycleQDScheduler([single], seed=3, num_skills=0)
+
+
+def test_seeds_enter_through_the_scheduler_before_the_first_ask():
+    archives = make_archives(["a", "b", "c"], {s: (0, 1) for s in "abc"}, {s: 5 for s in "abc"})
+    s = CycleQDScheduler(archives, seed=3)
+    assert s.tell_seed(Elite("expert:a", {"a": 0.9, "b": 0.1, "c": 0.1})) == ["a", "b", "c"]
+    assert s.tell_seed(Elite("expert:a2", {"a": 0.85, "b": 0.1, "c": 0.1})) == []   # same cells: worse or tied
+    s.tell_seed(Elite("expert:b", {"a": 0.1, "b": 0.9, "c": 0.1}))
+    s.ask(1)
+    with pytest.raises(RuntimeError, match="tell_seed"):
+        s.tell_seed(Elite("late", {"a": 0.5, "b": 0.5, "c": 0.5}))

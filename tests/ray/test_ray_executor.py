@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray")
 from cycleqd.engine.build import build_components  # noqa: E402
 from cycleqd.engine.loop import Components, CycleQDRun, run_cycleqd  # noqa: E402
 from cycleqd.engine.rundir import RunDir  # noqa: E402
+from cycleqd.engine.workers import ray_step_executor  # noqa: E402
 from cycleqd.executors.ray_executor import RayExecutor, init_local_ray  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -118,9 +119,9 @@ def _assert_store_matches_archives(run_dir: Path) -> None:
 def test_async_run_completes_on_two_workers(local_ray, tiny_cfg, tmp_path):
     cfg = tiny_cfg(generations=10)
     run = CycleQDRun(cfg, build_components(cfg), tmp_path / "run", progress=False)
-    run.executor = ex = RayExecutor.from_args(run.ctx, workers=2, progress=False)
+    run.executor = ex = ray_step_executor(run.ctx, workers=2, progress=False)
     try:
-        assert ex.capacity == 2 and ex._spec.build is not None   # workers build from config.yaml
+        assert ex.capacity == 2 and ex.factory.build is not None   # workers build from config.yaml
         res = run.run()
         st = ex.stats()
     finally:
@@ -141,7 +142,7 @@ def test_sigkill_mid_job_loses_no_generation(local_ray, tiny_cfg, tmp_path):
     comps = Components(base.space, [SlowSkill(s, 0.05) for s in base.skills],
                        KillOnceAdapter(base.adapter, "g000004", marker))
     run = CycleQDRun(cfg, comps, tmp_path / "run", progress=False)
-    run.executor = ex = RayExecutor(run.ctx, workers=2, progress=False)   # components shipped
+    run.executor = ex = ray_step_executor(run.ctx, setup="ship", workers=2, progress=False)   # components shipped
     pids = {w["pid"] for w in ex.stats()["workers"]}
     try:
         res = run.run()
@@ -180,7 +181,7 @@ def test_synchronous_with_a_killed_worker_reproduces_in_process_archives(local_r
     base = build_components(cfg)
     comps = Components(base.space, base.skills, KillOnceAdapter(base.adapter, "g000007", tmp_path / "killed"))
     run = CycleQDRun(cfg, comps, tmp_path / "ray", progress=False)
-    run.executor = ex = RayExecutor(run.ctx, workers=2, synchronous=True, progress=False)
+    run.executor = ex = ray_step_executor(run.ctx, setup="ship", workers=2, synchronous=True, progress=False)
     try:
         assert ex.capacity == 1
         run.run()
@@ -197,7 +198,7 @@ def test_job_errors_are_raised_not_retried(local_ray, tiny_cfg, tmp_path):
     base = build_components(cfg)
     comps = Components(base.space, [FailingSkill()] + base.skills[1:], base.adapter)
     run = CycleQDRun(cfg, comps, tmp_path / "run", progress=False)
-    run.executor = ex = RayExecutor(run.ctx, workers=1, progress=False)
+    run.executor = ex = ray_step_executor(run.ctx, setup="ship", workers=1, progress=False)
     try:
         with pytest.raises(ZeroDivisionError, match="skill bug"):
             run.run()
@@ -206,10 +207,31 @@ def test_job_errors_are_raised_not_retried(local_ray, tiny_cfg, tmp_path):
         ex.close()
 
 
+def _sleepy_square_factory(name, shared):
+    """A dummy task for the generic executor: x -> (x * x, worker), later payloads faster."""
+    def fn(x):
+        time.sleep(0.3 if x % 2 == 0 else 0.0)
+        return x * x + shared, name
+    return fn
+
+
+def test_generic_executor_runs_a_dummy_callable_in_order(local_ray):
+    ex = RayExecutor(_sleepy_square_factory, shared=100, workers=2, progress=False)
+    try:
+        assert ex.capacity == 2
+        for x in range(6):
+            ex.submit(x)
+        out = [ex.next_result() for _ in range(6)]
+    finally:
+        ex.close()
+    assert [r for r, _ in out] == [100 + x * x for x in range(6)]     # submission order
+    assert {w for _, w in out} == {"ray-w0", "ray-w1"}
+
+
 def test_bad_arguments_fail_before_starting_anything(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         RayExecutor(None, workers=0)
     with pytest.raises(ValueError, match="max_attempts"):
         RayExecutor(None, workers=1, max_attempts=0)
     with pytest.raises(ValueError, match="setup"):
-        RayExecutor.from_args(None, setup="nfs")
+        ray_step_executor(None, setup="nfs")

@@ -31,14 +31,14 @@ SCRIPT = textwrap.dedent("""
     from cycleqd.config import parse_config
     from cycleqd.engine.build import build_components
     from cycleqd.engine.loop import CycleQDRun
-    from cycleqd.executors.base import Job
-    from cycleqd.executors.ray_executor import RayExecutor
+    from cycleqd.engine.step import Job
+    from cycleqd.engine.workers import ray_step_executor
     from tests.conftest import tiny_config_dict
 
     tmp = sys.argv[1]
     cfg = parse_config(tiny_config_dict(tmp + "/cache"))
     run = CycleQDRun(cfg, build_components(cfg), tmp + "/run", progress=False)
-    ex = RayExecutor.from_args(run.ctx, workers=2, progress=False)  # as the CLI: dashboard included
+    ex = ray_step_executor(run.ctx, workers=2, progress=False)  # as the CLI: dashboard included
     try:
         for sid in run.store.seeds:          # real traffic: jobs through both workers
             ex.submit(Job(0, 0, (), sid, 0))

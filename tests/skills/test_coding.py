@@ -6,17 +6,11 @@ import json
 
 import pytest
 
-from cycleqd.skills.coding import data as data_code
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.coding.skill import (
-    CodingSkill,
-    ExecLimits,
-    build_program,
-    chunk_scores,
-    extract_code,
-    run_program,
-    sanitize_code,
-)
+from cycleqd.skills.coding.execute import build_program, run_program
+from cycleqd.skills.coding.extract import extract_code, sanitize_code
+from cycleqd.skills.coding.judge import ExecLimits
+from cycleqd.skills.coding.skill import CodingSkill, chunk_scores
 from cycleqd.skills.coding.data import load_humaneval, load_mbpp
 
 pytestmark = pytest.mark.timeout(300)
@@ -63,40 +57,26 @@ def test_bad_arguments_and_missing_data(tmp_path, monkeypatch):
         CodingSkill("mbpp", limit=2, n_chunks=3)
     monkeypatch.setenv("CYCLEQD_DATA_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setenv("CYCLEQD_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(FileNotFoundError, match="fetch_mbpp"):
+    with pytest.raises(FileNotFoundError, match="cycleqd data fetch mbpp"):
         load_mbpp()
 
 
-def test_data_dir_env_and_fetch(tmp_path, monkeypatch):
+def test_data_dir_env(tmp_path, monkeypatch):
+    """The loader reads ``<CYCLEQD_DATA_DIR>/mbpp/sanitized-mbpp.jsonl`` (the fetch that fills
+    it is tested in tests/datasets against a server on 127.0.0.1)."""
     rows = [{"task_id": 12, "prompt": "Return one.", "code": "def one():\n    return 1\n",
              "test_list": ["assert one() == 1"], "test_imports": []},
             {"task_id": 600, "prompt": "Return two.", "code": "def two():\n    return 2\n",
              "test_list": ["assert two() == 2"], "test_imports": []}]
-
-    class Resp:
-        def __init__(self, body):
-            self.body = body
-
-        def read(self):
-            return self.body
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    seen = []
-    monkeypatch.setattr(data_code.urllib.request, "urlopen",
-                        lambda url, timeout: seen.append(url) or Resp(json.dumps(rows).encode()))
-    path = data_code.fetch_mbpp(tmp_path / "cache")
-    assert seen == [data_code.MBPP_URL] and path.is_file()
-    assert data_code.fetch_mbpp(tmp_path / "cache") == path and len(seen) == 1  # cached
-    monkeypatch.setenv("CYCLEQD_DATA_DIR", str(tmp_path / "nowhere"))
-    monkeypatch.setenv("CYCLEQD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "data" / "mbpp").mkdir(parents=True)
+    (tmp_path / "data" / "mbpp" / "sanitized-mbpp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("CYCLEQD_DATA_DIR", str(tmp_path / "data"))
     ps = load_mbpp(split="all")
     assert [p.id for p in ps] == ["mbpp/12", "mbpp/600"] and ps[0].instruction == "Return one."
     assert [p.id for p in load_mbpp(split="train")] == ["mbpp/600"]
+    monkeypatch.delenv("CYCLEQD_DATA_DIR")
+    monkeypatch.setenv("CYCLEQD_CACHE", str(tmp_path))           # default data dir: <cache>/data
+    assert [p.id for p in load_mbpp(split="all")] == ["mbpp/12", "mbpp/600"]
 
 
 # --------------------------------------------------------------------------- extraction

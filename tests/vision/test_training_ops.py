@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from cycleqd.ops import MUTATIONS
+from cycleqd.qd.archive import MEAN_QUALITY, BCAxis, Elite, GridArchive
+from cycleqd.qd.scheduler import CycleQDScheduler
 from cycleqd.vision.pipeline import (
-    RandomBasisMutation,
     bc_ranges,
     gaussian_std_matched,
     make_mutation,
@@ -77,21 +78,28 @@ def test_gaussian_std_matches_the_svd_mutation_energy():
     assert float(out["fc.weight"].std()) == pytest.approx(std, rel=0.15)
 
 
-def test_single_mode_draws_the_svd_basis_per_child():
+def test_single_mode_rotates_the_svd_basis_per_child():
     taus = _taus()
-    op, _ = make_mutation("svd_expert", taus, mode="single")
-    assert isinstance(op, RandomBasisMutation)
+    op, _ = make_mutation("svd_expert", taus)
     zero = {k: torch.zeros_like(v) for k, v in taus[0].items()}
-    # the perturbation lies in the row space of the drawn expert; different children
-    # must use different experts although the engine always passes skill=0
+    # single-archive mode: one archive (index 0), the basis comes from the scheduler's ask
+    arch = GridArchive(MEAN_QUALITY, tuple(BCAxis(s, 0.0, 1.0, 3) for s in "xyz"))
+    sched = CycleQDScheduler([arch], seed=0, num_skills=len(taus))
+    sched.tell_seed(Elite("e0", {"x": 0.2, "y": 0.5, "z": 0.9}))
+    sched.tell_seed(Elite("e1", {"x": 0.9, "y": 0.2, "z": 0.4}))
+    # the perturbation lies in the row space of the basis expert; different children
+    # must use different experts although the archive index is always 0
     spaces = set()
-    for seed in range(12):
-        d = op(zero, skill=0, generator=torch.Generator().manual_seed(seed))["fc.weight"]
+    for seed in range(1, 13):
+        ask = sched.ask(seed)
+        sched.tell(seed, None)
+        assert ask.skill == 0
+        d = op(zero, skill=ask.basis, generator=torch.Generator().manual_seed(seed))["fc.weight"]
         for q, t in enumerate(taus):
             proj = torch.linalg.lstsq(t["fc.weight"].T, d.T).residuals
             if float(proj.sum()) < 1e-6 * float(d.pow(2).sum()) + 1e-8:
                 spaces.add(q)
-    assert len(spaces) >= 2
+    assert spaces == {0, 1, 2}   # (g // flip_interval) mod K: every expert's basis in turn
     with pytest.raises(ValueError, match="mutation must be one of"):
         make_mutation("cauchy", taus)
 

@@ -1,16 +1,15 @@
-"""AgentBench DB-Bench and OS-interaction data: loaders, fixed seeded splits, and the
-lockstep multi-turn episode runner both agent skills share.
+"""AgentBench DB-Bench and OS-interaction data: loaders and fixed seeded splits (the
+episode runner both agent skills share is :mod:`cycleqd.skills.agentbench.episode`).
 
 Sources (THUDM/AgentBench, Apache-2.0)
 - DB-Bench: ``<data_dir>/dbbench/standard.jsonl`` (300 items: 100 INSERT, 100 UPDATE, 100
-  SELECT-type in 8 sub-types). Public source: :data:`DBBENCH_URL`.
+  SELECT-type in 8 sub-types).
 - OS interaction: ``<data_dir>/os_interaction/training.json`` (1000 items) and
-  ``dev.json`` (26 items). Public sources: :data:`OS_TRAINING_URL`, :data:`OS_DEV_URL`;
-  scripts some dev items reference by file (``check/0.sh``, ``init/stock-log.sh``...)
+  ``dev.json`` (26 items). Scripts some dev items reference by file (``check/0.sh``, ``init/stock-log.sh``...)
   live under ``data/os_interaction/scripts/`` of the same repository: pass that folder as
   ``script_dir`` to evaluate those items (without it they are left out, with a warning).
-``<data_dir>`` is ``$CYCLEQD_DATA_DIR`` or ``<repo>/../shared/data``; :func:`fetch_agentbench`
-downloads the public files once into ``<cache>/data``, where the loaders also look.
+``<data_dir>`` is :func:`cycleqd.paths.data_dir`; ``cycleqd data fetch dbbench os`` downloads
+the public files there (pinned commits, SHA-256: :data:`cycleqd.datasets.CATALOGUE`).
 
 Splits (fixed in code; identical on every machine; ``train`` never overlaps
 ``search``/``test``)
@@ -29,75 +28,39 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from cycleqd.sandbox.sql import TableSpec
-from cycleqd.skills.coding.data import default_cache_dir, default_data_dir
+from cycleqd.datasets import locate
 
 DB_SPLIT_SEED = 2410_14735_1
 OS_SPLIT_SEED = 2410_14735_2
 DB_SPLITS = ("train", "search", "test", "all")
 OS_SPLITS = ("train", "search", "test", "dev", "all")
-_AB = "https://raw.githubusercontent.com/THUDM/AgentBench/main/data/"
-DBBENCH_URL = _AB + "dbbench/standard.jsonl"
-OS_TRAINING_URL = _AB + "os_interaction/train_0317/training.json"
-OS_DEV_URL = _AB + "os_interaction/data/dev.json"
-OS_SCRIPTS_URL = _AB + "os_interaction/scripts/"
+OS_SCRIPTS_URL = "https://github.com/THUDM/AgentBench/tree/main/data/os_interaction/scripts/"
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def _find(rel: str, data_path: str | os.PathLike | None, what: str, url: str) -> Path:
-    cands: list[Path] = []
-    if data_path is not None:
-        p = Path(data_path)
-        cands = [p] if p.is_file() else [p / rel, p / Path(rel).name]
-    else:
-        cands = [default_data_dir() / rel, default_cache_dir() / "data" / rel]
+def _find(rel: str, data_path: str | os.PathLike | None, what: str) -> Path:
+    """``data_path`` (a file, or a folder holding ``rel`` or its name), else the data dir's
+    ``rel``. Raises FileNotFoundError naming where it looked; for the data dir a
+    :class:`cycleqd.datasets.DataMissingError` naming the ``cycleqd data fetch`` command."""
+    if data_path is None:
+        return locate(rel)
+    p = Path(data_path)
+    cands = [p] if p.is_file() else [p / rel, p / Path(rel).name]
     for c in cands:
         if c.is_file():
             return c
-    raise FileNotFoundError(
-        f"{what} not found (looked in: {', '.join(map(str, cands))}). Point data_path at it, "
-        f"set CYCLEQD_DATA_DIR, or run `python -c 'from cycleqd.skills.agentbench.data import "
-        f"fetch_agentbench; fetch_agentbench()'` once (downloads {url}).")
-
-
-def fetch_agentbench(cache_dir: str | os.PathLike | None = None, *, timeout_s: float = 60.0,
-                     urls: dict[str, str] | None = None) -> Path:
-    """Download the public DB-Bench and OS files once into ``<cache>/data`` (skips files
-    already there). Returns that folder. Raises OSError on network errors, ValueError if
-    a download does not parse as JSON/JSONL."""
-    root = default_cache_dir(cache_dir) / "data"
-    urls = urls or {"dbbench/standard.jsonl": DBBENCH_URL,
-                    "os_interaction/training.json": OS_TRAINING_URL,
-                    "os_interaction/dev.json": OS_DEV_URL}
-    for rel, url in urls.items():
-        out = root / rel
-        if out.is_file():
-            continue
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 (fixed URLs)
-            text = r.read().decode("utf-8")
-        try:
-            if rel.endswith(".jsonl"):
-                [json.loads(x) for x in text.splitlines() if x.strip()]
-            else:
-                json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"{url} is not valid JSON/JSONL: {e}") from e
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    return root
+    raise FileNotFoundError(f"{what} not found (looked in: {', '.join(map(str, cands))}); point data_path "
+                            f"at it, or leave it unset to use the data dir (`cycleqd data fetch`)")
 
 
 def _check_split(split: str, allowed: Sequence[str]) -> None:
@@ -172,7 +135,7 @@ def _db_item(i: int, e: dict) -> DBItem:
 
 def load_dbbench_all(data_path: str | os.PathLike | None = None) -> list[DBItem]:
     """Every DB-Bench item of the file, in file order. Raises FileNotFoundError/ValueError."""
-    path = _find("dbbench/standard.jsonl", data_path, "DB-Bench standard.jsonl", DBBENCH_URL)
+    path = _find("dbbench/standard.jsonl", data_path, "DB-Bench standard.jsonl")
     text = path.read_text(encoding="utf-8").strip()
     rows = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines()
                                                           if x.strip()]
@@ -353,137 +316,12 @@ def load_os(data_path: str | os.PathLike | None = None, split: str = "search",
     _check_limit(limit)
     sd = Path(script_dir) if script_dir is not None else None
     if split == "dev":
-        path = _find("os_interaction/dev.json", data_path, "OS dev.json", OS_DEV_URL)
+        path = _find("os_interaction/dev.json", data_path, "OS dev.json")
         items = load_os_file(path, sd)
     else:
-        path = _find("os_interaction/training.json", data_path, "OS training.json", OS_TRAINING_URL)
+        path = _find("os_interaction/training.json", data_path, "OS training.json")
         items = load_os_file(path, sd)
         if split != "all":
             by_id = {it.id: it for it in items}
             items = [by_id[i] for i in os_split_ids(items)[split]]
     return items[:limit] if limit else items
-
-
-# ----------------------------------------------------------------------------- runner
-
-
-class Episode:
-    """One multi-turn episode: the conversation so far and whether it has ended.
-
-    Subclasses implement :meth:`step` (consume one model reply: act, append the
-    observation, or finish) and may override :meth:`finish` (final scoring).
-    """
-
-    def __init__(self, sample_id: str, messages: list[dict[str, str]]) -> None:
-        self.sample_id = sample_id
-        self.messages = messages
-        self.n_prompt = len(messages)  # messages before the model's first turn
-        self.done = False
-        self.score = 0.0
-        self.detail: dict[str, Any] = {}
-
-    def step(self, reply: str) -> None:
-        raise NotImplementedError
-
-    def finish(self) -> None:
-        """Called once after the episode ended (also when its round budget ran out)."""
-
-    def close(self) -> None:
-        """Free the episode's sandbox/database (always called)."""
-
-
-def evaluate_cached(skill: Any, model: Any) -> dict[str, float]:
-    """The shared body of the agent skills' ``evaluate``: reuse cached per-sample outcomes,
-    run the missing items' episodes with ``skill.run_episodes`` (greedy,
-    ``skill.max_new_tokens`` / ``skill.stop``), cache their outcomes and details (without
-    transcripts), keep the details with their transcripts in ``skill.last_details``.
-
-    An outcome is reused only for the same weights run the same way
-    (:func:`~cycleqd.skills.cache.model_key`), the same ``skill.cache_key`` and the same
-    item content (:func:`~cycleqd.skills.cache.item_key`: an item of another file with the
-    same id, or an item edited in place, is scored again).
-
-    Returns:
-        item id -> score in [0, 1], for every ``skill.items`` (in that order).
-    """
-    from cycleqd.skills.cache import item_keys, model_key
-
-    ids = [it.id for it in skill.items]
-    mk = model_key(model)
-    cache = skill.cache if mk else None
-    keys = item_keys(skill.items) if cache is not None else {}  # ~25 ms per 100 DB items
-    hits: dict[str, float] = cache.get_many(mk, skill.cache_key, keys) if cache is not None else {}
-    todo = [it for it in skill.items if it.id not in hits]
-    new: dict[str, float] = {}
-    details: dict[str, dict[str, Any]] = {}
-    if todo:
-        def generate(convs):
-            return model.generate(convs, max_new_tokens=skill.max_new_tokens, stop=skill.stop)
-
-        for sid, ep in skill.run_episodes(todo, generate).items():
-            new[sid] = ep.score
-            details[sid] = dict(ep.detail, transcript=[m["content"][:2000]
-                                                       for m in ep.messages[ep.n_prompt:]])
-        if cache is not None:
-            # an evaluator failure (no machine/database could be started: detail
-            # ``evaluator_error``) says nothing about the model: scored 0 now, never cached
-            new_cached = {k: v for k, v in new.items() if not details[k].get("evaluator_error")}
-            cache.put_many(mk, skill.cache_key, new_cached,
-                           {k: {kk: vv for kk, vv in v.items() if kk != "transcript"}
-                            for k, v in details.items()}, items=keys)
-    skill.last_details = details
-    return {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
-
-
-def run_lockstep(episodes: Sequence[Episode], generate: Callable[[list[list[dict[str, str]]]], list[str]],
-                 *, max_turns: int, workers: int = 4) -> None:
-    """Run episodes in lockstep: each turn sends ONE batch with the conversation of every
-    episode still running to ``generate``, then lets each episode act on its reply
-    (``workers`` at a time: sandbox/database calls are I/O bound). After ``max_turns``
-    model replies an episode stops; :meth:`Episode.finish` then scores it.
-
-    Batching the episodes of a split this way makes the generation backend's batching
-    pay off; episodes never see each other's state.
-    """
-    pool = ThreadPoolExecutor(max_workers=max(1, workers)) if workers > 1 else None
-    try:
-        for _ in range(max_turns):
-            active = [ep for ep in episodes if not ep.done]
-            if not active:
-                break
-            replies = generate([list(ep.messages) for ep in active])
-            if len(replies) != len(active):
-                raise RuntimeError(f"generate returned {len(replies)} replies for "
-                                   f"{len(active)} conversations")
-
-            def _step(pair: tuple[Episode, str]) -> None:
-                ep, reply = pair
-                ep.messages.append({"role": "assistant", "content": reply})
-                try:
-                    ep.step(reply)
-                except Exception as e:  # noqa: BLE001 - a crashed step is a failed sample
-                    ep.detail["error"] = f"{type(e).__name__}: {e}"
-                    ep.done = True
-
-            if pool is not None:
-                list(pool.map(_step, zip(active, replies)))
-            else:
-                for pair in zip(active, replies):
-                    _step(pair)
-
-        def _finish(ep: Episode) -> None:
-            ep.done = True
-            try:
-                ep.finish()
-            except Exception as e:  # noqa: BLE001
-                ep.detail["error"] = f"{type(e).__name__}: {e}"
-                ep.score = 0.0
-
-        if pool is not None:
-            list(pool.map(_finish, episodes))
-        else:
-            for ep in episodes:
-                _finish(ep)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)

@@ -61,9 +61,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cycleqd.sandbox.sql import Reference, SQLBackend, TableBuildError, TableRows, make_backend
+from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import DBItem, Episode, evaluate_cached, load_dbbench, run_lockstep
+from cycleqd.skills.agentbench.data import DBItem, load_dbbench
+from cycleqd.skills.agentbench.db_format import observation
+from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
 #: AgentBench DB-Bench instruction (src/server/tasks/dbbench/__init__.py, v0.2), verbatim.
 DB_PROMPT = """
@@ -462,7 +465,7 @@ class DBEpisode(Episode):
                 self.detail["end"] = "operation without a sql block"
                 self.done = True
                 return
-            obs = self.backend.execute(self.item.id, payload)
+            obs = observation(self.backend.execute(self.item.id, payload))
             self.rounds += 1
             self.messages.append({"role": "user", "content": obs})
             return
@@ -511,12 +514,14 @@ def _reference(item: DBItem, backend: SQLBackend,
     return ref
 
 
+@SKILLS.register("dbbench", source="AgentBench DB-Bench (Liu et al. 2023); CycleQD paper §4",
+                 context=("name",), paths=("data_path",))
 class DBBenchSkill:
     """AgentBench DB-Bench as a CycleQD skill (see module docstring).
 
     Args:
         data_path: DB-Bench file or a folder holding ``dbbench/standard.jsonl`` (default:
-            ``$CYCLEQD_DATA_DIR`` / ``../shared/data`` / the download cache).
+            the data dir, ``$CYCLEQD_DATA_DIR`` else ``<cache>/data``; ``cycleqd data fetch dbbench``).
         split: ``search`` | ``test`` | ``train`` | ``all`` (fixed, stratified by type).
         limit: score only the first ``limit`` items of the split.
         name: skill name (prefix of sub-scores).

