@@ -8,13 +8,20 @@ from cycleqd.cli import main
 from cycleqd.config import ConfigError
 from cycleqd.engine.rundir import RunDirError
 from cycleqd.errors import CycleQDError, MissingDependencyError, require
-from cycleqd.models.loading import ModelLoadError
+from cycleqd.datasets.fetch import ChecksumError, DataError, DataMissingError
+from cycleqd.models.sources import ModelLoadError
+from cycleqd.registry import ConfigError as RegistryConfigError
+from cycleqd.sandbox.limits import SandboxUnavailableError
 
 
 def test_user_errors_share_one_base_and_keep_their_old_ones():
     for cls in (ConfigError, RunDirError, ModelLoadError):
         assert issubclass(cls, CycleQDError) and issubclass(cls, ValueError)
     assert issubclass(MissingDependencyError, ImportError)
+    assert RegistryConfigError is ConfigError      # one class: registry and config raise the same
+    for cls in (DataError, DataMissingError, ChecksumError, SandboxUnavailableError):
+        assert issubclass(cls, CycleQDError) and issubclass(cls, RuntimeError)
+    assert issubclass(DataMissingError, FileNotFoundError)
 
 
 @pytest.mark.parametrize("module, extra, pkg", [("ray", "ray", "ray[default]"), ("vllm", "vllm", "vllm"),
