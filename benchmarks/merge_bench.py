@@ -113,10 +113,11 @@ def main() -> int:
 
     from cycleqd.models.build import build_weight_space
     from cycleqd.engine.export import stream_merge
-    from cycleqd.models.smollm2 import default_cache_dir, ensure_smollm2
+    from cycleqd.models.smollm2 import ensure_smollm2
+    from cycleqd.paths import cache_dir
     from cycleqd.models.tiny import make_tiny_expert
 
-    cache = args.cache or default_cache_dir()
+    cache = cache_dir(args.cache)
     work = args.work or Path(tempfile.mkdtemp(prefix="merge_bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu count {os.cpu_count()}, "

@@ -9,7 +9,8 @@ The Python API (see ``docs/python-api.md``); every name is imported on first use
     result = cycleqd.run_cycleqd(cycleqd.build_components(cfg), cfg, "runs/api")
 
 Run: :func:`run_cycleqd`, :class:`CycleQDRun`, :class:`Components`, :class:`RunResult`,
-:func:`build_components`. Config: :class:`RunConfig`, :func:`load_config`,
+:func:`build_components`, :class:`RunView` (read a run directory), :func:`weight_space`.
+Errors: :class:`CycleQDError`, :class:`MissingDependencyError`. Config: :class:`RunConfig`, :func:`load_config`,
 :func:`parse_config`, :class:`ConfigError`, :mod:`configs` (the bundled example configs).
 Skills: ``SKILL_TYPES``, ``SKILLS`` (the skill registry: type -> evaluator), :class:`Skill`.
 Operators: ``CROSSOVERS``, ``MUTATIONS``, ``AGGREGATIONS`` (registries: name -> factory),
@@ -33,6 +34,11 @@ _LAZY: dict[str, tuple[str, str]] = {
     "RunResult": ("cycleqd.engine.loop", "RunResult"),
     "build_components": ("cycleqd.engine.build", "build_components"),
     "write_report": ("cycleqd.engine.report", "write_report"),
+    "RunView": ("cycleqd.engine.runview", "RunView"),
+    "weight_space": ("cycleqd.engine.runview", "weight_space"),
+    # errors
+    "CycleQDError": ("cycleqd.errors", "CycleQDError"),
+    "MissingDependencyError": ("cycleqd.errors", "MissingDependencyError"),
     # config
     "RunConfig": ("cycleqd.config", "RunConfig"),
     "load_config": ("cycleqd.config", "load_config"),

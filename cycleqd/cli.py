@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from cycleqd import __version__
+from cycleqd.errors import CycleQDError
 
 DESCRIPTION = """\
 CycleQD (Kuroki et al., ICLR 2025): evolve a population of multi-skill models from
@@ -225,12 +226,10 @@ def cmd_resume(args) -> int:
     ``--generations N`` changes the run's length (also of a finished run)."""
     from cycleqd.config import load_config
     from cycleqd.engine.loop import build_archives, seed_ids
-    from cycleqd.engine.rundir import (RunDir, RunLock, check_resume, check_snapshot, extend_run,
-                                       finish_pending_config)
+    from cycleqd.engine.rundir import RunLock, check_resume, check_snapshot, extend_run, finish_pending_config
+    from cycleqd.engine.runview import RunView
 
-    rd = RunDir(args.run_dir)
-    if not rd.config.exists():
-        raise FileNotFoundError(f"{rd.root} is not a cycleqd run directory (no config.yaml)")
+    rd = RunView(args.run_dir).rd   # refuses a folder without config.yaml
     lock = RunLock.acquire_for(rd.root)
     try:
         finish_pending_config(rd)
@@ -580,11 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from cycleqd.config import ConfigError
-
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as e:
+    except CycleQDError as e:   # config, run directory, model source, missing dependency ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:

@@ -23,7 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cycleqd.registry import AGGREGATIONS, CROSSOVERS, MUTATIONS, SKILLS, ConfigError, Registry
+from cycleqd.errors import ConfigError
+from cycleqd.registry import AGGREGATIONS, CROSSOVERS, MUTATIONS, SKILLS, Registry
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_config", "check_operators",
            "check_skills", "check_model_sources", "SKILL_TYPES"]

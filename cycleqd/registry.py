@@ -37,12 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cycleqd._lazy import _LazyModule
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid; the message names each problem with its field path.
-
-    Defined here, below every layer that raises it (re-exported by :mod:`cycleqd.config`)."""
+from cycleqd.errors import ConfigError
 
 
 @dataclass(frozen=True)

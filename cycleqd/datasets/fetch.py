@@ -22,13 +22,14 @@ from typing import Callable, Iterable, Sequence
 from tqdm import tqdm
 
 from cycleqd.datasets.catalogue import CATALOGUE, DataFile, Dataset, file_entry
+from cycleqd.errors import CycleQDError
 from cycleqd.paths import data_dir
 
 MIRROR_ENV = "CYCLEQD_DATA_MIRROR"
 CHUNK = 1 << 16
 
 
-class DataError(RuntimeError):
+class DataError(CycleQDError, RuntimeError):
     """Benchmark data cannot be found, fetched or trusted (one line naming the file)."""
 
 

@@ -38,9 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config
+from cycleqd import paths
+from cycleqd.config import ConfigError, RunConfig, SkillConfig, parse_config, yaml12_load
 from cycleqd.datasets import fetch as fetch_data, names_for_skills
 from cycleqd.demo.config import DEFAULT_CONFIG, TOY_CONFIG, DemoConfig, load_demo_config  # package data
+from cycleqd.engine.rundir import atomic_write_json, atomic_write_text
+from cycleqd.engine.runview import RunView
+
 #: a claim "beats by >= 5 points" means a difference of at least this (scores in [0, 1])
 EXPERT_MARGIN = 0.05
 
@@ -86,8 +90,6 @@ def _fill(args: argparse.Namespace) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """The demo settings: the YAML, then the command-line flags on top."""
-    from cycleqd.config import yaml12_load
-
     args = _fill(args)
     path = Path(args.config) if args.config else (TOY_CONFIG if args.toy else DEFAULT_CONFIG)
     ov: dict[str, Any] = {}
@@ -144,8 +146,7 @@ class DemoResult:
 
 
 def _cache_dir(cfg: DemoConfig) -> Path:
-    from cycleqd.engine.build import default_cache_dir
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return paths.cache_dir(cfg)
 
 
 def resolve_base_dir(cfg: DemoConfig, cache: Path) -> Path:
@@ -259,12 +260,13 @@ def test_skills(cfg: DemoConfig, cache: Path) -> list[Any]:
     return out
 
 
-def comparison_models(cfg: DemoConfig, run: Any, multitask: str | None, base_dir: Path,
+def comparison_models(cfg: DemoConfig, run: RunView, multitask: str | None, base_dir: Path,
                       cache: Path) -> list[tuple[str, str, Any]]:
-    """``(row id, description, genome)`` of every model in the table, in table order."""
+    """``(row id, description, genome)`` of every model in the table, in table order; the
+    CycleQD rows read from the finished run directory."""
     from cycleqd.ops.aggregation import aggregate
 
-    space = run.c.space
+    space = run.space
     names = [s.name for s in cfg.skills]
     experts = list(space.expert_genomes())
     rows: list[tuple[str, str, Any]] = [("base", "base model", space.base_genome())]
@@ -280,9 +282,9 @@ def comparison_models(cfg: DemoConfig, run: Any, multitask: str | None, base_dir
     for a in run.archives:
         e = a.best()
         rows.append((f"cycleqd:best-{a.quality_skill}",
-                     f"CycleQD best {a.quality_skill} model ({e.id})", run.store.get(e.id)))
-    if run.aggregate is not None:
-        rows.append(("cycleqd:aggregate", "CycleQD aggregated model", run.store.get("aggregate")))
+                     f"CycleQD best {a.quality_skill} model ({e.id})", run.genome(e.id)))
+    if run.aggregate_scores() is not None:
+        rows.append(("cycleqd:aggregate", "CycleQD aggregated model", run.genome("aggregate")))
     return rows
 
 
@@ -406,7 +408,6 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
     :func:`check_out_dir` raises, before any model work."""
     from cycleqd.engine.build import build_components
     from cycleqd.engine.loop import CycleQDRun
-    from cycleqd.engine.rundir import atomic_write_json, atomic_write_text
 
     import yaml
 
@@ -450,7 +451,8 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
         shutil.copyfile(out / "cycleqd" / "maps" / "elite_maps.png", out / "elite_maps.png")
 
         t = time.perf_counter()
-        models = comparison_models(cfg, run, mt, base_dir, cache)
+        view = RunView(out / "cycleqd", space=comps.space)
+        models = comparison_models(cfg, view, mt, base_dir, cache)
         rows = evaluate_models(models, comps.space, comps.adapter, test_sk, progress=progress)
         timings["test_eval_s"] = time.perf_counter() - t
     finally:
@@ -465,7 +467,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
     atomic_write_json(out / "comparison.json", {
         "skills": names, "test_sizes": sizes, "rows": rows, "claims": claims,
         "search_aggregate": res.aggregate,
-        "archives": {a.quality_skill: {"best": a.best().id, "elites": len(a)} for a in run.archives}})
+        "archives": {a.quality_skill: {"best": a.best().id, "elites": len(a)} for a in view.archives}})
     atomic_write_text(out / "comparison.md", table + "\n\nElite maps: elite_maps.png\n")
     atomic_write_json(out / "timings.json", timings)
     log("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))

@@ -6,20 +6,14 @@ operator names, model paths) is checked before any model is loaded.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from cycleqd import paths
 from cycleqd.config import ConfigError, RunConfig, SkillConfig, check_config
 from cycleqd.engine.loop import Components
+from cycleqd.engine.runview import weight_space
 from cycleqd.registry import SKILLS
-
-
-def default_cache_dir(cfg: RunConfig | None = None) -> Path:
-    """``cfg.cache_dir``, else $CYCLEQD_CACHE, else ~/.cache/cycleqd."""
-    if cfg is not None and cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    return Path(os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
 
 
 def build_llm_skill(sc: SkillConfig, cache_dir: Path, *, field: str | None = None) -> Any:
@@ -38,24 +32,14 @@ def build_llm_skill(sc: SkillConfig, cache_dir: Path, *, field: str | None = Non
     params.setdefault("cache", cache_dir / "sample_cache.sqlite")
     field = field or f"skills.{sc.name}.params"
     try:
-        return SKILLS.build(sc.type, params, field=field, name=sc.name)
+        return SKILLS.build(sc.type, params, field=field, name=sc.name, cache_dir=cache_dir)
     except FileNotFoundError as e:
         raise ConfigError(f"{field}: {e}") from None
 
 
-def _weight_space(cfg: RunConfig, base: str, experts: list[str], cache_dir: Path):
-    from cycleqd.models.build import build_weight_space
-
-    ops = cfg.operators
-    space, info = build_weight_space(
-        base, experts, crossover={"name": ops.crossover.name, **ops.crossover.kwargs()},
-        mutation={"name": ops.mutation.name, **ops.mutation.kwargs()}, genome=ops.genome, cache_dir=cache_dir)
-    return space, info
-
-
 def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Components:
     """Build skills, weight space and adapter for ``cfg`` (see module doc for the order)."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(cfg)
+    cache_dir = paths.cache_dir(cache_dir or cfg)
     if any(s.type == "external" for s in cfg.skills):
         raise ConfigError("skills: type 'external' is only for programmatic runs (pass Components)")
     check_config(cfg)   # what `cycleqd validate` checks: model paths, skills' params, data, lm-eval tasks
@@ -65,14 +49,7 @@ def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Compon
     skills = [] if synthetic else [build_llm_skill(s, cache_dir, field=f"skills.{i}.params")
                                    for i, s in enumerate(cfg.skills)]
     # 2. models
-    if cfg.model.synthetic is not None:
-        from cycleqd.engine.synthetic import build_synthetic_models
-
-        base_dir, expert_dirs = build_synthetic_models(cfg.model.synthetic, cfg.skill_names, cache_dir)
-        base, experts = str(base_dir), [str(expert_dirs[s]) for s in cfg.skill_names]
-    else:
-        base, experts = cfg.model.base, [cfg.model.experts[s] for s in cfg.skill_names]
-    space, info = _weight_space(cfg, base, experts, cache_dir)
+    space, info = weight_space(cfg, cache_dir)
     # 3. adapter
     if synthetic:
         from cycleqd.skills.synthetic import SyntheticAdapter

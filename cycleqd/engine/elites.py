@@ -15,7 +15,6 @@ preference (:func:`parse_preference`): weights over skills and/or constraints on
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import yaml
 
 from cycleqd.engine.model_card import _test_scores, load_comparison
 from cycleqd.engine.rundir import RunDir
+from cycleqd.engine.runview import RunView
 from cycleqd.qd.archive import GridArchive
 
 
@@ -82,16 +82,15 @@ class EliteTable:
 
 # -- reading a run --------------------------------------------------------------------------------
 def load_archives(run_dir: Path | str) -> list[GridArchive]:
-    """The archives of the run's last committed generation (``state.json``).
+    """The archives of the run's last committed generation (``state.json``, read through
+    :class:`cycleqd.engine.runview.RunView`, schema-checked).
 
     Raises:
-        FileNotFoundError: no state.json (not a cycleqd run, or no generation finished).
-        ValueError: a state.json that is not a valid archive record.
+        RunDirError: ``run_dir`` holds no ``config.yaml`` (not a cycleqd run), or a damaged
+            state.json (one line naming the key).
+        FileNotFoundError: no state.json (no generation finished).
     """
-    state_path = Path(run_dir) / "state.json"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no state.json (not a cycleqd run, or no generation finished)")
-    return [GridArchive.from_json(a) for a in json.loads(state_path.read_text())["archives"]]
+    return RunView(run_dir).archives
 
 
 def _skills(run_dir: Path, archives: Sequence[GridArchive]) -> list[str]:
@@ -110,7 +109,7 @@ def elite_table(run_dir: Path | str) -> EliteTable:
     Pareto front marked.
 
     Raises:
-        FileNotFoundError: ``run_dir`` has no state.json.
+        FileNotFoundError, RunDirError: as :func:`load_archives`.
     """
     run_dir = Path(run_dir)
     archives = load_archives(run_dir)

@@ -29,12 +29,16 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
 
+from cycleqd import paths
 from cycleqd._io import atomic_directory
-from cycleqd.engine.elites import elite_table, load_archives
+from cycleqd.engine.elites import elite_table
 from cycleqd.engine.elites import select as select_elite
 from cycleqd.engine.model_card import model_card
+from cycleqd.engine.runview import RunView
+from cycleqd.models.loading import load_expert, load_model, needs_untie
 from cycleqd.models.sources import _TOKENIZER_FILES
-from cycleqd.models.validate import non_finite_description
+from cycleqd.models.validate import check_finite, non_finite_description, tied_weight_names
+from cycleqd.ops.crossover import make_crossover
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -189,8 +193,6 @@ def _tied_pairs(src: Path) -> dict[str, str]:
             return {}
         from transformers import AutoConfig
 
-        from cycleqd.models.validate import tied_weight_names
-
         return tied_weight_names(AutoConfig.from_pretrained(str(src)))
     except Exception:  # unreadable config: _copy_model_files reports it
         return {}
@@ -266,12 +268,7 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
         ValueError: bad crossover spec, or a merged tensor that is not finite in the output
             dtype (named; the output folder is not created).
     """
-    from cycleqd.models.loading import load_expert, load_model, needs_untie
-    from cycleqd.models.validate import check_finite, non_finite_description
-    from cycleqd.ops.crossover import make_crossover
-
-    cache_dir = Path(cache_dir) if cache_dir is not None else Path(
-        os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
+    cache_dir = paths.cache_dir(cache_dir)
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
     base_m = load_model(base, cache_dir=cache_dir)
@@ -304,28 +301,6 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
 
 # --- run directories -----------------------------------------------------------------
 
-def _space_for_run(run_dir: Path):
-    from cycleqd.config import load_config
-    from cycleqd.engine.build import default_cache_dir
-    from cycleqd.models.build import build_weight_space
-
-    cfg = load_config(run_dir / "config.yaml")
-    cache = default_cache_dir(cfg)
-    if cfg.model.synthetic is not None:
-        from cycleqd.engine.synthetic import build_synthetic_models
-
-        base_dir, expert_dirs = build_synthetic_models(cfg.model.synthetic, cfg.skill_names, cache)
-        base, experts = str(base_dir), [str(expert_dirs[s]) for s in cfg.skill_names]
-    else:
-        base, experts = cfg.model.base, [cfg.model.experts[s] for s in cfg.skill_names]
-    ops = cfg.operators
-    space, info = build_weight_space(
-        base, experts, crossover={"name": ops.crossover.name, **ops.crossover.kwargs()},
-        mutation={"name": ops.mutation.name, **ops.mutation.kwargs()}, genome=ops.genome,
-        cache_dir=cache)
-    return cfg, space, info
-
-
 def _pick_model(run_dir: Path, *, model_id: str | None, cell: str | None, archive: str | None,
                 aggregate: bool, select: str | None = None) -> str:
     chosen = [x for x in (model_id, cell, archive, select) if x] + (["aggregate"] if aggregate else [])
@@ -337,7 +312,7 @@ def _pick_model(run_dir: Path, *, model_id: str | None, cell: str | None, archiv
         return model_id
     if select:
         return select_elite(elite_table(run_dir), select)[0].id
-    archives = load_archives(run_dir)
+    archives = RunView(run_dir).archives
     by_name = {a.quality_skill: a for a in archives}
     if archive:
         if archive not in by_name:
@@ -392,24 +367,13 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
         resolve_dtype(dtype, None)
     mid = _pick_model(run_dir, model_id=model_id, cell=cell, archive=archive, aggregate=aggregate,
                       select=select)
-    cfg, space, info = _space_for_run(run_dir)
+    view = RunView(run_dir)
+    space, info = view.space, view.model_info
     sources = [info.model_dir, info.base_spec, *info.expert_specs]
     if any(Path(str(s)).expanduser().resolve() == out_dir.resolve() for s in sources if s):
         raise FileExistsError(f"{out_dir} is a model the run reads (its base or an expert); export elsewhere")
     dt = resolve_dtype(dtype, info.model_dir)
-    if mid.startswith("expert:"):
-        skill = mid.split(":", 1)[1]
-        if skill not in cfg.skill_names:
-            raise ValueError(f"model {mid!r}: skills are {cfg.skill_names}")
-        genome = space.expert_genomes()[cfg.skill_names.index(skill)]
-    elif mid == "base":
-        genome = space.base_genome()
-    else:
-        path = run_dir / "genomes" / f"{mid}{space.genome_suffix}"
-        if not path.is_file():
-            raise FileNotFoundError(f"genome of {mid!r} not found at {path}"
-                                    + (" (the run has not aggregated yet)" if mid == "aggregate" else ""))
-        genome = space.load(path)
+    genome = view.genome(mid)
     card = model_card(run_dir, mid, base=info.base_spec, experts=info.expert_specs,
                       base_dir=info.model_dir, dtype=None if dt is None else str(dt).removeprefix("torch."),
                       command=command)

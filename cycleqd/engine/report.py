@@ -23,12 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
 
-import yaml
-
+from cycleqd._io import atomic_write_text
 from cycleqd.engine.elites import add_to_report as add_elites_to_report
 from cycleqd.engine.plots import plot_all_maps, plot_curves
-from cycleqd.engine.rundir import RunDir, atomic_write_text
-from cycleqd.qd.archive import GridArchive
+from cycleqd.engine.runview import RunView
 from cycleqd.qd.metrics import archive_stats
 
 
@@ -174,30 +172,29 @@ def _mean(scores: dict) -> str:
 
 
 def build_report(run_dir: Path) -> tuple[Doc, str]:
-    """The report as a :class:`Doc` and the run's name (untrusted text).
+    """The report as a :class:`Doc` and the run's name (untrusted text), read through
+    :class:`~cycleqd.engine.runview.RunView`.
 
     Raises:
+        RunDirError: no config.yaml, or a damaged state.json / metrics line.
         FileNotFoundError: ``run_dir`` holds no state.json.
+        ConfigError: the run's config.yaml does not validate.
     """
-    rd = RunDir(run_dir)
-    state = rd.load_state()
-    cfg = yaml.safe_load(rd.config.read_text())
-    archives = [GridArchive.from_json(a) for a in state["archives"]]
-    metrics = rd.read_metrics()
-    skills = [str(s["name"]) for s in cfg["skills"]]
-    seeds = {m["child"] for m in metrics if m["generation"] == 0}
-    plot_all_maps(archives, rd.maps, seed_ids=seeds)
-    plot_curves(metrics, rd.maps / "curves.png")
+    run = RunView(run_dir)
+    cfg, archives, metrics = run.config, run.archives, run.metrics
+    skills = cfg.skill_names
+    seeds = {m["child"] for m in run.seed_records()}
+    plot_all_maps(archives, run.rd.maps, seed_ids=seeds)
+    plot_curves(metrics, run.rd.maps / "curves.png")
     gens = [m for m in metrics if m["generation"] >= 1 and m.get("kind") != "aggregate"]
-    ops = cfg.get("operators", {})
     doc = Doc()
-    doc.h(1, "CycleQD run ", Text(cfg["name"], code=True))
-    doc.p("Run directory ", Text(rd.root, code=True), " — generation ",
-          Strong(f"{int(state['generation'])} / {int(cfg['qd']['generations'])}"),
-          ", seed ", Text(cfg["seed"]), ", sampling ", Text(cfg["qd"]["sampling"], code=True),
-          ", mode ", Text(cfg["qd"]["mode"], code=True),
-          ", crossover ", Text(ops.get("crossover", {}).get("name"), code=True),
-          ", mutation ", Text(ops.get("mutation", {}).get("name"), code=True), ".")
+    doc.h(1, "CycleQD run ", Text(cfg.name, code=True))
+    doc.p("Run directory ", Text(run.root, code=True), " — generation ",
+          Strong(f"{run.generation} / {cfg.qd.generations}"),
+          ", seed ", Text(cfg.seed), ", sampling ", Text(cfg.qd.sampling, code=True),
+          ", mode ", Text(cfg.qd.mode, code=True),
+          ", crossover ", Text(cfg.operators.crossover.name, code=True),
+          ", mutation ", Text(cfg.operators.mutation.name, code=True), ".")
     doc.h(2, "Archives")
     rows = []
     for a in archives:
@@ -218,12 +215,11 @@ def build_report(run_dir: Path) -> tuple[Doc, str]:
             continue
         rows.append([[Text(a.quality_skill)], [Text(b.id, code=True)], str(int(b.generation))]
                     + [_fmt(b.scores.get(s)) for s in skills] + [_mean(b.scores)])
-    agg = [m for m in metrics if m.get("kind") == "aggregate"]
-    if agg:
-        sc = agg[-1].get("scores") or {}
+    sc = run.aggregate_scores()
+    if sc is not None:
         rows.append([[Strong("aggregated")], [Text("aggregate", code=True)], "-"]
                     + [_fmt(sc.get(s)) for s in skills] + [_mean(sc)])
-    for m in (m for m in metrics if m["generation"] == 0):
+    for m in run.seed_records():
         sc = m.get("scores") or {}
         rows.append(["seed", [Text(m["child"], code=True)], "0"] + [_fmt(sc.get(s)) for s in skills] + [_mean(sc)])
     doc.table(["archive", "model", "generation"] + [[Text(s)] for s in skills] + ["mean"], rows)
@@ -239,7 +235,7 @@ def build_report(run_dir: Path) -> tuple[Doc, str]:
               + (f"; {rejected} rejected (non-finite weights or scores, see metrics.jsonl)" if rejected else "")
               + ". Time per child (mean, seconds):")
         doc.table([[Text(k)] for k in keys], [[f"{tot[k] / len(gens):.4f}" for k in keys]])
-    return doc, str(cfg["name"])
+    return doc, cfg.name
 
 
 def build_markdown(run_dir: Path) -> str:

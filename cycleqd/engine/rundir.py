@@ -32,6 +32,7 @@ passes the same checks (``cycleqd resume RUN_DIR --from-snapshot N``, :func:`res
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import math
@@ -45,6 +46,9 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cycleqd.config import ConfigError, parse_config
+from cycleqd.errors import CycleQDError
+from cycleqd.qd.archive import Elite
 from cycleqd._io import (DiskFullError, atomic_write_json, atomic_write_text,  # noqa: F401  (re-exported)
                          disk_full_names, fsync_dir, sha256_file)
 
@@ -52,7 +56,7 @@ STATE_FORMAT = 2          # 2: genome digests recorded; 1 (no "format" key): wri
 SNAPSHOT_GENOMES_KEPT = 2  # newest snapshots whose genomes are kept (hard links) for --from-snapshot
 
 
-class RunDirError(ValueError):
+class RunDirError(CycleQDError, ValueError):
     """A run directory that cannot be resumed as it is. The message is one line: the file,
     what is wrong, and what to do instead."""
 
@@ -403,10 +407,6 @@ def replay_archives(records: Sequence[dict], expected: Sequence[Any], seed_ids: 
         (archives, None), or (None, "line N: ...") naming the first line whose ``entered``
         list contradicts the replay.
     """
-    import copy
-
-    from cycleqd.qd.archive import Elite
-
     archives = [copy.deepcopy(a) for a in expected]
     for a in archives:
         a.elites.clear()
@@ -457,7 +457,7 @@ def check_genomes(ids: Sequence[str], digests: dict[str, str] | None, folder: Pa
                   suffix: str | None) -> str | None:
     """None if every genome in ``ids`` is in ``folder`` with its recorded digest (``digests``
     None: a format-1 state, presence only); else what is wrong with the first bad one."""
-    from cycleqd.executors.store import check_genome_file
+    from cycleqd.executors.store import check_genome_file   # the executors package imports torch
 
     for mid in ids:
         if digests is not None and mid not in digests:
@@ -866,8 +866,6 @@ def finish_pending_config(rd: RunDir) -> bool:
     if not isinstance(st, dict) or "pending_config" not in st:
         return False
     pending = st["pending_config"]
-    from cycleqd.config import ConfigError, parse_config
-
     try:
         import yaml
 

@@ -28,6 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
+from cycleqd import paths
+from cycleqd.config import ConfigError, load_config, parse_config
+from cycleqd.engine.build import build_components
 from cycleqd.engine.step import Job, JobResult, WorkerContext, describe_job, run_step
 from cycleqd.executors.ray_executor import RayExecutor
 from cycleqd.executors.store import IncomingGenomeStore, clear_incoming
@@ -118,11 +123,6 @@ def build_from_config(config_yaml: str, cache_dir: str, run_fingerprint: str) ->
     Returns:
         :class:`~cycleqd.engine.loop.Components`.
     """
-    import yaml
-
-    from cycleqd.config import parse_config
-    from cycleqd.engine.build import build_components
-
     cfg = parse_config(yaml.safe_load(config_yaml), source="run config.yaml")
     if cfg.fingerprint() != run_fingerprint:
         raise ValueError(f"worker config fingerprint {cfg.fingerprint()} != run fingerprint {run_fingerprint}")
@@ -132,9 +132,6 @@ def build_from_config(config_yaml: str, cache_dir: str, run_fingerprint: str) ->
 def config_builder(ctx: WorkerContext) -> Callable[[], Any] | None:
     """A worker-side builder from ``RUN_DIR/config.yaml`` if that config is the run's and can
     be built by :func:`cycleqd.engine.build.build_components`; else None."""
-    from cycleqd.config import ConfigError, load_config
-    from cycleqd.engine.build import default_cache_dir
-
     path = Path(ctx.store.root).parent / "config.yaml"
     if not path.is_file():
         return None
@@ -144,7 +141,7 @@ def config_builder(ctx: WorkerContext) -> Callable[[], Any] | None:
         return None
     if cfg.fingerprint() != ctx.run_fingerprint or any(s.type == "external" for s in cfg.skills):
         return None
-    cache = default_cache_dir(cfg).resolve()
+    cache = paths.cache_dir(cfg).resolve()
     return functools.partial(build_from_config, path.read_text(), str(cache), ctx.run_fingerprint)
 
 

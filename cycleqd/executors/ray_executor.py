@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Callable
 
+from cycleqd.errors import require
 
 log = logging.getLogger("cycleqd.executors.ray")
 
@@ -123,12 +124,7 @@ def init_local_ray(ray: Any = None, **kwargs: Any) -> Any:
 
 
 def _require_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ImportError("the Ray executor needs Ray: pip install 'cycleqd[ray]' "
-                          "(or pip install 'ray[default]')") from None
-    return ray
+    return require("ray", "the Ray executor")
 
 
 # ----------------------------------------------------------------------------------------

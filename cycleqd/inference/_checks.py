@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from cycleqd._checks import check_int
+
 _ROLES = ("system", "user", "assistant")
 
 
@@ -25,8 +27,7 @@ def check_generate_args(conversations: Sequence[Sequence[Mapping[str, str]] | st
         raise ValueError(f"response_prefix must be a str, got {type(response_prefix).__name__}")
     if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
         raise ValueError("conversations must be a sequence of conversations (lists of messages)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens)
     if isinstance(stop, str):
         raise ValueError("stop must be a sequence of strings, not a single string")
     stop = list(stop)

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from cycleqd._checks import check_choice, check_int
 from cycleqd.inference._checks import check_generate_args, check_state_dict, cut_at_stop
 from cycleqd.inference._kvcache import growing_cache, join, joinable, trim
 from cycleqd.inference.base import Conversation, Message
@@ -79,12 +80,9 @@ class HFBackend:
                  chat_template: str | None = None, sort_by_length: bool = True,
                  engine: str = "evict", prefill_tokens: int = 2048,
                  min_shared_prefix: int = 32) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if engine not in ("evict", "generate"):
-            raise ValueError(f"engine must be 'evict' or 'generate', got {engine!r}")
-        if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) or prefill_tokens < 1:
-            raise ValueError(f"prefill_tokens must be a positive int, got {prefill_tokens!r}")
+        check_int("batch_size", batch_size)
+        check_choice("engine", engine, ("evict", "generate"))
+        check_int("prefill_tokens", prefill_tokens)
         self.engine = engine
         self.prefill_tokens = prefill_tokens
         self.min_shared_prefix = int(min_shared_prefix)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from cycleqd.errors import require
 from cycleqd.inference._checks import check_generate_args, check_state_dict, cut_at_stop
 from cycleqd.inference.base import Conversation
 
@@ -121,10 +122,7 @@ class VLLMBackend:
             if model_path is None:
                 raise ValueError("VLLMBackend needs model_path to create an engine")
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            try:
-                from vllm import LLM
-            except ImportError as e:
-                raise ImportError("VLLMBackend needs vLLM: pip install 'cycleqd[vllm]'") from e
+            LLM = require("vllm", "VLLMBackend").LLM
             llm = LLM(str(model_path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                       max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
                       **llm_kwargs)

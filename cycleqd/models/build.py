@@ -8,13 +8,13 @@ against the base (config, tensor names and shapes), and only then are tensors re
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
+from cycleqd import paths
 from cycleqd.models.lazy import resident
 from cycleqd.models.loading import Expert, LoadedModel, load_expert, load_model, needs_untie
 from cycleqd.models.sources import ModelLoadError, resolve_source, tokenizer_files
@@ -116,7 +116,7 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
         crossover, mutation: ``{"name": ..., **params}`` for the registries.
         genome: ``auto`` (compact SVD genomes when the operators allow it), ``dense``, ``svd``.
         cache_dir: GGUF conversions (``gguf/``) and expert SVDs (``svd/``); default
-            ``$CYCLEQD_CACHE`` or ``~/.cache/cycleqd``.
+            :func:`cycleqd.paths.cache_dir`.
         resident_models: keep base and task vectors in RAM (fast; needs ~4 bytes/param per
             expert + the base) or read them per tensor from the memory-mapped files. ``auto``:
             resident when that takes < 40 % of the available RAM. A dense genome space always
@@ -132,8 +132,7 @@ def build_weight_space(base: str, experts: Sequence[str], crossover: Mapping[str
     """
     if not experts:
         raise ValueError("model.experts: at least one expert is needed")
-    cache_dir = Path(cache_dir) if cache_dir is not None else Path(
-        os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
+    cache_dir = paths.cache_dir(cache_dir)
     xo = _spec(crossover, "operators.crossover", CROSSOVERS)
     mu = _spec(mutation, "operators.mutation", MUTATIONS)
     kind = choose_genome(genome, xo["name"], mu["name"])

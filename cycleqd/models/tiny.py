@@ -13,15 +13,23 @@ GGUF and cached), at the price of a 49152-row embedding.
 
 All weights are drawn from an explicit ``torch.Generator(seed)`` (not the global RNG), so a
 given ``(architecture, sizes, seed)`` gives bit-identical files on every machine.
+
+:func:`build_synthetic_models` makes the base and experts of a ``model.synthetic`` config
+(the ``tiny`` example and the engine's tests): no tokenizer, experts = base + a random
+low-rank update per matrix, cached under ``<cache>/synthetic/<recipe hash>/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from cycleqd.config import SyntheticModelConfig
 
 #: SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt).
 CHATML_TEMPLATE = (
@@ -326,3 +334,66 @@ def write_tiny_gguf(hf_dir: Path | str, out_path: Path | str) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+# --- model.synthetic: base + experts for a config ------------------------------------------
+
+def _synthetic_hf_config(recipe: "SyntheticModelConfig"):
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(hidden_size=recipe.hidden_size, intermediate_size=recipe.hidden_size * 2,
+              num_hidden_layers=recipe.num_layers, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+    return (LlamaConfig if recipe.arch == "llama" else Qwen2Config)(**kw)
+
+
+def build_synthetic_models(recipe: "SyntheticModelConfig", skills: Sequence[str],
+                           cache_dir: Path | str) -> tuple[Path, dict[str, Path]]:
+    """Create (or reuse) the tiny base and one expert per skill of a ``model.synthetic``
+    config, as HF folders (config + ``model.safetensors``; no tokenizer).
+
+    The base is a random-init Llama or Qwen2 (``recipe.arch``; hidden ``d = hidden_size``,
+    ``num_layers`` layers, 4 heads / 2 KV heads, vocabulary 256, untied ``lm_head``) drawn
+    with ``recipe.seed``. Expert ``k`` (skills in the order given) adds to every 2-D weight
+    ``W`` (out, in) a rank-``expert_rank`` update ``A B`` (``A`` (out, r), ``B`` (r, in) ~
+    N(0, 1) from ``torch.Generator(seed * 1000 + k + 1)``) rescaled so its RMS is
+    ``expert_scale * RMS(W)`` (like a merged LoRA); 1-D tensors are the base's. The global
+    RNG is left as it was.
+
+    Args:
+        recipe: the config's ``model.synthetic`` section.
+        skills: skill names, one expert each.
+        cache_dir: cache root; folders land in ``<cache_dir>/synthetic/<hash of recipe and
+            skills>/{base,expert-<skill>}`` and are reused when complete.
+    Returns:
+        ``(base folder, {skill: expert folder})``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    key = hashlib.sha256(json.dumps([recipe.model_dump(), list(skills)], sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir) / "synthetic" / key
+    base_dir = root / "base"
+    experts = {s: root / f"expert-{s}" for s in skills}
+    if all((p / "config.json").exists() for p in [base_dir, *experts.values()]):
+        return base_dir, experts
+    with torch.random.fork_rng(devices=[]):   # HF init draws from the global RNG; isolate it
+        torch.manual_seed(recipe.seed)
+        base = AutoModelForCausalLM.from_config(_synthetic_hf_config(recipe))
+    base.save_pretrained(base_dir)
+    sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    for i, (skill, path) in enumerate(experts.items()):
+        g = torch.Generator().manual_seed(recipe.seed * 1000 + i + 1)
+        new = {}
+        for k, w in sd.items():
+            if w.ndim == 2:
+                a = torch.randn(w.shape[0], recipe.expert_rank, generator=g)
+                b = torch.randn(recipe.expert_rank, w.shape[1], generator=g)
+                delta = a @ b
+                delta *= recipe.expert_scale * w.float().pow(2).mean().sqrt() / delta.pow(2).mean().sqrt()
+                new[k] = (w.float() + delta).to(w.dtype)
+            else:
+                new[k] = w
+        base.load_state_dict(new)
+        base.save_pretrained(path)
+        base.load_state_dict(sd)
+    return base_dir, experts

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cycleqd.errors import CycleQDError
+
 __all__ = ["SandboxLimits", "SandboxResult", "SandboxStatus", "SandboxUnavailableError"]
 
 _MiB = 1 << 20
 
 
-class SandboxUnavailableError(RuntimeError):
+class SandboxUnavailableError(CycleQDError, RuntimeError):
     """bwrap (or another required host tool) is missing or cannot create a sandbox here."""
 
 

@@ -45,6 +45,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cycleqd import paths
+from cycleqd.errors import CycleQDError
+
 __all__ = ["ROOTFS_PACKAGES", "ROOTFS_UID_BASE", "ROOTFS_VERSION", "RootFS", "RootfsUnavailableError",
            "build_rootfs", "default_rootfs", "dpkg_digest", "judge_guard_layer", "rootfs_key", "rootfs_status"]
 
@@ -63,7 +66,7 @@ ROOTFS_PACKAGES = (
 )
 
 
-class RootfsUnavailableError(RuntimeError):
+class RootfsUnavailableError(CycleQDError, RuntimeError):
     """The OS machine's root file system cannot be built or used on this host."""
 
 
@@ -153,12 +156,6 @@ def _loaded(d: Path, key: str, suite: str, m: dict, packages) -> "RootFS":
     return RootFS(d / "root", key, suite, tuple(m.get("packages", packages)), content)
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
-
-
 def _plan(cache_dir, packages) -> tuple[str, Path, str, str]:
     """(key, image dir, suite, sources path) or raises RootfsUnavailableError."""
     if os.geteuid() != 0:
@@ -175,7 +172,7 @@ def _plan(cache_dir, packages) -> tuple[str, Path, str, str]:
                                      "VERSION_CODENAME); set CYCLEQD_ROOTFS_SUITE")
     tool = _mmdebstrap_version(exe) if exe else "missing"
     key = rootfs_key(suite, src.read_text(errors="replace"), tuple(packages), tool)
-    return key, _cache_root(cache_dir) / "os-rootfs" / key, suite, str(src)
+    return key, paths.cache_dir(cache_dir) / "os-rootfs" / key, suite, str(src)
 
 
 def _manifest(d: Path) -> dict | None:
@@ -194,7 +191,7 @@ def build_rootfs(cache_dir: str | os.PathLike | None = None, *,
     """The OS machine's image, built on first use (minutes) and reused afterwards.
 
     Args:
-        cache_dir: cache root (default ``$CYCLEQD_CACHE`` or ``~/.cache/cycleqd``).
+        cache_dir: cache root (default :func:`cycleqd.paths.cache_dir`).
         packages: Debian packages added to ``minbase``.
         log: one-line progress messages (None: quiet).
         timeout_s: limit of the ``mmdebstrap`` run, seconds.

@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cycleqd._checks import check_int
+from cycleqd.errors import require
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_key, model_key
@@ -42,11 +44,7 @@ _CHAT_MARK = "\x00cycleqd-chat\x00"
 
 
 def _require_lm_eval():
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("LMEvalSkill needs lm-evaluation-harness: pip install 'cycleqd[lmeval]' "
-                          "(or pip install lm-eval)") from e
+    require("lm_eval", "LMEvalSkill (lm-evaluation-harness)")
 
 
 def _make_backend_lm_class():
@@ -217,10 +215,8 @@ class LMEvalSkill:
         _require_lm_eval()
         from lm_eval.tasks import TaskManager, get_task_dict
 
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("limit", limit, optional=True)
+        check_int("batch_size", batch_size)
         if isinstance(task, Mapping):
             if "task" not in task:
                 raise ValueError("an inline lm-eval task config needs a 'task' key (its name)")

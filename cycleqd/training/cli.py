@@ -95,7 +95,8 @@ def fill_defaults(args: argparse.Namespace, adder) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cycleqd.training.experts import ExpertSpec, default_cache_dir, ensure_expert
+    from cycleqd.paths import cache_dir
+    from cycleqd.training.experts import ExpertSpec, ensure_expert
 
     fill_defaults(args, add_arguments)
     skill = ALIASES.get(args.skill, args.skill)
@@ -107,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
     recipe = LoraRecipe(rank=args.rank, alpha=args.alpha, steps=steps, batch_size=args.batch_size,
                         lr=args.lr, max_length=args.max_length, seed=args.train_seed,
                         autocast=args.autocast)
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    cache = cache_dir(args.cache_dir)
     spec = ExpertSpec(skill, types, {t: data_params(t, args.data_dir, args.limit) for t in types}, recipe)
     base = resolve_base(args.base, cache)
     out = ensure_expert(spec, base, cache_dir=cache, force=args.force, progress=not args.no_progress)

@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from cycleqd import paths
 from cycleqd.training.data import build_conversations
 from cycleqd.training.sft import Conversation, LoraRecipe, conversations_digest, train_lora
 
 #: bump when the training code changes what a given (base, data, recipe) produces
 TRAIN_VERSION = "1"
-
-
-def default_cache_dir() -> Path:
-    """``$CYCLEQD_CACHE`` if set, else ``~/.cache/cycleqd``."""
-    return Path(os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
 
 
 def base_identity(base_dir: str | Path) -> str:
@@ -87,7 +82,7 @@ def ensure_expert(spec: ExpertSpec, base_dir: str | Path, *, cache_dir: str | Pa
     Args:
         spec: what to train.
         base_dir: HF folder of the base model.
-        cache_dir: cache root (default ``$CYCLEQD_CACHE`` / ``~/.cache/cycleqd``); adapters
+        cache_dir: cache root (default :func:`cycleqd.paths.cache_dir`); adapters
             land in ``<cache_dir>/experts/<name>-<key>/``.
         force: retrain even if cached.
         progress: tqdm bar during training.
@@ -99,7 +94,7 @@ def ensure_expert(spec: ExpertSpec, base_dir: str | Path, *, cache_dir: str | Pa
         ValueError / FileNotFoundError: bad spec, missing data or base (before training).
     """
     log = log or (lambda *_: None)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = paths.cache_dir(cache_dir)
     convs = training_conversations(spec)
     if not convs:
         raise ValueError(f"expert {spec.name!r}: no training conversations")

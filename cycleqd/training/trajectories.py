@@ -35,23 +35,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cycleqd import paths
 from cycleqd.skills.cache import item_keys
 from cycleqd.training.sft import Conversation
 
 BUILDER_VERSION = "1"
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("CYCLEQD_CACHE", "~/.cache/cycleqd")).expanduser()
-
-
 def _cached(kind: str, key_parts: Any, cache_dir: str | Path | None,
             build: Callable[[], list[Conversation]]) -> list[Conversation]:
     key = hashlib.sha256(json.dumps([BUILDER_VERSION, kind, key_parts], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
-    path = _cache_root(cache_dir) / "trajectories" / f"{kind}-{key}.json"
+    path = paths.cache_dir(cache_dir) / "trajectories" / f"{kind}-{key}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text())["conversations"]

@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 
+from cycleqd._checks import check_int
+from cycleqd.engine.plots import plot_curves
+from cycleqd.engine.runview import RunView
 from cycleqd.vision.pipeline import (
     BINS,
     VisionSetup,
@@ -118,8 +121,8 @@ def main(out_dir: str | Path, *, generations: int | None = None, seed: int = 0, 
         generations: CycleQD generations (default 1200, the paper's; toy: 24).
         seed: the CycleQD run seed (the data splits and training use the recipe's seeds).
         toy: tiny CNN, short training, few generations (for CI; seconds).
-        cache_root: where trained models are cached (default ``$CYCLEQD_CACHE_DIR`` or
-            ``~/.cache/cycleqd``).
+        cache_root: where trained models are cached (default :func:`cycleqd.paths.cache_dir`:
+            ``$CYCLEQD_CACHE`` or ``~/.cache/cycleqd``).
         recipe: override the data/training recipe.
         progress: show the engine's progress bar.
         threads: torch intra-op threads for the run (1 is fastest for this small CNN;
@@ -134,10 +137,8 @@ def main(out_dir: str | Path, *, generations: int | None = None, seed: int = 0, 
         FileExistsError: ``out_dir`` already holds a demo run.
     """
     gens = generations if generations is not None else (TOY_GENERATIONS if toy else DEFAULT_GENERATIONS)
-    if gens < 1:
-        raise ValueError(f"generations must be >= 1, got {gens}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    check_int("generations", gens)
+    check_int("threads", threads, optional=True)
     out = Path(out_dir)
     run_dir = out / "run"
     if (run_dir / "state.json").exists() or (run_dir / "metrics.jsonl").exists() or (out / "table.json").exists():
@@ -156,10 +157,7 @@ def main(out_dir: str | Path, *, generations: int | None = None, seed: int = 0, 
         t = time.perf_counter()
         rows = results_table(setup, baselines, run)
         t_table = time.perf_counter() - t
-        from cycleqd.engine.plots import plot_curves
-        from cycleqd.engine.rundir import RunDir
-
-        curves = plot_curves(RunDir(run_dir).read_metrics(), out / "curves.png")
+        curves = plot_curves(RunView(run_dir).metrics, out / "curves.png")
         agg_path = out / "aggregate.safetensors"
         has_agg = _write_aggregate(setup, run_dir, agg_path)
     finally:

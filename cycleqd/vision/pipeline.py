@@ -114,7 +114,7 @@ def build_setup(recipe: VisionRecipe | None = None, *, toy: bool = False,
     Args:
         recipe: the recipe (default :class:`VisionRecipe` or ``VisionRecipe.toy()``).
         toy: use the toy recipe when ``recipe`` is None.
-        cache_root: model cache root (default ``$CYCLEQD_CACHE_DIR`` or ``~/.cache/cycleqd``).
+        cache_root: model cache root (default :func:`cycleqd.paths.cache_dir`).
     """
     recipe = recipe or (VisionRecipe.toy() if toy else VisionRecipe())
     t = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cycleqd._checks import check_int
 from cycleqd.skills.base import SkillResult
 from cycleqd.vision.data import DomainSplit
 
@@ -26,8 +27,7 @@ class DomainAccuracySkill:
     def __init__(self, name: str, data: DomainSplit, *, batch_size: int = 2048):
         if len(data) == 0:
             raise ValueError(f"skill {name!r}: empty evaluation set {data.domain}/{data.split}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size)
         self.name, self.data, self.batch_size = name, data, batch_size
         self._ids = data.sample_ids()
 

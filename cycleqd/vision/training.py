@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cycleqd import paths
 from cycleqd.vision.data import DOMAINS, SKILL_DOMAINS, DomainSplit, build_domains
 from cycleqd.vision.model import DigitCNN, accuracy
 
@@ -115,12 +116,6 @@ class VisionRecipe:
     def new_model(self, generator: torch.Generator | None = None) -> DigitCNN:
         """A DigitCNN of this recipe's size (random init from ``generator``)."""
         return DigitCNN(self.channels, self.hidden, generator=generator)
-
-
-def default_cache_root() -> Path:
-    """``$CYCLEQD_CACHE_DIR`` if set, else ``~/.cache/cycleqd``."""
-    env = os.environ.get("CYCLEQD_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "cycleqd"
 
 
 def _seed(train_seed: int, purpose: str) -> int:
@@ -237,14 +232,14 @@ def get_models(recipe: VisionRecipe, *, cache_root: str | Path | None = None,
 
     Args:
         recipe: the training recipe; its :meth:`VisionRecipe.hash` is the cache key.
-        cache_root: cache root (default :func:`default_cache_root`); models live under
+        cache_root: cache root (default :func:`cycleqd.paths.cache_dir`); models live under
             ``<cache_root>/vision/<hash>/``.
         data: the recipe's data if already built (saves ~1 s).
         retrain: ignore and replace a cached entry.
     Returns:
         :class:`TrainedModels`; ``log["cache_hit"]`` says whether training was skipped.
     """
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    root = paths.cache_dir(cache_root)
     folder = root / "vision" / recipe.hash()
     names = ["base", "multidomain"] + [f"expert_{d}" for d in recipe.domains]
     complete = folder.is_dir() and all((folder / f"{n}.safetensors").is_file() for n in names) \
@@ -277,7 +272,6 @@ __all__ = [
     "RECIPE_VERSION",
     "TrainedModels",
     "VisionRecipe",
-    "default_cache_root",
     "get_models",
     "train",
     "train_all",

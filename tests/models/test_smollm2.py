@@ -11,7 +11,8 @@ pytestmark = pytest.mark.integration
 def test_ensure_smollm2_gives_plain_hf_folder(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cycleqd.models.smollm2 import default_cache_dir, ensure_smollm2, smollm2_gguf_path
+    from cycleqd.models.smollm2 import ensure_smollm2, smollm2_gguf_path
+    from cycleqd.paths import cache_dir as default_cache_dir
 
     try:
         smollm2_gguf_path()
@@ -37,7 +38,8 @@ def test_ensure_smollm2_gives_plain_hf_folder(tmp_path_factory):
 def test_svd_genome_bytes_on_smollm2_under_one_percent(tmp_path):
     """The real model: a mutated child's genome is <= 1 % of a checkpoint."""
     from cycleqd.models.build import build_weight_space
-    from cycleqd.models.smollm2 import default_cache_dir, ensure_smollm2
+    from cycleqd.models.smollm2 import ensure_smollm2
+    from cycleqd.paths import cache_dir as default_cache_dir
     from cycleqd.models.tiny import make_tiny_expert
 
     try:

@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from cycleqd.errors import require
+
 from . import base  # base.MAX_TABLE_CELLS/_BYTES read at call time: one bound for all
 from .base import (GROUP_CONCAT_MAX_LEN, Reference, SQLBackend, StatementResult, TableBuildError,
                    TableRows, TableSpec)
@@ -57,10 +59,7 @@ class MariaDBConfig:
 
     def connect(self, *, user: str, password: str | None, database: str | None = None,
                 read_timeout: float | None = None) -> Any:
-        try:
-            import pymysql
-        except ImportError as e:  # pragma: no cover - dependency hint
-            raise RuntimeError("the MariaDB backend needs `pymysql` (extra: mariadb)") from e
+        pymysql = require("pymysql", "the MariaDB backend")
         kw: dict[str, Any] = dict(user=user, password=password or "", database=database,
                                   charset="utf8mb4", autocommit=True, connect_timeout=10,
                                   read_timeout=read_timeout, write_timeout=read_timeout)
