@@ -7,9 +7,11 @@ import functools
 import json
 
 import pytest
+import yaml
 
+from cycleqd import configs
 from cycleqd.config import AUTO_STRATEGIES, ConfigError, check_operators, parse_config
-from cycleqd.engine.build import build_components
+from cycleqd.engine.build import build_components, check_final, validation_skills
 from cycleqd.engine.loop import run_cycleqd
 from cycleqd.engine.rundir import RunDir
 from cycleqd.skills.synthetic import SyntheticSkill
@@ -81,3 +83,19 @@ def test_final_config_is_checked(cache_dir):
     with pytest.raises(ConfigError, match="final"):
         check_operators(_cfg(cache_dir, {"strategy": "best-of"}))
     check_operators(_cfg(cache_dir, {"strategy": "task_arithmetic", "params": {"lambdas": [0.5, 1.0]}}))
+
+
+def test_llm_skills_are_rebuilt_on_their_validation_split(tmp_path):
+    d = yaml.safe_load(configs.path("paper").read_text())
+    d["model"] = {"base": str(tmp_path), "experts": {s["name"]: str(tmp_path) for s in d["skills"]}}
+    cfg = parse_config(d)
+    skills = validation_skills(cfg, tmp_path)()
+    assert [s.name for s in skills] == cfg.skill_names
+    assert {s.split for s in skills} == {"validation"}      # never search, never test
+    d["skills"][0] = {"name": "arc", "type": "lmeval", "params": {"task": "arc_easy"}, "bc_range": [0, 1]}
+    d["model"]["experts"] = {s["name"]: str(tmp_path) for s in d["skills"]}
+    d["final"] = {"strategy": "auto"}
+    lm = parse_config(d)
+    assert validation_skills(lm, tmp_path) is None
+    with pytest.raises(ConfigError, match=r"final.strategy: chooses on the validation split.*\['arc'\]"):
+        check_final(lm)
