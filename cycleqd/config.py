@@ -296,6 +296,11 @@ class QDConfig(_Strict):
             skills, BCs = all skills).
         snapshot_every: keep a copy of the archives every N generations (the current ones
             are always written).
+        use_cma: per-child crossover mu/sigma and mutation rate from one CMA-ES per quality
+            skill (official ``qd.use_cma``, default off; :mod:`cycleqd.qd.cma`); needs the
+            ``linear`` crossover and an ``svd_expert``/``svd_self`` mutation.
+        cma_popsize, cma_sigma0: its population size and initial step (official
+            ``cma_es.popsize: 8``, ``cma_es.sigma: 0.01``).
     """
 
     generations: int = Field(1200, ge=0)
@@ -304,6 +309,9 @@ class QDConfig(_Strict):
     num_parents: int = Field(2, ge=1)
     mode: Literal["cyclic", "single"] = "cyclic"
     snapshot_every: int = Field(50, ge=1)
+    use_cma: bool = False
+    cma_popsize: int = Field(8, ge=2)
+    cma_sigma0: float = Field(0.01, gt=0)
 
 
 class BackendConfig(_Strict):
@@ -427,6 +435,9 @@ class RunConfig(_Strict):
         # logging never changes results; an unset ``final`` keeps older runs' fingerprints
         skip = {"tracking"} | ({"final"} if self.final == FinalConfig() else set())
         data = self.model_dump(mode="json", exclude=skip)
+        if not self.qd.use_cma:   # unused CMA settings: fingerprints stay what they were before them
+            for k in ("use_cma", "cma_popsize", "cma_sigma0"):
+                data["qd"].pop(k)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

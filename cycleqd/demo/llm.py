@@ -287,7 +287,8 @@ def comparison_models(cfg: DemoConfig, run: Any, multitask: str | None, base_dir
 
 
 def _task_vector_of(source: str, base_dir: Path, cache: Path) -> dict[str, Any]:
-    from cycleqd.models.loading import load_expert, load_model, resident
+    from cycleqd.models.lazy import resident
+    from cycleqd.models.loading import load_expert, load_model
 
     base = load_model(str(base_dir), cache_dir=cache)
     return resident(load_expert(source, base, cache_dir=cache, label="multitask model").task_vector)

@@ -33,7 +33,8 @@ from cycleqd._io import atomic_directory
 from cycleqd.engine.elites import elite_table, load_archives
 from cycleqd.engine.elites import select as select_elite
 from cycleqd.engine.model_card import model_card
-from cycleqd.models.loading import _TOKENIZER_FILES, non_finite_description
+from cycleqd.models.sources import _TOKENIZER_FILES
+from cycleqd.models.validate import non_finite_description
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -188,7 +189,7 @@ def _tied_pairs(src: Path) -> dict[str, str]:
             return {}
         from transformers import AutoConfig
 
-        from cycleqd.models.loading import tied_weight_names
+        from cycleqd.models.validate import tied_weight_names
 
         return tied_weight_names(AutoConfig.from_pretrained(str(src)))
     except Exception:  # unreadable config: _copy_model_files reports it
@@ -265,8 +266,8 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
         ValueError: bad crossover spec, or a merged tensor that is not finite in the output
             dtype (named; the output folder is not created).
     """
-    from cycleqd.models.loading import (check_finite, load_expert, load_model, needs_untie,
-                                        non_finite_description)
+    from cycleqd.models.loading import load_expert, load_model, needs_untie
+    from cycleqd.models.validate import check_finite, non_finite_description
     from cycleqd.ops.crossover import make_crossover
 
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(

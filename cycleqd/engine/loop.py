@@ -38,6 +38,7 @@ from cycleqd.executors.base import Executor
 from cycleqd.executors.local import LocalExecutor
 from cycleqd.executors.store import GenomeStore
 from cycleqd.qd.archive import MEAN_QUALITY, BCAxis, Elite, GridArchive, make_archives
+from cycleqd.qd.cma import CMAParameterPolicy, OperatorParams, cma_fitness
 from cycleqd.qd.metrics import archive_stats
 from cycleqd.qd.scheduler import Ask, CycleQDScheduler
 
@@ -126,10 +127,11 @@ def check_seed_fingerprints(rd: RunDir, recorded: dict | None, now: dict[str, st
                               f"run with `cycleqd run`")
 
 
-def _job(ask: Ask, seed: int, archives: Sequence[GridArchive]) -> Job:
-    """Generation ``ask.generation``'s job: the ask, plus every archive's gate as it is now."""
+def _job(ask: Ask, seed: int, archives: Sequence[GridArchive], params: OperatorParams | None = None) -> Job:
+    """Generation ``ask.generation``'s job: the ask, plus every archive's gate as it is now
+    (and the CMA-ES policy's operator settings, if any)."""
     return Job(ask.generation, ask.skill, ask.parents, f"g{ask.generation:06d}", seed,
-               gates=tuple(a.gate() for a in archives), basis=ask.basis)
+               gates=tuple(a.gate() for a in archives), basis=ask.basis, params=params)
 
 
 def _record(res: JobResult, entered: list[str], archives: Sequence[GridArchive], started: float) -> dict:
@@ -142,6 +144,7 @@ def _record(res: JobResult, entered: list[str], archives: Sequence[GridArchive],
             "timings": {k: round(v, 6) for k, v in res.timings.items()}, "worker": res.worker,
             "archives": {a.quality_skill: archive_stats(a) for a in archives},
             "wall_s": round(time.time() - started, 3),
+            **({"cma": job.params.to_json()} if getattr(job, "params", None) is not None else {}),
             **({"rejected": res.rejected} if getattr(res, "rejected", None) else {})}
 
 
@@ -282,6 +285,15 @@ class CycleQDRun:
         self.scheduler = CycleQDScheduler(self.archives, seed=cfg.seed, sampling=cfg.qd.sampling,
                                           flip_interval=cfg.qd.flip_interval, num_parents=cfg.qd.num_parents,
                                           num_skills=len(cfg.skills))
+        self.cma: CMAParameterPolicy | None = None
+        if cfg.qd.use_cma:
+            ops = cfg.operators
+            if ops.crossover.name != "linear" or ops.mutation.name not in ("svd_expert", "svd_self"):
+                raise ValueError(f"qd.use_cma needs crossover 'linear' and mutation 'svd_expert' or "
+                                 f"'svd_self' (the settings it proposes: mu, sigma, rate), got "
+                                 f"{ops.crossover.name!r} and {ops.mutation.name!r}")
+            self.cma = CMAParameterPolicy(self.archives, seed=cfg.seed, num_parents=cfg.qd.num_parents,
+                                          popsize=cfg.qd.cma_popsize, sigma0=cfg.qd.cma_sigma0)
         experts = components.space.expert_genomes()
         if len(experts) != len(cfg.skills):
             raise ValueError(f"{len(experts)} expert genomes for {len(cfg.skills)} skills")
@@ -350,6 +362,7 @@ class CycleQDRun:
         archives = [a.to_json() for a in self.archives]
         stats = {a.quality_skill: archive_stats(a) for a in self.archives}
         g = self.generation
+        cma = {"cma": self.cma.to_json()} if self.cma is not None else {}
         referenced = {e.id for a in self.archives for _, e in a} - set(self.store.seeds)
         referenced |= {"aggregate"} if self.aggregate is not None else set()
         digests = {m: self.digests[m] for m in sorted(referenced)}
@@ -359,13 +372,13 @@ class CycleQDRun:
             link_snapshot_genomes(self.rd, g, elites)
             atomic_write_json(self.rd.snapshot(g), {"generation": g, "archives": archives,
                                                     "genomes": {m: digests[m] for m in elites},
-                                                    "seed_fingerprints": self.seed_fps})
+                                                    "seed_fingerprints": self.seed_fps, **cma})
         atomic_write_json(self.rd.state, {
             "format": STATE_FORMAT,
             "generation": g, "config_fingerprint": self.cfg.fingerprint(), "seed": self.cfg.seed,
             "rng": "every random draw is derived from (seed, generation, purpose): nothing else to restore",
             "archives": archives, "aggregate": self.aggregate, "genomes": digests,
-            "seed_fingerprints": self.seed_fps})
+            "seed_fingerprints": self.seed_fps, **cma})
         keep = {e.id for a in self.archives for _, e in a} | {"aggregate"}
         keep |= {p for j in in_flight for p in j.parents} | {j.child_id for j in in_flight}
         self.store.gc(keep - set(self.store.seeds))
@@ -391,6 +404,14 @@ class CycleQDRun:
                 self.digests[m] = self.store.seal(m)
         self.rd.truncate_metrics(self.generation, keep_aggregate=self.aggregate is not None)
         self.scheduler.reset_pending(self.generation + 1)
+        if self.cma is not None:
+            if "cma" not in state and self.generation > 0:
+                raise RunDirError(f"{self.rd.state} has no CMA-ES state (key 'cma') for this qd.use_cma run")
+            if "cma" in state:
+                try:
+                    self.cma.restore(state["cma"])
+                except (ValueError, TypeError, AttributeError) as e:   # a hand-edited or foreign state
+                    raise RunDirError(f"{self.rd.state}: {e}") from None
 
     # -- the algorithm -----------------------------------------------------------------
     def _seed(self) -> None:
@@ -455,8 +476,12 @@ class CycleQDRun:
             while self.generation < last:
                 with _commit_section(second_now=True):   # a signal waits for this generation's commit
                     while len(in_flight) < self.executor.capacity and next_gen <= last:
+                        k = self.scheduler.quality_skill(next_gen)
+                        if self.cma is not None and not self.cma.ready(k):
+                            break   # skill k's CMA population is out: wait for its fitnesses
                         ask = self.scheduler.ask(next_gen)                       # k, basis, parents
-                        job = _job(ask, self.cfg.seed, self.archives)
+                        params = self.cma.ask(k, ask.cells) if self.cma is not None else None
+                        job = _job(ask, self.cfg.seed, self.archives, params)
                         self.executor.submit(job)                                # step.run_step: make, score
                         in_flight.append(job)
                         next_gen += 1
@@ -465,6 +490,9 @@ class CycleQDRun:
                     assert res.job.generation == job.generation, "executor returned results out of order"
                     child = Elite(job.child_id, res.scores, job.generation, job.parents)
                     entered = self.scheduler.tell(job.generation, None if getattr(res, "rejected", None) else child)  # offer to every archive
+                    if self.cma is not None:
+                        self.cma.tell(job.skill, cma_fitness(self.archives[job.skill],
+                                                             None if getattr(res, "rejected", None) else res.scores))
                     if entered and not res.saved:
                         raise RuntimeError(f"generation {job.generation}: child entered {entered} but its "
                                            f"genome was not saved")

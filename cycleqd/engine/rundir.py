@@ -686,7 +686,8 @@ def restore_snapshot(rd: RunDir, generation: int, cfg: Any, expected: Sequence[A
         "seed": cfg.seed, "rng": "every random draw is derived from (seed, generation, purpose)",
         "archives": [a.model_dump() for a in snap.archives], "aggregate": None, "genomes": digests,
         "restored_from": str(rd.snapshot(generation)),
-        **({"seed_fingerprints": seed_fps} if isinstance(seed_fps, dict) else {})})
+        **({"seed_fingerprints": seed_fps} if isinstance(seed_fps, dict) else {}),
+        **({"cma": snap.cma} if isinstance(getattr(snap, "cma", None), dict) else {})})   # qd.use_cma runs
     return (f"restored generation {generation} from {rd.snapshot(generation)} "
             f"({dropped} later metric line(s) set aside in {rd.metrics.name}.{tag})")
 

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from cycleqd.inference.fingerprint import fingerprint_state_dict
-from cycleqd.models.loading import MAX_ABS_WEIGHT, non_finite_description
+from cycleqd.models.validate import MAX_ABS_WEIGHT, non_finite_description
 from cycleqd.qd.archive import ArchiveGate
+from cycleqd.qd.cma import OperatorParams
 from cycleqd.qd.scheduler import derive_seed
 from cycleqd.skills.base import NonFiniteScore, SkillResult
 
@@ -44,6 +45,9 @@ class Job:
             made; the genome is saved only if the child would enter one of them.
         basis: the expert whose SVD basis mutates the child (the scheduler's ``Ask.basis``);
             None means ``skill``.
+        params: per-child operator settings proposed by the CMA-ES policy (``qd.use_cma``,
+            :mod:`cycleqd.qd.cma`): crossover ``mu``/``sigma`` and mutation ``rate``; None
+            keeps the configured ones.
     """
 
     generation: int
@@ -53,6 +57,7 @@ class Job:
     seed: int
     gates: tuple[ArchiveGate, ...] = ()
     basis: int | None = None
+    params: OperatorParams | None = None
 
     @property
     def basis_skill(self) -> int:
@@ -99,7 +104,8 @@ class WorkerContext:
 
 def make_child(ctx: WorkerContext, job: Job, timings: dict[str, float]) -> Any:
     """Crossover of the parents' genomes, then mutation along ``job.basis_skill``'s expert
-    basis (paper §3.2-3.3), each with its own generator: ``derive_seed(seed, g,
+    basis (paper §3.2-3.3), with ``job.params`` overriding the operators' settings when
+    set, each with its own generator: ``derive_seed(seed, g,
     "crossover")`` and ``derive_seed(seed, g, "mutation")``. A job without parents returns
     the stored genome ``job.child_id``. Records ``crossover_s`` and ``mutation_s``."""
     space, store = ctx.space, ctx.store
@@ -107,11 +113,13 @@ def make_child(ctx: WorkerContext, job: Job, timings: dict[str, float]) -> Any:
         return store.get(job.child_id)
     t = time.perf_counter()
     gen = torch.Generator().manual_seed(derive_seed(job.seed, job.generation, "crossover"))
-    child = space.crossover([store.get(p) for p in job.parents], gen)
+    over = {} if job.params is None else {"params": job.params.crossover()}
+    child = space.crossover([store.get(p) for p in job.parents], gen, **over)
     timings["crossover_s"] = time.perf_counter() - t
     t = time.perf_counter()
     gen = torch.Generator().manual_seed(derive_seed(job.seed, job.generation, "mutation"))
-    child = space.mutate(child, job.basis_skill, gen)
+    over = {} if job.params is None else {"params": job.params.mutation()}
+    child = space.mutate(child, job.basis_skill, gen, **over)
     timings["mutation_s"] = time.perf_counter() - t
     return child
 
@@ -195,7 +203,7 @@ def _finite(v) -> bool:
 
 def non_finite_weights(weights) -> str | None:
     """None when every float weight is finite with ``|w| <= 65504`` (the float16 range,
-    :data:`cycleqd.models.loading.MAX_ABS_WEIGHT`); else one line naming the first bad
+    :data:`cycleqd.models.validate.MAX_ABS_WEIGHT`); else one line naming the first bad
     tensor. Costs one chunked pass over the weights."""
     for name, t in weights.items():
         if isinstance(t, torch.Tensor):

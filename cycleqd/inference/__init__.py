@@ -3,11 +3,11 @@
 :class:`~cycleqd.inference.vllm_backend.VLLMBackend` (GPU, in-place weight swaps; imported
 lazily so that vLLM stays optional)."""
 
-from cycleqd.inference.base import GenerationBackend, Message
+from cycleqd.inference.base import Conversation, GenerationBackend, Message
 from cycleqd.inference.fingerprint import fingerprint_state_dict
 from cycleqd.inference.hf import HFBackend
 
-__all__ = ["GenerationBackend", "HFBackend", "Message", "VLLMBackend", "fingerprint_state_dict"]
+__all__ = ["Conversation", "GenerationBackend", "HFBackend", "Message", "VLLMBackend", "fingerprint_state_dict"]
 
 
 def __getattr__(name: str):

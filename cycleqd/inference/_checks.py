@@ -9,15 +9,20 @@ import torch
 _ROLES = ("system", "user", "assistant")
 
 
-def check_generate_args(conversations: Sequence[Sequence[Mapping[str, str]]], max_new_tokens: int,
-                        stop: Sequence[str]) -> tuple[list[list[dict[str, str]]], list[str]]:
+def check_generate_args(conversations: Sequence[Sequence[Mapping[str, str]] | str], max_new_tokens: int,
+                        stop: Sequence[str], response_prefix: str = ""
+                        ) -> tuple[list[list[dict[str, str]] | str], list[str]]:
     """Validate ``generate`` arguments before any model work.
 
     Returns:
-        (conversations as plain lists of ``{"role", "content"}`` dicts, stop strings as a list).
+        (each conversation as a plain list of ``{"role", "content"}`` dicts, or as the raw
+        prompt string it was; stop strings as a list).
     Raises:
-        ValueError: naming the first bad field (``conversations[i][j].role`` etc.).
+        ValueError: naming the first bad field (``conversations[i][j].role``,
+            ``response_prefix`` etc.).
     """
+    if not isinstance(response_prefix, str):
+        raise ValueError(f"response_prefix must be a str, got {type(response_prefix).__name__}")
     if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
         raise ValueError("conversations must be a sequence of conversations (lists of messages)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -30,8 +35,14 @@ def check_generate_args(conversations: Sequence[Sequence[Mapping[str, str]]], ma
             raise ValueError(f"stop[{k}] must be a non-empty string, got {s!r}")
     out = []
     for i, conv in enumerate(conversations):
-        if isinstance(conv, (str, bytes, Mapping)) or not isinstance(conv, Sequence) or not conv:
-            raise ValueError(f"conversations[{i}] must be a non-empty list of messages")
+        if isinstance(conv, str):                  # a raw prompt, used verbatim
+            if not conv:
+                raise ValueError(f"conversations[{i}] is an empty raw prompt")
+            out.append(conv)
+            continue
+        if isinstance(conv, (bytes, Mapping)) or not isinstance(conv, Sequence) or not conv:
+            raise ValueError(f"conversations[{i}] must be a non-empty list of messages or a "
+                             f"raw prompt string")
         msgs = []
         for j, m in enumerate(conv):
             if not isinstance(m, Mapping):

@@ -1,4 +1,4 @@
-"""The generation-backend seam: chat messages in, text out (greedy by default)."""
+"""The generation-backend seam: chat messages (or raw prompts) in, text out (greedy)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ class Message(TypedDict):
     content: str
 
 
+#: one prompt: a chat conversation (rendered with the chat template) or a raw prompt string
+#: (used verbatim, no chat template; how the official CycleQD code prompts for MBPP+)
+Conversation = Sequence[Message] | str
+
+
 @runtime_checkable
 class GenerationBackend(Protocol):
     """A loaded language model that answers batches of conversations.
@@ -22,10 +27,22 @@ class GenerationBackend(Protocol):
 
     fingerprint: str
 
-    def generate(self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int,
-                 stop: Sequence[str] = ()) -> list[str]:
-        """Greedy-decode one reply per conversation (chat template applied); the reply is
-        cut before the first stop string. Returns len(conversations) strings."""
+    def generate(self, conversations: Sequence[Conversation], *, max_new_tokens: int,
+                 stop: Sequence[str] = (), response_prefix: str = "") -> list[str]:
+        """Greedy-decode one reply per conversation; returns len(conversations) strings.
+
+        A conversation is either a list of messages, rendered with the chat template
+        (``add_generation_prompt=True``) and tokenised without added special tokens, or a
+        raw prompt string, used verbatim and tokenised with the tokenizer's default special
+        tokens (e.g. Llama 3's BOS) -- what vLLM does with a text prompt, and so what the
+        official CycleQD code (fishfarm ``VLLMModel.generate``) feeds the model.
+
+        ``response_prefix`` is appended to every prompt text (after the generation prompt)
+        before tokenising, so the reply continues it (fishfarm's ``assistant_prefill``, e.g.
+        ``"```python"``). The returned reply EXCLUDES the prefix (as vLLM's output text
+        does). Each reply is cut before the first stop string it contains (the prefix is
+        not searched).
+        """
         ...
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], fingerprint: str) -> None:

@@ -3,7 +3,9 @@
 How a call to :meth:`HFBackend.generate` runs:
 
 1. every conversation is rendered with the tokenizer's chat template
-   (``add_generation_prompt=True``) and tokenised without extra special tokens;
+   (``add_generation_prompt=True``) and tokenised without extra special tokens; a raw prompt
+   string is tokenised as is, with the tokenizer's default special tokens (as vLLM does); a
+   ``response_prefix`` is appended to the prompt text before tokenising;
 2. prompts are sorted by token length (longest first) and queued;
 3. continuous batching (``engine="evict"``): up to ``batch_size`` rows decode together, greedily,
    one token per step, with a KV cache that appends in place
@@ -40,7 +42,7 @@ import torch
 
 from cycleqd.inference._checks import check_generate_args, check_state_dict, cut_at_stop
 from cycleqd.inference._kvcache import growing_cache, join, joinable, trim
-from cycleqd.inference.base import Message
+from cycleqd.inference.base import Conversation, Message
 from cycleqd.inference.fingerprint import fingerprint_state_dict
 
 
@@ -190,25 +192,37 @@ class HFBackend:
         return self.tokenizer.apply_chat_template(list(conversation), tokenize=False,
                                                   add_generation_prompt=True)
 
+    def prompt_ids(self, conversation: Conversation, response_prefix: str = "") -> list[int]:
+        """Token ids of one prompt as :meth:`generate` feeds it to the model: a chat
+        conversation rendered (:meth:`render`) + ``response_prefix``, tokenised without added
+        special tokens; a raw prompt string + ``response_prefix``, tokenised with the
+        tokenizer's default special tokens (vLLM's rule for a text prompt)."""
+        if isinstance(conversation, str):
+            return self.tokenizer(conversation + response_prefix)["input_ids"]
+        return self.tokenizer(self.render(conversation) + response_prefix,
+                              add_special_tokens=False)["input_ids"]
+
     @torch.inference_mode()
-    def generate(self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int,
-                 stop: Sequence[str] = ()) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], *, max_new_tokens: int,
+                 stop: Sequence[str] = (), response_prefix: str = "") -> list[str]:
         """Greedy replies, one per conversation, in input order.
 
         Args:
-            conversations: N conversations, each a list of ``{"role", "content"}`` messages.
+            conversations: N conversations, each a list of ``{"role", "content"}`` messages
+                or a raw prompt string (no chat template; see :meth:`prompt_ids`).
             max_new_tokens: generation budget per reply (tokens, >= 1).
             stop: strings that end a reply; the reply is cut before the first one.
+            response_prefix: text the reply is continued from (appended to every prompt);
+                not part of the returned reply.
         Returns:
             N strings (special tokens removed).
         Raises:
             ValueError: malformed conversations / arguments (before any model work).
         """
-        convs, stop = check_generate_args(conversations, max_new_tokens, stop)
+        convs, stop = check_generate_args(conversations, max_new_tokens, stop, response_prefix)
         if not convs:
             return []
-        prompts = [self.tokenizer(self.render(c), add_special_tokens=False)["input_ids"]
-                   for c in convs]
+        prompts = [self.prompt_ids(c, response_prefix) for c in convs]
         order = list(range(len(prompts)))
         if self.sort_by_length:
             order.sort(key=lambda i: -len(prompts[i]))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from cycleqd.inference._checks import check_generate_args, check_state_dict, cut_at_stop
-from cycleqd.inference.base import Message
+from cycleqd.inference.base import Conversation
 
 #: attribute paths from ``vllm.LLM`` to the in-process ``nn.Module`` (newest first).
 MODEL_PATHS: tuple[tuple[str, ...], ...] = (
@@ -140,18 +140,44 @@ class VLLMBackend:
         return SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_new_tokens,
                               stop=stop or None, repetition_penalty=1.0)
 
-    def generate(self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int,
-                 stop: Sequence[str] = ()) -> list[str]:
+    def _tokenizer(self) -> Any:
+        tok = self.llm.get_tokenizer()
+        # some vLLM versions wrap the HF tokenizer
+        return tok if hasattr(tok, "apply_chat_template") else getattr(tok, "tokenizer", tok)
+
+    def prompt_ids(self, conversation: Conversation, response_prefix: str = "") -> list[int]:
+        """Token ids of one prompt, built exactly as :meth:`HFBackend.prompt_ids
+        <cycleqd.inference.hf.HFBackend.prompt_ids>` does (chat: rendered + prefix, no added
+        special tokens; raw string: + prefix, the tokenizer's default special tokens)."""
+        tok = self._tokenizer()
+        if isinstance(conversation, str):
+            return tok(conversation + response_prefix)["input_ids"]
+        kwargs = {"chat_template": self.chat_template} if self.chat_template is not None else {}
+        text = tok.apply_chat_template(list(conversation), tokenize=False,
+                                       add_generation_prompt=True, **kwargs)
+        return tok(text + response_prefix, add_special_tokens=False)["input_ids"]
+
+    def generate(self, conversations: Sequence[Conversation], *, max_new_tokens: int,
+                 stop: Sequence[str] = (), response_prefix: str = "") -> list[str]:
         """Greedy replies (temperature 0), one per conversation, in input order; vLLM
-        schedules all prompts together (continuous batching). See the protocol."""
-        convs, stop = check_generate_args(conversations, max_new_tokens, stop)
+        schedules all prompts together (continuous batching). See the protocol.
+
+        Chat conversations without a ``response_prefix`` go through ``LLM.chat``; raw prompts
+        and prefixed replies are tokenised here (:meth:`prompt_ids`) and sent to
+        ``LLM.generate`` as token ids, so both backends feed the model the same tokens.
+        """
+        convs, stop = check_generate_args(conversations, max_new_tokens, stop, response_prefix)
         if not convs:
             return []
         params = self._sampling_params(max_new_tokens, stop)
-        kwargs: dict[str, Any] = {"use_tqdm": False, "add_generation_prompt": True}
-        if self.chat_template is not None:
-            kwargs["chat_template"] = self.chat_template
-        outs = self.llm.chat(convs, params, **kwargs)
+        if not response_prefix and not any(isinstance(c, str) for c in convs):
+            kwargs: dict[str, Any] = {"use_tqdm": False, "add_generation_prompt": True}
+            if self.chat_template is not None:
+                kwargs["chat_template"] = self.chat_template
+            outs = self.llm.chat(convs, params, **kwargs)
+        else:
+            prompts = [{"prompt_token_ids": self.prompt_ids(c, response_prefix)} for c in convs]
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [cut_at_stop(o.outputs[0].text, stop) for o in outs]
 
     @torch.no_grad()

@@ -15,9 +15,10 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from cycleqd.models.loading import (Expert, LoadedModel, ModelLoadError, check_finite, check_float,
-                                    load_expert, load_model, needs_untie, resident, resolve_source,
-                                    tokenizer_files)
+from cycleqd.models.lazy import resident
+from cycleqd.models.loading import Expert, LoadedModel, load_expert, load_model, needs_untie
+from cycleqd.models.sources import ModelLoadError, resolve_source, tokenizer_files
+from cycleqd.models.validate import check_finite, check_float
 from cycleqd.ops.crossover import make_crossover
 from cycleqd.ops.genome import SVDGenomeWeightSpace
 from cycleqd.ops.mutation import make_mutation

@@ -7,7 +7,8 @@ the base) and draw all randomness from an explicit ``torch.Generator``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
+import copy
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from cycleqd._lazy import lazy_import
 # CROSSOVERS, MUTATIONS: re-exported (``from cycleqd.ops.base import CROSSOVERS`` still works)
@@ -123,3 +124,23 @@ class TensorSelector:
         """A stable string for cache keys."""
         inc = [p.pattern for p in self.include] if self.include is not None else None
         return repr((inc, [p.pattern for p in self.exclude], self.matrices_only))
+
+
+def with_params(op: Any, params: Mapping[str, float] | None) -> Any:
+    """``op`` with some numeric settings replaced for one call (e.g. the CMA-ES policy's
+    per-child ``mu``/``sigma``/``rate``, :mod:`cycleqd.qd.cma`): a shallow copy (caches
+    such as SVD bases stay shared), or ``op`` itself when ``params`` is empty. Values are
+    set as given, unvalidated (the official CMA outputs may be negative).
+
+    Raises:
+        ValueError: ``op`` has no attribute of that name.
+    """
+    if not params:
+        return op
+    missing = [k for k in params if not hasattr(op, k)]
+    if missing:
+        raise ValueError(f"operator {type(op).__name__} has no setting {missing[0]!r} to override")
+    new = copy.copy(op)
+    for k, v in params.items():
+        setattr(new, k, float(v))
+    return new

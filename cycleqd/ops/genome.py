@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from safetensors import safe_open
 
 from cycleqd._lazy import lazy_import
-from cycleqd.ops.base import Crossover, Mutation, TaskVector
+from cycleqd.ops.base import Crossover, Mutation, TaskVector, with_params
 from cycleqd.ops.mutation import NoMutation, add_svd_perturbation
 from cycleqd.registry import CROSSOVERS, MUTATIONS, Registry, svd_genome_compatible
 
@@ -119,7 +119,8 @@ class SVDGenomeWeightSpace:
     def base_genome(self) -> SVDGenome:
         return SVDGenome(c=torch.zeros(self.K, dtype=torch.float64))
 
-    def crossover(self, parents: Sequence[SVDGenome], generator: torch.Generator) -> SVDGenome:
+    def crossover(self, parents: Sequence[SVDGenome], generator: torch.Generator, *,
+                  params: Mapping[str, float] | None = None) -> SVDGenome:
         if any(not isinstance(p, SVDGenome) for p in parents):
             raise ValueError("crossover in the SVD genome space needs SVDGenome parents (a dense "
                              "aggregate cannot be a parent)")
@@ -128,7 +129,7 @@ class SVDGenomeWeightSpace:
         n_par = getattr(self._crossover, "n_parents", None)
         if n_par is not None and len(parents) != n_par:
             raise ValueError(f"crossover needs exactly {n_par} parents, got {len(parents)}")
-        w = self._crossover.prepare(len(parents), generator)
+        w = with_params(self._crossover, params).prepare(len(parents), generator)
         c = sum(float(wi) * p.c for wi, p in zip(w, parents))
         m: dict[str, torch.Tensor] = {}
         for name in self.names:
@@ -141,14 +142,15 @@ class SVDGenomeWeightSpace:
                 m[name] = acc
         return SVDGenome(c=c, m=m)
 
-    def mutate(self, genome: SVDGenome, skill: int, generator: torch.Generator) -> SVDGenome:
+    def mutate(self, genome: SVDGenome, skill: int, generator: torch.Generator, *,
+               params: Mapping[str, float] | None = None) -> SVDGenome:
         if not isinstance(genome, SVDGenome):
             raise ValueError("mutate in the SVD genome space needs an SVDGenome")
         if isinstance(self._mutation, NoMutation):
             return genome
         if not 0 <= skill < self.K:
             raise ValueError(f"mutate: skill {skill} out of range (K={self.K})")
-        rs = self._mutation.draw(self.names, skill, generator)
+        rs = with_params(self._mutation, params).draw(self.names, skill, generator)
         m = dict(genome.m)
         for name, r in rs.items():
             cur = m.get(name)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 from cycleqd._lazy import lazy_import
-from cycleqd.ops.base import Crossover, Mutation, TaskVector, apply_task_vector
+from cycleqd.ops.base import Crossover, Mutation, TaskVector, apply_task_vector, with_params
 
 if TYPE_CHECKING:
     import torch
@@ -45,9 +45,16 @@ class WeightSpace(Protocol):
         """The base model's genome (zero task vector)."""
         ...
 
-    def crossover(self, parents: Sequence[Any], generator: torch.Generator) -> Any: ...
+    def crossover(self, parents: Sequence[Any], generator: torch.Generator, *,
+                  params: Mapping[str, float] | None = None) -> Any:
+        """Merge ``parents``; ``params`` overrides the operator's settings for this call
+        (:func:`cycleqd.ops.base.with_params`)."""
+        ...
 
-    def mutate(self, genome: Any, skill: int, generator: torch.Generator) -> Any: ...
+    def mutate(self, genome: Any, skill: int, generator: torch.Generator, *,
+               params: Mapping[str, float] | None = None) -> Any:
+        """Mutate along expert ``skill``'s basis; ``params`` as for :meth:`crossover`."""
+        ...
 
     def materialize(self, genome: Any) -> dict[str, torch.Tensor]:
         """Full weights theta = theta_base + tau(genome), in the base's stored dtypes."""
@@ -90,11 +97,11 @@ class DenseWeightSpace:
     def base_genome(self) -> TaskVector:
         return {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in self.base.items()}
 
-    def crossover(self, parents, generator):
-        return self._crossover(parents, generator=generator)
+    def crossover(self, parents, generator, *, params=None):
+        return with_params(self._crossover, params)(parents, generator=generator)
 
-    def mutate(self, genome, skill, generator):
-        return self._mutation(genome, skill=skill, generator=generator)
+    def mutate(self, genome, skill, generator, *, params=None):
+        return with_params(self._mutation, params)(genome, skill=skill, generator=generator)
 
     def materialize(self, genome: TaskVector) -> dict[str, torch.Tensor]:
         return apply_task_vector(self.base, genome)

@@ -33,12 +33,14 @@ class Ask:
 
     ``basis == skill`` in cyclic mode; in the single-archive ablation ``skill`` is always 0
     and ``basis`` still rotates over the K skills (the official code's cyclic mutation).
+    ``cells`` holds each parent's cell in archive ``skill`` (the CMA-ES policy's input).
     """
 
     generation: int
     skill: int
     parents: tuple[str, ...]
     basis: int
+    cells: tuple[tuple[int, ...], ...] = ()
 
 
 class CycleQDScheduler:
@@ -88,7 +90,8 @@ class CycleQDScheduler:
         rng = np.random.default_rng(derive_seed(self.seed, generation, "sampling"))
         parents = sample_parents(self.archives[k], rng, n=self.num_parents, scheme=self.sampling)
         self._asked.append(generation)
-        return Ask(generation, k, tuple(p.id for p in parents), self.basis_skill(generation))
+        return Ask(generation, k, tuple(p.id for p in parents), self.basis_skill(generation),
+                   tuple(self.archives[k].cell_of(p.scores) for p in parents))
 
     def tell(self, generation: int, child: Elite | None) -> list[str]:
         """Offer ``child`` to every archive; returns the quality skills of those it entered.

@@ -5,8 +5,9 @@ Public API (stable; the coding, DB and OS skills use it):
 :class:`BwrapSession`, :func:`sandbox_status`, :class:`SandboxUnavailableError`.
 """
 
-from .bwrap import (BwrapSession, SandboxLimits, SandboxResult, SandboxStatus,
-                    SandboxUnavailableError, run_sandboxed, sandbox_status)
+from .bwrap import run_sandboxed, sandbox_status
+from .limits import SandboxLimits, SandboxResult, SandboxStatus, SandboxUnavailableError
+from .session import BwrapSession
 
 __all__ = ["BwrapSession", "SandboxLimits", "SandboxResult", "SandboxStatus",
            "SandboxUnavailableError", "run_sandboxed", "sandbox_status"]

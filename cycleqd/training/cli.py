@@ -40,7 +40,8 @@ def resolve_base(spec: str | None, cache_dir: Path) -> Path:
     if spec in (None, "smollm2"):
         from cycleqd.models.smollm2 import ensure_smollm2
         return ensure_smollm2(cache_dir)
-    from cycleqd.models.loading import load_model, tokenizer_files
+    from cycleqd.models.loading import load_model
+    from cycleqd.models.sources import tokenizer_files
 
     m = load_model(spec, cache_dir=cache_dir)
     if m.folder is None or not (m.folder / "config.json").is_file():

@@ -3,8 +3,8 @@ the skills' own environments and kept only if the skills' own judges accept them
 
 For every train item an episode of the evaluator's own class is opened -- the same prompt,
 the same machine / database, the same observation formatting -- and the *reference*
-agent's replies are fed to it turn by turn, exactly as :func:`run_lockstep` feeds model
-replies at evaluation time:
+agent's replies are fed to it turn by turn, exactly as
+:func:`cycleqd.skills.agentbench.episode.run_lockstep` feeds model replies at evaluation time:
 
 * **DB-Bench** (:class:`cycleqd.skills.agentbench.dbbench.DBEpisode`): INSERT/UPDATE items execute
   their gold statements (``label``) as ``Action: Operation`` turns, then answer; SELECT

@@ -130,7 +130,7 @@ def test_expert_with_nan_weight_is_refused_before_any_compute(cache_dir, tmp_pat
     from safetensors.torch import load_file, save_file
 
     from cycleqd.config import parse_config
-    from cycleqd.models.loading import ModelLoadError
+    from cycleqd.models.sources import ModelLoadError
     from tests.conftest import tiny_config_dict
 
     d = tiny_config_dict(tmp_path / "cache")

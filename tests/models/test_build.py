@@ -7,7 +7,7 @@ import torch
 
 import cycleqd.models.build as build_mod
 from cycleqd.models.build import build_weight_space
-from cycleqd.models.loading import ModelLoadError
+from cycleqd.models.sources import ModelLoadError
 from cycleqd.ops import DenseWeightSpace, SVDGenomeWeightSpace, WeightSpace
 
 LIN = {"name": "linear", "sigma": 0.01}

@@ -54,7 +54,8 @@ def test_sharded_export_and_bf16(tmp_path, space_info):
 
 
 def test_stream_merge_equals_in_memory_crossover(tmp_path, llama, lora_dir, cache):
-    from cycleqd.models.loading import load_expert, load_model, resident
+    from cycleqd.models.lazy import resident
+    from cycleqd.models.loading import load_expert, load_model
     from cycleqd.ops import make_crossover
 
     spec = {"name": "ties", "weights": [0.7, 0.5], "density": 0.4}

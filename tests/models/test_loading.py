@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cycleqd.models.loading import (DiffTaskVector, LoraTaskVector, ModelLoadError, load_expert,
-                                    load_model, resident, resolve_source)
+from cycleqd.models.lazy import DiffTaskVector, LoraTaskVector, resident
+from cycleqd.models.loading import load_expert, load_model
+from cycleqd.models.sources import ModelLoadError, resolve_source
 
 
 def _tau(expert_dir, base_dir):

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cycleqd.models.build import build_weight_space
-from cycleqd.models.loading import MAX_ABS_WEIGHT, ModelLoadError, check_finite
+from cycleqd.models.sources import ModelLoadError
+from cycleqd.models.validate import MAX_ABS_WEIGHT, check_finite
 
 XO, MU = {"name": "linear"}, {"name": "svd_expert", "rate": 0.1}
 TENSOR = "model.layers.1.mlp.up_proj.weight"

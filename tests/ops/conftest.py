@@ -22,7 +22,8 @@ def tiny_dirs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_tensors(tiny_dirs) -> dict:
     """Resident base weights and fp32 expert task vectors (checkpoint names, base order)."""
-    from cycleqd.models.loading import load_expert, load_model, resident
+    from cycleqd.models.lazy import resident
+    from cycleqd.models.loading import load_expert, load_model
 
     cache = tiny_dirs["root"] / "cache"
     base = load_model(tiny_dirs["base"], cache_dir=cache)

@@ -27,9 +27,9 @@ def processes_matching(needle: str) -> list[str]:
 
 def sandbox_uid_processes() -> list[int]:
     """Live processes running as any throw-away sandbox uid of THIS evaluator process."""
-    from cycleqd.sandbox.bwrap import _UID_BASE
+    from cycleqd.sandbox.host import UID_BASE
 
-    lo = _UID_BASE + ((os.getpid() & 0xFFFF) << 8)
+    lo = UID_BASE + ((os.getpid() & 0xFFFF) << 8)
     found = []
     for d in os.listdir("/proc"):
         if d.isdigit():

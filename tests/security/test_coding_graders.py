@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from cycleqd.skills.coding.skill import CodingSkill, ExecLimits
+from cycleqd.skills.coding.judge import ExecLimits
+from cycleqd.skills.coding.skill import CodingSkill
 
 pytestmark = pytest.mark.timeout(600)
 

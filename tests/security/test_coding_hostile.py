@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cycleqd.skills.coding.skill import CodingSkill, ExecLimits
+from cycleqd.skills.coding.judge import ExecLimits
+from cycleqd.skills.coding.skill import CodingSkill
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -78,9 +79,9 @@ def _hostile_bodies(ctx: dict) -> dict[str, str]:
 def _sandbox_procs() -> list[int]:
     """Host pids running as one of THIS evaluator's sandbox uids (other evaluators on the
     same host have their own uid ranges) or carrying the daemon marker."""
-    from cycleqd.sandbox import bwrap
+    from cycleqd.sandbox.host import UID_BASE
 
-    lo = bwrap._UID_BASE + ((os.getpid() & 0xFFFF) << 8)
+    lo = UID_BASE + ((os.getpid() & 0xFFFF) << 8)
     found = []
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():

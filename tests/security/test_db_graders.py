@@ -25,6 +25,7 @@ import pytest
 from cycleqd.sandbox import sandbox_status
 from cycleqd.sandbox.sql import MariaDBConfig, mariadb_ping, table_hash_md5
 from cycleqd.skills.coding.data import default_data_dir
+from cycleqd.skills.agentbench.db_format import observation
 from cycleqd.skills.agentbench.dbbench import DBBenchSkill, compare_answer
 
 SANDBOX = sandbox_status()
@@ -322,7 +323,7 @@ def test_mariadb_server_side_build_failure_leaves_nothing():
             be.create("k", big)
         assert _mariadb_leftovers(be) == []
         be.create("k", TableSpec("t", ("a",), (("1",),)))  # the key is free again
-        assert be.execute("k", "SELECT a FROM t") == "[('1',)]"
+        assert observation(be.execute("k", "SELECT a FROM t")) == "[('1',)]"
     finally:
         be.close()
     assert _mariadb_leftovers(be) == []
@@ -425,9 +426,9 @@ def test_an_inflated_table_fails_without_being_read_whole(backend, tmp_path, hos
                                                           monkeypatch):
     """An INSERT item whose agent fills its table far past the read-back bound (here
     lowered to 300 cells) is one failed sample; the honest neighbour still passes."""
-    import cycleqd.sandbox.sql as sqlmod
+    import cycleqd.sandbox.sql.base as sqlbase
 
-    monkeypatch.setattr(sqlmod, "MAX_TABLE_CELLS", 300)
+    monkeypatch.setattr(sqlbase, "MAX_TABLE_CELLS", 300)
     cols, rows = ("id", "name"), [("1", "Ann")]
     right = "INSERT INTO t VALUES ('2', 'Bob')"
     md5 = _md5_field(rows + [("2", "Bob")])

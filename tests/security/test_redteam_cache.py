@@ -34,7 +34,7 @@ def test_expert_rewritten_in_place_changes_its_svd_cache_key(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from cycleqd.models.loading import resolve_source
+    from cycleqd.models.sources import resolve_source
 
     d = tmp_path / "expert"
     d.mkdir()
@@ -61,7 +61,8 @@ def test_infrastructure_failures_are_not_cached_as_the_models_outcome(tmp_path, 
 
     from cycleqd.skills.coding import skill as coding_mod
     from cycleqd.skills.cache import SampleCache
-    from cycleqd.skills.coding.skill import CodingSkill, Verdict
+    from cycleqd.skills.coding.judge import Verdict
+    from cycleqd.skills.coding.skill import CodingSkill
 
     add = {"task_id": 11, "text": "Write a function to add two numbers.",
            "code": "def add(a, b):\n    return a + b\n",
@@ -99,7 +100,7 @@ def test_agent_evaluator_failures_are_not_cached(tmp_path):
     from dataclasses import dataclass
 
     from cycleqd.skills.cache import SampleCache
-    from cycleqd.skills.agentbench.data import evaluate_cached
+    from cycleqd.skills.agentbench.episode import evaluate_cached
 
     @dataclass(frozen=True)
     class Item:

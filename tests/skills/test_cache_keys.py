@@ -16,7 +16,8 @@ import pytest
 from cycleqd.skills.coding import skill as coding_mod
 from cycleqd.skills.cache import (SampleCache, backend_key, canonical, item_key, item_keys,
                                   model_key)
-from cycleqd.skills.coding.skill import CodingSkill, ExecLimits
+from cycleqd.skills.coding.judge import ExecLimits
+from cycleqd.skills.coding.skill import CodingSkill
 from cycleqd.skills.coding.data import CodeProblem
 
 try:

@@ -7,15 +7,10 @@ import json
 import pytest
 
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.coding.skill import (
-    CodingSkill,
-    ExecLimits,
-    build_program,
-    chunk_scores,
-    extract_code,
-    run_program,
-    sanitize_code,
-)
+from cycleqd.skills.coding.execute import build_program, run_program
+from cycleqd.skills.coding.extract import extract_code, sanitize_code
+from cycleqd.skills.coding.judge import ExecLimits
+from cycleqd.skills.coding.skill import CodingSkill, chunk_scores
 from cycleqd.skills.coding.data import load_humaneval, load_mbpp
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,7 +9,9 @@ import pytest
 
 from cycleqd.skills.coding import judge as _code_judge
 from cycleqd.skills.coding import wire
-from cycleqd.skills.coding.skill import CodingSkill, ExecLimits, build_program, run_program
+from cycleqd.skills.coding.execute import build_program, run_program
+from cycleqd.skills.coding.judge import ExecLimits
+from cycleqd.skills.coding.skill import CodingSkill
 from cycleqd.skills.coding.data import CodeProblem, load_mbpp
 
 pytestmark = pytest.mark.timeout(300)

@@ -6,9 +6,9 @@ import collections
 
 import pytest
 
-from cycleqd.sandbox.sql import (MariaDBBackend, SQLiteBackend, TableSpec, format_observation,
-                                 table_hash_md5)
+from cycleqd.sandbox.sql import MariaDBBackend, SQLiteBackend, TableSpec, table_hash_md5
 from cycleqd.skills.agentbench.data import dbbench_split_ids, load_dbbench, load_dbbench_all
+from cycleqd.skills.agentbench.db_format import format_observation, observation
 from cycleqd.skills.agentbench.dbbench import (DB_PROMPT, DBBenchSkill, compare_answer, parse_answer,
                                     parse_reply)
 
@@ -212,18 +212,18 @@ def test_sqlite_backend_isolates_episodes_and_survives_a_crash():
     with SQLiteBackend(statement_timeout_s=1.0) as be:
         be.create("a", t)
         be.create("b", t)
-        assert be.execute("a", "INSERT INTO people VALUES ('Cy', '5')") == "[]"
-        assert be.execute("b", "SELECT COUNT(*) FROM people") == "[(2,)]"
-        assert "interrupted" in be.execute(
+        assert observation(be.execute("a", "INSERT INTO people VALUES ('Cy', '5')")) == "[]"
+        assert observation(be.execute("b", "SELECT COUNT(*) FROM people")) == "[(2,)]"
+        assert "interrupted" in observation(be.execute(
             "a", "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) "
-                 "SELECT COUNT(*) FROM c")
-        assert "not authorized" in be.execute("b", "ATTACH DATABASE '/tmp/x.db' AS x")
+                 "SELECT COUNT(*) FROM c"))
+        assert "not authorized" in observation(be.execute("b", "ATTACH DATABASE '/tmp/x.db' AS x"))
         # case/accent-insensitive comparison like MySQL's utf8mb4_general_ci
-        assert be.execute("b", "SELECT name FROM people WHERE name = 'ann'") == "[('Ann',)]"
+        assert observation(be.execute("b", "SELECT name FROM people WHERE name = 'ann'")) == "[('Ann',)]"
         # kill the worker from inside: the other episode's data is rebuilt
         be._worker._sb.stop()
-        assert be.execute("a", "SELECT COUNT(*) FROM people") == "[(3,)]"
-        assert be.execute("b", "SELECT COUNT(*) FROM people") == "[(2,)]"
+        assert observation(be.execute("a", "SELECT COUNT(*) FROM people")) == "[(3,)]"
+        assert observation(be.execute("b", "SELECT COUNT(*) FROM people")) == "[(2,)]"
         assert be.restarts == 1
 
 

@@ -8,7 +8,9 @@ from cycleqd.training.data import build_conversations, coding_reply, mbpp_conver
 
 
 def test_mbpp_conversations_use_the_coding_prompt_and_pass_the_tests():
-    from cycleqd.skills.coding.skill import CodingSkill, build_program, extract_code, run_program, sanitize_code
+    from cycleqd.skills.coding.execute import build_program, run_program
+    from cycleqd.skills.coding.extract import extract_code, sanitize_code
+    from cycleqd.skills.coding.skill import CodingSkill
 
     convs = mbpp_conversations(limit=3)
     skill = CodingSkill("mbpp", split="train", limit=3)

@@ -64,7 +64,9 @@ from cycleqd.sandbox.sql import Reference, SQLBackend, TableBuildError, TableRow
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import DBItem, Episode, evaluate_cached, load_dbbench, run_lockstep
+from cycleqd.skills.agentbench.data import DBItem, load_dbbench
+from cycleqd.skills.agentbench.db_format import observation
+from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
 #: AgentBench DB-Bench instruction (src/server/tasks/dbbench/__init__.py, v0.2), verbatim.
 DB_PROMPT = """
@@ -463,7 +465,7 @@ class DBEpisode(Episode):
                 self.detail["end"] = "operation without a sql block"
                 self.done = True
                 return
-            obs = self.backend.execute(self.item.id, payload)
+            obs = observation(self.backend.execute(self.item.id, payload))
             self.rounds += 1
             self.messages.append({"role": "user", "content": obs})
             return

@@ -79,7 +79,8 @@ from cycleqd.sandbox.rootfs import RootFS, RootfsUnavailableError, build_rootfs
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import Episode, OSItem, Script, evaluate_cached, load_os, run_lockstep
+from cycleqd.skills.agentbench.data import OSItem, Script, load_os
+from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
 OS_PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
 

@@ -18,10 +18,10 @@ max 512 new tokens and the system message below):
    HumanEval: "Complete the following Python function..." with the prompt (signature +
    docstring) in a code block. Both use the official CycleQD system message (configurable).
 2. **Generation**: one batched greedy call for all problems not already in the cache.
-3. **Extraction** (:func:`extract_code`): the fenced block (with or without a language tag,
+3. **Extraction** (:mod:`cycleqd.skills.coding.extract`): the fenced block (with or without a language tag,
    closed or cut off) that defines the tested function, helper definitions it needs from
    other blocks, or -- without fences -- the longest parseable stretch of code starting at the
-   first ``def``/``import``/``class`` line; then :func:`sanitize_code` keeps only imports,
+   first ``def``/``import``/``class`` line; then ``sanitize_code`` keeps only imports,
    definitions and the module-level assignments they use (the model's own demo calls,
    prints, asserts and ``__main__`` blocks are dropped, as evalplus' sanitizer does).
 4. **Execution** (:mod:`cycleqd.skills.coding.judge`): the candidate never runs together
@@ -47,27 +47,19 @@ sub-score equal to the quality).
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
-import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cycleqd.skills.coding.judge import (
-    JUDGE_SOURCE_HASH,
-    JUDGE_VERSION,
-    CodeProgram,
-    ExecLimits,
-    Verdict,
-    judge_samples,
-)
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_keys, model_key
 from cycleqd.skills.coding.data import CodeProblem, load_code_problems
+from cycleqd.skills.coding.execute import PROGRAM_VERSION, prepare_program, run_programs
+from cycleqd.skills.coding.judge import (JUDGE_SOURCE_HASH, JUDGE_VERSION, CodeProgram, ExecLimits,
+                                         Verdict)
 
 #: System message of the official CycleQD MBPP task (tasks/mbpp.py).
 OFFICIAL_SYSTEM_PROMPT = ("You are an exceptionally intelligent coding assistant that consistently "
@@ -78,235 +70,6 @@ MBPP_TEMPLATE = ("You are an expert Python programmer, and here is your task: {t
 HUMANEVAL_TEMPLATE = ("Complete the following Python function. Write the complete function "
                       "(signature included) in a single ```python code block.\n\n"
                       "```python\n{prompt}```")
-_PROGRAM_VERSION = "3"  # bump when program assembly changes (cache key; judge: JUDGE_VERSION)
-
-
-# ------------------------------------------------------------------------ extraction
-_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+.#-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-_PY_LANGS = {"", "python", "py", "python3", "py3", "pycon", "python2"}
-_CODE_START_RE = re.compile(
-    r"^(?:(?:async\s+def|def|class|import|from\s+\S+\s+import)\b|@"
-    r"|[A-Za-z_][A-Za-z0-9_]*\s*(?::[^=\n]+)?=(?!=))", re.MULTILINE)
-
-
-#: What ``ast.parse`` raises on code it cannot take: besides SyntaxError/ValueError, deeply
-#: nested input (a reply of thousands of ``-`` or ``(``) raises RecursionError/MemoryError.
-_UNPARSEABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
-
-
-def _parse(code: str) -> ast.Module:
-    """``ast.parse`` without SyntaxWarnings (e.g. invalid escapes in model code)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ast.parse(code)
-
-
-def _parseable_prefix(code: str) -> str | None:
-    """The longest prefix of whole lines of ``code`` that parses (None if none does)."""
-    lines = code.rstrip().splitlines()
-    for end in range(len(lines), 0, -1):
-        text = "\n".join(lines[:end])
-        if not text.strip():
-            break
-        try:
-            _parse(text)
-            return text + "\n"
-        except _UNPARSEABLE:
-            continue
-    return None
-
-
-def _defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
-
-
-def _top_level_defs(tree: ast.Module) -> dict[str, ast.stmt]:
-    return {n.name: n for n in tree.body
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-
-
-def _names_used(nodes: Sequence[ast.AST]) -> set[str]:
-    used: set[str] = set()
-    for node in nodes:
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Name):
-                used.add(sub.id)
-            elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name):
-                used.add(sub.value.id)
-    return used
-
-
-def _segment(src_lines: list[str], node: ast.stmt) -> str:
-    start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-    return "\n".join(src_lines[start - 1:node.end_lineno])
-
-
-def extract_code(reply: str, entry_point: str | None = None) -> str:
-    """Pull the solution code out of a model reply.
-
-    Rules, in order:
-    1. fenced blocks (```` ```python ````, ```` ``` ````, ```` ```py ````..., a last block
-       left open by a cut-off reply included); blocks tagged with another language
-       (bash, text, output...) are used only if there is no other;
-    2. the first block defining ``entry_point`` (else the first block with a ``def``, else
-       the first block), cut to its longest parseable prefix; imports and the helper
-       functions/classes it calls that other blocks define are prepended;
-    3. without fences: from the first line starting with ``def``/``class``/``import``/
-       ``from .. import``/``@``/``NAME =`` to the longest parseable stretch (trailing prose
-       dropped);
-       a reply that is only an indented body (HumanEval-style completion) is kept as is.
-
-    Args:
-        reply: the model's text.
-        entry_point: the tested function's name (improves block choice).
-    Returns:
-        Python source (possibly not parseable when nothing better exists; never raises).
-    """
-    if not isinstance(reply, str):
-        return ""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE_RE.findall(reply)]
-    py = [b for lang, b in blocks if lang in _PY_LANGS] or [b for _, b in blocks]
-    py = [b for b in py if b.strip()]
-    if py:
-        chosen = None
-        if entry_point:
-            chosen = next((b for b in py if _defines(b, entry_point)), None)
-        if chosen is None:
-            chosen = next((b for b in py if re.search(r"^\s*def\s", b, re.MULTILINE)), py[0])
-        code = _parseable_prefix(chosen) or chosen
-        return _add_helpers(code, [b for b in py if b is not chosen])
-    # no fences: bare code inside prose
-    stripped = reply.strip("\n")
-    first = next((ln for ln in stripped.splitlines() if ln.strip()), "")
-    if first[:1] in (" ", "\t") and not first.lstrip().startswith(("def ", "async def ")):
-        return stripped + "\n"  # a bare indented function body (HumanEval completion)
-    m = _CODE_START_RE.search(stripped)
-    if m is None:
-        return _parseable_prefix(stripped) or stripped
-    tail = stripped[m.start():]
-    return _parseable_prefix(tail) or tail
-
-
-def _add_helpers(code: str, others: Sequence[str]) -> str:
-    """Prepend imports and needed top-level definitions found in other blocks."""
-    try:
-        tree = _parse(code)
-    except _UNPARSEABLE:
-        return code
-    defined = set(_top_level_defs(tree))
-    missing = _names_used(tree.body) - defined
-    extra: list[str] = []
-    for other in others:
-        src = _parseable_prefix(other)
-        if src is None:
-            continue
-        otree, olines = _parse(src), src.splitlines()
-        for node in otree.body:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                seg = _segment(olines, node)
-                if seg not in code and seg not in extra:
-                    extra.append(seg)
-            elif (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                  and node.name in missing):
-                extra.append(_segment(olines, node))
-                missing.discard(node.name)
-    return ("\n".join(extra) + "\n\n" + code) if extra else code
-
-
-def sanitize_code(code: str, entry_point: str | None = None) -> str:
-    """Keep only what a solution needs at import time: imports, function and class
-    definitions, ``try`` blocks of imports, and module-level assignments whose names the
-    kept definitions use. Drops demo calls, prints, asserts, loops and ``__main__`` blocks
-    (the same intent as evalplus' sanitizer). Unparseable code is returned unchanged.
-    """
-    try:
-        tree = _parse(code)
-    except _UNPARSEABLE:
-        return code
-    lines = code.splitlines()
-    defs = [n for n in tree.body
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
-    used = _names_used(defs)
-    keep: list[ast.stmt] = []
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef,
-                             ast.ClassDef)) or isinstance(node, ast.Try) and all(isinstance(s, (ast.Import, ast.ImportFrom))
-                                               for s in node.body):
-            keep.append(node)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names = {t.id for tg in targets for t in ast.walk(tg) if isinstance(t, ast.Name)}
-            if names & used:
-                keep.append(node)
-    if not keep:
-        return code
-    return "\n\n".join(_segment(lines, n) for n in keep) + "\n"
-
-
-def build_program(problem: CodeProblem, code: str) -> CodeProgram:
-    """What runs in the candidate's sandbox: setup + solution, WITHOUT the tests (those run
-    only in the judge, see :mod:`cycleqd.skills.coding.judge`).
-
-    HumanEval: the problem's prompt goes first (its imports and helper functions), then the
-    solution; a bare indented body is appended to the prompt as a completion.
-
-    Returns:
-        :class:`CodeProgram` (``str(program)`` is the candidate-side source).
-    """
-    parts = []
-    if problem.setup_code:
-        parts.append(problem.setup_code)
-    if problem.dataset == "humaneval":
-        first = next((ln for ln in code.splitlines() if ln.strip()), "")
-        if first[:1] in (" ", "\t") and not _defines(code, problem.entry_point):
-            parts.append(problem.instruction + code)
-        else:
-            parts.append(problem.instruction + "    pass\n")
-            parts.append(code)
-    else:
-        parts.append(code)
-    return CodeProgram(problem, "\n\n".join(p.rstrip("\n") for p in parts) + "\n")
-
-
-def prepare_program(problem: CodeProblem, reply: str) -> CodeProgram | Verdict:
-    """Reply -> program (extract, sanitize, assemble); any failure on the way (e.g. a parse
-    bomb making ``ast`` raise RecursionError/MemoryError) is returned as a failed
-    :class:`Verdict` with status ``extract_error`` instead of raised."""
-    try:
-        return build_program(problem, sanitize_code(extract_code(reply, problem.entry_point),
-                                                    problem.entry_point))
-    except Exception as e:  # noqa: BLE001 - one bad reply is one failed sample
-        return Verdict(False, "extract_error", f"{type(e).__name__}: {str(e)[:200]}")
-
-
-# ------------------------------------------------------------------------ execution
-def run_program(program: CodeProgram, limits: ExecLimits = ExecLimits()) -> Verdict:
-    """Judge one program made by :func:`build_program` (candidate sandbox + separate judge).
-    Never raises for anything the program does; raises ``SandboxUnavailableError`` if no
-    sandbox can be made and ``TypeError`` for a plain string (a program with its tests
-    inside can no longer be judged: the candidate would see the tests)."""
-    if not isinstance(program, CodeProgram):
-        raise TypeError("run_program takes a CodeProgram from build_program(problem, code), "
-                        f"got {type(program).__name__}")
-    return judge_samples({"_": (program.problem, program)}, limits, workers=1)["_"]
-
-
-def run_programs(programs: Mapping[str, CodeProgram], limits: ExecLimits = ExecLimits(), *,
-                 workers: int = 2) -> dict[str, Verdict]:
-    """Judge many programs, ``workers`` sandboxes at a time.
-
-    Returns:
-        id -> :class:`Verdict` (same keys as ``programs``).
-    Raises:
-        ValueError: bad ``workers``; TypeError: a value that is not a CodeProgram.
-    """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
-    bad = [k for k, v in programs.items() if not isinstance(v, CodeProgram)]
-    if bad:
-        raise TypeError(f"programs must be CodeProgram objects (build_program); not: {bad[:3]}")
-    return judge_samples({k: (v.problem, v) for k, v in programs.items()}, limits,
-                         workers=workers)
 
 
 def chunk_scores(outcomes: Sequence[float], n_chunks: int, prefix: str) -> dict[str, float]:
@@ -402,7 +165,7 @@ class CodingSkill:
     @property
     def cache_key(self) -> str:
         """Skill key of the per-sample cache: changes with anything that changes outcomes."""
-        cfg = {"v": _PROGRAM_VERSION, "judge": [JUDGE_VERSION, JUDGE_SOURCE_HASH],
+        cfg = {"v": PROGRAM_VERSION, "judge": [JUDGE_VERSION, JUDGE_SOURCE_HASH],
                "dataset": self.dataset, "sys": self.system_prompt,
                "tpl": MBPP_TEMPLATE if self.dataset == "mbpp" else HUMANEVAL_TEMPLATE,
                "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
@@ -480,20 +243,11 @@ class CodingSkill:
         other.problems = list(problems)
         return other
 
-
 __all__ = [
     "HUMANEVAL_TEMPLATE",
     "MBPP_TEMPLATE",
     "OFFICIAL_SYSTEM_PROMPT",
-    "CodeProgram",
     "CodingSkill",
-    "ExecLimits",
-    "Verdict",
-    "build_program",
+    "EVALUATOR_FAILURES",
     "chunk_scores",
-    "extract_code",
-    "prepare_program",
-    "run_program",
-    "run_programs",
-    "sanitize_code",
 ]

@@ -1,4 +1,4 @@
-"""SQLite worker that runs INSIDE a bubblewrap sandbox (see :mod:`cycleqd.sandbox.sql`).
+"""SQLite worker that runs INSIDE a bubblewrap sandbox (see :mod:`cycleqd.sandbox.sql.sqlite`).
 
 Executed by the sandbox's ``python3 -I -S``; standard library only, Python >= 3.8. One
 JSON request per line on stdin, one JSON reply per line on stdout. It holds one private
