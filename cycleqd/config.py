@@ -366,6 +366,33 @@ class TrackingConfig(_Strict):
     wandb: WandbConfig | None = None
 
 
+#: the strategies ``final.strategy: auto`` tries, in this order (ties keep the earlier)
+AUTO_STRATEGIES = ("mean", "quality_weighted", "task_arithmetic", "weight_search", "best_elite")
+
+
+class FinalConfig(_Strict):
+    """How the run's final model is chosen (:mod:`cycleqd.engine.final`).
+
+    Attributes:
+        strategy: a name in :data:`cycleqd.registry.AGGREGATIONS`, or ``auto`` (every one of
+            :data:`AUTO_STRATEGIES` is built and scored on the validation split; the best
+            validation mean wins, ties: the earlier in that order). None (the default): use
+            ``operators.aggregation`` (name and parameters): one source of truth, so setting
+            both ``final.strategy`` and a non-default ``operators.aggregation`` is an error.
+        params: the strategy's parameters (``auto``: ``{strategy name: parameters}``).
+    """
+
+    strategy: str | None = None
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _params_finite(self) -> "FinalConfig":
+        bad = _first_non_finite(_numeric_strings(self.params))
+        if bad is not None:
+            raise ValueError(f"final.params: {bad!r} must be a finite number")
+        return self
+
+
 class RunConfig(_Strict):
     """A whole CycleQD run (one YAML file)."""
 
@@ -379,6 +406,7 @@ class RunConfig(_Strict):
     executor: ExecutorConfig = ExecutorConfig()
     cache_dir: str | None = None
     tracking: TrackingConfig = TrackingConfig()
+    final: FinalConfig = FinalConfig()
 
     @model_validator(mode="after")
     def _skills(self) -> "RunConfig":
@@ -405,7 +433,9 @@ class RunConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Short hash of the full config (identifies a run's setup)."""
-        data = self.model_dump(mode="json", exclude={"tracking"})   # logging never changes results
+        # logging never changes results; an unset ``final`` keeps older runs' fingerprints
+        skip = {"tracking"} | ({"final"} if self.final == FinalConfig() else set())
+        data = self.model_dump(mode="json", exclude=skip)
         if not self.qd.use_cma:   # unused CMA settings: fingerprints stay what they were before them
             for k in ("use_cma", "cma_popsize", "cma_sigma0"):
                 data["qd"].pop(k)
@@ -442,6 +472,20 @@ def check_operators(cfg: Any) -> None:
             registry.check(op.name, op.kwargs(), field=f"operators.{kind}")
         except ConfigError as e:
             problems.append(f"  {e}")
+    fin = getattr(cfg, "final", None)
+    if fin is not None and fin.strategy is not None:
+        if cfg.operators.aggregation != OperatorsConfig().aggregation:
+            problems.append("  final.strategy: set either final.strategy or operators.aggregation, not both")
+        auto = fin.strategy == "auto"
+        unknown = sorted(set(fin.params) - set(AUTO_STRATEGIES)) if auto else []
+        if unknown:
+            problems.append(f"  final.params: {unknown} not among the auto strategies {list(AUTO_STRATEGIES)}")
+        for name in (AUTO_STRATEGIES if auto else (fin.strategy,)):
+            params = fin.params.get(name, {}) if auto else fin.params
+            try:
+                AGGREGATIONS.check(name, dict(params), field=f"final.params.{name}" if auto else "final")
+            except ConfigError as e:
+                problems.append(f"  {e}")
     _raise(problems)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from cycleqd import paths
 from cycleqd.config import ConfigError, RunConfig, SkillConfig, check_config
+from cycleqd.engine.final import needs_validation
 from cycleqd.engine.loop import Components
 from cycleqd.engine.runview import weight_space
 from cycleqd.registry import SKILLS
@@ -43,6 +44,7 @@ def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Compon
     if any(s.type == "external" for s in cfg.skills):
         raise ConfigError("skills: type 'external' is only for programmatic runs (pass Components)")
     check_config(cfg)   # what `cycleqd validate` checks: model paths, skills' params, data, lm-eval tasks
+    check_final(cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     synthetic = [s for s in cfg.skills if s.type == "synthetic"]
     # 1. cheap checks and data loading: the skills
@@ -56,10 +58,34 @@ def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Compon
 
         full = [space.materialize(g) for g in space.expert_genomes()]
         base_w = space.materialize(space.base_genome())
-        skills = [SKILLS.build("synthetic", s.params, field=f"skills.{i}.params", name=s.name, base=base_w,
-                               target=w) for i, (s, w) in enumerate(zip(cfg.skills, full))]
-        return Components(space, skills, SyntheticAdapter())
+        def synth(split: str) -> list:
+            return [SKILLS.build("synthetic", {**s.params, **({"split": split} if split != "search" else {})},
+                                 field=f"skills.{i}.params", name=s.name, base=base_w, target=w)
+                    for i, (s, w) in enumerate(zip(cfg.skills, full))]
+
+        return Components(space, synth("search"), SyntheticAdapter(), validation=lambda: synth("validation"))
     from cycleqd.inference.adapter import LLMAdapter
 
     adapter = LLMAdapter.from_config(cfg.backend, info)
-    return Components(space, skills, adapter, close=getattr(adapter, "close", None))
+    return Components(space, skills, adapter, close=getattr(adapter, "close", None),
+                       validation=validation_skills(cfg, cache_dir))
+
+
+def check_final(cfg: RunConfig) -> None:
+    """Refuse, before anything is loaded, a final strategy that chooses on validation when a
+    skill's evaluator has no validation split. Raises ConfigError."""
+    if needs_validation(cfg) and any("split" not in SKILLS.entry(s.type).parameters()
+                                     for s in cfg.skills if s.type not in ("synthetic", "external")):
+        raise ConfigError("final.strategy: chooses on the validation split, but skill(s) "
+                          f"{[s.name for s in cfg.skills if 'split' not in SKILLS.entry(s.type).parameters()]} "
+                          "have none")
+
+
+def validation_skills(cfg: RunConfig, cache_dir: Path):
+    """``() -> skills`` building the config's skills on their ``validation`` split (for the
+    final-model choice, :mod:`cycleqd.engine.final`), or None when a skill's evaluator has no
+    ``split`` parameter (lm-eval tasks keep their own splits)."""
+    if not all("split" in SKILLS.entry(s.type).parameters() for s in cfg.skills):
+        return None
+    return lambda: [build_llm_skill(s.model_copy(update={"params": {**s.params, "split": "validation"}}),
+                                    cache_dir, field=f"skills.{i}.params") for i, s in enumerate(cfg.skills)]

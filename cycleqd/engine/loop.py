@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cycleqd.config import RunConfig
+from cycleqd.engine.final import final_plan, needs_validation, select_final
 from cycleqd.engine.rundir import (STATE_FORMAT, RunDir, RunDirError, RunLock, atomic_write_json,
                                    check_resume, link_snapshot_genomes, prune_snapshot_genomes,
                                    restore_snapshot)
-from cycleqd.engine.step import Job, JobResult, WorkerContext, run_step
+from cycleqd.engine.step import Job, JobResult, WorkerContext, run_step, score_child
 from cycleqd.executors.base import Executor
 from cycleqd.executors.local import LocalExecutor
 from cycleqd.executors.store import GenomeStore
@@ -52,12 +53,15 @@ class Components:
         skills: the K skills, in the order of ``cfg.skills``.
         adapter: ``bind(weights, fingerprint) -> model`` given to ``Skill.evaluate``.
         close: optional cleanup (stop servers, free engines).
+        validation: optional ``() -> skills``: the K skills on their ``validation`` split
+            (built only when the final choice needs them, :mod:`cycleqd.engine.final`).
     """
 
     space: Any
     skills: list
     adapter: Any
     close: Callable[[], None] | None = None
+    validation: Callable[[], list] | None = None
 
 
 @dataclass
@@ -516,26 +520,43 @@ class CycleQDRun:
         return RunResult(self.rd.root, self.archives, self.generation, self.aggregate,
                          {a.quality_skill: archive_stats(a) for a in self.archives})
 
-    def _aggregate(self) -> dict[str, float] | None:
-        """Model aggregation (paper §3.4): merge each archive's best model into one model,
-        store it as ``aggregate`` and score it on every skill."""
-        try:
-            from cycleqd.ops.aggregation import aggregate
-        except ImportError:
+    def _validation_score(self):
+        """``genome -> {skill: score}`` on the validation split (None: no validation skills).
+        Never the test split. A rejected candidate (non-finite weights or score) scores 0."""
+        if self.c.validation is None:
             return None
-        bests = [a.best() for a in self.archives]
-        genomes = [self.store.get(e.id) for e in bests]
-        qualities = [a.quality_of(e.scores) for a, e in zip(self.archives, bests)]
-        op = self.cfg.operators.aggregation
+        skills: list = []
+        ctx = WorkerContext(self.c.space, self.store, self.c.adapter, skills, "", name="validation")
+
+        def score(genome):
+            if not skills:
+                skills.extend(self.c.validation())
+            res = score_child(ctx, Job(self.cfg.qd.generations + 1, 0, (), "final", self.cfg.seed), genome, {})
+            return {s.name: (0.0 if res.rejected else res.scores[s.name]) for s in skills}
+
+        return score
+
+    def _aggregate(self) -> dict[str, float] | None:
+        """The final model (paper §3.4 model aggregation; :mod:`cycleqd.engine.final`): the
+        configured strategy (``final``, else ``operators.aggregation``) or, for ``auto``, the
+        best of all of them on the validation split; stored as ``aggregate``, recorded in
+        ``final.json`` and scored on every (search-split) skill."""
+        score = self._validation_score()
+        if score is None and needs_validation(self.cfg):
+            raise ValueError("final: the strategy chooses on the validation split, but the skills "
+                             "provide none (Components.validation)")
         t = time.perf_counter()
-        genome = aggregate(self.c.space, genomes, qualities, method=op.name, **op.kwargs())
+        genome, record = select_final(self.c.space, self.archives, self.store.get, final_plan(self.cfg), score)
         merge_s = time.perf_counter() - t
+        bests = [a.best() for a in self.archives]
+        atomic_write_json(self.rd.root / "final.json", record)
         self.store.put("aggregate", genome)
         self.digests["aggregate"] = self.store.seal("aggregate")
         self.executor.submit(Job(self.cfg.qd.generations + 1, 0, (), "aggregate", self.cfg.seed))
         res = self.executor.next_result()
         rec = _record(res, [], self.archives, self._started)
-        rec.update(kind="aggregate", sources=[e.id for e in bests])
+        rec.update(kind="aggregate", sources=[e.id for e in bests],
+                   final={k: record[k] for k in ("strategy", "chosen", "validation_mean")})
         rec["timings"]["merge_s"] = round(merge_s, 6)
         self.rd.append_metrics(self._track(rec))
         return res.scores

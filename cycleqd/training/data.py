@@ -46,7 +46,7 @@ def mbpp_conversations(*, data_path: str | Path | None = None, split: str = "tra
     """
     from cycleqd.skills.coding.skill import CodingSkill
 
-    if split in ("search", "test"):
+    if split in ("search", "validation", "test"):
         raise ValueError(f"split={split!r}: experts are never trained on evaluation splits")
     kw = {} if system_prompt == "official" else {"system_prompt": system_prompt}
     skill = CodingSkill("mbpp", data_path=data_path, split=split, limit=limit, **kw)

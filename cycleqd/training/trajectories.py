@@ -61,7 +61,7 @@ def _cached(kind: str, key_parts: Any, cache_dir: str | Path | None,
 
 
 def _check_split(split: str) -> None:
-    if split in ("search", "test", "dev"):
+    if split in ("search", "validation", "test", "dev"):
         raise ValueError(f"split={split!r}: experts are never trained on evaluation splits")
 
 

@@ -3,7 +3,7 @@
 ``sklearn.datasets.load_digits`` ships 1,797 real 8x8 grey-scale images (16 grey levels,
 UCI "Optical Recognition of Handwritten Digits" test set) inside the wheel, so nothing
 is downloaded. The images are split **first** into disjoint, stratified, seeded
-train / search / test sets (one image never appears in two splits, in any domain), and
+train / search / validation / test sets (one image never appears in two splits, in any domain), and
 only then is each domain's fixed transform applied to every split.
 
 Domains (every transform is a pure function of the image and its dataset index, so the
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SPLITS = ("train", "search", "test")
+SPLITS = ("train", "search", "validation", "test")
 DOMAINS = ("clean", "rotated", "noisy", "occluded")
 SKILL_DOMAINS = ("rotated", "noisy", "occluded")  # the K = 3 experts' domains, in skill order
 _DOMAIN_CODE = {"clean": 0, "noisy": 1, "occluded": 2, "rotated": 3}
@@ -83,21 +83,27 @@ def load_digits_array() -> tuple[np.ndarray, np.ndarray]:
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
-def split_digits(seed: int, fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)
-                 ) -> dict[str, DigitsSplit]:
-    """Disjoint, class-stratified train / search / test split of the digits images.
+def split_digits(seed: int, fractions: tuple[float, float, float] = (0.5, 0.25, 0.25),
+                 validation: float = 0.1) -> dict[str, DigitsSplit]:
+    """Disjoint, class-stratified train / search / validation / test split of the digits images.
 
     Args:
         seed: the split seed (``numpy.random.default_rng(seed)`` permutes each class).
         fractions: (train, search, test) fractions, each > 0, summing to 1.
+        validation: the fraction of all images moved from the end of each class's train
+            part to ``validation`` (chooses the final model; never reported). ``search`` and
+            ``test`` are the same images whatever its value.
     Returns:
-        ``{"train": DigitsSplit, "search": ..., "test": ...}``; their ``ids`` are disjoint
-        and together cover all 1,797 images.
+        ``{"train": DigitsSplit, "search": ..., "validation": ..., "test": ...}``; their
+        ``ids`` are disjoint and together cover all 1,797 images.
     Raises:
-        ValueError: if ``fractions`` is not three positive numbers summing to 1.
+        ValueError: if ``fractions`` is not three positive numbers summing to 1, or
+            ``validation`` is not in (0, train fraction).
     """
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions!r}")
+    if not 0 < validation < fractions[0]:
+        raise ValueError(f"validation must be in (0, {fractions[0]}) (taken from train), got {validation!r}")
     images, labels = load_digits_array()
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
@@ -105,7 +111,9 @@ def split_digits(seed: int, fractions: tuple[float, float, float] = (0.5, 0.25, 
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_train = round(fractions[0] * len(idx))
         n_search = round(fractions[1] * len(idx))
-        parts["train"].append(idx[:n_train])
+        n_val = round(validation * len(idx))
+        parts["train"].append(idx[:n_train - n_val])
+        parts["validation"].append(idx[n_train - n_val:n_train])
         parts["search"].append(idx[n_train:n_train + n_search])
         parts["test"].append(idx[n_train + n_search:])
     out = {}

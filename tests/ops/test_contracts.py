@@ -27,8 +27,12 @@ from cycleqd.ops.space import DenseWeightSpace
 from cycleqd.registry import AGGREGATIONS, CROSSOVERS, MUTATIONS, SKILLS, ConfigError
 
 #: parameters under which one parent (or one archive's best) merges to itself
-IDENTITY = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 1.0}, "dare": {"density": 1.0},
-            "dare_ties": {"density": 1.0}, "paper": {}, "quality": {}, "weighted": {"weights": [1.0]}}
+IDENTITY = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 1.0},
+            "dare": {"density": 1.0}, "dare_ties": {"density": 1.0}, "paper": {}, "mean": {},
+            "quality": {}, "quality_weighted": {}, "weighted": {"weights": [1.0]},
+            "weight_search": {"budget": 0}, "best_elite": {}}
+#: aggregations whose one-archive identity needs other parameters than the crossover's
+AGG_IDENTITY = {**IDENTITY, "task_arithmetic": {"lambdas": [1.0]}}
 #: mutation parameters that make it the identity ("none" is one already)
 ZERO = {"svd_expert": {"rate": 0.0}, "svd_self": {"rate": 0.0}, "gaussian": {"std": 0.0}, "none": {}}
 #: parameters a part needs beyond its defaults (per number of parents / archives)
@@ -107,14 +111,16 @@ def test_aggregation_contract(name):
     genomes = _taus(2, seed=5)
     kept = _clone(genomes)
     fn = AGGREGATIONS.build(name, _params(name, 2))
-    a = fn(space, genomes, [0.5, 0.7])
+    # a validation scorer for the strategies that choose (never the test split)
+    score = lambda g: {"s": -float(sum((v - 0.3).square().sum() for v in g.values()))}  # noqa: E731
+    a = fn(space, genomes, [0.5, 0.7], score=score)
     _shapes_kept(a, genomes[0])
     assert all(_same(p, q) for p, q in zip(genomes, kept)), "models modified"
-    assert _same(a, AGGREGATIONS.build(name, _params(name, 2))(space, genomes, [0.5, 0.7]))
+    assert _same(a, AGGREGATIONS.build(name, _params(name, 2))(space, genomes, [0.5, 0.7], score=score))
     if name == "slerp":   # exactly two archives
         return
-    assert name in IDENTITY, f"{name}: say in IDENTITY how one model aggregates to itself"
-    one = AGGREGATIONS.build(name, IDENTITY[name])(space, genomes[:1], [0.5])
+    assert name in AGG_IDENTITY, f"{name}: say in IDENTITY how one model aggregates to itself"
+    one = AGGREGATIONS.build(name, AGG_IDENTITY[name])(space, genomes[:1], [0.5])
     torch.testing.assert_close(one, genomes[0], rtol=1e-6, atol=1e-7)
 
 

@@ -18,13 +18,16 @@ pytestmark = pytest.mark.timeout(300)
 
 # --------------------------------------------------------------------------- data
 def test_mbpp_splits_fixed_disjoint_and_complete():
-    s, t, tr, a = (load_mbpp(split=x) for x in ("search", "test", "train", "all"))
+    s, v, t, tr, a = (load_mbpp(split=x) for x in ("search", "validation", "test", "train", "all"))
     ids = lambda ps: {int(p.id.split("/")[1]) for p in ps}
-    assert (len(s), len(t), len(tr), len(a)) == (128, 129, 170, 427)
-    assert not ids(s) & ids(t) and not (ids(s) | ids(t)) & ids(tr)
-    assert ids(s) | ids(t) | ids(tr) == ids(a)
+    print("mbpp sizes search/validation/test/train:", len(s), len(v), len(t), len(tr))
+    assert (len(s), len(v), len(t), len(tr), len(a)) == (128, 43, 129, 127, 427)
+    parts = [ids(s), ids(v), ids(t), ids(tr)]
+    assert all(not parts[i] & parts[j] for i in range(4) for j in range(i + 1, 4))
+    assert ids(s) | ids(v) | ids(t) | ids(tr) == ids(a)
     assert all(11 <= i <= 510 for i in ids(s) | ids(t))
-    assert all(not 11 <= i <= 510 for i in ids(tr))
+    assert all(511 <= i <= 600 for i in ids(v))
+    assert all(not 11 <= i <= 600 for i in ids(tr))
     # fixed: the seeded permutation gives the same split every time, ordered by task id
     assert [p.id for p in load_mbpp(split="search")] == [p.id for p in s]
     assert [int(p.id.split("/")[1]) for p in s] == sorted(ids(s))
@@ -46,7 +49,7 @@ def test_humaneval_from_wheel():
 
 def test_bad_arguments_and_missing_data(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="split"):
-        load_mbpp(split="validation")
+        load_mbpp(split="valid")
     with pytest.raises(ValueError, match="limit"):
         load_mbpp(limit=0)
     with pytest.raises(ValueError, match="split"):
@@ -66,17 +69,17 @@ def test_data_dir_env(tmp_path, monkeypatch):
     it is tested in tests/datasets against a server on 127.0.0.1)."""
     rows = [{"task_id": 12, "prompt": "Return one.", "code": "def one():\n    return 1\n",
              "test_list": ["assert one() == 1"], "test_imports": []},
-            {"task_id": 600, "prompt": "Return two.", "code": "def two():\n    return 2\n",
+            {"task_id": 700, "prompt": "Return two.", "code": "def two():\n    return 2\n",
              "test_list": ["assert two() == 2"], "test_imports": []}]
     (tmp_path / "data" / "mbpp").mkdir(parents=True)
     (tmp_path / "data" / "mbpp" / "sanitized-mbpp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("CYCLEQD_DATA_DIR", str(tmp_path / "data"))
     ps = load_mbpp(split="all")
-    assert [p.id for p in ps] == ["mbpp/12", "mbpp/600"] and ps[0].instruction == "Return one."
-    assert [p.id for p in load_mbpp(split="train")] == ["mbpp/600"]
+    assert [p.id for p in ps] == ["mbpp/12", "mbpp/700"] and ps[0].instruction == "Return one."
+    assert [p.id for p in load_mbpp(split="train")] == ["mbpp/700"]
     monkeypatch.delenv("CYCLEQD_DATA_DIR")
     monkeypatch.setenv("CYCLEQD_CACHE", str(tmp_path))           # default data dir: <cache>/data
-    assert [p.id for p in load_mbpp(split="all")] == ["mbpp/12", "mbpp/600"]
+    assert [p.id for p in load_mbpp(split="all")] == ["mbpp/12", "mbpp/700"]
 
 
 # --------------------------------------------------------------------------- extraction

@@ -67,9 +67,11 @@ def test_splits_are_fixed_stratified_and_disjoint():
     items = load_dbbench_all()
     assert len(items) == 300
     sp = dbbench_split_ids(items)
-    assert {k: len(v) for k, v in sp.items()} == {"train": 100, "search": 100, "test": 100}
-    assert not set(sp["train"]) & (set(sp["search"]) | set(sp["test"]))
-    assert not set(sp["search"]) & set(sp["test"])
+    print("dbbench sizes:", {k: len(v) for k, v in sp.items()})
+    assert {k: len(v) for k, v in sp.items()} == {"train": 50, "validation": 50, "search": 100, "test": 100}
+    names = list(sp)
+    assert all(not set(sp[a]) & set(sp[b]) for a in names for b in names if a < b)
+    assert set().union(*sp.values()) == {it.id for it in items}
     by = {it.id: it for it in items}
     for ids in sp.values():  # every type is spread over the three splits
         types = collections.Counter(by[i].type for i in ids)
@@ -83,7 +85,7 @@ def test_splits_are_fixed_stratified_and_disjoint():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="split"):
-        DBBenchSkill(split="validation")
+        DBBenchSkill(split="valid")
     with pytest.raises(ValueError, match="max_rounds"):
         DBBenchSkill(max_rounds=0)
     with pytest.raises(ValueError, match="backend"):

@@ -48,14 +48,17 @@ def test_os_splits_fixed_and_disjoint():
     items = load_os(split="all")
     assert len(items) == 1000
     sp = os_split_ids(items)
-    assert [len(sp[k]) for k in ("search", "test", "train")] == [100, 100, 800]
-    assert not set(sp["train"]) & (set(sp["search"]) | set(sp["test"]))
+    print("os sizes:", {k: len(v) for k, v in sp.items()})
+    assert [len(sp[k]) for k in ("search", "validation", "test", "train")] == [100, 100, 100, 700]
+    names = list(sp)
+    assert all(not set(sp[a]) & set(sp[b]) for a in names for b in names if a < b)
+    assert set().union(*sp.values()) == {it.id for it in items}
     assert [it.id for it in load_os(split="test", limit=3)] == sp["test"][:3]
     with pytest.warns(UserWarning, match="left out"):
         dev = load_os(split="dev")
     assert len(dev) == 23  # 3 dev items need AgentBench script files not shipped here
     with pytest.raises(ValueError, match="split"):
-        load_os(split="validation")
+        load_os(split="valid")
 
 
 def _reference_policy(items):

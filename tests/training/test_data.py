@@ -24,7 +24,7 @@ def test_mbpp_conversations_use_the_coding_prompt_and_pass_the_tests():
 
 
 def test_never_trains_on_evaluation_splits():
-    for split in ("search", "test"):
+    for split in ("search", "validation", "test"):
         with pytest.raises(ValueError, match="never trained on evaluation splits"):
             mbpp_conversations(split=split)
         with pytest.raises(ValueError, match="never trained on evaluation splits"):

@@ -17,13 +17,15 @@ from cycleqd.vision.data import (
 
 def test_splits_are_disjoint_stratified_and_cover_all_images():
     sp = split_digits(0)
-    ids = [set(sp[s].ids.tolist()) for s in ("train", "search", "test")]
-    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
-    assert len(ids[0] | ids[1] | ids[2]) == 1797
-    for s in ("train", "search", "test"):
+    ids = [set(sp[s].ids.tolist()) for s in ("train", "search", "validation", "test")]
+    print("vision sizes train/search/validation/test:", [len(i) for i in ids])
+    assert all(not ids[a] & ids[b] for a in range(4) for b in range(a + 1, 4))
+    assert len(ids[0] | ids[1] | ids[2] | ids[3]) == 1797
+    for s in ("train", "search", "validation", "test"):
         counts = np.bincount(sp[s].labels, minlength=10)
         assert counts.min() > 0.8 * counts.mean()  # stratified: every class present, balanced
-    assert len(sp["train"].ids) == pytest.approx(0.5 * 1797, abs=10)
+    assert len(sp["train"].ids) == pytest.approx(0.4 * 1797, abs=10)
+    assert len(sp["validation"].ids) == pytest.approx(0.1 * 1797, abs=10)
     images, labels = load_digits_array()
     np.testing.assert_array_equal(sp["test"].images, images[sp["test"].ids])
     np.testing.assert_array_equal(sp["test"].labels, labels[sp["test"].ids])

@@ -15,9 +15,14 @@ Splits (fixed in code; identical on every machine; ``train`` never overlaps
 ``search``/``test``)
 - DB-Bench: within each of the 10 ``type`` values, items are permuted with
   ``numpy.random.default_rng(DB_SPLIT_SEED)`` and dealt round-robin to ``train``,
-  ``search``, ``test`` (stratified by type): 100 / 100 / 100 items.
+  ``search``, ``test`` (stratified by type): 100 / 100 / 100 items; ``validation`` (chooses
+  the final model, never reported) takes every other ``train`` item of each type (50 items,
+  stratified by type too), ``train`` keeps the other 50.
 - OS: ``training.json`` permuted with ``default_rng(OS_SPLIT_SEED)``: the first 100 are
-  ``search``, the next 100 ``test``, the remaining 800 ``train``. ``dev`` is the 26 dev
+  ``search``, the next 100 ``test``, the next 100 ``validation``, the remaining 700
+  ``train``.
+  ``search`` and ``test`` are the same ids as before ``validation`` existed (cached results
+  and reported numbers stay comparable); ``validation`` was carved out of ``train``. ``dev`` is the 26 dev
   items (an extra evaluation set, never trained on). ``all`` = every item of the file.
 Order within a split is fixed too: DB-Bench interleaves SELECT / INSERT / UPDATE items
 (so any prefix is balanced), OS follows the seeded permutation (a prefix is a random
@@ -40,8 +45,8 @@ from cycleqd.datasets import locate
 
 DB_SPLIT_SEED = 2410_14735_1
 OS_SPLIT_SEED = 2410_14735_2
-DB_SPLITS = ("train", "search", "test", "all")
-OS_SPLITS = ("train", "search", "test", "dev", "all")
+DB_SPLITS = ("train", "search", "validation", "test", "all")
+OS_SPLITS = ("train", "search", "validation", "test", "dev", "all")
 OS_SCRIPTS_URL = "https://github.com/THUDM/AgentBench/tree/main/data/os_interaction/scripts/"
 
 
@@ -159,11 +164,20 @@ def dbbench_split_ids(items: Sequence[DBItem]) -> dict[str, list[str]]:
             out[names[(j + offset) % 3]].append(ids[int(k)])
             rank[ids[int(k)]] = j
         offset += len(ids)  # rotate where each type's remainder lands: sizes stay balanced
+    # validation: carved from train, type by type, alternately (the same rotation keeps the
+    # sizes balanced); search and test are untouched
+    train, out["train"], out["validation"] = out["train"], [], []
+    turn = 0
+    for typ in sorted(by_type):
+        mine = [i for i in train if i in set(by_type[typ])]
+        for j, i in enumerate(sorted(mine, key=rank.__getitem__)):
+            out[("validation", "train")[(j + turn) % 2]].append(i)
+        turn += len(mine)
     # order inside a split: interleave the three categories (SELECT/INSERT/UPDATE), so
     # that any prefix (``limit``) holds about a third of each
     by_id = {it.id: it for it in items}
     cat_order = {"SELECT": 0, "INSERT": 1, "UPDATE": 2, "DELETE": 3}
-    for name in names:
+    for name in names + ("validation",):
         per_cat: dict[str, list[str]] = {}
         for i in sorted(out[name], key=lambda i: (rank[i], by_id[i].type)):
             per_cat.setdefault(by_id[i].category, []).append(i)
@@ -177,7 +191,7 @@ def dbbench_split_ids(items: Sequence[DBItem]) -> dict[str, list[str]]:
 
 def load_dbbench(data_path: str | os.PathLike | None = None, split: str = "search",
                  limit: int | None = None) -> list[DBItem]:
-    """DB-Bench items of one split (``train`` | ``search`` | ``test`` | ``all``)."""
+    """DB-Bench items of one split (``train`` | ``search`` | ``validation`` | ``test`` | ``all``)."""
     _check_split(split, DB_SPLITS)
     _check_limit(limit)
     items = load_dbbench_all(data_path)
@@ -304,12 +318,12 @@ def os_split_ids(items: Sequence[OSItem]) -> dict[str, list[str]]:
     """The fixed split of ``training.json`` items: split name -> ids."""
     perm = np.random.default_rng(OS_SPLIT_SEED).permutation(len(items))
     ids = [items[int(k)].id for k in perm]
-    return {"search": ids[:100], "test": ids[100:200], "train": ids[200:]}
+    return {"search": ids[:100], "test": ids[100:200], "validation": ids[200:300], "train": ids[300:]}
 
 
 def load_os(data_path: str | os.PathLike | None = None, split: str = "search",
             limit: int | None = None, *, script_dir: str | os.PathLike | None = None) -> list[OSItem]:
-    """OS-interaction items of one split (``train`` | ``search`` | ``test`` | ``dev`` |
+    """OS-interaction items of one split (``train`` | ``search`` | ``validation`` | ``test`` | ``dev`` |
     ``all``). ``data_path``: a folder holding ``os_interaction/`` (or the JSON files), or
     the JSON file itself."""
     _check_split(split, OS_SPLITS)

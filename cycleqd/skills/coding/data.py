@@ -13,8 +13,12 @@ Splits (fixed in code, identical on every machine)
 - MBPP ``task_id`` 11-510 is the original paper's test range: it is permuted with
   ``numpy.random.default_rng(MBPP_SPLIT_SEED)`` and cut in two halves, ``search`` (128
   problems: the quality signal during evolution) and ``test`` (129: held-out reporting).
-  Every other sanitized problem (170: the original prompt/validation/train ranges) is
-  ``train`` (for training coding experts; never scored). ``all`` = every problem.
+  ``validation`` (43 problems: chooses the final model, never reported) is the original
+  paper's validation range, task_id 511-600 (Austin et al. 2021, sec. 2.1). Every other
+  sanitized problem (127: the original prompt and train ranges) is ``train`` (for training
+  coding experts; never scored). ``all`` = every problem. ``search`` and ``test`` are the
+  same ids as before ``validation`` existed (cached results and reported numbers stay
+  comparable); ``train`` lost the 43 validation problems.
 - HumanEval is an extra evaluation set: ``test`` (= ``all``) is all 164 problems.
 Within a split, problems are ordered by task id; ``limit`` keeps the first ``limit``.
 """
@@ -33,7 +37,8 @@ import numpy as np
 
 MBPP_SPLIT_SEED = 2410_14735  # the CycleQD arXiv id; changing it changes every reported number
 MBPP_TEST_RANGE = (11, 510)  # inclusive; Austin et al. 2021, sec. 2.1
-MBPP_SPLITS = ("search", "test", "train", "all")
+MBPP_VALIDATION_RANGE = (511, 600)  # inclusive; Austin et al. 2021, sec. 2.1
+MBPP_SPLITS = ("search", "validation", "test", "train", "all")
 HUMANEVAL_SPLITS = ("test", "all")
 MBPP_FILE = "mbpp/sanitized-mbpp.jsonl"  # below the data dir (cycleqd.datasets catalogue)
 
@@ -143,8 +148,11 @@ def mbpp_split_ids(task_ids: list[int], split: str) -> list[int]:
     ids = sorted(set(int(t) for t in task_ids))
     if split == "all":
         return ids
+    vlo, vhi = MBPP_VALIDATION_RANGE
+    if split == "validation":
+        return [t for t in ids if vlo <= t <= vhi]
     if split == "train":
-        return [t for t in ids if not lo <= t <= hi]
+        return [t for t in ids if not lo <= t <= hi and not vlo <= t <= vhi]
     test_range = [t for t in ids if lo <= t <= hi]
     perm = np.random.default_rng(MBPP_SPLIT_SEED).permutation(len(test_range))
     half = len(test_range) // 2
@@ -164,7 +172,7 @@ def load_mbpp(data_path: str | os.PathLike | None = None, split: str = "search",
     Args:
         data_path: the JSONL/JSON file, or a folder holding ``mbpp/sanitized-mbpp.jsonl``
             (default: the data dir, :func:`default_data_dir`).
-        split: ``search`` | ``test`` | ``train`` | ``all``.
+        split: ``search`` | ``validation`` | ``test`` | ``train`` | ``all``.
         limit: keep the first ``limit`` problems of the split.
     Returns:
         ``CodeProblem`` list; ids ``"mbpp/<task_id>"``.
