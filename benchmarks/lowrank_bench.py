@@ -30,6 +30,7 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +56,13 @@ def timed(fn, reps: int) -> tuple[float, float]:
         ws.append(time.perf_counter() - t)
         cs.append(time.process_time() - c)
     return statistics.median(ws), statistics.median(cs)
+
+
+def show(la: str, a: tuple[float, float], lb: str, b: tuple[float, float]) -> None:
+    (aw, ac), (bw, bc) = a, b
+    print(f"  {la:<48} {aw * 1e3:9.1f} ms wall {ac * 1e3:9.1f} ms cpu | {lb:<26} "
+          f"{bw * 1e3:9.1f} ms wall {bc * 1e3:9.1f} ms cpu | ratio a/b wall {aw / bw:5.2f} cpu {ac / bc:5.2f}",
+          flush=True)
 
 
 def lora_experts(base: dict, K: int, rank: int, scale: float):
@@ -110,10 +118,8 @@ def bench(label: str, model_dir: Path, args) -> None:
     print(f"  LowRankChildren setup (once per run: gather factors, residual checks): "
           f"{time.perf_counter() - t0:.2f} s")
     del lr2
-    rows = []
-    a = timed(materialise, args.reps)
-    b = timed(factored, args.reps)
-    rows.append(("child: materialise+load+forward", a, "factored set+forward", b))
+    show("child: materialise+load+forward", timed(materialise, args.reps), "factored set+forward",
+         timed(factored, args.reps))
     lr.remove()
     with torch.no_grad():
         model.load_state_dict(space.materialize(kids[0]), strict=False)
@@ -125,7 +131,7 @@ def bench(label: str, model_dir: Path, args) -> None:
         got = model(ids).logits
         lr.remove()
     err = float((got - ref).abs().max() / ref.abs().max())
-    rows.append(("forward only: materialised model", fa, "factored forward", fb))
+    show("forward only: materialised model", fa, "factored forward", fb)
     model.load_state_dict(base, strict=False)
 
     def mixed_dense():
@@ -137,8 +143,8 @@ def bench(label: str, model_dir: Path, args) -> None:
         with torch.no_grad():
             return model(ids).logits
 
-    rows.append((f"{args.batch} children: {args.batch}x(materialise+load+1-row fwd)",
-                 timed(mixed_dense, args.reps), "one factored mixed forward", timed(mixed_fact, args.reps)))
+    show(f"{args.batch} children: {args.batch}x(materialise+load+1-row fwd)", timed(mixed_dense, args.reps),
+         "one factored mixed forward", timed(mixed_fact, args.reps))
     lr.remove()
     kw = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     one = ids[:1]
@@ -153,12 +159,9 @@ def bench(label: str, model_dir: Path, args) -> None:
         with torch.no_grad():
             return model.generate(one, attention_mask=torch.ones_like(one), **kw)
 
-    rows.append((f"greedy {args.new_tokens} tokens: materialise+generate", timed(gen_dense, max(1, args.reps // 2)),
-                 "factored generate", timed(gen_fact, max(1, args.reps // 2))))
+    show(f"greedy {args.new_tokens} tokens: materialise+generate", timed(gen_dense, max(1, args.reps // 2)),
+         "factored generate", timed(gen_fact, max(1, args.reps // 2)))
     lr.remove()
-    for la, (aw, ac), lb, (bw, bc) in rows:
-        print(f"  {la:<48} {aw * 1e3:9.1f} ms wall {ac * 1e3:9.1f} ms cpu | {lb:<26} "
-              f"{bw * 1e3:9.1f} ms wall {bc * 1e3:9.1f} ms cpu | ratio a/b wall {aw / bw:5.2f} cpu {ac / bc:5.2f}")
     print(f"  max |logits diff| / max |logits| (factored vs materialised): {err:.1e}")
 
 
@@ -172,6 +175,7 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=0.002)
     ap.add_argument("--tiny-only", action="store_true")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Model name")), "?")
     print(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
