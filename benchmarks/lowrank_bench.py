@@ -21,6 +21,10 @@ Timed (medians over ``--reps``; wall and this process's CPU time):
   forward) vs one factored forward of the ``B`` rows.
 * greedy decoding of ``--new-tokens`` tokens for one child (prefill + decode steps).
 
+The two sides of each row are called alternately. Timing only: in the interleaved rows the
+factored side runs over whatever child the other side last loaded (same cost as over
+theta_base); the exactness figure printed compares against a separate materialised model.
+
 Run:  nice python benchmarks/lowrank_bench.py   (~2-4 min on 2 cores)
 """
 
@@ -46,20 +50,23 @@ from cycleqd.ops.mutation import SVDExpertMutation
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def timed(fn, reps: int) -> tuple[float, float]:
-    """(median wall s, median process CPU s) over ``reps`` calls after one warm-up."""
-    fn()
-    ws, cs = [], []
+def timed(fa, fb, reps: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median (wall s, process CPU s) of ``fa`` and of ``fb`` over ``reps`` calls each, after
+    one warm-up each, the calls interleaved (a, b, a, b, ...) so that load from other
+    processes on a shared machine hits both sides alike."""
+    fa(), fb()
+    res = {0: ([], []), 1: ([], [])}
     for _ in range(reps):
-        c, t = time.process_time(), time.perf_counter()
-        fn()
-        ws.append(time.perf_counter() - t)
-        cs.append(time.process_time() - c)
-    return statistics.median(ws), statistics.median(cs)
+        for i, fn in enumerate((fa, fb)):
+            c, t = time.process_time(), time.perf_counter()
+            fn()
+            res[i][0].append(time.perf_counter() - t)
+            res[i][1].append(time.process_time() - c)
+    return tuple((statistics.median(w), statistics.median(c)) for w, c in (res[0], res[1]))
 
 
-def show(la: str, a: tuple[float, float], lb: str, b: tuple[float, float]) -> None:
-    (aw, ac), (bw, bc) = a, b
+def show(la: str, lb: str, ab) -> None:
+    (aw, ac), (bw, bc) = ab
     print(f"  {la:<48} {aw * 1e3:9.1f} ms wall {ac * 1e3:9.1f} ms cpu | {lb:<26} "
           f"{bw * 1e3:9.1f} ms wall {bc * 1e3:9.1f} ms cpu | ratio a/b wall {aw / bw:5.2f} cpu {ac / bc:5.2f}",
           flush=True)
@@ -94,19 +101,20 @@ def bench(label: str, model_dir: Path, args) -> None:
     g = torch.Generator().manual_seed(0)
     e = space.expert_genomes()
     kids = [space.mutate(space.crossover([e[0], e[1]], g), i % 2, g) for i in range(args.batch)]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     V = model.config.vocab_size
     ids = torch.randint(0, V, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"\n== {label}: {n_params / 1e6:.1f} M params, K=2 experts of rank {args.expert_rank}, "
           f"batch {args.batch} x {args.seq} tokens ==")
 
+    lr = LowRankChildren(model, space)
+
     def materialise(kid=kids[0], x=ids):
+        lr.remove()   # interleaved with the factored path: plain forward here
         model.load_state_dict(space.materialize(kid), strict=False)
         with torch.no_grad():
             return model(x).logits
-
-    lr = LowRankChildren(model, space)
 
     def factored(kid=kids[0], x=ids):
         lr.set_children([kid], rows=[0] * x.shape[0])
@@ -118,20 +126,19 @@ def bench(label: str, model_dir: Path, args) -> None:
     print(f"  LowRankChildren setup (once per run: gather factors, residual checks): "
           f"{time.perf_counter() - t0:.2f} s")
     del lr2
-    show("child: materialise+load+forward", timed(materialise, args.reps), "factored set+forward",
-         timed(factored, args.reps))
+    show("child: materialise+load+forward", "factored set+forward", timed(materialise, factored, args.reps))
     lr.remove()
+    dense_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dense_model.load_state_dict(space.materialize(kids[0]), strict=False)
+    model.load_state_dict(base, strict=False)   # the factored path runs on theta_base
+    lr.set_children([kids[0]], rows=[0] * args.batch)
     with torch.no_grad():
-        model.load_state_dict(space.materialize(kids[0]), strict=False)
-        ref = model(ids).logits
-        fa = timed(lambda: model(ids), args.reps)
-        model.load_state_dict(base, strict=False)   # the factored path runs on theta_base
-        lr.set_children([kids[0]], rows=[0] * args.batch)
-        fb = timed(lambda: model(ids), args.reps)
-        got = model(ids).logits
-        lr.remove()
+        ref, got = dense_model(ids).logits, model(ids).logits
+        show("forward only: materialised model", "factored forward",
+             timed(lambda: dense_model(ids), lambda: model(ids), args.reps))
+    del dense_model
+    lr.remove()
     err = float((got - ref).abs().max() / ref.abs().max())
-    show("forward only: materialised model", fa, "factored forward", fb)
     model.load_state_dict(base, strict=False)
 
     def mixed_dense():
@@ -143,13 +150,14 @@ def bench(label: str, model_dir: Path, args) -> None:
         with torch.no_grad():
             return model(ids).logits
 
-    show(f"{args.batch} children: {args.batch}x(materialise+load+1-row fwd)", timed(mixed_dense, args.reps),
-         "one factored mixed forward", timed(mixed_fact, args.reps))
+    show(f"{args.batch} children: {args.batch}x(materialise+load+1-row fwd)", "one factored mixed forward",
+         timed(mixed_dense, mixed_fact, args.reps))
     lr.remove()
     kw = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     one = ids[:1]
 
     def gen_dense():
+        lr.remove()
         model.load_state_dict(space.materialize(kids[0]), strict=False)
         with torch.no_grad():
             return model.generate(one, attention_mask=torch.ones_like(one), **kw)
@@ -159,8 +167,8 @@ def bench(label: str, model_dir: Path, args) -> None:
         with torch.no_grad():
             return model.generate(one, attention_mask=torch.ones_like(one), **kw)
 
-    show(f"greedy {args.new_tokens} tokens: materialise+generate", timed(gen_dense, max(1, args.reps // 2)),
-         "factored generate", timed(gen_fact, max(1, args.reps // 2)))
+    show(f"greedy {args.new_tokens} tokens: materialise+generate", "factored generate",
+         timed(gen_dense, gen_fact, max(1, args.reps // 2)))
     lr.remove()
     print(f"  max |logits diff| / max |logits| (factored vs materialised): {err:.1e}")
 
@@ -173,9 +181,12 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--expert-rank", type=int, default=16)
     ap.add_argument("--scale", type=float, default=0.002)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--tiny-only", action="store_true")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Model name")), "?")
     print(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "

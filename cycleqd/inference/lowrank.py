@@ -114,6 +114,10 @@ class LowRankChildren:
                 self._lin_bias[mname] = sd.get("bias")
             else:
                 self.others[mname] = (mod, sd)
+        # non-Linear tensors that no expert changes (LoRA experts leave norms, embeddings):
+        # their tau is 0 for every genome of an SVD space, so set_children skips them
+        self._zero = {n for _, sd in self.others.values() for n in sd.values()
+                      if self.is_svd_space and not any(bool(e[n].any()) for e in space.experts)}
         self._installed: list[nn.Module] = []
         self.B = 0
 
@@ -206,7 +210,8 @@ class LowRankChildren:
         for mname, (mod, sd) in self.others.items():
             per = []
             for gen in genomes:
-                taus = {pn: self._tau(n, gen) for pn, n in sd.items()}
+                taus = {pn: self._tau(n, gen) for pn, n in sd.items()
+                        if not (n in self._zero and isinstance(gen, SVDGenome) and n not in gen.m)}
                 if any(bool(t.any()) for t in taus.values()):
                     per.append({pn: (self.space.base[sd[pn]].float() + t).to(getattr(mod, pn).dtype)
                                 for pn, t in taus.items()})
