@@ -83,6 +83,13 @@ class LowRankChildren:
         resid_tol: relative Frobenius size under which a basis residual is dropped.
     Raises:
         ValueError: a model parameter with no tensor in ``space.base`` (wrong model).
+
+    CPU only for now: factors and coefficients live on the CPU. The first positional
+    argument of each wrapped module must carry the batch dimension first (true for HF
+    Linear, Embedding and RMSNorm calls). Reads the space's operator (``space._mutation``)
+    for the experts' SVD bases, so the factors are the ones the mutation uses.
+    Source: the genome algebra of :mod:`cycleqd.ops.genome`; the per-row batching follows
+    punica's BGMV/SGMV (Chen et al. 2023) and S-LoRA (Sheng et al. 2023).
     """
 
     def __init__(self, model: nn.Module, space: Any, *, svd_tol: float = 1e-6, resid_tol: float = 1e-4):
