@@ -147,8 +147,11 @@ def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = 
                 comps.close()
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"\n{what}: finished generations are saved; continue with `cycleqd resume {run_dir}`",
-              file=sys.stderr)
+        if (run_dir / "config.yaml").is_file() and (run_dir / "state.json").is_file():
+            print(f"\n{what}: finished generations are saved; continue with `cycleqd resume {run_dir}`",
+                  file=sys.stderr)
+        else:
+            print(f"\n{what} before the run directory was created; nothing to resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         if is_disk_full(e):
