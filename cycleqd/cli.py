@@ -147,8 +147,11 @@ def _run(cfg, run_dir: Path, *, resume: bool, args, from_snapshot: int | None = 
                 comps.close()
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"\n{what}: finished generations are saved; continue with `cycleqd resume {run_dir}`",
-              file=sys.stderr)
+        if (run_dir / "config.yaml").is_file() and (run_dir / "state.json").is_file():
+            print(f"\n{what}: finished generations are saved; continue with `cycleqd resume {run_dir}`",
+                  file=sys.stderr)
+        else:
+            print(f"\n{what} before the run directory was created; nothing to resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         if is_disk_full(e):
@@ -378,7 +381,7 @@ def cmd_data(args) -> int:
     root = data_dir()
     if args.data_command == "fetch":
         names = args.names or list(datasets.DEFAULT_DATASETS)
-        got = datasets.fetch(names, root, progress=not args.no_progress)
+        got = datasets.fetch(names, root, progress=not args.no_progress, refetch=True)
         print(f"{len(got)} file(s) fetched into {root}" if got else f"nothing to fetch: {', '.join(names)} "
               f"already in {root}")
         return 0
@@ -529,7 +532,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp = sub.add_parser("data", help="benchmark data: list what is present, fetch what is missing")
     dsub = sp.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     add_data_dir(dsub.add_parser("list", help="each file: present/missing, path, public source, size"))
-    dp = dsub.add_parser("fetch", help="download missing files (pinned sources, SHA-256 checked; "
+    dp = dsub.add_parser("fetch", help="download missing files and re-fetch changed ones (pinned sources, "
+                                       "SHA-256 checked, $CYCLEQD_FETCH_TIMEOUT s per read, default 30; "
                                        "$CYCLEQD_DATA_MIRROR replaces the public URLs)")
     dp.add_argument("names", nargs="*", metavar="NAME",
                     help="data sets (default: mbpp dbbench os, what the demo needs); see `cycleqd data list`")

@@ -155,8 +155,10 @@ def _commit_section(*, second_now: bool = False):
     (where a KeyboardInterrupt can surface as an unrelated error, e.g. torch's "could not
     determine the shape of object type"). With ``second_now`` (a whole generation: the
     evaluation may take minutes) the first signal prints that the run stops once the current
-    generation is saved, and a second one is delivered at once. Only in the main thread
-    (signal handlers live there); nested sections hand what they caught to the outer one."""
+    generation is saved, and a second one is delivered at once. A signal whose handler is
+    ``SIG_IGN`` (e.g. SIGINT of a background job started by a shell without job control) is
+    left alone: ignored before, ignored here. Only in the main thread (signal handlers live
+    there); nested sections hand what they caught to the outer one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -182,7 +184,8 @@ def _commit_section(*, second_now: bool = False):
                   file=sys.stderr, flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        old[sig] = signal.signal(sig, on_signal)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            old[sig] = signal.signal(sig, on_signal)
     try:
         yield
     finally:

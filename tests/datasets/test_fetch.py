@@ -215,3 +215,97 @@ def test_demo_fetches_missing_data_before_any_model_work(tmp_path, empty_dir, se
                      progress=False, log=lines.append)
     assert any(x.startswith("benchmark data: 4 file(s) missing") for x in lines)
     assert f"fetching dbbench/standard.jsonl from {url}dbbench/standard.jsonl" in lines
+
+
+@needs_shared
+def test_a_locally_changed_file_is_refetched_and_warned_about(tmp_path, empty_dir, serve, monkeypatch, capsys):
+    """`data fetch` re-fetches a file whose checksum differs (saying so; the local file stays until
+    the new one is verified); a run/demo reading it warns once."""
+    import os
+
+    from cycleqd.skills.coding.data import load_mbpp
+
+    srv = _copy(tmp_path / "srv")
+    _copy(empty_dir)
+    rel = "mbpp/sanitized-mbpp.jsonl"
+    good = (srv / rel).read_bytes()
+    edited = b"".join(good.splitlines(keepends=True)[:-1])   # one task less, still valid
+    (empty_dir / rel).write_bytes(edited)
+    load_mbpp(split="all")
+    os.utime(empty_dir / rel)
+    load_mbpp(split="all")
+    warn = [l for l in capsys.readouterr().err.splitlines() if "differs from the catalogue checksum" in l]
+    assert len(warn) == 1 and str(empty_dir / rel) in warn[0] and "cycleqd data fetch mbpp" in warn[0]
+    assert datasets.fetch(["mbpp"], progress=False, log=print) == []   # the demo's call: kept (warned)
+    assert (empty_dir / rel).read_bytes() == edited
+    # a mirror with a bad copy: refused, the local (edited) file is left as it was
+    bad = tmp_path / "bad"
+    _copy(bad)
+    (bad / rel).write_bytes(good.replace(b"def ", b"def  ", 1))
+    monkeypatch.setenv(datasets.MIRROR_ENV, serve(bad))
+    assert cli_main(["data", "fetch", "mbpp", "--no-progress", "--data-dir", str(empty_dir)]) == 2
+    assert (empty_dir / rel).read_bytes() == edited and not list(empty_dir.rglob("*.part"))
+    capsys.readouterr()
+    monkeypatch.setenv(datasets.MIRROR_ENV, serve(srv))
+    assert cli_main(["data", "fetch", "mbpp", "dbbench", "--no-progress", "--data-dir", str(empty_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"{empty_dir / rel} differs from the catalogue checksum; re-fetching it" in out
+    assert f"1 file(s) fetched into {empty_dir}" in out and "dbbench" not in out.replace(str(empty_dir), "")
+    assert (empty_dir / rel).read_bytes() == good
+
+
+@needs_shared
+@pytest.mark.parametrize("rel, factor", [("dbbench/standard.jsonl", 1), ("mbpp/sanitized-mbpp.jsonl", 4)])
+def test_an_oversized_download_stops_at_the_limit(tmp_path, empty_dir, serve, monkeypatch, rel, factor):
+    """A mirror serving far more than the stored size (``factor`` times it for a file with a
+    convert step) is cut off there: one error line, no ``.part``."""
+    srv = _copy(tmp_path / "srv")
+    f = next(x for x in FILES if x.rel == rel)
+    assert (f.convert is not None) == (factor > 1)
+    (srv / rel).write_bytes(b"x" * (f.size * factor + 3 * (1 << 16)))
+    monkeypatch.setenv(datasets.MIRROR_ENV, serve(srv))
+    with pytest.raises(DataError) as e:
+        datasets.fetch_file(f, progress=False, log=lambda s: None)
+    msg = str(e.value)
+    assert f"sent more than {f.size * factor} bytes" in msg and "\n" not in msg
+    assert not list(empty_dir.rglob("*.part")) and not (empty_dir / rel).exists()
+
+
+def test_a_hung_mirror_times_out_says_it_retries(empty_dir, monkeypatch):
+    """No answer: ``$CYCLEQD_FETCH_TIMEOUT`` seconds per try, a "retrying (2/2)" line, one error."""
+    import socket
+    import time
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)                                  # accepts connections, never answers
+    try:
+        monkeypatch.setenv(datasets.MIRROR_ENV, f"http://127.0.0.1:{s.getsockname()[1]}/")
+        monkeypatch.setenv("CYCLEQD_FETCH_TIMEOUT", "0.3")
+        lines: list[str] = []
+        t = time.time()
+        with pytest.raises(DataError, match="dbbench/standard.jsonl: download from .* failed"):
+            datasets.fetch(["dbbench"], progress=False, log=lines.append)
+        assert time.time() - t < 5
+        assert "dbbench/standard.jsonl: retrying (2/2) after timeout (0.3s, CYCLEQD_FETCH_TIMEOUT)" in lines
+        monkeypatch.setenv("CYCLEQD_FETCH_TIMEOUT", "soon")
+        with pytest.raises(DataError, match="CYCLEQD_FETCH_TIMEOUT='soon'"):
+            datasets.fetch(["dbbench"], progress=False, log=lines.append)
+    finally:
+        s.close()
+    assert not list(empty_dir.rglob("*.part"))
+
+
+@needs_shared
+def test_fetched_files_are_readable_by_all(tmp_path, empty_dir, serve, monkeypatch):
+    import os
+    import stat
+
+    monkeypatch.setenv(datasets.MIRROR_ENV, serve(_copy(tmp_path / "srv")))
+    old = os.umask(0o022)
+    try:
+        got = datasets.fetch(["os"], progress=False, log=lambda s: None)
+    finally:
+        os.umask(old)
+    assert got and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in got)
+    assert stat.S_IMODE(got[0].parent.stat().st_mode) == 0o755

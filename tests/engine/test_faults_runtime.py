@@ -305,3 +305,40 @@ def test_real_full_tmpfs(tmp_path, cfg_path, capsys, reference, fault, free_kib)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
     fault.survived()
+
+
+def test_sigint_ignored_by_the_parent_shell_stays_ignored(tmp_path, cache_dir, fault):
+    """`cmd & kill -INT $!` in a script without job control: SIGINT is SIG_IGN in the run;
+    it is left so (no "stopping once ..." line, the run completes with 0); SIGTERM still works."""
+    fault.inject("signal: SIGINT ignored by the parent")
+    d = tmp_path / "run"
+    cfg = _slow_cfg(tmp_path, cache_dir, generations=8)
+    p = subprocess.Popen(_cmd("run", str(cfg), "--out", str(d)), env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    _wait_generation(d, 2, p)
+    for _ in range(3):
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "stopping" not in err and "interrupted" not in err, err
+    assert json.loads((d / "state.json").read_text())["generation"] == 8
+    fault.survived()
+
+
+def test_interrupt_before_the_run_dir_exists_offers_no_resume(tmp_path, cfg_path, capsys,
+                                                              monkeypatch, fault):
+    fault.inject("signal: Ctrl-C before the run directory exists")
+    import cycleqd.engine.build as build
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "build_components", interrupted)
+    d = tmp_path / "early"
+    assert main(["run", str(cfg_path), "--out", str(d), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted before the run directory was created; nothing to resume"
+    assert "cycleqd resume" not in err
+    fault.survived()
