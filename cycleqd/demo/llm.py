@@ -306,7 +306,7 @@ def evaluate_models(models: Sequence[tuple[str, str, Any]], space: Any, adapter:
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(models), desc="test eval", unit="model", dynamic_ncols=True)
+        bar = tqdm(total=len(models), desc="test eval", unit="model", dynamic_ncols=True, disable=None)  # off when not a terminal
     for mid, desc, genome in models:
         t = time.perf_counter()
         weights = space.materialize(genome)

@@ -319,7 +319,7 @@ def train_lora(base_dir: str | Path, conversations: Sequence[Conversation], reci
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=recipe.steps, desc=desc, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=recipe.steps, desc=desc, unit="step", dynamic_ncols=True, disable=None)  # no \r lines in log files
     t0 = time.perf_counter()
     ema = None
     try:
