@@ -195,3 +195,24 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(out_dir.parent)
+
+
+_MODEL_MARKERS = ("config.json", "cycleqd_export.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse (FileExistsError, one line) an ``out_dir`` that is a file, a non-empty folder
+    without ``overwrite``, or -- with it -- a non-empty folder that is not a model folder.
+    Torch-free, so ``cycleqd export`` checks OUT before it loads anything."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder; choose another output folder")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or "
+                              "pass --overwrite to replace it")
+    if not any((out_dir / m).exists() for m in _MODEL_MARKERS):
+        raise FileExistsError(f"{out_dir} is not a model folder (no {', '.join(_MODEL_MARKERS[:2])} "
+                              "or safetensors in it); --overwrite only replaces an earlier export")

@@ -329,27 +329,29 @@ def cmd_elites(args) -> int:
 def cmd_export(args) -> int:
     import shlex
 
+    from cycleqd._io import check_out_dir
+    from cycleqd.engine.elites import pick_model
+    from cycleqd.engine.runview import RunView
+
+    # the cheap checks first (OUT, the model named, the Hub target): no torch imported yet
+    check_out_dir(Path(args.out_dir), args.overwrite)
+    model, what = pick_model(RunView(args.run_dir), model_id=args.model, cell=args.cell,
+                             archive=args.archive, aggregate=args.aggregate, select=args.select)
     from cycleqd.engine.export import HubPushError, check_hub_target, export_from_run, push_to_hub
 
     if args.push_to_hub:
         check_hub_target(args.push_to_hub)        # before the export's expensive work
-    pick = (["--aggregate"] if args.aggregate else ["--cell", args.cell] if args.cell else
-            ["--archive", args.archive] if args.archive else ["--select", args.select] if args.select
-            else ["--model", args.model])
-    model = args.model
-    if args.select:
-        from cycleqd.engine.elites import elite_table, select
-
-        chosen, why = select(elite_table(Path(args.run_dir)), args.select)
-        print(f"selected {why}")
-        model = chosen.id
+    if args.select is not None:
+        print(f"selected {what}")
+    pick = (["--aggregate"] if args.aggregate else ["--cell", args.cell] if args.cell is not None else
+            ["--archive", args.archive] if args.archive is not None else
+            ["--select", args.select] if args.select is not None else ["--model", args.model])
     command = shlex.join(["cycleqd", "export", args.run_dir, *pick, args.out_dir]
                          + (["--dtype", args.dtype] if args.dtype else [])
                          + (["--overwrite"] if args.overwrite else []))
-    out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=model, cell=args.cell,
-                          archive=args.archive, aggregate=args.aggregate, overwrite=args.overwrite,
-                          dtype=args.dtype, command=command)
-    print(f"exported to {out}")
+    out = export_from_run(Path(args.run_dir), Path(args.out_dir), model_id=model,
+                          overwrite=args.overwrite, dtype=args.dtype, command=command)
+    print(f"exported {what if args.select is None else model} to {out}")
     if args.push_to_hub:
         try:
             print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")
@@ -490,14 +492,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("elites", help="list every elite of a run with its scores and the Pareto front")
-    sp.add_argument("run_dir")
+    sp.add_argument("run_dir", help="the run directory (holds config.yaml, state.json, metrics.jsonl)")
     sp.add_argument("--front", action="store_true", help="only the Pareto front")
     sp.add_argument("--sort", metavar="SKILL", help="sort by this skill's score (or 'mean', the default)")
     sp.add_argument("--json", action="store_true", help="JSON for scripts (skills, elites with scores)")
     sp.set_defaults(fn=cmd_elites)
 
     sp = sub.add_parser("export", help="export an elite or the aggregated model as a Hugging Face folder")
-    sp.add_argument("run_dir")
+    sp.add_argument("run_dir", help="the run directory to export from (holds config.yaml, state.json, genomes/)")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--aggregate", action="store_true", help="the aggregated model")
     g.add_argument("--cell", help="ARCHIVE:i,j - the elite in that cell of that archive")

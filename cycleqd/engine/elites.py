@@ -188,7 +188,8 @@ def parse_preference(text: str, skills: Sequence[str]) -> Preference:
 
     Raises:
         PreferenceError: an empty preference, a term that is not one of those forms, an
-            unknown skill, a negative or repeated weight, or all weights zero (names the term).
+            unknown skill, a non-finite number, a negative or repeated weight, or all weights
+            zero (names the term).
     """
     weights: dict[str, float] = {}
     constraints: list[tuple[str, str, float]] = []
@@ -200,6 +201,8 @@ def parse_preference(text: str, skills: Sequence[str]) -> Preference:
             raise PreferenceError(f"--select: term {t.strip()!r} is not SKILL=WEIGHT or SKILL>=X "
                                   "(also >, <=, <), e.g. 'coding=2,db>=0.3'")
         skill, op, num = m.group(1), m.group(2), float(m.group(3))
+        if not math.isfinite(num):     # 1e309 parses as inf
+            raise PreferenceError(f"--select: term {t.strip()!r}: {m.group(3)} is not a finite number")
         if skill not in skills:
             raise PreferenceError(f"--select: term {t.strip()!r}: unknown skill {skill!r}; the run's "
                                   f"skills are {list(skills)}")
@@ -243,6 +246,62 @@ def select(table: EliteTable, preference: str | Preference) -> tuple[EliteRow, s
               + ", ".join(f"{s}{op}{b:g}" for s, op, b in pref.constraints) if pref.constraints
               else f" of {len(table.rows)} elites"))
     return best, why
+
+
+select_elite = select   # pick_model's ``select`` argument hides the function
+
+
+def pick_model(view: RunView, *, model_id: str | None = None, cell: str | None = None,
+               archive: str | None = None, aggregate: bool = False, select: str | None = None
+               ) -> tuple[str, str]:
+    """The model ``cycleqd export`` names by exactly one of ``model_id`` (checked:
+    :meth:`RunView.check_model_id`), ``cell`` (``ARCHIVE:i,j``), ``archive`` (its best
+    elite), ``aggregate`` or ``select`` (a preference, :func:`select`), and a one-line
+    description of it (``g000012 (best of archive b, b:3,1)``). Reads only ``state.json``,
+    ``metrics.jsonl`` and the config: no torch, no genome.
+
+    Raises:
+        ValueError: not exactly one choice; an unknown archive; a malformed, out-of-range or
+            empty cell; an empty archive. ModelIdError, PreferenceError, RunDirError.
+    """
+    chosen = [x for x in (model_id, cell, archive, select) if x is not None] + (["aggregate"] if aggregate else [])
+    if len(chosen) != 1:
+        raise ValueError("export: give exactly one of --model, --cell, --archive, --aggregate, --select")
+    if aggregate or model_id is not None:
+        mid = view.check_model_id("aggregate" if aggregate else model_id)
+        return mid, mid
+    if select is not None:
+        row, why = select_elite(elite_table(view.root), select)
+        return view.check_model_id(row.id), why
+    by_name = {a.quality_skill: a for a in view.archives}
+    if archive is not None:
+        if archive not in by_name:
+            raise ValueError(f"--archive {archive!r}: the run's archives are {sorted(by_name)}")
+        best = by_name[archive].best()
+        if best is None:
+            raise ValueError(f"archive {archive!r} is empty")
+        at = next(c for c, e in by_name[archive] if e is best)
+        return (view.check_model_id(best.id),
+                f"{best.id} (best of archive {archive}, {archive}:{','.join(str(int(i)) for i in at)})")
+    name, sep, idx = cell.partition(":")
+    if not sep or name not in by_name:
+        raise ValueError(f"--cell {cell!r}: expected ARCHIVE:i,j with ARCHIVE in {sorted(by_name)}")
+    try:
+        c = tuple(int(x) for x in idx.split(","))
+    except ValueError:
+        raise ValueError(f"--cell {cell!r}: cell indices must be integers like 3,7") from None
+    arch = by_name[name]
+    if len(c) != len(arch.axes):
+        raise ValueError(f"--cell {cell!r}: archive {name!r} has {len(arch.axes)} BC axes")
+    for i, ax in zip(c, arch.axes):
+        if not 0 <= i < ax.bins:
+            raise ValueError(f"--cell {cell!r}: cell index {i} out of range 0..{ax.bins - 1} "
+                             f"for axis {ax.skill!r}")
+    if c not in arch.elites:
+        filled = sorted(arch.elites)[:10]
+        raise ValueError(f"--cell {cell!r}: that cell is empty (filled cells include {filled})")
+    mid = arch.elites[c].id
+    return view.check_model_id(mid), f"{mid} (cell {cell})"
 
 
 # -- rendering ------------------------------------------------------------------------------------

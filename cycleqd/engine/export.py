@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 
 from cycleqd import paths
 from cycleqd._io import atomic_directory
-from cycleqd.engine.elites import elite_table
-from cycleqd.engine.elites import select as select_elite
+from cycleqd._io import check_out_dir as _check_out
+from cycleqd.engine.elites import pick_model
 from cycleqd.engine.model_card import model_card
 from cycleqd.engine.runview import RunView
 from cycleqd.models.loading import load_expert, load_model, needs_untie
@@ -42,24 +42,6 @@ from cycleqd.ops.crossover import make_crossover
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_MODEL_MARKERS = ("config.json", "cycleqd_export.json", "model.safetensors", "model.safetensors.index.json")
-
-
-def _check_out(out_dir: Path, overwrite: bool) -> None:
-    """Refuse (FileExistsError, one line) an ``out_dir`` that is a file, a non-empty folder
-    without ``overwrite``, or -- with it -- a non-empty folder that is not a model folder."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file, not a folder; choose another output folder")
-    if not any(out_dir.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or "
-                              "pass --overwrite (overwrite=True) to replace it")
-    if not any((out_dir / m).exists() for m in _MODEL_MARKERS):
-        raise FileExistsError(f"{out_dir} is not a model folder (no {', '.join(_MODEL_MARKERS[:2])} "
-                              "or safetensors in it); --overwrite only replaces an earlier export")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, source_dir: Path | str | None) -> torch.dtype | None:
@@ -301,42 +283,6 @@ def stream_merge(base: str | Path, models: Sequence[str | Path], crossover: Mapp
 
 # --- run directories -----------------------------------------------------------------
 
-def _pick_model(run_dir: Path, *, model_id: str | None, cell: str | None, archive: str | None,
-                aggregate: bool, select: str | None = None) -> str:
-    chosen = [x for x in (model_id, cell, archive, select) if x] + (["aggregate"] if aggregate else [])
-    if len(chosen) != 1:
-        raise ValueError("export: give exactly one of model_id, cell, archive, aggregate, select")
-    if aggregate:
-        return "aggregate"
-    if model_id:
-        return model_id
-    if select:
-        return select_elite(elite_table(run_dir), select)[0].id
-    archives = RunView(run_dir).archives
-    by_name = {a.quality_skill: a for a in archives}
-    if archive:
-        if archive not in by_name:
-            raise ValueError(f"--archive {archive!r}: the run's archives are {sorted(by_name)}")
-        best = by_name[archive].best()
-        if best is None:
-            raise ValueError(f"archive {archive!r} is empty")
-        return best.id
-    name, sep, idx = cell.partition(":")
-    if not sep or name not in by_name:
-        raise ValueError(f"--cell {cell!r}: expected ARCHIVE:i,j with ARCHIVE in {sorted(by_name)}")
-    try:
-        c = tuple(int(x) for x in idx.split(","))
-    except ValueError:
-        raise ValueError(f"--cell {cell!r}: cell indices must be integers like 3,7") from None
-    arch = by_name[name]
-    if len(c) != len(arch.axes):
-        raise ValueError(f"--cell {cell!r}: archive {name!r} has {len(arch.axes)} BC axes")
-    if c not in arch.elites:
-        filled = sorted(arch.elites)[:10]
-        raise ValueError(f"--cell {cell!r}: that cell is empty (filled cells include {filled})")
-    return arch.elites[c].id
-
-
 def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str | None = None,
                     cell: str | None = None, archive: str | None = None, aggregate: bool = False,
                     select: str | None = None, overwrite: bool = False, dtype: str | torch.dtype | None = None,
@@ -354,8 +300,10 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
     quoted in the card.
 
     Raises:
-        ValueError: bad selection (names what exists), bad dtype, a weight beyond the dtype's
-            range; FileNotFoundError: missing files; FileExistsError: see :func:`_check_out`,
+        ValueError: bad selection (names what exists: :func:`cycleqd.engine.elites.pick_model`),
+            bad dtype, a weight beyond the dtype's range; RunDirError: a damaged run (an elite
+            score that differs from ``metrics.jsonl``, a genome whose SHA-256 is not the
+            recorded one); FileNotFoundError: missing files; FileExistsError: see :func:`_check_out`,
             or ``out_dir`` is (or holds) the run directory, or is the run's base or an expert.
     """
     run_dir = Path(run_dir)
@@ -365,9 +313,9 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
     _check_out(out_dir, overwrite)
     if dtype not in (None, "auto") and not isinstance(dtype, torch.dtype):
         resolve_dtype(dtype, None)
-    mid = _pick_model(run_dir, model_id=model_id, cell=cell, archive=archive, aggregate=aggregate,
-                      select=select)
     view = RunView(run_dir)
+    mid, _ = pick_model(view, model_id=model_id, cell=cell, archive=archive, aggregate=aggregate,
+                        select=select)      # checked before the weight space is built
     space, info = view.space, view.model_info
     sources = [info.model_dir, info.base_spec, *info.expert_specs]
     if any(Path(str(s)).expanduser().resolve() == out_dir.resolve() for s in sources if s):

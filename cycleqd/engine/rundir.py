@@ -37,12 +37,13 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -52,6 +53,9 @@ from cycleqd.qd.archive import Elite
 from cycleqd._io import (DiskFullError, atomic_write_json, atomic_write_text,  # noqa: F401  (re-exported)
                          disk_full_names, fsync_dir, sha256_file)
 
+# every model id a run writes: a child ``g<generation:06d>`` (engine/loop.py), a seed
+# ``expert:<skill>`` or ``base`` (engine.loop.seed_ids), the aggregated model ``aggregate``
+MODEL_ID = re.compile(r"^(g\d{6}|expert:[A-Za-z0-9_][\w.-]*|base|aggregate)$")
 STATE_FORMAT = 2          # 2: genome digests recorded; 1 (no "format" key): written before them
 SNAPSHOT_GENOMES_KEPT = 2  # newest snapshots whose genomes are kept (hard links) for --from-snapshot
 
@@ -395,6 +399,21 @@ def check_metrics(records: Sequence[dict], seed_ids: Sequence[str], generation: 
     return None, by_child
 
 
+def elite_scores_problem(rd: RunDir, elites: Iterable[tuple[str, Mapping[str, float]]],
+                         by_child: Mapping[str, dict]) -> str | None:
+    """None if every ``(id, scores)`` of ``elites`` that has a metrics record in ``by_child``
+    (child id -> record, :func:`check_metrics`) holds exactly the record's scores; else one
+    line naming the first elite whose ``state.json`` scores differ from ``metrics.jsonl``
+    (a hand-edited or damaged state). Used by :func:`check_resume` and by
+    :class:`cycleqd.engine.runview.RunView` (export, elites, report)."""
+    for mid, scores in elites:
+        rec = by_child.get(mid)
+        if rec is not None and {k: float(v) for k, v in rec["scores"].items()} != dict(scores):
+            return (f"{rd.state}: elite {mid} has scores {dict(scores)}, but "
+                    f"{rd.metrics.name} recorded {rec['scores']}")
+    return None
+
+
 def replay_archives(records: Sequence[dict], expected: Sequence[Any], seed_ids: Sequence[str],
                     generation: int) -> tuple[list[Any] | None, str | None]:
     """Rebuild the archives the committed metrics lines imply: the seed lines, then the child
@@ -540,15 +559,8 @@ def check_resume(rd: RunDir, cfg: Any, expected: Sequence[Any], seed_ids: Sequen
             if why:
                 problem = f"{rd.metrics}: {why}"
             else:
-                for a in st.archives:
-                    for e in a.elites:
-                        rec = by_child.get(e.id)
-                        if rec is not None and {k: float(v) for k, v in rec["scores"].items()} != e.scores:
-                            problem = (f"{rd.state}: elite {e.id} has scores {e.scores}, but "
-                                       f"{rd.metrics.name} recorded {rec['scores']}")
-                            break
-                    if problem:
-                        break
+                problem = elite_scores_problem(rd, ((e.id, e.scores) for a in st.archives
+                                                    for e in a.elites), by_child)
                 if problem is None and st.aggregate is not None:
                     rec = by_child["aggregate"]
                     if _float_scores(rec.get("scores")) != st.aggregate:

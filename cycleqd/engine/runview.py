@@ -19,7 +19,8 @@ from typing import Any
 
 from cycleqd import paths
 from cycleqd.config import RunConfig, load_config
-from cycleqd.engine.rundir import RunDir, RunDirError
+from cycleqd.engine.rundir import MODEL_ID, RunDir, RunDirError, check_genomes, elite_scores_problem
+from cycleqd.errors import CycleQDError
 from cycleqd.qd.archive import Elite, GridArchive
 
 
@@ -67,6 +68,14 @@ def weight_space(cfg: RunConfig, cache_dir: Path | str | None = None) -> tuple[A
         cache_dir=cache)
 
 
+class ModelIdError(CycleQDError, ValueError):
+    """A model id that is not one of the run's models (malformed, or absent from its state)."""
+
+
+class GenomeNotFoundError(ModelIdError, FileNotFoundError):
+    """A well-formed child id that is not an elite of the run's state (no genome of it)."""
+
+
 class RunView:
     """What one run directory holds, read on demand (each part once).
 
@@ -107,6 +116,20 @@ class RunView:
 
     @cached_property
     def archives(self) -> list[GridArchive]:
+        """The state's archives, once every elite's scores are checked against its
+        ``metrics.jsonl`` record (:func:`~cycleqd.engine.rundir.elite_scores_problem`, as on
+        resume): a hand-edited score must not decide what export, elites and report pick.
+
+        Raises:
+            RunDirError: one line naming the first elite whose scores differ.
+        """
+        g = self.generation
+        by_child = {r["child"]: r for r in self.metrics
+                    if r.get("kind") != "aggregate" and "child" in r and r["generation"] <= g}
+        why = elite_scores_problem(self.rd, ((e["id"], e["scores"]) for a in self.state["archives"]
+                                             for e in a["elites"]), by_child)
+        if why:
+            raise RunDirError(why)
         return [GridArchive.from_json(a) for a in self.state["archives"]]
 
     @cached_property
@@ -140,6 +163,31 @@ class RunView:
         agg = [m for m in self.metrics if m.get("kind") == "aggregate"]
         return dict(agg[-1].get("scores") or {}) if agg else None
 
+    def check_model_id(self, model_id: str) -> str:
+        """``model_id`` if it names a model of this run: ``g<6 digits>`` that is an elite of
+        the state's archives, ``expert:<skill>`` of a configured skill, ``base``, or
+        ``aggregate`` once the run aggregated. Reads no genome and imports no torch.
+
+        Raises:
+            ModelIdError: a malformed id (e.g. a path) or one the run does not hold
+                (:class:`GenomeNotFoundError`, also a FileNotFoundError, for a child id that
+                is not an elite).
+            RunDirError, FileNotFoundError: as :attr:`archives` / :attr:`state`.
+        """
+        if not isinstance(model_id, str) or not MODEL_ID.match(model_id):
+            raise ModelIdError(f"model id {model_id!r}: expected g000123, expert:SKILL, base or "
+                               f"aggregate (`cycleqd elites {self.root}` lists the run's elites)")
+        if model_id.startswith("expert:"):
+            if model_id[7:] not in self.config.skill_names:
+                raise ModelIdError(f"model {model_id!r}: skills are {self.config.skill_names}")
+        elif model_id == "aggregate":
+            if self.state.get("aggregate") is None:
+                raise ModelIdError(f"model id 'aggregate': the run in {self.root} has not aggregated yet")
+        elif model_id != "base" and model_id not in {e.id for _, e in self.elites()}:
+            raise GenomeNotFoundError(f"genome of {model_id!r} not found: not an elite of the run in "
+                                      f"{self.root} (`cycleqd elites {self.root}` lists them)")
+        return model_id
+
     @cached_property
     def _built(self) -> tuple[Any, Any]:
         return weight_space(self.config, self._cache_dir)
@@ -156,20 +204,21 @@ class RunView:
         """The genome of ``model_id`` in the run's weight space: ``expert:<skill>``, ``base``,
         or a stored one (``g000123``, ``aggregate``) from ``RUN_DIR/genomes``.
 
+        The id is checked first (:meth:`check_model_id`); a stored genome's SHA-256 must be
+        the one ``state.json`` recorded when it was written (as on resume).
+
         Raises:
-            ValueError: an ``expert:`` id naming no skill of the run.
-            FileNotFoundError: no stored genome of that id.
+            ModelIdError: see :meth:`check_model_id`.
+            RunDirError: a stored genome that is missing, damaged, or has no recorded digest.
         """
+        self.check_model_id(model_id)
         space, cfg = self.space, self.config
         if model_id.startswith("expert:"):
             skill = model_id.split(":", 1)[1]
-            if skill not in cfg.skill_names:
-                raise ValueError(f"model {model_id!r}: skills are {cfg.skill_names}")
             return space.expert_genomes()[cfg.skill_names.index(skill)]
         if model_id == "base":
             return space.base_genome()
-        path = self.rd.genomes / f"{model_id}{space.genome_suffix}"
-        if not path.is_file():
-            raise FileNotFoundError(f"genome of {model_id!r} not found at {path}"
-                                    + (" (the run has not aggregated yet)" if model_id == "aggregate" else ""))
-        return space.load(path)
+        why = check_genomes([model_id], self.state.get("genomes"), self.rd.genomes, space.genome_suffix)
+        if why:
+            raise RunDirError(f"{self.rd.state} references a bad genome: {why}")
+        return space.load(self.rd.genomes / f"{model_id}{space.genome_suffix}")

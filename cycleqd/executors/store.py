@@ -32,6 +32,11 @@ class GenomeStore:
         self.space, self.seeds = space, dict(seeds)
 
     def path(self, model_id: str) -> Path:
+        """The genome file of ``model_id`` under the store. Raises ValueError for an id that
+        is empty, ``.``/``..`` or holds a path separator (it must never leave ``root``)."""
+        if not model_id or model_id in (".", "..") or "/" in model_id or "\\" in model_id \
+                or os.sep in model_id or "\0" in model_id:
+            raise ValueError(f"model id {model_id!r}: not a genome name (no path separators)")
         return self.root / f"{model_id}{self.space.genome_suffix}"
 
     def get(self, model_id: str) -> Any:
