@@ -45,3 +45,17 @@ def test_cli_prints_a_cycleqd_error_as_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path} is not a cycleqd run directory (no config.yaml)\n"
+
+
+def test_preference_hub_and_table_errors_are_cycleqd_errors():
+    """Errors a user's input can cause in selection, hub pushes and DB tables join the family;
+    the sandbox wire format's WireError and NonFiniteScore stay internal (a failed sample, a
+    rejected child), and DiskFullError keeps its own message and exit code (OSError)."""
+    from cycleqd._io import DiskFullError
+    from cycleqd.engine.elites import PreferenceError
+    from cycleqd.engine.export import HubPushError
+    from cycleqd.sandbox.sql.base import TableBuildError
+
+    for cls, old in ((PreferenceError, ValueError), (HubPushError, RuntimeError), (TableBuildError, ValueError)):
+        assert issubclass(cls, CycleQDError) and issubclass(cls, old)
+    assert not issubclass(DiskFullError, CycleQDError) and issubclass(DiskFullError, OSError)

@@ -23,13 +23,14 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from cycleqd.errors import CycleQDError
 from cycleqd.engine.model_card import _test_scores, load_comparison
 from cycleqd.engine.rundir import RunDir
 from cycleqd.engine.runview import RunView
 from cycleqd.qd.archive import GridArchive
 
 
-class PreferenceError(ValueError):
+class PreferenceError(CycleQDError, ValueError):
     """A ``--select`` preference that cannot be parsed or that no elite satisfies; the
     message is one line naming the bad token, or the closest elites."""
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from cycleqd import paths
 from cycleqd._io import atomic_directory
+from cycleqd.errors import CycleQDError
 from cycleqd._io import check_out_dir as _check_out
 from cycleqd.engine.elites import pick_model
 from cycleqd.engine.model_card import model_card
@@ -332,7 +333,7 @@ def export_from_run(run_dir: Path | str, out_dir: Path | str, *, model_id: str |
                                     "genome": info.genome})
 
 
-class HubPushError(RuntimeError):
+class HubPushError(CycleQDError, RuntimeError):
     """The Hub refused an upload or could not be reached; the message is one line naming
     the repository, the Hub's answer and the complete local folder to retry from."""
 

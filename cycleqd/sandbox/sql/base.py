@@ -41,6 +41,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from cycleqd.errors import CycleQDError
+
 from ._sqlite_worker import mysql_str
 
 __all__ = ["GROUP_CONCAT_MAX_LEN", "MAX_TABLE_BYTES", "MAX_TABLE_CELLS", "Reference", "SQLBackend",
@@ -57,7 +59,7 @@ MAX_TABLE_BYTES = 16 << 20
 _MYSQL_IDENT_MAX = 64
 
 
-class TableBuildError(ValueError):
+class TableBuildError(CycleQDError, ValueError):
     """The backend cannot build an item's table (a data problem of that one item, e.g. a
     column with an empty name). Nothing of it is left in the backend."""
 
