@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from cycleqd import __version__
-from cycleqd.errors import CycleQDError
+from cycleqd.errors import ConfigError, CycleQDError
 
 DESCRIPTION = """\
 CycleQD (Kuroki et al., ICLR 2025): evolve a population of multi-skill models from
@@ -51,7 +51,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for p in pairs:
         k, sep, v = p.partition("=")
         if not sep or not k.strip():
-            raise SystemExit(f"--set expects KEY=VALUE (e.g. qd.generations=10), got {p!r}")
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. qd.generations=10), got {p!r}")
         out[k.strip()] = OverrideText(v)
     return out
 
@@ -217,7 +217,30 @@ def cmd_run(args) -> int:
 
     check_available(cfg)   # a missing tensorboard/wandb package: one line, before any model
     run_dir = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_new_run_dir(run_dir)   # before any data or model work
     return _run(cfg, run_dir, resume=False, args=args)
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """``run --out``: absent, an empty folder, or a run directory that never got past its
+    config (as :meth:`cycleqd.engine.rundir.RunDir.create` allows).
+
+    Raises:
+        RunDirError: a file, a run directory holding a run (``already holds a run``: resume
+            it) or a non-empty folder that is not a run directory.
+    """
+    from cycleqd.engine.rundir import RunDir, RunDirError
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir}: is a file, not a folder; give a new or empty folder")
+    if run_dir.is_dir():
+        rd = RunDir(run_dir)
+        if rd.state.exists() or rd.metrics.exists():   # what RunDir.create refuses, said before any build
+            raise RunDirError(f"{run_dir} already holds a run: use `cycleqd resume {run_dir}` "
+                              "or choose another --out")
+        if not rd.config.exists() and any(run_dir.iterdir()):
+            raise RunDirError(f"--out {run_dir}: folder is not empty and not a run directory; "
+                              "give a new or empty folder")
 
 
 def cmd_resume(args) -> int:
@@ -287,6 +310,7 @@ def cmd_validate(args) -> int:
         return 0
     cfg = load_config(path, _overrides(args.set))
     check_config(cfg)
+    _require_data(cfg.skills)   # the same data check as `cycleqd run`
     print(f"{args.config}: valid ({len(cfg.skills)} skills: {', '.join(cfg.skill_names)}; "
           f"{cfg.qd.generations} generations)")
     return 0
