@@ -212,6 +212,7 @@ def cmd_run(args) -> int:
     if args.wandb_mode:
         ov["tracking.wandb.mode"] = args.wandb_mode
     cfg = load_config(path, ov)
+    _require_data(cfg.skills)   # missing benchmark data: one error with the fetch command
     check_config(cfg)   # what `validate` checks, before torch or any model is loaded
     from cycleqd.tracking import check_available
 
@@ -309,8 +310,8 @@ def cmd_validate(args) -> int:
               f"{', '.join(s.name for s in demo.skills)}; {demo.qd.generations} generations)")
         return 0
     cfg = load_config(path, _overrides(args.set))
+    _require_data(cfg.skills)   # the same data check as `cycleqd run`, in the same order
     check_config(cfg)
-    _require_data(cfg.skills)   # the same data check as `cycleqd run`
     print(f"{args.config}: valid ({len(cfg.skills)} skills: {', '.join(cfg.skill_names)}; "
           f"{cfg.qd.generations} generations)")
     return 0
