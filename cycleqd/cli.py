@@ -288,8 +288,10 @@ def cmd_resume(args) -> int:
 
 def cmd_validate(args) -> int:
     """Check a run config (or a demo config: ``configs/demo.yaml``) as far as possible without
-    loading any model: the schema, the operators, local model paths, each skill's parameters,
-    data paths and lm-eval tasks (:func:`cycleqd.config.check_config`). No torch import."""
+    loading any model: the schema, the benchmark data in the data dir (the same check and
+    error as ``run``), the operators, local model paths, each skill's parameters (the checks
+    its constructor makes), data paths and lm-eval tasks (:func:`cycleqd.config.check_config`).
+    No torch import; the device is checked by ``run`` (:func:`cycleqd.engine.build.check_device`)."""
     from cycleqd.config import check_config, check_operators, check_skills, load_config, read_yaml
 
     path = _config_path(args.config)
