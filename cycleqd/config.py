@@ -561,7 +561,9 @@ def parse_config(data: Any, *, source: str = "<config>", overridden: typing.Iter
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"invalid config {source}:\n{_format(e, overridden)}") from None
+        overridden = list(overridden)
+        given = f" with --set {', '.join(overridden)}" if overridden else ""
+        raise ConfigError(f"invalid config {source}{given}:\n{_format(e, overridden)}") from None
     check_operators(cfg)
     return cfg
 
