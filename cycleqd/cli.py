@@ -229,14 +229,16 @@ def _check_new_run_dir(run_dir: Path) -> None:
     Raises:
         RunDirError: a file, a run directory holding a run (``already holds a run``: resume
             it) or a non-empty folder that is not a run directory.
+        RunLockedError: a run directory a live process is running (names its pid).
     """
-    from cycleqd.engine.rundir import RunDir, RunDirError
+    from cycleqd.engine.rundir import RunDir, RunDirError, RunLock
 
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out {run_dir}: is a file, not a folder; give a new or empty folder")
     if run_dir.is_dir():
         rd = RunDir(run_dir)
         if rd.state.exists() or rd.metrics.exists():   # what RunDir.create refuses, said before any build
+            RunLock.acquire_for(run_dir).release()   # a live run: RunLockedError naming its pid first
             raise RunDirError(f"{run_dir} already holds a run: use `cycleqd resume {run_dir}` "
                               "or choose another --out")
         if not rd.config.exists() and any(run_dir.iterdir()):

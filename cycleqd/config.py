@@ -169,7 +169,8 @@ SKILL_TYPES = ("mbpp", "humaneval", "dbbench", "os", "lmeval", "synthetic", "ext
 _DEVICE = re.compile(r"^(?:cpu|cuda(?::\d+)?|mps)$")
 
 #: ``name``: the default run directory is ``runs/<name>-<time>``, so a plain file name
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+#: (no path separator, no leading dot: never ``..`` or a hidden folder; no control characters)
+_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f.][^/\\\x00-\x1f\x7f]{0,99}$")
 
 
 class SkillConfig(_Strict):
@@ -387,8 +388,8 @@ class RunConfig(_Strict):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"must be a plain file name (it names the run directory): letters, digits, '.', "
-                             f"'_', '-', starting with a letter or digit, at most 100 characters; got {v!r}")
+            raise ValueError(f"must be a plain file name (it names the run directory): no '/' or '\\', "
+                             f"no control characters, not starting with '.', 1 to 100 characters; got {v!r}")
         return v
 
     @model_validator(mode="after")

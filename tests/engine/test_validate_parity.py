@@ -40,11 +40,16 @@ def test_validate_checks_benchmark_data_like_run(tmp_path, capsys, monkeypatch):
     assert "cycleqd data fetch mbpp dbbench os" in err, err
 
 
-@pytest.mark.parametrize("name", ["../../evil", "/tmp/abs", ".hidden", "a b", ""])
+@pytest.mark.parametrize("name", ["../../evil", "/tmp/abs", "..", ".hidden", "a\\b", "a\tb", "x" * 101, ""])
 def test_unsafe_run_names_are_refused(tmp_path, capsys, name):
     rc = main(["validate", "tiny", "--set", f"name={name}"])
     err = capsys.readouterr().err
     assert rc == 2 and "name: must be a plain file name" in err and "(from --set name)" in err, err
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper-llama3-8b", "my run 2", "x" * 100])
+def test_plain_run_names_pass(capsys, name):
+    assert main(["validate", "tiny", "--set", f"name={name}"]) == 0, capsys.readouterr().err
 
 
 def test_cuda_without_cuda_is_refused_before_any_model(tmp_path, monkeypatch):
