@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from cycleqd import __version__
-from cycleqd.errors import CycleQDError
+from cycleqd.errors import ConfigError, CycleQDError
 
 DESCRIPTION = """\
 CycleQD (Kuroki et al., ICLR 2025): evolve a population of multi-skill models from
@@ -51,7 +51,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for p in pairs:
         k, sep, v = p.partition("=")
         if not sep or not k.strip():
-            raise SystemExit(f"--set expects KEY=VALUE (e.g. qd.generations=10), got {p!r}")
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. qd.generations=10), got {p!r}")
         out[k.strip()] = OverrideText(v)
     return out
 
@@ -215,12 +215,38 @@ def cmd_run(args) -> int:
     if args.wandb_mode:
         ov["tracking.wandb.mode"] = args.wandb_mode
     cfg = load_config(path, ov)
+    _require_data(cfg.skills)   # missing benchmark data: one error with the fetch command
     check_config(cfg)   # what `validate` checks, before torch or any model is loaded
     from cycleqd.tracking import check_available
 
     check_available(cfg)   # a missing tensorboard/wandb package: one line, before any model
     run_dir = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_new_run_dir(run_dir)   # before any data or model work
     return _run(cfg, run_dir, resume=False, args=args)
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """``run --out``: absent, an empty folder, or a run directory that never got past its
+    config (as :meth:`cycleqd.engine.rundir.RunDir.create` allows).
+
+    Raises:
+        RunDirError: a file, a run directory holding a run (``already holds a run``: resume
+            it) or a non-empty folder that is not a run directory.
+        RunLockedError: a run directory a live process is running (names its pid).
+    """
+    from cycleqd.engine.rundir import RunDir, RunDirError, RunLock
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir}: is a file, not a folder; give a new or empty folder")
+    if run_dir.is_dir():
+        rd = RunDir(run_dir)
+        if rd.state.exists() or rd.metrics.exists():   # what RunDir.create refuses, said before any build
+            RunLock.acquire_for(run_dir).release()   # a live run: RunLockedError naming its pid first
+            raise RunDirError(f"{run_dir} already holds a run: use `cycleqd resume {run_dir}` "
+                              "or choose another --out")
+        if not rd.config.exists() and any(run_dir.iterdir()):
+            raise RunDirError(f"--out {run_dir}: folder is not empty and not a run directory; "
+                              "give a new or empty folder")
 
 
 def cmd_resume(args) -> int:
@@ -267,8 +293,10 @@ def cmd_resume(args) -> int:
 
 def cmd_validate(args) -> int:
     """Check a run config (or a demo config: ``configs/demo.yaml``) as far as possible without
-    loading any model: the schema, the operators, local model paths, each skill's parameters,
-    data paths and lm-eval tasks (:func:`cycleqd.config.check_config`). No torch import."""
+    loading any model: the schema, the benchmark data in the data dir (the same check and
+    error as ``run``), the operators, local model paths, each skill's parameters (the checks
+    its constructor makes), data paths and lm-eval tasks (:func:`cycleqd.config.check_config`).
+    No torch import; the device is checked by ``run`` (:func:`cycleqd.engine.build.check_device`)."""
     from cycleqd.config import check_config, check_operators, check_skills, load_config, read_yaml
 
     path = _config_path(args.config)
@@ -289,6 +317,7 @@ def cmd_validate(args) -> int:
               f"{', '.join(s.name for s in demo.skills)}; {demo.qd.generations} generations)")
         return 0
     cfg = load_config(path, _overrides(args.set))
+    _require_data(cfg.skills)   # the same data check as `cycleqd run`, in the same order
     check_config(cfg)
     print(f"{args.config}: valid ({len(cfg.skills)} skills: {', '.join(cfg.skill_names)}; "
           f"{cfg.qd.generations} generations)")

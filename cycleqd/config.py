@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cycleqd.errors import ConfigError
-from cycleqd.registry import AGGREGATIONS, CROSSOVERS, MUTATIONS, SKILLS, Registry
+from cycleqd.registry import AGGREGATIONS, CROSSOVERS, MUTATIONS, SKILLS, Registry, _did_you_mean
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_config", "check_operators",
            "check_skills", "check_model_sources", "SKILL_TYPES"]
@@ -167,6 +167,10 @@ SKILL_TYPES = ("mbpp", "humaneval", "dbbench", "os", "lmeval", "synthetic", "ext
 #: ``backend.device``: cpu | cuda | cuda:N | mps (what ``torch.nn.Module.to`` accepts from the
 #: HF backend; there is no "auto": the backend moves the model to exactly this device)
 _DEVICE = re.compile(r"^(?:cpu|cuda(?::\d+)?|mps)$")
+
+#: ``name``: the default run directory is ``runs/<name>-<time>``, so a plain file name
+#: (no path separator, no leading dot: never ``..`` or a hidden folder; no control characters)
+_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f.][^/\\\x00-\x1f\x7f]{0,99}$")
 
 
 class SkillConfig(_Strict):
@@ -408,6 +412,14 @@ class RunConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     final: FinalConfig = FinalConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"must be a plain file name (it names the run directory): no '/' or '\\', "
+                             f"no control characters, not starting with '.', 1 to 100 characters; got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _skills(self) -> "RunConfig":
         names = [s.name for s in self.skills]
@@ -445,12 +457,45 @@ class RunConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format(err: ValidationError) -> str:
+def _model_at(loc: tuple) -> Any:
+    """The config model class holding the key at ``loc`` (a pydantic error location), or None."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        tp = field.annotation
+        while typing.get_origin(tp) is not None:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if nested:
+                tp = nested[0]
+                break
+            if not args:
+                break
+            tp = args[-1]
+        model = tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+    return model
+
+
+def _format(err: ValidationError, overridden: typing.Iterable[str] = ()) -> str:
+    """One ``  <field>: <message>`` line per problem; an unknown key gets a did-you-mean
+    from the keys its section takes, a field set by ``--set`` says so."""
     lines = []
+    overridden = list(overridden)
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            model = _model_at(e["loc"])
+            if model is not None:
+                key = str(e["loc"][-1])
+                msg = (f"unknown key{_did_you_mean(key, list(model.model_fields))}; "
+                       f"{'.'.join(map(str, e['loc'][:-1])) or 'the top level'} takes {', '.join(model.model_fields)}")
+        src = [k for k in overridden if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")]
+        lines.append(f"  {loc}: {msg}" + (f" (from --set {src[0]})" if src else ""))
     return "\n".join(lines)
 
 
@@ -553,14 +598,17 @@ def check_config(cfg: RunConfig) -> None:
     check_skills(cfg.skills)
 
 
-def parse_config(data: Any, *, source: str = "<config>") -> RunConfig:
-    """Validate a config mapping. Raises ConfigError listing every problem."""
+def parse_config(data: Any, *, source: str = "<config>", overridden: typing.Iterable[str] = ()) -> RunConfig:
+    """Validate a config mapping. Raises ConfigError listing every problem (a field whose
+    dotted key is in ``overridden`` is marked as set by ``--set``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"invalid config {source}:\n{_format(e)}") from None
+        overridden = list(overridden)
+        given = f" with --set {', '.join(overridden)}" if overridden else ""
+        raise ConfigError(f"invalid config {source}{given}:\n{_format(e, overridden)}") from None
     check_operators(cfg)
     return cfg
 
@@ -568,6 +616,8 @@ def parse_config(data: Any, *, source: str = "<config>") -> RunConfig:
 def read_yaml(path: str | Path, what: str = "config") -> Any:
     """Parse a YAML file. Raises ConfigError naming ``what`` for a missing or unparsable file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"{what} file not found: {path}")
     try:
@@ -705,4 +755,23 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         _apply_override(data, dotted, value, str(path))
-    return parse_config(data, source=str(path))
+    return parse_config(data, source=str(path), overridden=_resolved_keys(data, overrides or {}))
+
+
+def _resolved_keys(data: dict, overrides: dict[str, Any]) -> list[str]:
+    """The ``--set`` keys with list entries named by index (``skills.coding.bins`` ->
+    ``skills.0.bins``), as pydantic error locations spell them."""
+    out = []
+    for dotted in overrides:
+        parts, node, resolved = dotted.split("."), data, []
+        for p in parts:
+            if isinstance(node, list):
+                names = [x.get("name") if isinstance(x, dict) else None for x in node]
+                idx = names.index(p) if p in names else (int(p) % len(node) if p.lstrip("-").isdigit() and node else p)
+                resolved.append(str(idx))
+                node = node[idx] if isinstance(idx, int) else None
+            else:
+                resolved.append(p)
+                node = node.get(p) if isinstance(node, dict) else None
+        out.append(".".join(resolved))
+    return out

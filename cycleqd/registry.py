@@ -262,6 +262,10 @@ class Registry(Mapping[str, Callable[..., Any]]):
             if e.dry_build:
                 e.factory(**e.preset, **params, **e.dry_context)
         except (TypeError, ValueError) as err:
+            msg = str(err).splitlines()[0] if str(err) else ""
+            key = re.split(r"[\s:]", msg, maxsplit=1)[0]
+            if field and key in params:   # a checker's "<param> must be ...": name the param's field
+                raise ConfigError(f"{where}.{key}: {msg.removeprefix(key + ': ')}") from None
             raise ConfigError(_field_message(where, name, err, field)) from None
 
     def build(self, name: str, params: Mapping[str, Any] | None = None, /, *, field: str | None = None,

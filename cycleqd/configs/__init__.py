@@ -60,6 +60,9 @@ def resolve(config: str | Path) -> Path:
         stem = s[: -len(_SUFFIX)] if s.endswith(_SUFFIX) else s
         if stem in names():
             return path(stem)
+    if p.is_dir():
+        raise ConfigError(f"config {config} is a directory, not a YAML file (give the file in it, or a "
+                          f"bundled config by name: {', '.join(names())})")
     raise ConfigError(f"config file not found: {config} (bundled configs, usable by name: "
                       f"{', '.join(names())}; `cycleqd init DIR` writes editable copies)")
 

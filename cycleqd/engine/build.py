@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cycleqd import paths
 from cycleqd.config import ConfigError, RunConfig, SkillConfig, check_config
 from cycleqd.engine.final import needs_validation
@@ -38,6 +40,26 @@ def build_llm_skill(sc: SkillConfig, cache_dir: Path, *, field: str | None = Non
         raise ConfigError(f"{field}: {e}") from None
 
 
+def check_device(device: str) -> None:
+    """``backend.device`` exists on this machine (the config schema checks only its form).
+
+    Raises:
+        ConfigError: ``cuda``/``cuda:N`` without CUDA or beyond ``torch.cuda.device_count()``,
+            ``mps`` without MPS; one line, before any model loads.
+    """
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"backend.device: {device} requested but torch has no CUDA "
+                              "(torch.cuda.is_available() is False)")
+        n = torch.cuda.device_count()
+        if ":" in device and int(device.split(":")[1]) >= n:
+            raise ConfigError(f"backend.device: {device} requested but torch sees {n} CUDA device(s) "
+                              f"(cuda:0..cuda:{n - 1})")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("backend.device: mps requested but torch has no MPS (torch.backends.mps.is_available() "
+                          "is False)")
+
+
 def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Components:
     """Build skills, weight space and adapter for ``cfg`` (see module doc for the order)."""
     cache_dir = paths.cache_dir(cache_dir or cfg)
@@ -45,6 +67,7 @@ def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Compon
         raise ConfigError("skills: type 'external' is only for programmatic runs (pass Components)")
     check_config(cfg)   # what `cycleqd validate` checks: model paths, skills' params, data, lm-eval tasks
     check_final(cfg)
+    check_device(cfg.backend.device)
     cache_dir.mkdir(parents=True, exist_ok=True)
     synthetic = [s for s in cfg.skills if s.type == "synthetic"]
     # 1. cheap checks and data loading: the skills

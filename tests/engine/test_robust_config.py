@@ -112,7 +112,7 @@ def test_cli_validate_reports_set_errors_in_one_line(capsys):
 
 
 def test_set_without_equals_is_refused():
-    with pytest.raises(SystemExit, match="--set expects KEY=VALUE"):
+    with pytest.raises(ConfigError, match="^--set expects KEY=VALUE"):
         _overrides(["qd.generations"])
 
 

@@ -78,6 +78,26 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
 
 
+def check_source(kind: str, data_path: str | os.PathLike | None, split: str, limit: int | None) -> None:
+    """The checks :func:`load_dbbench` (``kind="dbbench"``) / :func:`load_os` (``"os"``) make
+    before reading: split, limit, and a set ``data_path`` resolving to a file of the expected
+    kind (``.jsonl`` / ``.json``); its content is parsed only when the skill is built.
+    Used by the skills' registry checkers (``cycleqd validate``). Raises ValueError."""
+    _check_split(split, DB_SPLITS if kind == "dbbench" else OS_SPLITS)
+    _check_limit(limit)
+    if data_path is None:
+        return
+    rel = "dbbench/standard.jsonl" if kind == "dbbench" else \
+        ("os_interaction/dev.json" if split == "dev" else "os_interaction/training.json")
+    try:
+        found = _find(rel, data_path, rel)
+    except FileNotFoundError as e:
+        raise ValueError(f"data_path: {e}") from None
+    if found.suffix != Path(rel).suffix:
+        raise ValueError(f"data_path: {str(data_path)!r} is not a {Path(rel).suffix} file nor a folder holding {rel} "
+                         "(its content is read when the run builds the skill)")
+
+
 # ----------------------------------------------------------------------------- DB-Bench
 
 

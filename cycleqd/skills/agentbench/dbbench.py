@@ -58,13 +58,13 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from cycleqd.sandbox.sql import Reference, SQLBackend, TableBuildError, TableRows, make_backend
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import DBItem, load_dbbench
+from cycleqd.skills.agentbench.data import DBItem, check_source, load_dbbench
 from cycleqd.skills.agentbench.db_format import observation
 from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
@@ -514,8 +514,27 @@ def _reference(item: DBItem, backend: SQLBackend,
     return ref
 
 
+def check_args(params: Mapping[str, Any]) -> None:
+    """The argument checks of :class:`DBBenchSkill` that need no data read (positive ints,
+    ``tolerance``, ``scorer``, ``backend``; split, limit and the ``data_path`` kind through
+    :func:`cycleqd.skills.agentbench.data.check_source`). The constructor and the registry
+    checker (``cycleqd validate``) both call it. Raises ValueError naming the argument."""
+    for k in ("max_rounds", "max_new_tokens", "episode_batch", "workers"):
+        v = params.get(k, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{k} must be a positive int, got {v!r}")
+    tolerance, scorer, backend = params.get("tolerance", 1e-2), params.get("scorer", "strict"), params.get("backend")
+    if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
+    if isinstance(backend, str) and backend not in ("sqlite", "mariadb", "mysql"):
+        raise ValueError(f"backend must be 'sqlite', 'mariadb' or an SQLBackend, got {backend!r}")
+    check_source("dbbench", params.get("data_path"), params.get("split", "search"), params.get("limit"))
+
+
 @SKILLS.register("dbbench", source="AgentBench DB-Bench (Liu et al. 2023); CycleQD paper §4",
-                 context=("name",), paths=("data_path",))
+                 context=("name",), paths=("data_path",), checker=check_args)
 class DBBenchSkill:
     """AgentBench DB-Bench as a CycleQD skill (see module docstring).
 
@@ -547,16 +566,9 @@ class DBBenchSkill:
                  max_new_tokens: int = 512, tolerance: float = 1e-2, episode_batch: int = 64,
                  workers: int = 4, stop: Sequence[str] = (),
                  cache: SampleCache | str | Path | None = None, scorer: str = "strict") -> None:
-        for k, v in (("max_rounds", max_rounds), ("max_new_tokens", max_new_tokens),
-                     ("episode_batch", episode_batch), ("workers", workers)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{k} must be a positive int, got {v!r}")
-        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-        if scorer not in SCORERS:
-            raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
-        if isinstance(backend, str) and backend not in ("sqlite", "mariadb", "mysql"):
-            raise ValueError(f"backend must be 'sqlite', 'mariadb' or an SQLBackend, got {backend!r}")
+        check_args(dict(max_rounds=max_rounds, max_new_tokens=max_new_tokens, episode_batch=episode_batch,
+                        workers=workers, tolerance=tolerance, scorer=scorer, backend=backend, split=split,
+                        limit=limit))   # data_path: resolved by the loader
         self.items: list[DBItem] = load_dbbench(data_path, split, limit)
         if not self.items:
             raise ValueError(f"DB-Bench split {split!r} has no items")

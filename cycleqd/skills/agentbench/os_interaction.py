@@ -72,14 +72,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from cycleqd.sandbox import BwrapSession, SandboxLimits
 from cycleqd.sandbox.rootfs import RootFS, RootfsUnavailableError, build_rootfs
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import OSItem, Script, load_os
+from cycleqd.skills.agentbench.data import OSItem, Script, check_source, load_os
 from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
 OS_PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
@@ -567,8 +567,29 @@ class OSEpisode(Episode):
             self._judge_snap = None
 
 
+def check_args(params: Mapping[str, Any]) -> None:
+    """The argument checks of :class:`OSInteractionSkill` that need no data read
+    (``machine``, positive ints and timeouts, ``limits``; split, limit and the ``data_path``
+    kind through :func:`cycleqd.skills.agentbench.data.check_source`). The constructor and
+    the registry checker (``cycleqd validate``) both call it. Raises ValueError naming it."""
+    machine = params.get("machine", "auto")
+    if machine not in ("auto", "rootfs", "host"):
+        raise ValueError(f"machine must be 'auto', 'rootfs' or 'host', got {machine!r}")
+    for k in ("max_rounds", "max_new_tokens", "episode_batch", "workers"):
+        v = params.get(k, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{k} must be a positive int, got {v!r}")
+    for k in ("command_timeout_s", "setup_timeout_s"):
+        v = params.get(k, 1.0)
+        if not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{k} must be a positive number, got {v!r}")
+    if "limits" in params and not isinstance(params["limits"], SandboxLimits):
+        raise ValueError(f"limits must be a SandboxLimits, got {type(params['limits']).__name__}")
+    check_source("os", params.get("data_path"), params.get("split", "search"), params.get("limit"))
+
+
 @SKILLS.register("os", source="AgentBench OS interaction (Liu et al. 2023); CycleQD paper §4",
-                 context=("name", "rootfs", "cache_dir"), paths=("data_path", "script_dir"))
+                 context=("name", "rootfs", "cache_dir"), paths=("data_path", "script_dir"), checker=check_args)
 class OSInteractionSkill:
     """AgentBench OS interaction as a CycleQD skill (see module docstring).
 
@@ -611,17 +632,10 @@ class OSInteractionSkill:
                  stop: Sequence[str] = (), script_dir: str | Path | None = None,
                  cache: SampleCache | str | Path | None = None, machine: str = "auto",
                  rootfs: RootFS | None = None, cache_dir: str | Path | None = None) -> None:
-        if machine not in ("auto", "rootfs", "host"):
-            raise ValueError(f"machine must be 'auto', 'rootfs' or 'host', got {machine!r}")
-        for k, v in (("max_rounds", max_rounds), ("max_new_tokens", max_new_tokens),
-                     ("episode_batch", episode_batch), ("workers", workers)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{k} must be a positive int, got {v!r}")
-        for k, v in (("command_timeout_s", command_timeout_s), ("setup_timeout_s", setup_timeout_s)):
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{k} must be a positive number, got {v!r}")
-        if not isinstance(limits, SandboxLimits):
-            raise ValueError(f"limits must be a SandboxLimits, got {type(limits).__name__}")
+        check_args(dict(machine=machine, max_rounds=max_rounds, max_new_tokens=max_new_tokens,
+                        episode_batch=episode_batch, workers=workers, command_timeout_s=command_timeout_s,
+                        setup_timeout_s=setup_timeout_s, limits=limits, split=split,
+                        limit=limit))   # data_path: resolved by the loader
         self.items: list[OSItem] = load_os(data_path, split, limit, script_dir=script_dir)
         if not self.items:
             raise ValueError(f"OS split {split!r} has no items")

@@ -165,6 +165,27 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
 
 
+def check_source(dataset: str, data_path: str | os.PathLike | None, split: str, limit: int | None) -> None:
+    """The checks :func:`load_code_problems` makes before reading: the dataset, its split
+    (:data:`MBPP_SPLITS` / :data:`HUMANEVAL_SPLITS`), ``limit``, and for MBPP a set
+    ``data_path`` resolving to a ``.jsonl``/``.json`` file (parsed only when the skill is
+    built). Used by the skills' registry checkers (``cycleqd validate``). Raises ValueError."""
+    splits = {"mbpp": MBPP_SPLITS, "humaneval": HUMANEVAL_SPLITS}.get(dataset)
+    if splits is None:
+        raise ValueError(f"dataset must be 'mbpp' or 'humaneval', got {dataset!r}")
+    if split not in splits:
+        raise ValueError(f"split must be one of {splits}, got {split!r}")
+    _check_limit(limit)
+    if dataset == "mbpp" and data_path is not None:
+        try:
+            found = _mbpp_file(data_path)
+        except FileNotFoundError as e:
+            raise ValueError(f"data_path: {e}") from None
+        if found.suffix not in (".jsonl", ".json"):
+            raise ValueError(f"data_path: {str(data_path)!r} is not a .jsonl/.json file nor a folder holding {MBPP_FILE} "
+                             "(its content is read when the run builds the skill)")
+
+
 def load_mbpp(data_path: str | os.PathLike | None = None, split: str = "search",
               limit: int | None = None) -> list[CodeProblem]:
     """Load MBPP (sanitized) problems of one split, ordered by task id.

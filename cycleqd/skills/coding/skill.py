@@ -56,7 +56,7 @@ from typing import Any
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_keys, model_key
-from cycleqd.skills.coding.data import CodeProblem, load_code_problems
+from cycleqd.skills.coding.data import CodeProblem, check_source, load_code_problems
 from cycleqd.skills.coding.execute import PROGRAM_VERSION, prepare_program, run_programs
 from cycleqd.skills.coding.judge import (JUDGE_SOURCE_HASH, JUDGE_VERSION, CodeProgram, ExecLimits,
                                          Verdict)
@@ -89,10 +89,37 @@ def chunk_scores(outcomes: Sequence[float], n_chunks: int, prefix: str) -> dict[
 EVALUATOR_FAILURES = frozenset({"judge_error", "sandbox_error"})
 
 
+def check_args(dataset: str, params: Mapping[str, Any]) -> None:
+    """The argument checks of :class:`CodingSkill` that need no data read: ``n_chunks``,
+    ``max_new_tokens``, ``stop``, ``workers``, ``limits``, and the data source (dataset, split,
+    limit, ``data_path`` kind: :func:`cycleqd.skills.coding.data.check_source`). The
+    constructor and the registry checker (``cycleqd validate``) both call it.
+
+    Raises:
+        ValueError: the first bad argument, named.
+    """
+    n_chunks, max_new_tokens = params.get("n_chunks", 1), params.get("max_new_tokens", 512)
+    stop, workers = params.get("stop", ()), params.get("workers", 2)
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if "limits" in params and not isinstance(params["limits"], ExecLimits):
+        raise ValueError(f"limits must be an ExecLimits, got {type(params['limits']).__name__}")
+    split = params.get("split") or ("test" if dataset == "humaneval" else "search")
+    check_source(dataset, params.get("data_path"), split, params.get("limit"))
+
+
 @SKILLS.register("humaneval", source="HumanEval (Chen et al. 2021), pass@1 in bubblewrap sandboxes",
-                 preset={"dataset": "humaneval"}, context=("name",), paths=("data_path",))
+                 preset={"dataset": "humaneval"}, context=("name",), paths=("data_path",),
+                 checker=lambda p: check_args("humaneval", p))
 @SKILLS.register("mbpp", source="MBPP (Austin et al. 2021); CycleQD paper §4 coding skill, official prompt",
-                 preset={"dataset": "mbpp"}, context=("name",), paths=("data_path",))
+                 preset={"dataset": "mbpp"}, context=("name",), paths=("data_path",),
+                 checker=lambda p: check_args("mbpp", p))
 class CodingSkill:
     """MBPP or HumanEval pass@1 as a CycleQD skill (see the module docstring).
 
@@ -123,16 +150,8 @@ class CodingSkill:
                  system_prompt: str | None = OFFICIAL_SYSTEM_PROMPT,
                  limits: ExecLimits = ExecLimits(), workers: int = 2,
                  cache: SampleCache | str | Path | None = None) -> None:
-        if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
-            raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r}")
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive int, got {workers!r}")
-        if not isinstance(limits, ExecLimits):
-            raise ValueError(f"limits must be an ExecLimits, got {type(limits).__name__}")
+        check_args(dataset, dict(n_chunks=n_chunks, max_new_tokens=max_new_tokens, stop=stop, workers=workers,
+                                 limits=limits, split=split, limit=limit))   # data_path: resolved by the loader
         if split is None:
             split = "test" if dataset == "humaneval" else "search"
         self.dataset = dataset
