@@ -12,6 +12,10 @@ __all__ = ["SandboxLimits", "SandboxResult", "SandboxStatus", "SandboxUnavailabl
 _MiB = 1 << 20
 
 
+#: uid/gid offset of the OS image's files on the host (cycleqd/sandbox/rootfs.py shifts the
+#: tree by it; the machine maps it back to 0 inside its user namespace)
+ROOTFS_UID_BASE = 1_400_000_000
+
 class SandboxUnavailableError(CycleQDError, RuntimeError):
     """bwrap (or another required host tool) is missing or cannot create a sandbox here."""
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from cycleqd import paths
 from cycleqd.errors import CycleQDError
+from cycleqd.sandbox.limits import ROOTFS_UID_BASE
 
 __all__ = ["ROOTFS_PACKAGES", "ROOTFS_UID_BASE", "ROOTFS_VERSION", "RootFS", "RootfsUnavailableError",
            "build_rootfs", "default_rootfs", "dpkg_digest", "judge_guard_layer", "rootfs_key", "rootfs_status"]
@@ -54,7 +55,6 @@ __all__ = ["ROOTFS_PACKAGES", "ROOTFS_UID_BASE", "ROOTFS_VERSION", "RootFS", "Ro
 #: Bump when the build recipe changes (part of the image key).
 ROOTFS_VERSION = "1"
 #: Host uid/gid that is root inside an OS machine; the image's ids are shifted by it.
-ROOTFS_UID_BASE = 1_400_000_000
 ROOTFS_ID_COUNT = 65536
 #: Debian packages added to ``minbase`` (which already has bash, coreutils, findutils,
 #: grep, sed, gzip, tar, util-linux, login, passwd, perl-base, ...): the tools the

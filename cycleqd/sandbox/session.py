@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .bwrap import Sandbox, check_files
-from .limits import SandboxLimits, SandboxResult, SandboxUnavailableError
+from .limits import ROOTFS_UID_BASE, SandboxLimits, SandboxResult, SandboxUnavailableError
 from .machine import MachineSpec, machine_mountpoint
-from .rootfs import ROOTFS_UID_BASE
 
 __all__ = ["BwrapSession"]
 
