@@ -516,7 +516,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_init)
 
     sp = sub.add_parser("report", help="render a run's summary (elite maps, curves, best models)")
-    sp.add_argument("run_dir")
+    sp.add_argument("run_dir", help="the run directory (holds config.yaml and state.json)")
     sp.add_argument("--format", choices=["md", "html", "both"], default="both")
     sp.set_defaults(fn=cmd_report)
 

@@ -80,7 +80,7 @@ def write_examples(directory: str | Path, *, overwrite: bool = False) -> list[Pa
     targets = [(n, out / f"{n}{_SUFFIX}") for n in names()]
     clash = [str(t) for _, t in targets if t.exists()]
     if clash and not overwrite:
-        raise FileExistsError(f"{', '.join(clash)} exist(s); pass --overwrite to replace")
+        raise FileExistsError(f"{', '.join(clash)} {'exists' if len(clash) == 1 else 'exist'}; pass --overwrite to replace")
     out.mkdir(parents=True, exist_ok=True)
     for n, t in targets:
         t.write_text(path(n).read_text())
