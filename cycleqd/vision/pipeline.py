@@ -4,19 +4,24 @@ Used by ``cycleqd demo --domain vision`` (:mod:`cycleqd.vision.demo`) and by the
 benchmark (``benchmarks/ablate_vision.py``). The QD loop is the engine's
 (:func:`cycleqd.engine.loop.run_cycleqd`); this module only builds its
 :class:`~cycleqd.engine.loop.Components` (a dense weight space over the CNN's state dict,
-the domain-accuracy skills on the *search* splits, the module adapter), and scores the
-results on the *test* splits.
+the domain-accuracy skills on the *search* splits, the same skills on the *validation*
+splits for the final-model choice, the module adapter), and scores the results on the
+*test* splits.
 
 Protocol (selection never sees the test images):
 
-* archives, elite sampling, the merge baselines' hyper-parameters (task-arithmetic
-  lambda; TIES density and lambda, grid-searched) and model aggregation all use the
-  **search** splits;
+* archives and elite sampling use the **search** splits;
+* the final model (``final`` config section, :mod:`cycleqd.engine.final`; ``auto`` tries
+  every strategy) is chosen on the **validation** splits and recorded in ``final.json``;
+* the merge baselines' hyper-parameters (task-arithmetic lambda; TIES density and lambda,
+  grid-searched) use the split given to :func:`merge_baselines` (``search`` in the demo,
+  ``validation`` in ``benchmarks/vision_fidelity.py``);
 * every number in the table is measured on the **test** splits.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -30,7 +35,7 @@ from cycleqd.ops import CROSSOVERS, MUTATIONS, DenseWeightSpace
 from cycleqd.ops.base import TaskVector, TensorSelector, apply_task_vector, task_vector
 from cycleqd.vision.adapter import ModuleAdapter
 from cycleqd.vision.data import DomainSplit
-from cycleqd.vision.skills import DomainAccuracySkill
+from cycleqd.vision.skills import DomainAccuracySkill, domain_skills
 from cycleqd.vision.training import TrainedModels, VisionRecipe, get_models
 
 BINS = 15  # official number of bins per BC axis
@@ -38,6 +43,7 @@ TA_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TIES_DENSITIES = (0.2, 0.4, 0.6, 0.8, 1.0)
 TIES_LAMBDAS = (0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
 MODES = ("cyclic", "single")
+SCORE_SPLITS = ("search", "validation", "test")  # what VisionSetup.scores accepts
 SAMPLINGS = ("elite", "elite_official", "uniform")
 
 
@@ -51,6 +57,7 @@ class VisionSetup:
         models: the trained base, experts and multi-domain fine-tune.
         taus: the experts' task vectors in skill order (fp32, DigitCNN names/shapes).
         search_skills / test_skills: one :class:`DomainAccuracySkill` per skill domain.
+        validation_skills: the same on the validation splits (the final-model choice).
         clean_test: accuracy on clean test images (reported, not a skill).
         adapter: the module adapter (one DigitCNN).
         bc_ranges: skill -> (lo, hi) of its BC axis (see :func:`bc_ranges`).
@@ -67,6 +74,7 @@ class VisionSetup:
     adapter: ModuleAdapter
     bc_ranges: dict[str, tuple[float, float]]
     timings: dict[str, float] = field(default_factory=dict)
+    validation_skills: list[DomainAccuracySkill] = field(default_factory=list)
 
     @property
     def skill_names(self) -> list[str]:
@@ -78,16 +86,30 @@ class VisionSetup:
 
     def scores(self, weights: Mapping[str, torch.Tensor], *, split: str = "search",
                clean: bool = False) -> dict[str, float]:
-        """Accuracy per skill domain of full weights ``weights`` on ``split``
-        (``"search"`` or ``"test"``), plus ``"clean"`` (test) when ``clean``."""
-        if split not in ("search", "test"):
-            raise ValueError(f"split must be 'search' or 'test', got {split!r}")
+        """Accuracy per skill domain of full weights ``weights`` on ``split`` (one of
+        :data:`SCORE_SPLITS`), plus ``"clean"`` (test) when ``clean``.
+
+        Raises:
+            ValueError: an unknown split, or ``clean`` with a split other than ``test``
+                (clean accuracy is a reported test number, never a selection signal).
+        """
+        skills = self.skills(split)
+        if clean and split != "test":
+            raise ValueError(f"clean accuracy is measured on the test split only, not {split!r}")
         model = self.adapter.bind(weights, fingerprint=None)  # type: ignore[arg-type]
-        skills = self.search_skills if split == "search" else self.test_skills
         out = {s.name: s.evaluate(model).quality for s in skills}
         if clean:
             out["clean"] = self.clean_test.evaluate(model).quality
         return out
+
+    def skills(self, split: str) -> list[DomainAccuracySkill]:
+        """The K skills on ``split`` (``search``, ``validation`` or ``test``); ValueError otherwise."""
+        if split not in SCORE_SPLITS:
+            raise ValueError(f"split must be one of {SCORE_SPLITS}, got {split!r}")
+        if split == "validation" and not self.validation_skills:
+            self.validation_skills = domain_skills(self.data, self.skill_names, "validation")
+        return {"search": self.search_skills, "validation": self.validation_skills,
+                "test": self.test_skills}[split]
 
     def tau_scores(self, tau: TaskVector, **kw) -> dict[str, float]:
         """:meth:`scores` of ``theta_base + tau``."""
@@ -124,13 +146,14 @@ def build_setup(recipe: VisionRecipe | None = None, *, toy: bool = False,
     models = get_models(recipe, cache_root=cache_root, data=data)
     t_models = time.perf_counter() - t
     taus = [task_vector(models.experts[d], models.base) for d in recipe.domains]
-    search = [DomainAccuracySkill(d, data[d]["search"]) for d in recipe.domains]
-    test = [DomainAccuracySkill(d, data[d]["test"]) for d in recipe.domains]
+    search = domain_skills(data, recipe.domains, "search")
+    test = domain_skills(data, recipe.domains, "test")
     adapter = ModuleAdapter(recipe.new_model())
     setup = VisionSetup(recipe, data, models, taus, search, test,
                         DomainAccuracySkill("clean", data["clean"]["test"]), adapter, {},
                         {"data_s": t_data, "models_s": t_models,
-                         "models_cached": float(bool(models.log.get("cache_hit")))})
+                         "models_cached": float(bool(models.log.get("cache_hit")))},
+                        domain_skills(data, recipe.domains, "validation"))
     seeds = [setup.scores(models.base)] + [setup.scores(models.experts[d]) for d in recipe.domains]
     setup.bc_ranges = bc_ranges(seeds, recipe.domains)
     return setup
@@ -187,31 +210,40 @@ def _mean(d: Mapping[str, float], keys: Sequence[str]) -> float:
     return float(sum(d[k] for k in keys) / len(keys))
 
 
-def merge_baselines(setup: VisionSetup) -> dict[str, dict[str, Any]]:
+def merge_baselines(setup: VisionSetup, *, split: str = "search") -> dict[str, dict[str, Any]]:
     """Task arithmetic and TIES over the K experts, hyper-parameters chosen by the mean
-    search accuracy (grids :data:`TA_LAMBDAS`; :data:`TIES_DENSITIES` x :data:`TIES_LAMBDAS`).
+    accuracy on ``split`` (grids :data:`TA_LAMBDAS`; :data:`TIES_DENSITIES` x
+    :data:`TIES_LAMBDAS`; ties: the first in grid order).
 
+    Args:
+        split: ``search`` (the demo) or ``validation`` (the split CycleQD's final model is
+            chosen on); never ``test``.
     Returns:
-        ``{"task_arithmetic": {"tau": TaskVector, "params": {...}, "search": {...}}, "ties": {...}}``.
+        ``{"task_arithmetic": {"tau": TaskVector, "params": {...}, "split": split,
+        <split>: {skill: accuracy}}, "ties": {...}}``.
+    Raises:
+        ValueError: ``split`` is not ``search`` or ``validation``.
     """
+    if split not in ("search", "validation"):
+        raise ValueError(f"merge_baselines: tune on 'search' or 'validation', got {split!r}")
     g = torch.Generator().manual_seed(0)  # both merges are deterministic
     names = setup.skill_names
     out: dict[str, dict[str, Any]] = {}
     best = None
     for lam in TA_LAMBDAS:
         tau = CROSSOVERS["task_arithmetic"](weights=1.0, **{"lambda": lam})(setup.taus, generator=g)
-        sc = setup.tau_scores(tau)
+        sc = setup.tau_scores(tau, split=split)
         if best is None or _mean(sc, names) > _mean(best[2], names):
             best = (tau, {"lambda": lam}, sc)
-    out["task_arithmetic"] = {"tau": best[0], "params": best[1], "search": best[2]}
+    out["task_arithmetic"] = {"tau": best[0], "params": best[1], "split": split, split: best[2]}
     best = None
     for dens in TIES_DENSITIES:
         for lam in TIES_LAMBDAS:
             tau = CROSSOVERS["ties"](weights=1.0, density=dens, **{"lambda": lam})(setup.taus, generator=g)
-            sc = setup.tau_scores(tau)
+            sc = setup.tau_scores(tau, split=split)
             if best is None or _mean(sc, names) > _mean(best[2], names):
                 best = (tau, {"density": dens, "lambda": lam}, sc)
-    out["ties"] = {"tau": best[0], "params": best[1], "search": best[2]}
+    out["ties"] = {"tau": best[0], "params": best[1], "split": split, split: best[2]}
     return out
 
 
@@ -219,10 +251,16 @@ def merge_baselines(setup: VisionSetup) -> dict[str, dict[str, Any]]:
 
 def run_config(setup: VisionSetup, *, generations: int, seed: int, mode: str = "cyclic",
                sampling: str = "elite", mutation: str = "svd_expert", mutation_kwargs: dict | None = None,
-               aggregation: str | None = None, snapshot_every: int = 100):
+               aggregation: str | None = None, snapshot_every: int = 100,
+               final: str | Mapping[str, Any] | None = None):
     """The engine's :class:`~cycleqd.config.RunConfig` for a vision run (skills of type
-    ``external``; the model paths point at the cached safetensors, for the record)."""
+    ``external``; the model paths point at the cached safetensors, for the record).
+
+    ``final``: the ``final`` section (:class:`~cycleqd.config.FinalConfig`), a strategy name
+    (``"auto"`` tries them all on validation) or ``{"strategy": ..., "params": ...}``; None
+    keeps ``operators.aggregation`` (default ``mean``). Raises ConfigError for both set."""
     from cycleqd.config import (
+        FinalConfig,
         ModelConfig,
         OperatorConfig,
         OperatorsConfig,
@@ -244,8 +282,10 @@ def run_config(setup: VisionSetup, *, generations: int, seed: int, mode: str = "
            "mutation": OperatorConfig(name=mutation, **(mutation_kwargs or {})), "genome": "dense"}
     if aggregation is not None:
         ops["aggregation"] = OperatorConfig(name=aggregation)
+    fin = FinalConfig() if final is None else FinalConfig(
+        **({"strategy": final} if isinstance(final, str) else dict(final)))
     cfg = RunConfig(
-        name=f"vision-digits-{mode}-{mutation}-{sampling}", seed=seed, skills=skills,
+        name=f"vision-digits-{mode}-{mutation}-{sampling}", seed=seed, skills=skills, final=fin,
         model=ModelConfig(base=str(setup.models.file("base")),
                           experts={d: str(setup.models.file(f"expert_{d}")) for d in setup.skill_names}),
         operators=OperatorsConfig(**ops),
@@ -278,8 +318,14 @@ def cyclic_qd_score(elites: Sequence[Any], setup: VisionSetup) -> dict[str, floa
 
 def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, seed: int,
                mode: str = "cyclic", sampling: str = "elite", mutation: str = "svd_expert",
-               progress: bool = False, aggregation: str | None = None) -> dict[str, Any]:
+               progress: bool = False, aggregation: str | None = None,
+               final: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One CycleQD run with the engine, then the test-split scores of its products.
+
+    The run's skills are the search-split skills; its ``Components.validation`` the same
+    domains on the validation split, on which the final model is chosen (``final``: see
+    :func:`run_config`; the engine writes ``RUN_DIR/final.json``). The test split is scored
+    only after the run has finished.
 
     Returns a JSON-able dict: ``config`` (mode, sampling, mutation and its kwargs),
     ``wall_s``, ``qd`` (engine archive stats and :func:`cyclic_qd_score`), ``best``
@@ -288,16 +334,19 @@ def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, see
     ``best_mean`` (the elite with the highest mean search accuracy: id, search and test
     scores),
     ``aggregate`` (search + test scores, or None when the engine produced no aggregated
-    model), ``mean_test`` (aggregate's mean test accuracy over the skills, if any).
+    model), ``mean_test`` (aggregate's mean test accuracy over the skills, if any),
+    ``final`` (the engine's ``final.json`` record: strategy, chosen, every candidate's
+    validation scores; None if absent).
     """
     from cycleqd.engine.loop import Components, run_cycleqd, seed_ids
     from cycleqd.executors.store import GenomeStore
 
     mut, mut_kw = make_mutation(mutation, setup.taus)
     cfg = run_config(setup, generations=generations, seed=seed, mode=mode, sampling=sampling,
-                     mutation=mutation, mutation_kwargs=mut_kw, aggregation=aggregation)
+                     mutation=mutation, mutation_kwargs=mut_kw, aggregation=aggregation, final=final)
     space = DenseWeightSpace(setup.base, setup.taus, CROSSOVERS["linear"](sigma=0.01), mut)
-    comps = Components(space=space, skills=list(setup.search_skills), adapter=setup.adapter)
+    comps = Components(space=space, skills=list(setup.skills("search")), adapter=setup.adapter,
+                       validation=lambda: list(setup.skills("validation")))
     t = time.perf_counter()
     res = run_cycleqd(comps, cfg, run_dir, progress=progress)
     wall = time.perf_counter() - t
@@ -334,4 +383,6 @@ def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, see
     }
     if agg is not None:
         out["mean_test"] = _mean(agg["test"], names)
+    fj = Path(run_dir) / "final.json"
+    out["final"] = json.loads(fj.read_text()) if fj.is_file() else None
     return out

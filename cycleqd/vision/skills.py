@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import nn
 
 from cycleqd._checks import check_int
 from cycleqd.skills.base import SkillResult
-from cycleqd.vision.data import DomainSplit
+from cycleqd.vision.data import SPLITS, DomainSplit
 
 
 class DomainAccuracySkill:
@@ -52,3 +54,20 @@ class DomainAccuracySkill:
 
     def __repr__(self) -> str:
         return f"DomainAccuracySkill({self.name!r}, {self.data.domain}/{self.data.split}, n={len(self.data)})"
+
+
+def domain_skills(data: Mapping[str, Mapping[str, DomainSplit]], domains: Sequence[str],
+                  split: str) -> list[DomainAccuracySkill]:
+    """One :class:`DomainAccuracySkill` per domain (named after it, in ``domains`` order) on
+    ``split`` of ``data`` (``{domain: {split: DomainSplit}}``, :func:`cycleqd.vision.data.build_domains`).
+
+    Raises:
+        ValueError: ``split`` not in :data:`cycleqd.vision.data.SPLITS`, or a domain/split
+            missing from ``data``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    missing = [d for d in domains if split not in data.get(d, {})]
+    if missing:
+        raise ValueError(f"no {split!r} split for domain(s) {missing}")
+    return [DomainAccuracySkill(d, data[d][split]) for d in domains]
