@@ -6,8 +6,10 @@ base's own card states one), then what the model is (elite id, archives and cell
 aggregate and its sources), its lineage (every recorded ancestor back to the seed models:
 generation, archive whose quality it was bred for, parents, search-split scores), its scores
 (search split from ``metrics.jsonl``; held-out test scores only where a ``cycleqd demo``
-recorded them in ``comparison.json`` beside the run), the run's ``config.yaml`` and config
-fingerprint, and the method reference. Every number is read from the run directory; nothing
+recorded them in ``comparison.json`` beside the run), for the aggregate how it was chosen
+(``final.json``: the strategy, every candidate's validation scores, the rule; see
+:mod:`cycleqd.engine.final`), the run's ``config.yaml`` and config fingerprint, and the
+method reference. Every number is read from the run directory; nothing
 is estimated.
 """
 
@@ -102,6 +104,58 @@ def _test_scores(run_dir: Path, model_id: str, comp: dict | None = None) -> dict
     return row.get("scores") if row else None
 
 
+def load_final(run_dir: Path) -> dict | None:
+    """The run's ``final.json`` (the final-model record of :func:`cycleqd.engine.final.select_final`),
+    or None (missing, unreadable or not a record)."""
+    path = Path(run_dir) / "final.json"
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("candidates"), list) else None
+
+
+def _label(row: dict) -> str:
+    """A strategy's own candidate, as recorded (``lambda=0.6``, ``weights=[...]``, ``archive=1, rank=0``)."""
+    return ", ".join(f"{k}={[round(x, 4) for x in v] if isinstance(v, list) else _fmt(v)}"
+                     for k, v in row.items() if not k.startswith("validation"))
+
+
+def _final_section(rec: dict, skills: Sequence[str]) -> list[str]:
+    """The ``How it was chosen`` section from a ``final.json`` record (every value read from it)."""
+    cands = [c for c in rec["candidates"] if isinstance(c, dict)]
+    out = ["\n## How the final model was chosen\n"]
+    split = rec.get("split")
+    if len(cands) > 1:
+        out.append(f"Final-model strategy `{rec.get('strategy')}`: {len(cands)} candidates were built from "
+                   f"the archives' best models and scored on the {split or '?'} split; chosen: "
+                   f"`{rec.get('chosen')}` (rule: {rec.get('rule', '?')}).\n")
+    else:
+        out.append(f"Final-model strategy `{rec.get('chosen')}` ({rec.get('rule', 'the configured strategy')})"
+                   + (f"; its {split}-split scores are recorded, not used to choose." if split else ".") + "\n")
+    if split:
+        rows = []
+        for c in cands:
+            params = ", ".join(f"{k}={v}" for k, v in (c.get("params") or {}).items()) or "-"
+            mark = "**chosen**" if c.get("strategy") == rec.get("chosen") else ""
+            rows.append([f"`{c.get('strategy')}`", params] + _scores_row(c.get("validation"), skills)[:-1]
+                        + [_fmt(c.get("validation_mean")), mark])
+        out.append(_table(["strategy", "params"] + [f"{s} ({split})" for s in skills]
+                          + [f"{split} mean", ""], rows))
+    notes = []
+    for c in cands:
+        inner = c.get("search") or {}
+        rows = inner.get("candidates") or []
+        if isinstance(inner.get("chosen"), int) and 0 <= inner["chosen"] < len(rows):
+            notes.append(f"- `{c.get('strategy')}` chose {_label(rows[inner['chosen']])} among {len(rows)} "
+                         f"candidates ({inner.get('rule', '?')}).")
+    if notes:
+        out.append("\nEach strategy's own choice, on the same split:\n\n" + "\n".join(notes))
+    return out
+
+
 def model_card(run_dir: Path | str, model_id: str, *, base: Any = None, experts: Sequence[Any] = (),
                base_dir: Path | str | None = None, dtype: str | None = None,
                command: str | None = None) -> str:
@@ -154,10 +208,14 @@ def model_card(run_dir: Path | str, model_id: str, *, base: Any = None, experts:
             if e["id"] == model_id:
                 places.append(f"archive `{a['quality_skill']}` cell ({', '.join(map(str, e['cell']))})")
     rec = by_id.get(model_id)
+    final = load_final(rd.root) if model_id == "aggregate" else None
     if model_id == "aggregate":
         srcs = (rec or {}).get("sources") or []
-        what = (f"The aggregated model: the best elite of each archive ({', '.join(f'`{s}`' for s in srcs)}) "
-                f"merged by model aggregation {op_text('aggregation')} (paper §3.4).")
+        how = (f"built by the final-model strategy `{final.get('chosen')}`"
+               + (f" (chosen by `{final['strategy']}`, see below)" if final.get("strategy") != final.get("chosen")
+                  else "") if final else f"merged by model aggregation {op_text('aggregation')}")
+        what = (f"The aggregated model: from the best elite of each archive ({', '.join(f'`{s}`' for s in srcs)}), "
+                f"{how} (paper §3.4).")
     elif model_id == "base":
         what = "The run's base model (no task vector)."
     elif model_id.startswith("expert:"):
@@ -186,6 +244,8 @@ def model_card(run_dir: Path | str, model_id: str, *, base: Any = None, experts:
                    + ("" if test else " No held-out test scores are recorded in the run directory."))
     else:
         out.append(f"No metrics line of `{model_id}` is recorded in `metrics.jsonl`.")
+    if final is not None:
+        out += _final_section(final, skills)
 
     # --- lineage
     out.append("\n## Lineage\n")

@@ -270,3 +270,36 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, run, hub, monkeypatch
         check_hub_target("just-a-name", token="x")
     with pytest.raises(ValueError, match="push-to-hub"):
         check_hub_target("bad id!/x y", token="x")
+
+
+def test_card_of_an_auto_final_model_reads_final_json(tmp_path):
+    from cycleqd.config import AUTO_STRATEGIES, parse_config
+    from cycleqd.engine.build import build_components
+    from cycleqd.engine.loop import run_cycleqd
+
+    cfg = parse_config({
+        "name": "f", "seed": 1, "cache_dir": str(tmp_path / "cache"),
+        "skills": [{"name": n, "type": "synthetic", "bc_range": [0.0, 1.0], "bins": 4} for n in ("a", "b")],
+        "model": {"synthetic": {"arch": "llama", "seed": 0, "hidden_size": 32, "num_layers": 1,
+                                "expert_rank": 2, "expert_scale": 0.05}},
+        "operators": {"crossover": {"name": "linear", "sigma": 0.01},
+                      "mutation": {"name": "svd_expert", "rate": 0.1}, "genome": "auto"},
+        "qd": {"generations": 4, "snapshot_every": 2},
+        "final": {"strategy": "auto", "params": {"weight_search": {"budget": 2}}}})
+    run_cycleqd(build_components(cfg), cfg, tmp_path / "run", progress=False)
+    rec = json.loads((tmp_path / "run" / "final.json").read_text())
+    card = model_card(tmp_path / "run", "aggregate")
+    section = card.split("## How the final model was chosen")[1].split("## Lineage")[0]
+    assert f"built by the final-model strategy `{rec['chosen']}` (chosen by `auto`" in card
+    assert f"chosen: `{rec['chosen']}` (rule: {rec['rule']})" in section
+    assert f"{len(AUTO_STRATEGIES)} candidates" in section and "validation split" in section
+    for c in rec["candidates"]:                           # every candidate, its recorded numbers
+        row = (f"| `{c['strategy']}` | " + (", ".join(f"{k}={v}" for k, v in c["params"].items()) or "-")
+               + f" | {c['validation']['a']:.4f} | {c['validation']['b']:.4f} | {c['validation_mean']:.4f} | ")
+        assert row + ("**chosen** |" if c["strategy"] == rec["chosen"] else " |") in section
+    ws = rec["candidates"][list(AUTO_STRATEGIES).index("weight_search")]["search"]
+    assert f"`weight_search` chose weights=" in section and f"among {len(ws['candidates'])} candidates" in section
+    assert "## How the final model was chosen" not in model_card(tmp_path / "run", "expert:a")
+    (tmp_path / "run" / "final.json").unlink()             # an older run: no record, nothing invented
+    old = model_card(tmp_path / "run", "aggregate")
+    assert "How the final model was chosen" not in old and "merged by model aggregation `paper`" in old
