@@ -316,6 +316,43 @@ def cyclic_qd_score(elites: Sequence[Any], setup: VisionSetup) -> dict[str, floa
     return out
 
 
+@dataclass
+class EngineRun:
+    """A finished vision run (:func:`engine_run`): the engine's result, its config, weight
+    space and model store (``store.get(id)`` -> task vector; ``"aggregate"`` is the final
+    model), the mutation's recorded kwargs and the run's wall time (seconds)."""
+
+    result: Any
+    cfg: Any
+    space: DenseWeightSpace
+    store: Any
+    mutation_kwargs: dict
+    wall_s: float
+
+
+def engine_run(setup: VisionSetup, run_dir: str | Path, *, generations: int, seed: int,
+               mode: str = "cyclic", sampling: str = "elite", mutation: str = "svd_expert",
+               progress: bool = False, aggregation: str | None = None,
+               final: str | Mapping[str, Any] | None = None) -> EngineRun:
+    """One CycleQD run with the engine and nothing else (no test split is built or scored):
+    search-split skills, validation-split skills for the final choice (``Components.validation``),
+    the dense weight space over the CNN. Arguments: see :func:`run_search`."""
+    from cycleqd.engine.loop import Components, run_cycleqd, seed_ids
+    from cycleqd.executors.store import GenomeStore
+
+    mut, mut_kw = make_mutation(mutation, setup.taus)
+    cfg = run_config(setup, generations=generations, seed=seed, mode=mode, sampling=sampling,
+                     mutation=mutation, mutation_kwargs=mut_kw, aggregation=aggregation, final=final)
+    space = DenseWeightSpace(setup.base, setup.taus, CROSSOVERS["linear"](sigma=0.01), mut)
+    comps = Components(space=space, skills=list(setup.skills("search")), adapter=setup.adapter,
+                       validation=lambda: list(setup.skills("validation")))
+    t = time.perf_counter()
+    res = run_cycleqd(comps, cfg, run_dir, progress=progress)
+    wall = time.perf_counter() - t
+    store = GenomeStore(Path(run_dir) / "genomes", space, dict(zip(seed_ids(cfg), setup.taus)))
+    return EngineRun(res, cfg, space, store, mut_kw, wall)
+
+
 def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, seed: int,
                mode: str = "cyclic", sampling: str = "elite", mutation: str = "svd_expert",
                progress: bool = False, aggregation: str | None = None,
@@ -338,19 +375,9 @@ def run_search(setup: VisionSetup, run_dir: str | Path, *, generations: int, see
     ``final`` (the engine's ``final.json`` record: strategy, chosen, every candidate's
     validation scores; None if absent).
     """
-    from cycleqd.engine.loop import Components, run_cycleqd, seed_ids
-    from cycleqd.executors.store import GenomeStore
-
-    mut, mut_kw = make_mutation(mutation, setup.taus)
-    cfg = run_config(setup, generations=generations, seed=seed, mode=mode, sampling=sampling,
-                     mutation=mutation, mutation_kwargs=mut_kw, aggregation=aggregation, final=final)
-    space = DenseWeightSpace(setup.base, setup.taus, CROSSOVERS["linear"](sigma=0.01), mut)
-    comps = Components(space=space, skills=list(setup.skills("search")), adapter=setup.adapter,
-                       validation=lambda: list(setup.skills("validation")))
-    t = time.perf_counter()
-    res = run_cycleqd(comps, cfg, run_dir, progress=progress)
-    wall = time.perf_counter() - t
-    store = GenomeStore(Path(run_dir) / "genomes", space, dict(zip(seed_ids(cfg), setup.taus)))
+    er = engine_run(setup, run_dir, generations=generations, seed=seed, mode=mode, sampling=sampling,
+                    mutation=mutation, progress=progress, aggregation=aggregation, final=final)
+    res, store, mut_kw, wall = er.result, er.store, er.mutation_kwargs, er.wall_s
     names = setup.skill_names
     best = {}
     for a in res.archives:
