@@ -114,7 +114,7 @@ def one_seed(seed: int, *, toy: bool, generations: int, run_dir: Path, cache_roo
     # --- 2. the test split, once per model, after every choice is made
     test = {r: setup.scores(w, split="test") for r, w in weights.items()}
     test.update({r: setup.tau_scores(tau, split="test") for r, tau in taus.items()})
-    return {"seed": seed, "recipe_hash": setup.recipe.hash(), "generations": generations,
+    return {"seed": seed, "recipe_hash": setup.recipe.hash(), "generations": generations, "final_params": final_params,
             "test": test, "test_mean": {r: sum(sc[d] for d in names) / len(names) for r, sc in test.items()},
             "notes": notes, "final_json": rec, "wall_s": {"select": round(select_s, 2),
                                                           "cycleqd": round(run.wall_s, 2)}}
@@ -222,8 +222,10 @@ def main(argv=None) -> dict:
     for s in a.seeds:
         f = out / f"seed_{s}" / "result.json"
         t = time.perf_counter()
-        if f.is_file() and json.loads(f.read_text()).get("generations") == gens:
-            res = json.loads(f.read_text())
+        old = json.loads(f.read_text()) if f.is_file() else {}
+        if (old.get("generations"), old.get("recipe_hash"), old.get("final_params")) == (
+                gens, recipe_for(s, a.toy).hash(), final_params):   # the same seed finished before
+            res = old
         else:
             run_dir = out / f"seed_{s}" / "run"
             if run_dir.exists():   # an interrupted seed: start it again

@@ -298,7 +298,7 @@ def test_card_of_an_auto_final_model_reads_final_json(tmp_path):
                + f" | {c['validation']['a']:.4f} | {c['validation']['b']:.4f} | {c['validation_mean']:.4f} | ")
         assert row + ("**chosen** |" if c["strategy"] == rec["chosen"] else " |") in section
     ws = rec["candidates"][list(AUTO_STRATEGIES).index("weight_search")]["search"]
-    assert f"`weight_search` chose weights=" in section and f"among {len(ws['candidates'])} candidates" in section
+    assert "`weight_search` chose weights=" in section and f"among {len(ws['candidates'])} candidates" in section
     assert "## How the final model was chosen" not in model_card(tmp_path / "run", "expert:a")
     (tmp_path / "run" / "final.json").unlink()             # an older run: no record, nothing invented
     old = model_card(tmp_path / "run", "aggregate")

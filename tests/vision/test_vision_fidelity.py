@@ -70,6 +70,10 @@ def test_toy_fidelity_table(bench, tmp_path, monkeypatch, capsys):
     assert rows["CycleQD final: auto"]["per_seed"] == [
         rows[f"CycleQD final: {c}"]["per_seed"][i] for i, c in enumerate(summary["auto_chose"])]
     assert json.loads((out / "fidelity.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
+    log.clear()                               # a re-run reuses both finished seeds
+    assert bench.main(["--out", str(out), "--toy", "--seeds", "0", "1", "--generations", "3", "--cache-dir",
+                       str(tmp_path / "cache"), "--final-params", '{"weight_search": {"budget": 3}}'])["rows"] \
+        == summary["rows"] and log == []
 
 
 def test_sign_flip_is_exact(bench):
