@@ -25,13 +25,17 @@ Within a split, problems are ordered by task id; ``limit`` keeps the first ``lim
 
 from __future__ import annotations
 
+import ast
 import gzip
 import importlib.util
 import json
+import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +61,9 @@ class CodeProblem:
         reference: the dataset's reference solution (complete code).
         tests: MBPP's assert statements (shown in the prompt); empty for HumanEval.
         setup_code: code run before the solution (MBPP ``test_setup_code``/``test_imports``).
+        calls: MBPP+ only: the base inputs as call keys (:func:`.wire.call_key`, the
+            tested function's name + deserialised arguments as plain data), in order.
+        atol: MBPP+ only: the absolute tolerance of float outputs (EvalPlus ``atol``).
     """
 
     id: str
@@ -67,10 +74,13 @@ class CodeProblem:
     reference: str
     tests: tuple[str, ...] = field(default_factory=tuple)
     setup_code: str = ""
+    calls: tuple[str, ...] = field(default_factory=tuple)
+    atol: float = 0.0
 
 
 from cycleqd.datasets import locate  # noqa: E402
 from cycleqd.paths import data_dir as default_data_dir  # noqa: E402,F401  (one path rule; tests use it)
+from cycleqd.skills.coding import official, wire  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- MBPP
@@ -170,9 +180,10 @@ def check_source(dataset: str, data_path: str | os.PathLike | None, split: str, 
     (:data:`MBPP_SPLITS` / :data:`HUMANEVAL_SPLITS`), ``limit``, and for MBPP a set
     ``data_path`` resolving to a ``.jsonl``/``.json`` file (parsed only when the skill is
     built). Used by the skills' registry checkers (``cycleqd validate``). Raises ValueError."""
-    splits = {"mbpp": MBPP_SPLITS, "humaneval": HUMANEVAL_SPLITS}.get(dataset)
+    splits = {"mbpp": MBPP_SPLITS, "humaneval": HUMANEVAL_SPLITS,
+              "mbppplus": MBPPPLUS_SPLITS}.get(dataset)
     if splits is None:
-        raise ValueError(f"dataset must be 'mbpp' or 'humaneval', got {dataset!r}")
+        raise ValueError(f"dataset must be 'mbpp', 'humaneval' or 'mbppplus', got {dataset!r}")
     if split not in splits:
         raise ValueError(f"split must be one of {splits}, got {split!r}")
     _check_limit(limit)
@@ -284,11 +295,110 @@ def load_humaneval(data_path: str | os.PathLike | None = None, split: str = "tes
     return problems[:limit] if limit is not None else problems
 
 
+# ---------------------------------------------------------------------------------- MBPP+
+MBPPPLUS_FILE = "mbppplus/MbppPlus.jsonl"  # below the data dir (catalogue entry ``mbppplus``)
+MBPPPLUS_SPLITS = ("all",)
+_EVALPLUS_HINT = "pip install evalplus==0.3.1 --no-deps (the `mbppplus` extra)"
+
+
+def evalplus_functions(module: str, names: Sequence[str]) -> dict[str, Any]:
+    """Top-level definitions ``names`` (functions or constants) of the installed ``evalplus``
+    package's ``module`` (a path below the package, e.g. ``"data/mbpp.py"``), without
+    importing evalplus: its ``evalplus.data``/``evalplus.eval`` packages import ``datasets``,
+    ``wget``, ``tempdir``, ``appdirs``, ``psutil`` at import time, none of which the pure
+    functions used here need. The definitions' own source is compiled and run in a fresh
+    namespace that has ``math`` (trusted package code; no model output ever runs here).
+
+    Raises:
+        FileNotFoundError: evalplus is not installed (names the install command).
+        ValueError: a name is not defined at the module's top level.
+    """
+    spec = importlib.util.find_spec("evalplus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"MBPP+ needs the evalplus package: {_EVALPLUS_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / module
+    src = path.read_text(encoding="utf-8")
+    tree = ast.parse(src)
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.Assign)):
+            tgt = node.name if isinstance(node, ast.FunctionDef) else getattr(node.targets[0], "id", None)
+            if tgt in names:
+                found[tgt] = ast.get_source_segment(src, node)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"evalplus {module} (at {path}) does not define {missing}")
+    ns: dict[str, Any] = {"math": math}
+    exec(compile("\n\n".join(found[n] for n in names), str(path), "exec"), ns)  # noqa: S102
+    return {n: ns[n] for n in names}
+
+
+def load_mbppplus(data_path: str | os.PathLike | None = None, limit: int | None = None,
+                  mbpp_path: str | os.PathLike | None = None) -> list[CodeProblem]:
+    """Load MBPP+ (EvalPlus v0.2.0 release, 399 problems) with its **base** inputs, for the
+    official protocol (:mod:`cycleqd.skills.coding.official`), ordered by task number.
+
+    Each base input is deserialised with EvalPlus's own ``mbpp_deserialize_inputs``
+    (``evalplus/data/mbpp.py``: tuples, sets, complex numbers the JSON cannot hold; loaded by
+    :func:`evalplus_functions`) and stored as a call key (:func:`.wire.call_key`). The
+    instruction is the official user instruction (``official.mbpp_instruction`` of the
+    release prompt rebuilt from sanitized MBPP's ``text`` and ``test_list[0]``: the MBPP+
+    file's own ``prompt`` cannot rebuild it), ``tests`` holds that one assertion.
+
+    Args:
+        data_path: ``MbppPlus.jsonl`` (default: the data dir, ``cycleqd data fetch mbppplus``).
+        limit: keep the first ``limit`` problems.
+        mbpp_path: sanitized MBPP (as :func:`load_mbpp`; default: the data dir).
+    Returns:
+        ``CodeProblem`` list; ids ``"mbppplus/<n>"``, dataset ``"mbppplus"``, ``reference`` =
+        the canonical solution, ``calls`` = the base inputs, ``atol`` = EvalPlus's ``atol``.
+    Raises:
+        ValueError: bad limit, malformed records, an MBPP+ task missing from sanitized MBPP,
+            or an input that is not plain data (names the task).
+        FileNotFoundError: a data file or the evalplus package is missing.
+    """
+    _check_limit(limit)
+    deserialize = evalplus_functions("data/mbpp.py", ["mbpp_deserialize_inputs"])["mbpp_deserialize_inputs"]
+    path = Path(data_path) if data_path is not None else locate(MBPPPLUS_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"MBPP+ file not found: {path} (`cycleqd data fetch mbppplus`)")
+    mbpp = {int(r["task_id"]): r for r in _read_jsonl(_mbpp_file(mbpp_path))}
+    problems = []
+    for r in _read_jsonl(path):
+        for key in ("task_id", "entry_point", "canonical_solution", "base_input", "atol"):
+            if key not in r:
+                raise ValueError(f"MBPP+ record {r.get('task_id', '?')} lacks field {key!r}")
+        tid = str(r["task_id"])
+        num = int(tid.split("/")[-1])
+        if num not in mbpp:
+            raise ValueError(f"MBPP+ {tid} is not in sanitized MBPP (its prompt needs text + test_list[0])")
+        src = mbpp[num]
+        text, first = src.get("text", src.get("prompt")), str(src["test_list"][0])
+        entry = str(r["entry_point"])
+        try:
+            calls = tuple(wire.call_key(entry, tuple(args), {})
+                          for args in deserialize(tid, r["base_input"]))
+        except wire.WireError as e:
+            raise ValueError(f"MBPP+ {tid}: a base input is not plain data: {e}") from None
+        problems.append(CodeProblem(
+            id=f"mbppplus/{num}", dataset="mbppplus",
+            instruction=official.mbpp_instruction(official.release_prompt(text, first)),
+            entry_point=entry, test_code="", reference=str(r["canonical_solution"]),
+            tests=(first,), calls=calls, atol=float(r["atol"] or 0.0)))
+    problems.sort(key=lambda p: int(p.id.split("/")[1]))
+    return problems[:limit] if limit is not None else problems
+
+
 def load_code_problems(dataset: str, data_path: str | os.PathLike | None = None,
                        split: str = "search", limit: int | None = None) -> list[CodeProblem]:
-    """Dispatch to :func:`load_mbpp` or :func:`load_humaneval` (``dataset`` names which)."""
+    """Dispatch to :func:`load_mbpp`, :func:`load_humaneval` or :func:`load_mbppplus`
+    (``dataset`` names which)."""
     if dataset == "mbpp":
         return load_mbpp(data_path, split, limit)
     if dataset == "humaneval":
         return load_humaneval(data_path, split, limit)
-    raise ValueError(f"dataset must be 'mbpp' or 'humaneval', got {dataset!r}")
+    if dataset == "mbppplus":
+        if split not in MBPPPLUS_SPLITS:
+            raise ValueError(f"split must be one of {MBPPPLUS_SPLITS} for MBPP+, got {split!r}")
+        return load_mbppplus(data_path, limit)
+    raise ValueError(f"dataset must be 'mbpp', 'humaneval' or 'mbppplus', got {dataset!r}")
