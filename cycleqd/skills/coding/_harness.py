@@ -13,18 +13,27 @@ input and writes one line per call to the original stdout::
     R <TAB> index <TAB> ok|err|bad <TAB> payload
 
 ``ok``: the return value as wire text; ``err``: ``[exception type, message]``; ``bad``: the
-value is not plain data or is larger than MAX_RESULT_BYTES. The candidate's own prints go
-to stderr. Nothing here is trusted: the candidate can rewrite any of it (it runs in this
+value is not plain data or is larger than MAX_RESULT_BYTES. Before it, ``T <TAB> index <TAB>
+seconds`` gives the call's wall time (MBPP+'s time limits scale the reference's). The
+candidate's own prints go to stderr. Nothing here is trusted: the candidate can rewrite any of it (it runs in this
 process), which only lets it choose its outputs -- the verdict is decided elsewhere.
 """
 
 import marshal
 import os
 import sys
+import time
 
 
 def _emit(fd, i, status, payload):
     data = ("R\t%d\t%s\t%s\n" % (i, status, payload)).encode("utf-8", "backslashreplace")
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _emit_time(fd, i, seconds):
+    data = ("T\t%d\t%.6f\n" % (i, seconds)).encode()
     while data:
         n = os.write(fd, data)
         data = data[n:]
@@ -54,7 +63,9 @@ def main():
             fn = ns.get(name)
             if not callable(fn):
                 raise NameError("name %r is not defined" % name)
+            t0 = time.perf_counter()
             value = fn(*args, **kwargs)
+            _emit_time(out, i, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001
             try:
                 text = str(e)[:300]

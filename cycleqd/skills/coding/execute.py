@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from cycleqd.skills.coding.data import CodeProblem
 from cycleqd.skills.coding.extract import defines, extract_code, sanitize_code
 from cycleqd.skills.coding.judge import CodeProgram, ExecLimits, Verdict, judge_samples
+from cycleqd.skills.coding.plusjudge import judge_plus
 
 __all__ = ["PROGRAM_VERSION", "build_program", "prepare_program", "run_program", "run_programs"]
 
@@ -60,12 +61,13 @@ def run_program(program: CodeProgram, limits: ExecLimits = ExecLimits()) -> Verd
     if not isinstance(program, CodeProgram):
         raise TypeError("run_program takes a CodeProgram from build_program(problem, code), "
                         f"got {type(program).__name__}")
-    return judge_samples({"_": (program.problem, program)}, limits, workers=1)["_"]
+    return run_programs({"_": program}, limits, workers=1)["_"]
 
 
 def run_programs(programs: Mapping[str, CodeProgram], limits: ExecLimits = ExecLimits(), *,
                  workers: int = 2) -> dict[str, Verdict]:
-    """Judge many programs, ``workers`` sandboxes at a time.
+    """Judge many programs, ``workers`` sandboxes at a time (MBPP+ problems by the official
+    EvalPlus rule, :func:`.plusjudge.judge_plus`; the others by :func:`.judge.judge_samples`).
 
     Returns:
         id -> :class:`Verdict` (same keys as ``programs``).
@@ -77,5 +79,8 @@ def run_programs(programs: Mapping[str, CodeProgram], limits: ExecLimits = ExecL
     bad = [k for k, v in programs.items() if not isinstance(v, CodeProgram)]
     if bad:
         raise TypeError(f"programs must be CodeProgram objects (build_program); not: {bad[:3]}")
-    return judge_samples({k: (v.problem, v) for k, v in programs.items()}, limits,
-                         workers=workers)
+    plus = {k: (v.problem, v) for k, v in programs.items() if v.problem.dataset == "mbppplus"}
+    out = judge_plus(plus, limits, workers=workers) if plus else {}
+    out.update(judge_samples({k: (v.problem, v) for k, v in programs.items() if k not in plus},
+                             limits, workers=workers))
+    return {k: out[k] for k in programs}

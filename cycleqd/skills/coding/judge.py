@@ -154,9 +154,11 @@ class CallPlan:
 
 @dataclass
 class CandidateRun:
-    """One candidate sandbox run: ``results`` call key -> (ok|err|bad, payload)."""
+    """One candidate sandbox run: ``results`` call key -> (ok|err|bad, payload); ``times``
+    call key -> the call's wall seconds as the harness reported them."""
 
     results: dict[str, tuple[str, str]] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
     failure: Verdict | None = None
     wall_s: float = 0.0
 
@@ -322,8 +324,17 @@ def run_candidate(program: CodeProgram, calls: Sequence[str],
         run.failure = Verdict(False, kind, res.killed or "timed_out", res.wall_s)
         return run
     seen: dict[int, tuple[str, str]] = {}
+    times: dict[int, float] = {}
     total = 0
     for line in (res.stdout or "").split("\n"):
+        if line.startswith("T\t"):
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < len(calls):
+                try:
+                    times[int(parts[1])] = float(parts[2])
+                except ValueError:
+                    pass
+            continue
         if not line.startswith("R\t"):
             continue
         parts = line.split("\t", 3)
@@ -349,6 +360,7 @@ def run_candidate(program: CodeProgram, calls: Sequence[str],
                               res.wall_s)
         return run
     run.results = {calls[i]: v for i, v in seen.items()}
+    run.times = {calls[i]: t for i, t in times.items()}
     return run
 
 
