@@ -114,7 +114,8 @@ def test_db_project_outcome_is_never_served_to_the_official_protocol(tmp_path):
     """The attack: outcomes cached under the project protocol, same weights, same item ids
     and content -- an official skill must score the items again."""
     cache = SampleCache(tmp_path / "c.sqlite")
-    proj = DBBenchSkill(split="all", cache=cache)
+    # the project settings closest to the official ones: only the protocol tells them apart
+    proj = DBBenchSkill(split="all", cache=cache, scorer="agentbench-v0.2", max_rounds=5)
     off = DBBenchSkill(protocol="official", cache=cache)
     by_id = {it.id: it for it in proj.items}
     common = [it for it in off.items if by_id.get(it.id) == it and not it.is_modification][:3]
@@ -235,3 +236,17 @@ def test_os_official_command_limit_is_5_seconds():
     proj = OSInteractionSkill(limit=1)  # the project's 10 s: the command completes
     proj.items = sk.items
     assert proj.evaluate(ScriptedModel(policy, "slow")).quality == 1.0
+
+
+@needs_official
+@needs_sandbox
+def test_os_project_outcome_is_never_served_to_the_official_protocol(tmp_path):
+    cache = SampleCache(tmp_path / "c.sqlite")
+    off = _os_skill(repeats=1, cache=cache)
+    # the project settings closest to the official ones: only the protocol tells them apart
+    proj = OSInteractionSkill(limit=1, cache=cache, command_timeout_s=5.0, max_rounds=5)
+    item = OSItem("t/answer", "Answer 42.", match={"answer": "42", "strip": True})
+    proj.items, off.items = [item], [item]
+    assert proj.evaluate(ScriptedModel(lambda c: "Act: answer(42)", "same")).quality == 1.0
+    wrong = ScriptedModel(lambda c: "Act: answer(41)", "same")
+    assert off.evaluate(wrong).quality == 0.0 and wrong.batches  # scored, not served
