@@ -6,6 +6,9 @@ tasks: answers the expected string). Prints pass counts and which tasks fail, by
         [--machine auto|rootfs|host] [--data FILE] [--out per_task.json]
     # CycleQD's 110 official search tasks (os_search_samples.json, converted on the fly):
     PYTHONPATH=$PWD python benchmarks/os_reference.py --official ../shared/data/cycleqd-official/os_search_samples.json
+    # the same tasks under the skill's own official protocol (its loader, 7-message problem,
+    # 5 rounds, 5 s commands, unanswered judged with ""; one evaluation unless --repeats):
+    PYTHONPATH=$PWD python benchmarks/os_reference.py --protocol official [--repeats 5]
     # compare two runs (e.g. before = another checkout's code, after = this one):
     python benchmarks/os_reference.py --compare before.json after.json
 
@@ -91,18 +94,25 @@ def _official_to_agentbench(path: str) -> list[dict]:
 def _run(args) -> dict:
     from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 
+    if args.protocol == "official":
+        kw = dict(protocol="official", repeats=args.repeats, limit=args.limit,
+                  episode_batch=args.batch, workers=args.workers, machine=args.machine)
+        if args.data:
+            kw["data_path"] = args.data
+        args.official = None
     if args.official:
         import tempfile
 
         tmp = Path(tempfile.mkdtemp()) / "official_search.json"
         tmp.write_text(json.dumps(_official_to_agentbench(args.official)))
         args.data, args.split = str(tmp), "all"
-    kw = dict(split=args.split, limit=args.limit, episode_batch=args.batch, workers=args.workers,
-              max_rounds=3)
-    if args.data:
-        kw["data_path"] = args.data
-    if "machine" in inspect.signature(OSInteractionSkill).parameters:
-        kw["machine"] = args.machine
+    if args.protocol != "official":
+        kw = dict(split=args.split, limit=args.limit, episode_batch=args.batch, workers=args.workers,
+                  max_rounds=3)
+        if args.data:
+            kw["data_path"] = args.data
+        if "machine" in inspect.signature(OSInteractionSkill).parameters:
+            kw["machine"] = args.machine
     sk = OSInteractionSkill(**kw)
     machine = getattr(sk, "rootfs", None)
     t0 = time.monotonic()
@@ -113,7 +123,7 @@ def _run(args) -> dict:
         d = sk.last_details.get(it.id, {})
         ref = d.get("reference")
         multi = ref is not None and len(ref.strip().splitlines()) > 1
-        rows[it.id] = {"pass": r.outcomes[it.id] == 1.0, "multi_line": multi,
+        rows[it.id] = {"pass": r.outcomes[it.id] == 1.0, "score": r.outcomes[it.id], "multi_line": multi,
                        "setup": d.get("setup") or (d.get("init") and str(d.get("init"))),
                        "reference_error": d.get("reference_error"), "end": d.get("end"),
                        "error": d.get("error")}
@@ -156,6 +166,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--machine", default="auto", choices=["auto", "rootfs", "host"])
     p.add_argument("--official", default=None, help="CycleQD's os_search_samples.json")
+    p.add_argument("--protocol", default="project", choices=["project", "official"],
+                   help="official: the skill's protocol='official' (its own loader of the official data)")
+    p.add_argument("--repeats", type=int, default=1, help="evaluations averaged (--protocol official)")
     p.add_argument("--out", default=None, help="write per-task results (JSON) here")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     args = p.parse_args()
