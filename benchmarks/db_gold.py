@@ -18,6 +18,11 @@ Measured 2026-12-02 on this 2-core machine (see docs/graders.md, § DB-Bench):
 strict and agentbench, SQLite and MariaDB 10.11 alike: modification 199/200 (dbbench/225:
 its gold UPDATE does not reproduce answer_md5 -- no single-cell edit of its table does, a
 data error), SELECT 100/100.
+``--protocol official`` (341 official rows, agentbench-v0.2), SQLite and MariaDB alike:
+modification 222/223 (dbbench/225 again), SELECT 113/118: rows 13, 14, 17, 77 of the
+official file are an older ``standard.jsonl`` with table errors fixed upstream since
+(duplicate column ``Score``; rows shorter than the header), and dev row 305 has an empty
+column name -- unbuildable tables, failed samples under any scorer.
 """
 
 from __future__ import annotations

@@ -12,6 +12,17 @@ tasks: answers the expected string). Prints pass counts and which tasks fail, by
     # compare two runs (e.g. before = another checkout's code, after = this one):
     python benchmarks/os_reference.py --compare before.json after.json
 
+Measured 2026-12-02 (``--protocol official``, one evaluation, Debian image, 2 workers,
+128 s): 100/110. The 10 others: 5 tasks share their description with another task of
+the set (22, 23, 35, 144, 145), so this agent, which finds the task by its description,
+answers the other's answer (each passes alone); ``find`` from ``/`` prints "Permission
+denied" lines for ``/proc`` entries of the machine, so the one-line answer of 11 and 166
+cannot be written (stdout alone, the reference, is right); 26's init writes through fd
+123321, over this host's open-file hard limit (20000); 57 counts ``bash`` processes and
+the reference machine, started from the post-init snapshot, has none where the agent's
+shell has one; 153's official (inlined) size checker parses ``int("4.0K")`` and fails,
+as it would in the official run.
+
 A reference whose output spans several lines cannot be written into one
 ``Act: answer(...)`` line: such tasks are counted apart ("multi-line reference"). Runs
 with any version of cycleqd's OS skill (``--machine`` is ignored by code without it).
