@@ -11,7 +11,7 @@ import pytest
 
 from cycleqd.skills.agentbench import official
 from cycleqd.skills.agentbench.data import OSItem, Script, load_dbbench_official, load_os_official
-from cycleqd.skills.agentbench.dbbench import DBBenchSkill
+from cycleqd.skills.agentbench.dbbench import DBBenchSkill, parse_reply_official
 from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
 from cycleqd.skills.cache import SampleCache
 
@@ -131,6 +131,40 @@ def test_db_project_outcome_is_never_served_to_the_official_protocol(tmp_path):
     off2.items = list(common)
     again = ScriptedModel(lambda c: final_answer(["1"]), "same")
     assert off2.evaluate(again).quality == 0.0 and not again.batches
+
+
+def test_db_official_reply_parsing():
+    """The official (AgentBench.old) patterns, exactly: ``Action: Operation\\n``, ````sql\\n``,
+    ``\\nFinal Answer:``; anything else answers, "" at worst."""
+    assert parse_reply_official("Action: Operation\n```sql\nSELECT\n1\n```", True) == ("operation", "SELECT 1")
+    assert parse_reply_official("Action: Operation\n```sql\nSELECT 1\n```", False) == ("answer", "")
+    assert parse_reply_official("Action: operation\n```sql\nSELECT 1\n```", True) == ("answer", "")
+    assert parse_reply_official("Action: Operation\nSELECT 1", True) == ("answer", "")
+    assert parse_reply_official("Action: Operation", True) == ("answer", "")  # no newline after
+    assert parse_reply_official('Final Answer: ["a"]', True) == ("answer", "")  # no newline before
+    assert parse_reply_official('ok\nAction: Answer\nFinal Answer: ["a"]', True) == ("answer", ' ["a"]')
+
+
+@needs_official
+def test_db_official_parsing_decides_the_outcome():
+    """A gold answer written without the newline the official pattern needs scores 0 under
+    the official protocol and 1 under the project's tolerant parser (same scorer)."""
+    off = DBBenchSkill(protocol="official")
+    item = next(it for it in off.items if not it.is_modification)
+    off.items = [item]
+    proj = DBBenchSkill(split="all", scorer="agentbench-v0.2")
+    proj.items = [item]
+    bare = "Final Answer: " + json.dumps(list(item.label))
+    assert proj.evaluate(ScriptedModel(lambda c: bare, "bare")).quality == 1.0
+    assert off.evaluate(ScriptedModel(lambda c: bare, "bare")).quality == 0.0
+    assert off.last_details[item.id]["answer"] == ""
+    six: list = []
+
+    def operate(conv):  # always operates: 5 operations, then the 6th reply is the answer
+        six.append(conv)
+        return "Action: Operation\n```sql\nSELECT 1;\n```" if len(six) < 6 else \
+            "Action: Answer\nFinal Answer: " + json.dumps(list(item.label))
+    assert off.evaluate(ScriptedModel(operate, "ops")).quality == 1.0 and len(six) == 6
 
 
 # ----------------------------------------------------------------------------- OS

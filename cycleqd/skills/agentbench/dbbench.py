@@ -421,6 +421,28 @@ def parse_reply(reply: str) -> tuple[str | None, str | None]:
     return ("answer" if action is not None or f else None), (f.group(1) if f else None)
 
 
+_OFFICIAL_ACTION = re.compile(r"Action: (.*?)\n")
+_OFFICIAL_SQL = re.compile(r"```sql\n([\s\S]*?)\n```")
+_OFFICIAL_FINAL = re.compile(r"\nFinal Answer:(.*)")
+
+
+def parse_reply_official(reply: str, can_operate: bool) -> tuple[str, str]:
+    """The official reply parsing (fishfarm ``DBBenchTask.process_response_and_check_completion``,
+    from AgentBench.old): ``("operation", sql)`` when the first ``Action: X\n`` has X exactly
+    ``Operation``, ``can_operate`` and a ````sql\n...\n```` block follows (newlines of the SQL
+    become spaces); otherwise ``("answer", text)``: an Operation without that block answers
+    ``""``, any other reply the text after the first ``\nFinal Answer:`` (``""`` when there is
+    none) -- an empty answer is still judged, never "no answer"."""
+    m = _OFFICIAL_ACTION.search(reply)
+    if m and m.group(1) == "Operation" and can_operate:
+        s = _OFFICIAL_SQL.search(reply)
+        if s is None:
+            return "answer", ""
+        return "operation", s.group(1).strip().replace("\n", " ")
+    f = _OFFICIAL_FINAL.search(reply) if reply else None
+    return "answer", f.group(1) if f else ""
+
+
 class DBEpisode(Episode):
     """One DB-Bench episode on a backend database (key = the item id).
 
@@ -432,7 +454,7 @@ class DBEpisode(Episode):
             (strict scorer, modification items) once computed on this backend.
         protocol: ``"official"``: the opening messages of
             :func:`cycleqd.skills.agentbench.official.db_messages` (same text as the
-            project's, built by the official builder).
+            project's, built by the official builder) and :func:`parse_reply_official`.
 
     An item whose table cannot be built ends at once as a failed sample
     (``detail["error"]``, logged); a backend that is down raises RuntimeError.
@@ -450,7 +472,7 @@ class DBEpisode(Episode):
             {"role": "user", "content": item.description + "\n" + item.add_description}])
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
-        self.item, self.backend = item, backend
+        self.item, self.backend, self.protocol = item, backend, protocol
         self.max_rounds, self.tolerance, self.scorer = max_rounds, tolerance, scorer
         self.rounds = 0
         self.answer: str | None = None
@@ -469,6 +491,17 @@ class DBEpisode(Episode):
             _log.warning("DB-Bench %s: %s -- scored as a failed sample", item.id, self.broken)
 
     def step(self, reply: str) -> None:
+        if self.protocol == "official":
+            action, text = parse_reply_official(reply, self.rounds < self.max_rounds)
+            if action == "operation":
+                obs = observation(self.backend.execute(self.item.id, text))
+                self.rounds += 1
+                self.messages.append({"role": "user", "content": obs})
+                return
+            self.answer = text
+            self.detail["end"] = "answer"
+            self.done = True
+            return
         action, payload = parse_reply(reply)
         if action == "operation" and self.rounds < self.max_rounds:
             if payload is None:  # AgentBench: Operation without SQL -> validation failure
@@ -486,6 +519,8 @@ class DBEpisode(Episode):
 
     def finish(self) -> None:
         self.detail["rounds"] = self.rounds
+        if self.protocol == "official" and self.answer is None:
+            self.answer = ""  # official: every episode ends with an answer, "" at worst
         self.score = 0.0
         if self.broken is not None:
             return
@@ -573,7 +608,10 @@ class DBBenchSkill:
         protocol: ``"project"`` (default: the project's splits and settings above) or
             ``"official"`` (the official CycleQD protocol: the 341 official search rows of
             ``dbbench_standard_dev.jsonl``, :func:`~cycleqd.skills.agentbench.data.load_dbbench_official`;
-            the official opening messages; ``max_rounds`` = 5; scorer ``agentbench-v0.2``
+            the official opening messages and reply parsing (:func:`parse_reply_official`:
+            exact ``Action: Operation\\n``, ````sql\\n`` and ``\\nFinal Answer:`` patterns; a
+            reply without an answer answers ``""``, which is judged); ``max_rounds`` = 5
+            (at most 6 replies); scorer ``agentbench-v0.2``
             forced -- exact comparison, modification rows by the bare ``answer_md5``;
             ``split`` must be ``search``). Quality = pooled fraction correct either way.
             Each item still gets its own database (the official code loads every table into
@@ -685,4 +723,4 @@ class DBBenchSkill:
 
 
 __all__ = ["DBBenchSkill", "DBEpisode", "DB_PROMPT", "OFFICIAL_SCORER", "SCORERS", "compare_answer", "judge_answer",
-           "judge_table", "parse_answer", "parse_reply", "strict_values"]
+           "judge_table", "parse_answer", "parse_reply", "parse_reply_official", "strict_values"]
