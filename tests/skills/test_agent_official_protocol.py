@@ -256,20 +256,40 @@ def test_os_official_quality_is_the_mean_of_repeats():
 def test_os_official_command_limit_is_5_seconds():
     sk = _os_skill(repeats=1)
     assert sk.command_timeout_s == official.OS_COMMAND_TIMEOUT_S == 5.0
-    sk.items = [OSItem("t/slow", "Wait.", match={"answer": "late", "strip": True})]
+    slow = OSItem("t/slow", "Wait.", match={"answer": "late", "strip": True})
+    # a command over 5 s ends the episode; it is judged with "" (this check passes on "")
+    slow_empty = OSItem("t/slow-empty", "Wait, then say nothing.",
+                        check=(Script("bash", 'test -z "$1"'),))
+    quick = OSItem("t/quick", "Wait a little.", match={"answer": "late", "strip": True})
+    sk.items = [slow, slow_empty, quick]
 
     def policy(conv):
         if conv[-1]["content"].startswith("Now, I will start"):
-            return "Act: bash\n\n```bash\nsleep 3; echo early; sleep 4; echo late\n```"
+            pause = 1 if _desc(conv) == quick.description else 4
+            return f"Act: bash\n\n```bash\nsleep 3; echo early; sleep {pause}; echo late\n```"
         return "Act: answer(late)" if "late" in conv[-1]["content"] else "Act: answer(cut)"
     t = time.monotonic()
-    r = sk.evaluate(ScriptedModel(policy, "slow"))
-    obs = sk.last_details["t/slow"]["transcript"][1]
-    assert "early" in obs and "late" not in obs and r.quality == 0.0, obs
+    model = ScriptedModel(policy, "slow")
+    r = sk.evaluate(model)
+    assert r.outcomes == {slow.id: 0.0, slow_empty.id: 1.0, quick.id: 1.0}, sk.last_details
+    assert sk.last_details[slow.id]["end"] == "command timeout"
+    assert len(sk.last_details[slow.id]["transcript"]) == 1  # no observation, no second turn
     assert time.monotonic() - t < 60
+    sk.items = [slow]
     proj = OSInteractionSkill(limit=1)  # the project's 10 s: the command completes
     proj.items = sk.items
     assert proj.evaluate(ScriptedModel(policy, "slow")).quality == 1.0
+
+
+@needs_official
+@needs_sandbox
+def test_os_official_finish_is_judged_with_none_as_the_official_code_does():
+    """``finish`` commits the answer None; the official check chain passes ``str(None)``."""
+    sk = _os_skill(repeats=1)
+    sk.items = [OSItem("t/finish", "Finish.", check=(Script("bash", 'test "$1" = None'),)),
+                OSItem("t/finish-empty", "Finish!", check=(Script("bash", 'test -z "$1"'),))]
+    r = sk.evaluate(ScriptedModel(lambda c: "Think: done.\n\nAct: finish", "finish"))
+    assert r.outcomes == {"t/finish": 1.0, "t/finish-empty": 0.0}, sk.last_details
 
 
 @needs_official

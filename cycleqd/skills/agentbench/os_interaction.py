@@ -327,8 +327,10 @@ class OSEpisode(Episode):
             the host-tree sandbox (read-only host ``/usr``, ``/etc``).
         protocol: ``"official"``: the official 7-message problem
             (:func:`cycleqd.skills.agentbench.official.os_problem`, typo "I'will" kept),
-            its observation message, and an episode that ends without an answer (no valid
-            action, ``finish``, round limit) judged with the empty answer ``""``.
+            its observation message; a command over ``command_timeout_s`` ends the episode;
+            an episode that ends without committing (no valid action, command timeout,
+            round limit) is judged with the empty answer ``""``, and ``finish`` with no
+            answer (None: a check chain gets ``"None"``), as the official code does.
     """
 
     def __init__(self, item: OSItem, *, limits: SandboxLimits, command_timeout_s: float,
@@ -454,6 +456,11 @@ class OSEpisode(Episode):
             return
         r = self.session.exec(act["content"] or "", timeout=self.command_timeout_s,
                               merge_stderr=True)
+        if self.protocol == "official" and r.timed_out:
+            # official: a turn not done within 5 s ends the episode, answer "" (judged)
+            self.detail["end"] = "command timeout"
+            self.done = True
+            return
         out = r.stdout
         if r.killed == "sandbox_died":
             out = out or "bash: the shell was killed"
@@ -562,9 +569,11 @@ class OSEpisode(Episode):
             self.score = 0.0
             return
         if self.protocol == "official":
-            # the official code judges every episode; one without an answer with ""
+            # the official code judges every episode: one that ended without committing (no
+            # valid action, a command over the limit, the round limit) with ""; ``finish``
+            # commits no answer, None, which a check chain receives as "None" (str(None))
             self.detail.setdefault("end", "round limit")
-            self.score = 1.0 if self.judge("" if self.answer is None else self.answer) else 0.0
+            self.score = 1.0 if self.judge(self.answer if self.committed else "") else 0.0
             return
         if not self.committed:
             self.detail.setdefault("end", "round limit")
@@ -643,8 +652,9 @@ class OSInteractionSkill:
         protocol: ``"project"`` (default: the splits and settings above) or ``"official"``
             (the official CycleQD protocol: the 110 official search tasks,
             :func:`~cycleqd.skills.agentbench.data.load_os_official`; the official
-            7-message problem; ``max_rounds`` 5 and ``command_timeout_s`` 5 s forced; an
-            episode that ends without an answer judged with ``""``; each task run
+            7-message problem; ``max_rounds`` 5 and ``command_timeout_s`` 5 s forced (a
+            command over it ends the episode, as the official 5 s per-turn limit does); an
+            episode that ends without committing judged with ``""``; each task run
             ``repeats`` times, each in a fresh machine, its outcome = the mean, so quality
             = the mean of the repeated evaluations' accuracies; ``split`` must be
             ``search``). Deviations kept: every task runs in the project's Debian machine
