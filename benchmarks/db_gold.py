@@ -11,11 +11,18 @@ passed / 100, and every failure with the grader's reason.
     source .ci/mariadb.sh                           # only for --backend mariadb|both
     PYTHONPATH=$PWD python benchmarks/db_gold.py                     # sqlite, strict
     PYTHONPATH=$PWD python benchmarks/db_gold.py --backend both --scorer all
+    # the official protocol (341 official rows, official messages, agentbench-v0.2 forced):
+    PYTHONPATH=$PWD python benchmarks/db_gold.py --protocol official [--backend both]
 
 Measured 2026-12-02 on this 2-core machine (see docs/graders.md, § DB-Bench):
 strict and agentbench, SQLite and MariaDB 10.11 alike: modification 199/200 (dbbench/225:
 its gold UPDATE does not reproduce answer_md5 -- no single-cell edit of its table does, a
 data error), SELECT 100/100.
+``--protocol official`` (341 official rows, agentbench-v0.2), SQLite and MariaDB alike:
+modification 222/223 (dbbench/225 again), SELECT 113/118: rows 13, 14, 17, 77 of the
+official file are an older ``standard.jsonl`` with table errors fixed upstream since
+(duplicate column ``Score``; rows shorter than the header), and dev row 305 has an empty
+column name -- unbuildable tables, failed samples under any scorer.
 """
 
 from __future__ import annotations
@@ -57,9 +64,13 @@ def gold_model(items):
     return Gold()
 
 
-def run(backend: str, scorer: str, data_path: str | None) -> dict:
-    sk = DBBenchSkill(data_path, split="all", backend=backend, scorer=scorer, cache=None,
-                      episode_batch=50)
+def run(backend: str, scorer: str, data_path: str | None, protocol: str = "project") -> dict:
+    if protocol == "official":
+        sk = DBBenchSkill(data_path, backend=backend, cache=None, episode_batch=50,
+                          protocol="official")
+    else:
+        sk = DBBenchSkill(data_path, split="all", backend=backend, scorer=scorer, cache=None,
+                          episode_batch=50)
     t0 = time.monotonic()
     r = sk.evaluate(gold_model(sk.items))
     secs = time.monotonic() - t0
@@ -80,12 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scorer", choices=("strict", "agentbench", "agentbench-v0.2", "all"),
                     default="strict")
     ap.add_argument("--data", default=None, help="DB-Bench file or data folder")
+    ap.add_argument("--protocol", choices=("project", "official"), default="project",
+                    help="official: the 341 official rows, scorer agentbench-v0.2 (--scorer ignored)")
     a = ap.parse_args(argv)
+    if a.protocol == "official":
+        a.scorer = "agentbench-v0.2"
     backends = ("sqlite", "mariadb") if a.backend == "both" else (a.backend,)
     scorers = ("strict", "agentbench", "agentbench-v0.2") if a.scorer == "all" else (a.scorer,)
     for b in backends:
         for s in scorers:
-            res = run(b, s, a.data)
+            res = run(b, s, a.data, a.protocol)
             print(f"{b:8s} {s:15s} modification {res['modification']:>7s}  "
                   f"select {res['select']:>7s}  ({res['seconds']} s)")
             for iid, (typ, why) in res["failures"].items():

@@ -204,6 +204,10 @@ OUTCOME_NEUTRAL = {"data_path", "split", "limit", "name", "cache", "workers", "e
                    "cache_dir", "rootfs", "machine"}
 
 
+#: constructor parameters that apply under ``protocol="official"`` only (varied there)
+OFFICIAL_ONLY = {"repeats": 2}
+
+
 def _variants(cls) -> dict[str, object]:
     from cycleqd.sandbox import SandboxLimits
 
@@ -213,11 +217,11 @@ def _variants(cls) -> dict[str, object]:
     from cycleqd.skills.agentbench.dbbench import DBBenchSkill
     if cls is DBBenchSkill:
         return {"backend": "mariadb", "max_rounds": 2, "max_new_tokens": 17, "tolerance": 0.5,
-                "stop": ("\n\n",), "scorer": "agentbench"}
+                "stop": ("\n\n",), "scorer": "agentbench", "protocol": "official"}
     from cycleqd.skills.agentbench.os_interaction import OS_LIMITS
     v = {"max_rounds": 2, "max_new_tokens": 17, "command_timeout_s": 3.0,
          "setup_timeout_s": 7.0, "one_shot": False, "stop": ("\n\n",),
-         "limits": dataclasses.replace(OS_LIMITS, max_output_bytes=2048)}
+         "limits": dataclasses.replace(OS_LIMITS, max_output_bytes=2048), "protocol": "official"}
     # the machine: the Debian image (rootfs) vs the host-tree sandbox are different keys
     # (``rootfs`` -- a prepared image object -- selects the same machine as the default)
     from cycleqd.skills.agentbench.os_interaction import OSInteractionSkill
@@ -244,12 +248,18 @@ def test_every_setting_that_changes_outcomes_is_in_the_key(cls, base):
     let outcomes scored under one setting answer for another)."""
     params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     variants = _variants(cls)
-    unclassified = [p for p in params if p not in OUTCOME_NEUTRAL and p not in variants]
+    unclassified = [p for p in params if p not in OUTCOME_NEUTRAL and p not in variants
+                    and p not in OFFICIAL_ONLY]
     assert not unclassified, (f"{cls.__name__}: classify {unclassified} (outcome-neutral, or "
                               "give a variant and put it in cache_key)")
     key = cls(**base).cache_key
     for name, value in variants.items():
         assert cls(**base, **{name: value}).cache_key != key, f"{cls.__name__}.{name}"
+    # settings of the official protocol only, varied under it
+    for name, value in OFFICIAL_ONLY.items():
+        if name in params:
+            off = cls(**base, protocol="official").cache_key
+            assert cls(**base, protocol="official", **{name: value}).cache_key != off, name
     # the neutral ones really are neutral
     for name, value in {"workers": 1, "name": "renamed", "episode_batch": 3}.items():
         if name in params:

@@ -359,3 +359,147 @@ def load_os(data_path: str | os.PathLike | None = None, split: str = "search",
             by_id = {it.id: it for it in items}
             items = [by_id[i] for i in os_split_ids(items)[split]]
     return items[:limit] if limit else items
+
+
+# ----------------------------------------------------------------------------- official sets
+
+#: The official CycleQD protocol's files (``cycleqd data fetch official-db official-os
+#: official-ids``; ``../shared/data/README.md`` § "The official CycleQD protocol's data").
+OFFICIAL_DB_FILE = "cycleqd-official/dbbench_standard_dev.jsonl"
+OFFICIAL_OS_FILE = "cycleqd-official/os_search_samples.json"
+OFFICIAL_IDS_FILE = "cycleqd-official/search_ids.json"
+
+
+def _official_ids(data_path: str | os.PathLike | None, key: str, beside: Path) -> list[int]:
+    """The official search ids ``key`` of ``search_ids.json``: next to ``beside`` (the data
+    file found), else through ``data_path`` / the data dir."""
+    p = beside.parent / Path(OFFICIAL_IDS_FILE).name
+    if not p.is_file():
+        p = _find(OFFICIAL_IDS_FILE, data_path if data_path is None or Path(data_path).is_dir() else None,
+                  "official search_ids.json")
+    ids = json.loads(p.read_text(encoding="utf-8")).get(key)
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"{p}: {key!r} must be a list of ints")
+    return ids
+
+
+def load_dbbench_official(data_path: str | os.PathLike | None = None,
+                          limit: int | None = None) -> list[DBItem]:
+    """The official CycleQD DB-Bench search set: the 341 rows of
+    ``dbbench_standard_dev.jsonl`` (standard rows 0-299 then AgentBench's 60 dev rows) listed
+    in ``search_ids.json["agentbench_db"]`` (official ``tasks/agentbench_db.py``), in that
+    order; ids ``dbbench/<row>`` (rows 0-299 are ``standard.jsonl``'s rows, same order).
+    The dev rows have the same fields as the standard ones (SELECT rows carry ``sql``,
+    modification rows ``answer_md5``). ``data_path``: the jsonl file or a folder holding
+    ``cycleqd-official/`` (default: the data dir).
+
+    Raises:
+        FileNotFoundError / DataMissingError: a file is missing; ValueError: malformed data
+        or an id outside the file.
+    """
+    _check_limit(limit)
+    path = _find(OFFICIAL_DB_FILE, data_path, "official DB-Bench dbbench_standard_dev.jsonl")
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    ids = _official_ids(data_path, "agentbench_db", path)
+    if any(not 0 <= i < len(rows) for i in ids):
+        raise ValueError(f"{OFFICIAL_IDS_FILE}: an agentbench_db id is outside the {len(rows)} rows")
+    items = [_db_item(i, rows[i]) for i in ids]
+    return items[:limit] if limit else items
+
+
+def _official_script(obj: Any, what: str) -> Script | None:
+    """``[language, code]`` (the official samples' form) -> Script; None stays None."""
+    if obj is None:
+        return None
+    if (isinstance(obj, list) and len(obj) == 2 and obj[0] in ("bash", "python")
+            and isinstance(obj[1], str)):
+        return Script(obj[0], obj[1])
+    raise ValueError(f"{what} must be [\"bash\"|\"python\", code] or null, got {str(obj)[:80]}")
+
+
+def _official_os_item(s: dict) -> OSItem:
+    """One official OS search sample -> :class:`OSItem` (id ``os-official/<index>``): the
+    sample's ``config.config`` -- ``init_script`` (each run on its own), ``start``,
+    ``match`` or ``check`` (named checkers are inlined python scripts there, so every
+    entry is a script or ``null`` = the ``example_script``)."""
+    cfg = s["config"]["config"]
+    iid = f"os-official/{int(s['index'])}"
+    init = tuple(x for x in (_official_script(x, "init_script entry")
+                             for x in cfg.get("init_script") or ()) if x is not None)
+    start = _official_script(cfg.get("start"), "start")
+    match = check = example = None
+    if "match" in cfg:
+        m = cfg["match"]
+        match = {"answer": m, "strip": True} if isinstance(m, str) else dict(m)
+        match.setdefault("strip", True)
+        if not ({"answer", "regex"} & set(match)):
+            raise ValueError("match needs 'answer' or 'regex'")
+    elif "check" in cfg:
+        check = tuple(_official_script(x, "check entry") for x in cfg["check"])
+        example = _official_script(cfg.get("example_script"), "example_script")
+        if any(c is None for c in check) and example is None:
+            raise ValueError("check chain uses the example (null) but there is no example_script")
+    else:
+        raise ValueError("config needs 'match' or 'check'")
+    return OSItem(iid, str(cfg["description"]), init, start, match, check, example)
+
+
+def load_os_official(data_path: str | os.PathLike | None = None,
+                     limit: int | None = None) -> list[OSItem]:
+    """The official CycleQD OS search set: the 110 samples of ``os_search_samples.json``
+    whose ``index`` is in ``search_ids.json["agentbench_os"]`` (official
+    ``tasks/agentbench_os.py``), in that order. Every sample's image is
+    ``local-os/default`` (an Ubuntu container); here all run in the project's Debian OS
+    machine (:mod:`cycleqd.sandbox.rootfs`) -- a recorded deviation. ``data_path``: the
+    json file or a folder holding ``cycleqd-official/`` (default: the data dir).
+
+    Raises:
+        FileNotFoundError / DataMissingError: a file is missing; ValueError: malformed
+        sample (named by its index) or an official id with no sample.
+    """
+    _check_limit(limit)
+    path = _find(OFFICIAL_OS_FILE, data_path, "official OS os_search_samples.json")
+    samples = json.loads(path.read_text(encoding="utf-8"))
+    by_index: dict[int, OSItem] = {}
+    for s in samples:
+        try:
+            by_index[int(s["index"])] = _official_os_item(s)
+        except (KeyError, TypeError, ValueError) as ex:
+            raise ValueError(f"official OS sample {s.get('index') if isinstance(s, dict) else '?'}: "
+                             f"malformed ({ex})") from ex
+    ids = _official_ids(data_path, "agentbench_os", path)
+    missing = [i for i in ids if i not in by_index]
+    if missing:
+        raise ValueError(f"{OFFICIAL_IDS_FILE}: agentbench_os ids with no sample: {missing[:10]}")
+    items = [by_index[i] for i in ids]
+    return items[:limit] if limit else items
+
+
+PROTOCOLS = ("project", "official")
+
+
+def check_protocol(kind: str, params: Any) -> str:
+    """The ``protocol`` argument of the agent skills (``"project"`` default | ``"official"``)
+    and, for ``official``, its source checks: ``split`` must be ``search`` (the official
+    code scores its search ids only), ``limit`` a positive int or None, a set ``data_path``
+    a file of the expected kind or a folder holding ``cycleqd-official/``. Returns the
+    protocol. Raises ValueError naming the argument."""
+    protocol = params.get("protocol", "project")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "official":
+        if params.get("split", "search") != "search":
+            raise ValueError(f"protocol 'official' scores the official search ids: split must be "
+                             f"'search', got {params.get('split')!r}")
+        _check_limit(params.get("limit"))
+        rel = OFFICIAL_DB_FILE if kind == "dbbench" else OFFICIAL_OS_FILE
+        dp = params.get("data_path")
+        if dp is not None:
+            try:
+                found = _find(rel, dp, rel)
+            except FileNotFoundError as e:
+                raise ValueError(f"data_path: {e}") from None
+            if found.suffix != Path(rel).suffix:
+                raise ValueError(f"data_path: {str(dp)!r} is not a {Path(rel).suffix} file nor a "
+                                 f"folder holding {rel}")
+    return protocol

@@ -64,7 +64,9 @@ from cycleqd.sandbox.sql import Reference, SQLBackend, TableBuildError, TableRow
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import DBItem, check_source, load_dbbench
+from cycleqd.skills.agentbench import official
+from cycleqd.skills.agentbench.data import (DBItem, check_protocol, check_source, load_dbbench,
+                                           load_dbbench_official)
 from cycleqd.skills.agentbench.db_format import observation
 from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
@@ -93,6 +95,8 @@ _VERSION = "2"
 #: Scorers of :class:`DBBenchSkill` and their rule versions (part of the cache key: a
 #: changed rule never reuses outcomes scored under the old one).
 SCORERS = {"strict": "1", "agentbench": "1", "agentbench-v0.2": "1"}
+#: the scorer of ``protocol="official"``: AgentBench v0.2's exact comparison (the official code's)
+OFFICIAL_SCORER = "agentbench-v0.2"
 #: Answers longer than this (characters) are failed without parsing (AgentBench replies
 #: are a few hundred tokens; a long list is a guess at the label, not an answer).
 MAX_ANSWER_CHARS = 65536
@@ -417,6 +421,28 @@ def parse_reply(reply: str) -> tuple[str | None, str | None]:
     return ("answer" if action is not None or f else None), (f.group(1) if f else None)
 
 
+_OFFICIAL_ACTION = re.compile(r"Action: (.*?)\n")
+_OFFICIAL_SQL = re.compile(r"```sql\n([\s\S]*?)\n```")
+_OFFICIAL_FINAL = re.compile(r"\nFinal Answer:(.*)")
+
+
+def parse_reply_official(reply: str, can_operate: bool) -> tuple[str, str]:
+    """The official reply parsing (fishfarm ``DBBenchTask.process_response_and_check_completion``,
+    from AgentBench.old): ``("operation", sql)`` when the first ``Action: X\n`` has X exactly
+    ``Operation``, ``can_operate`` and a ````sql\n...\n```` block follows (newlines of the SQL
+    become spaces); otherwise ``("answer", text)``: an Operation without that block answers
+    ``""``, any other reply the text after the first ``\nFinal Answer:`` (``""`` when there is
+    none) -- an empty answer is still judged, never "no answer"."""
+    m = _OFFICIAL_ACTION.search(reply)
+    if m and m.group(1) == "Operation" and can_operate:
+        s = _OFFICIAL_SQL.search(reply)
+        if s is None:
+            return "answer", ""
+        return "operation", s.group(1).strip().replace("\n", " ")
+    f = _OFFICIAL_FINAL.search(reply) if reply else None
+    return "answer", f.group(1) if f else ""
+
+
 class DBEpisode(Episode):
     """One DB-Bench episode on a backend database (key = the item id).
 
@@ -426,6 +452,9 @@ class DBEpisode(Episode):
         scorer: ``"strict"`` | ``"agentbench"`` (see module docstring).
         references: a dict reused across episodes to keep each item's gold table
             (strict scorer, modification items) once computed on this backend.
+        protocol: ``"official"``: the opening messages of
+            :func:`cycleqd.skills.agentbench.official.db_messages` (same text as the
+            project's, built by the official builder) and :func:`parse_reply_official`.
 
     An item whose table cannot be built ends at once as a failed sample
     (``detail["error"]``, logged); a backend that is down raises RuntimeError.
@@ -433,14 +462,17 @@ class DBEpisode(Episode):
 
     def __init__(self, item: DBItem, backend: SQLBackend, *, max_rounds: int,
                  tolerance: float, scorer: str = "strict",
-                 references: dict[Any, Reference] | None = None) -> None:
-        super().__init__(item.id, [
+                 references: dict[Any, Reference] | None = None,
+                 protocol: str = "project") -> None:
+        super().__init__(item.id, official.db_messages(
+            {"description": item.description, "add_description": item.add_description})
+            if protocol == "official" else [
             {"role": "user", "content": DB_PROMPT},
             {"role": "assistant", "content": "Ok."},
             {"role": "user", "content": item.description + "\n" + item.add_description}])
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
-        self.item, self.backend = item, backend
+        self.item, self.backend, self.protocol = item, backend, protocol
         self.max_rounds, self.tolerance, self.scorer = max_rounds, tolerance, scorer
         self.rounds = 0
         self.answer: str | None = None
@@ -459,6 +491,17 @@ class DBEpisode(Episode):
             _log.warning("DB-Bench %s: %s -- scored as a failed sample", item.id, self.broken)
 
     def step(self, reply: str) -> None:
+        if self.protocol == "official":
+            action, text = parse_reply_official(reply, self.rounds < self.max_rounds)
+            if action == "operation":
+                obs = observation(self.backend.execute(self.item.id, text))
+                self.rounds += 1
+                self.messages.append({"role": "user", "content": obs})
+                return
+            self.answer = text
+            self.detail["end"] = "answer"
+            self.done = True
+            return
         action, payload = parse_reply(reply)
         if action == "operation" and self.rounds < self.max_rounds:
             if payload is None:  # AgentBench: Operation without SQL -> validation failure
@@ -476,6 +519,8 @@ class DBEpisode(Episode):
 
     def finish(self) -> None:
         self.detail["rounds"] = self.rounds
+        if self.protocol == "official" and self.answer is None:
+            self.answer = ""  # official: every episode ends with an answer, "" at worst
         self.score = 0.0
         if self.broken is not None:
             return
@@ -517,20 +562,28 @@ def _reference(item: DBItem, backend: SQLBackend,
 def check_args(params: Mapping[str, Any]) -> None:
     """The argument checks of :class:`DBBenchSkill` that need no data read (positive ints,
     ``tolerance``, ``scorer``, ``backend``; split, limit and the ``data_path`` kind through
-    :func:`cycleqd.skills.agentbench.data.check_source`). The constructor and the registry
+    :func:`cycleqd.skills.agentbench.data.check_source`; ``protocol`` through
+    :func:`~cycleqd.skills.agentbench.data.check_protocol`; ``official`` refuses a scorer
+    other than ``agentbench-v0.2``). The constructor and the registry
     checker (``cycleqd validate``) both call it. Raises ValueError naming the argument."""
     for k in ("max_rounds", "max_new_tokens", "episode_batch", "workers"):
         v = params.get(k, 1)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{k} must be a positive int, got {v!r}")
-    tolerance, scorer, backend = params.get("tolerance", 1e-2), params.get("scorer", "strict"), params.get("backend")
+    protocol = check_protocol("dbbench", params)
+    tolerance, scorer, backend = params.get("tolerance", 1e-2), params.get("scorer"), params.get("backend")
+    if protocol == "official" and scorer not in (None, OFFICIAL_SCORER):
+        raise ValueError(f"protocol 'official' scores with {OFFICIAL_SCORER!r} (the official code's "
+                         f"exact comparison); scorer {scorer!r} is refused")
+    scorer = "strict" if scorer is None else scorer
     if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
     if isinstance(backend, str) and backend not in ("sqlite", "mariadb", "mysql"):
         raise ValueError(f"backend must be 'sqlite', 'mariadb' or an SQLBackend, got {backend!r}")
-    check_source("dbbench", params.get("data_path"), params.get("split", "search"), params.get("limit"))
+    if protocol == "project":
+        check_source("dbbench", params.get("data_path"), params.get("split", "search"), params.get("limit"))
 
 
 @SKILLS.register("dbbench", source="AgentBench DB-Bench (Liu et al. 2023); CycleQD paper §4",
@@ -552,6 +605,17 @@ class DBBenchSkill:
             items by the exact gold table), ``"agentbench"`` (AgentBench's current
             lenient rules) or ``"agentbench-v0.2"`` (AgentBench v0.2 = the official
             CycleQD code's rules); see the module docstring and ``docs/graders.md``.
+        protocol: ``"project"`` (default: the project's splits and settings above) or
+            ``"official"`` (the official CycleQD protocol: the 341 official search rows of
+            ``dbbench_standard_dev.jsonl``, :func:`~cycleqd.skills.agentbench.data.load_dbbench_official`;
+            the official opening messages and reply parsing (:func:`parse_reply_official`:
+            exact ``Action: Operation\\n``, ````sql\\n`` and ``\\nFinal Answer:`` patterns; a
+            reply without an answer answers ``""``, which is judged); ``max_rounds`` = 5
+            (at most 6 replies); scorer ``agentbench-v0.2``
+            forced -- exact comparison, modification rows by the bare ``answer_md5``;
+            ``split`` must be ``search``). Quality = pooled fraction correct either way.
+            Each item still gets its own database (the official code loads every table into
+            one MySQL server, where 32 table names collide: a fix kept, not a deviation).
         episode_batch: episodes run in lockstep at once (bounds open databases).
         workers: threads executing the episodes' SQL between turns.
         cache: a :class:`SampleCache` or a path to one; None disables caching.
@@ -565,11 +629,18 @@ class DBBenchSkill:
                  backend: str | SQLBackend = "sqlite", max_rounds: int = 5,
                  max_new_tokens: int = 512, tolerance: float = 1e-2, episode_batch: int = 64,
                  workers: int = 4, stop: Sequence[str] = (),
-                 cache: SampleCache | str | Path | None = None, scorer: str = "strict") -> None:
+                 cache: SampleCache | str | Path | None = None, scorer: str | None = None,
+                 protocol: str = "project") -> None:
         check_args(dict(max_rounds=max_rounds, max_new_tokens=max_new_tokens, episode_batch=episode_batch,
                         workers=workers, tolerance=tolerance, scorer=scorer, backend=backend, split=split,
-                        limit=limit))   # data_path: resolved by the loader
-        self.items: list[DBItem] = load_dbbench(data_path, split, limit)
+                        limit=limit, protocol=protocol))   # data_path: resolved by the loader
+        self.protocol = protocol
+        if protocol == "official":
+            scorer, max_rounds = OFFICIAL_SCORER, official.DB_MAX_ROUND
+            self.items: list[DBItem] = load_dbbench_official(data_path, limit)
+        else:
+            scorer = "strict" if scorer is None else scorer
+            self.items = load_dbbench(data_path, split, limit)
         if not self.items:
             raise ValueError(f"DB-Bench split {split!r} has no items")
         self.name, self.split = name, split
@@ -594,6 +665,8 @@ class DBBenchSkill:
                "prompt": DB_PROMPT, "rounds": self.max_rounds,
                "tok": self.max_new_tokens, "tol": self.tolerance, "stop": list(self.stop),
                "backend": "mariadb" if self.backend_name == "mysql" else self.backend_name}
+        if self.protocol != "project":  # absent for the default: its keys stay as they were
+            cfg["protocol"] = self.protocol
         b = self._backend_spec
         if not isinstance(b, str):  # a configured backend object: its settings too
             ident = dict(b.identity)
@@ -617,7 +690,8 @@ class DBBenchSkill:
                     for it in items[s:s + self.episode_batch]:
                         eps.append(DBEpisode(it, backend, max_rounds=self.max_rounds,
                                              tolerance=self.tolerance, scorer=self.scorer,
-                                             references=self._references))
+                                             references=self._references,
+                                             protocol=self.protocol))
                     run_lockstep(eps, generate, max_turns=self.max_rounds + 1,
                                  workers=self.workers)
                 finally:
@@ -648,5 +722,5 @@ class DBBenchSkill:
         return sub
 
 
-__all__ = ["DBBenchSkill", "DBEpisode", "DB_PROMPT", "SCORERS", "compare_answer", "judge_answer",
-           "judge_table", "parse_answer", "parse_reply", "strict_values"]
+__all__ = ["DBBenchSkill", "DBEpisode", "DB_PROMPT", "OFFICIAL_SCORER", "SCORERS", "compare_answer", "judge_answer",
+           "judge_table", "parse_answer", "parse_reply", "parse_reply_official", "strict_values"]

@@ -26,9 +26,10 @@ description (byte-identical for all 110, tested).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cycleqd.inference.base import Message
+if TYPE_CHECKING:  # typing only: importing cycleqd.inference loads torch, which the agent
+    from cycleqd.inference.base import Message  # skills (and `cycleqd validate`) must not
 
 #: greedy decoding, at most 512 new tokens per turn, no stop strings (DB and OS)
 MAX_NEW_TOKENS = 512

@@ -79,7 +79,9 @@ from cycleqd.sandbox.rootfs import RootFS, RootfsUnavailableError, build_rootfs
 from cycleqd.registry import SKILLS
 from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache
-from cycleqd.skills.agentbench.data import OSItem, Script, check_source, load_os
+from cycleqd.skills.agentbench import official
+from cycleqd.skills.agentbench.data import (OSItem, Script, check_protocol, check_source, load_os,
+                                           load_os_official)
 from cycleqd.skills.agentbench.episode import Episode, evaluate_cached, run_lockstep
 
 OS_PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
@@ -323,12 +325,21 @@ class OSEpisode(Episode):
         one_shot: include AgentBench's one-shot example conversation.
         rootfs: the OS machine image (:func:`cycleqd.sandbox.rootfs.build_rootfs`); None:
             the host-tree sandbox (read-only host ``/usr``, ``/etc``).
+        protocol: ``"official"``: the official 7-message problem
+            (:func:`cycleqd.skills.agentbench.official.os_problem`, typo "I'will" kept),
+            its observation message; a command over ``command_timeout_s`` ends the episode;
+            an episode that ends without committing (no valid action, command timeout,
+            round limit) is judged with the empty answer ``""``, and ``finish`` with no
+            answer (None: a check chain gets ``"None"``), as the official code does.
     """
 
     def __init__(self, item: OSItem, *, limits: SandboxLimits, command_timeout_s: float,
                  setup_timeout_s: float, one_shot: bool = True,
-                 rootfs: RootFS | None = None) -> None:
-        if one_shot:
+                 rootfs: RootFS | None = None, protocol: str = "project") -> None:
+        self.protocol = protocol
+        if protocol == "official":
+            msgs = official.os_problem(item.description)
+        elif one_shot:
             msgs = [{"role": "user", "content": OS_PROMPT + "Now, my problem is:\n\n"
                      + ONE_SHOT[0]["content"]}] + [dict(m) for m in ONE_SHOT[1:]]
             msgs.append({"role": "user", "content": "Now, I will start a new problem in a new OS. "
@@ -445,10 +456,16 @@ class OSEpisode(Episode):
             return
         r = self.session.exec(act["content"] or "", timeout=self.command_timeout_s,
                               merge_stderr=True)
+        if self.protocol == "official" and r.timed_out:
+            # official: a turn not done within 5 s ends the episode, answer "" (judged)
+            self.detail["end"] = "command timeout"
+            self.done = True
+            return
         out = r.stdout
         if r.killed == "sandbox_died":
             out = out or "bash: the shell was killed"
-        self.messages.append({"role": "user", "content": os_observation(out)})
+        obs = official.os_observation(out) if self.protocol == "official" else os_observation(out)
+        self.messages.append({"role": "user", "content": obs})
 
     # -- verdict
     def judge(self, answer: str | None) -> bool:
@@ -551,6 +568,13 @@ class OSEpisode(Episode):
         if self.setup_failed is not None:
             self.score = 0.0
             return
+        if self.protocol == "official":
+            # the official code judges every episode: one that ended without committing (no
+            # valid action, a command over the limit, the round limit) with ""; ``finish``
+            # commits no answer, None, which a check chain receives as "None" (str(None))
+            self.detail.setdefault("end", "round limit")
+            self.score = 1.0 if self.judge(self.answer if self.committed else "") else 0.0
+            return
         if not self.committed:
             self.detail.setdefault("end", "round limit")
             self.score = 0.0
@@ -570,7 +594,8 @@ class OSEpisode(Episode):
 def check_args(params: Mapping[str, Any]) -> None:
     """The argument checks of :class:`OSInteractionSkill` that need no data read
     (``machine``, positive ints and timeouts, ``limits``; split, limit and the ``data_path``
-    kind through :func:`cycleqd.skills.agentbench.data.check_source`). The constructor and
+    kind through :func:`cycleqd.skills.agentbench.data.check_source`; ``protocol`` and
+    ``repeats`` -- official only -- through :func:`~cycleqd.skills.agentbench.data.check_protocol`). The constructor and
     the registry checker (``cycleqd validate``) both call it. Raises ValueError naming it."""
     machine = params.get("machine", "auto")
     if machine not in ("auto", "rootfs", "host"):
@@ -585,7 +610,13 @@ def check_args(params: Mapping[str, Any]) -> None:
             raise ValueError(f"{k} must be a positive number, got {v!r}")
     if "limits" in params and not isinstance(params["limits"], SandboxLimits):
         raise ValueError(f"limits must be a SandboxLimits, got {type(params['limits']).__name__}")
-    check_source("os", params.get("data_path"), params.get("split", "search"), params.get("limit"))
+    repeats = params.get("repeats")
+    if repeats is not None and (not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1):
+        raise ValueError(f"repeats must be a positive int or None, got {repeats!r}")
+    if check_protocol("os", params) == "project":
+        if repeats not in (None, 1):
+            raise ValueError(f"repeats applies to protocol 'official' only, got repeats={repeats!r}")
+        check_source("os", params.get("data_path"), params.get("split", "search"), params.get("limit"))
 
 
 @SKILLS.register("os", source="AgentBench OS interaction (Liu et al. 2023); CycleQD paper §4",
@@ -618,6 +649,20 @@ class OSInteractionSkill:
             of the default one.
         cache_dir: where the image is built/cached (default ``$CYCLEQD_CACHE`` or
             ``~/.cache/cycleqd``).
+        protocol: ``"project"`` (default: the splits and settings above) or ``"official"``
+            (the official CycleQD protocol: the 110 official search tasks,
+            :func:`~cycleqd.skills.agentbench.data.load_os_official`; the official
+            7-message problem; ``max_rounds`` 5 and ``command_timeout_s`` 5 s forced (a
+            command over it ends the episode, as the official 5 s per-turn limit does); an
+            episode that ends without committing judged with ``""``; each task run
+            ``repeats`` times, each in a fresh machine, its outcome = the mean, so quality
+            = the mean of the repeated evaluations' accuracies; ``split`` must be
+            ``search``). Deviations kept: every task runs in the project's Debian machine
+            (official: the ``local-os/default`` Ubuntu image) and is judged as under the
+            project protocol (reference from the post-init machine, init failures fail).
+        repeats: official protocol only: evaluations averaged (default 5, as the official
+            code; greedy decoding gives the same replies in every repeat unless the
+            machine's state differs, e.g. ``$RANDOM`` in init -- they are run anyway).
 
     Raises:
         ValueError: bad arguments (named), before any data is read.
@@ -631,12 +676,20 @@ class OSInteractionSkill:
                  episode_batch: int = 16, workers: int = 4, one_shot: bool = True,
                  stop: Sequence[str] = (), script_dir: str | Path | None = None,
                  cache: SampleCache | str | Path | None = None, machine: str = "auto",
-                 rootfs: RootFS | None = None, cache_dir: str | Path | None = None) -> None:
+                 rootfs: RootFS | None = None, cache_dir: str | Path | None = None,
+                 protocol: str = "project", repeats: int | None = None) -> None:
         check_args(dict(machine=machine, max_rounds=max_rounds, max_new_tokens=max_new_tokens,
                         episode_batch=episode_batch, workers=workers, command_timeout_s=command_timeout_s,
                         setup_timeout_s=setup_timeout_s, limits=limits, split=split,
-                        limit=limit))   # data_path: resolved by the loader
-        self.items: list[OSItem] = load_os(data_path, split, limit, script_dir=script_dir)
+                        limit=limit, protocol=protocol, repeats=repeats))   # data_path: resolved by the loader
+        self.protocol = protocol
+        self.repeats = 1
+        if protocol == "official":
+            max_rounds, command_timeout_s = official.OS_MAX_ROUND, official.OS_COMMAND_TIMEOUT_S
+            self.repeats = official.OS_REPEATS if repeats is None else repeats
+            self.items: list[OSItem] = load_os_official(data_path, limit)
+        else:
+            self.items = load_os(data_path, split, limit, script_dir=script_dir)
         if not self.items:
             raise ValueError(f"OS split {split!r} has no items")
         self.name, self.split = name, split
@@ -668,15 +721,40 @@ class OSInteractionSkill:
                "limits": dataclasses.asdict(self.limits),  # every limit: output caps reach the model
                "machine": (f"rootfs:{self.rootfs.key}:{self.rootfs.content}"  # recipe + package versions
                            if self.rootfs is not None else "host")}
+        if self.protocol != "project":  # absent for the default: its keys stay as they were
+            cfg["protocol"], cfg["repeats"] = self.protocol, self.repeats
         return "os/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
     def _episode(self, item: OSItem) -> OSEpisode:
         return OSEpisode(item, limits=self.limits, command_timeout_s=self.command_timeout_s,
                          setup_timeout_s=self.setup_timeout_s, one_shot=self.one_shot,
-                         rootfs=self.rootfs)
+                         rootfs=self.rootfs, protocol=self.protocol)
 
     def run_episodes(self, items: Sequence[OSItem], generate) -> dict[str, OSEpisode]:
-        """Run ``items`` with ``generate(conversations) -> replies``; finished episodes."""
+        """Run ``items`` with ``generate(conversations) -> replies``; finished episodes.
+        With ``repeats`` > 1 (official protocol) every item runs that many times, each in a
+        fresh machine: the returned episode is the last repeat's, its ``score`` the mean
+        over the repeats, ``detail["repeat_scores"]`` each repeat's score (an evaluator
+        failure in any repeat marks the item ``evaluator_error``: not cached)."""
+        if self.repeats == 1:
+            return self._run_once(items, generate)
+        scores: dict[str, list[float]] = {}
+        failed: set[str] = set()
+        last: dict[str, OSEpisode] = {}
+        for _ in range(self.repeats):
+            for sid, ep in self._run_once(items, generate).items():
+                scores.setdefault(sid, []).append(ep.score)
+                if ep.detail.get("evaluator_error"):
+                    failed.add(sid)
+                last[sid] = ep
+        for sid, ep in last.items():
+            ep.score = sum(scores[sid]) / len(scores[sid])
+            ep.detail["repeat_scores"] = scores[sid]
+            if sid in failed:
+                ep.detail["evaluator_error"] = True
+        return last
+
+    def _run_once(self, items: Sequence[OSItem], generate) -> dict[str, OSEpisode]:
         from concurrent.futures import ThreadPoolExecutor
 
         done: dict[str, OSEpisode] = {}
