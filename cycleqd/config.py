@@ -162,7 +162,7 @@ def _string_params(op_name: str) -> set[str]:
 
 #: skill ``type`` values: the registered skills (:data:`cycleqd.registry.SKILLS`) and
 #: ``external`` (provided programmatically through ``Components``); a test keeps them equal
-SKILL_TYPES = ("mbpp", "humaneval", "dbbench", "os", "lmeval", "synthetic", "external")
+SKILL_TYPES = ("mbpp", "mbppplus", "humaneval", "dbbench", "os", "lmeval", "synthetic", "external")
 
 #: ``backend.device``: cpu | cuda | cuda:N | mps (what ``torch.nn.Module.to`` accepts from the
 #: HF backend; there is no "auto": the backend moves the model to exactly this device)

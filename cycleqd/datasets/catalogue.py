@@ -84,7 +84,7 @@ CATALOGUE: dict[str, Dataset] = {d.name: d for d in (
         DataFile("mbpp/sanitized-mbpp.jsonl",
                  _GR + "30adf0ec5f35f9609c2f1d896005e184195d9146/mbpp/sanitized-mbpp.json",
                  "2bd0fe8c81ce55b06d993a75841ea950c25015bdd941a9696049daf6b9cb863a", 226764,
-                 convert=mbpp_sanitized_to_jsonl),), skills=("mbpp",)),
+                 convert=mbpp_sanitized_to_jsonl),), skills=("mbpp", "mbppplus")),
     Dataset("dbbench", "AgentBench DB-Bench standard set, 300 items", "Apache-2.0", (
         DataFile("dbbench/standard.jsonl",
                  _AB + "c2bd5f7b604ec725aca25412f31d005dc42281dd/data/dbbench/standard.jsonl",
@@ -102,32 +102,39 @@ CATALOGUE: dict[str, Dataset] = {d.name: d for d in (
             "Apache-2.0", (
         DataFile("mbppplus/MbppPlus.jsonl",
                  "https://github.com/evalplus/evalplus/raw/038088e/MbppPlus.jsonl",
-                 "08405a4e8764a4941cfe0945d25a956355a0454f364ea902c4020a44e7057973", 2733811),)),
+                 "08405a4e8764a4941cfe0945d25a956355a0454f364ea902c4020a44e7057973", 2733811),),
+            skills=("mbppplus",)),
     Dataset("official-db", "CycleQD official DB set: DB-Bench standard + 60 dev items (360 rows)",
             "Apache-2.0", (
         DataFile("cycleqd-official/dbbench_standard_dev.jsonl",
                  _CQD + _CQD_COMMIT + "/evaluation/fishfarm/data/db/data_dbbench_standard_dev.jsonl",
-                 "1065651d07b63693435a60460e6a6bfc3cc0512df2d8252f7fff3c93a12284bc", 1099236),)),
+                 "1065651d07b63693435a60460e6a6bfc3cc0512df2d8252f7fff3c93a12284bc", 1099236),),
+            skills=("dbbench:official",)),
     Dataset("official-os", "CycleQD official OS search samples (110 tasks)", "Apache-2.0", (
         DataFile("cycleqd-official/os_search_samples.json", None,
                  "dd3b51b10c74065ff0f74cafc1d252ec92bfab9893d85ffe7f46bbcbb0cb993a", 397225,
                  mirror_only="upstream is a pickle (evaluation/fishfarm/data/os_interaction/configs/"
-                             "samples.pkl), never unpickled here"),)),
+                             "samples.pkl), never unpickled here"),),
+            skills=("os:official",)),
     Dataset("official-ids", "CycleQD official search ids (DB rows, OS sample indices)", "Apache-2.0", (
         DataFile("cycleqd-official/search_ids.json", None,
                  "c64ca3e45088c41f29871aa8720167f3e537027d74b04221c70684a234e769a0", 2119,
                  mirror_only="upstream has them only as Python lists in tasks/agentbench_db.py "
-                             "and tasks/agentbench_os.py"),)),
+                             "and tasks/agentbench_os.py"),),
+            skills=("dbbench:official", "os:official")),
 )}
 
 #: what ``cycleqd data fetch`` without names and ``cycleqd demo`` need
 DEFAULT_DATASETS = ("mbpp", "dbbench", "os")
 
 
-def datasets_for_skill(skill_type: str) -> tuple[str, ...]:
+def datasets_for_skill(skill_type: str, protocol: str = "project") -> tuple[str, ...]:
     """Names of the data sets a skill type reads from the data dir (``()`` for types that
-    bring their own data: humaneval, synthetic, ...)."""
-    return tuple(d.name for d in CATALOGUE.values() if skill_type in d.skills)
+    bring their own data: humaneval, synthetic, ...). ``protocol="official"`` (the agent
+    skills' official CycleQD protocol) reads the sets declared for ``"<type>:official"``
+    (e.g. ``dbbench:official`` -> official-db, official-ids) instead of the project's."""
+    key = skill_type if protocol in (None, "project") else f"{skill_type}:{protocol}"
+    return tuple(d.name for d in CATALOGUE.values() if key in d.skills)
 
 
 def names_for_skills(skills: Iterable[Any]) -> list[str]:
@@ -137,7 +144,8 @@ def names_for_skills(skills: Iterable[Any]) -> list[str]:
         skills: objects with ``type`` and ``params`` (run or demo skill configs); a skill
             whose params set ``data_path`` brings its own file and needs nothing.
     """
-    names = (n for s in skills if "data_path" not in (s.params or {}) for n in datasets_for_skill(s.type))
+    names = (n for s in skills if "data_path" not in (s.params or {})
+             for n in datasets_for_skill(s.type, (s.params or {}).get("protocol", "project")))
     return list(dict.fromkeys(names))
 
 

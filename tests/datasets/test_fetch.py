@@ -309,3 +309,18 @@ def test_fetched_files_are_readable_by_all(tmp_path, empty_dir, serve, monkeypat
         os.umask(old)
     assert got and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in got)
     assert stat.S_IMODE(got[0].parent.stat().st_mode) == 0o755
+
+
+def test_official_protocol_and_mbppplus_need_their_own_data_sets():
+    """A run on the official protocol checks (and fetches) the official files, not the
+    project's: missing official data is named before any model work."""
+    from types import SimpleNamespace as S
+
+    from cycleqd.datasets import names_for_skills
+
+    assert names_for_skills([S(type="dbbench", params={})]) == ["dbbench"]
+    assert names_for_skills([S(type="dbbench", params={"protocol": "official"}),
+                             S(type="os", params={"protocol": "official"})]) == \
+        ["official-db", "official-ids", "official-os"]
+    assert set(names_for_skills([S(type="mbppplus", params={})])) == {"mbpp", "mbppplus"}
+    assert names_for_skills([S(type="mbppplus", params={"data_path": "x"})]) == []
