@@ -272,14 +272,20 @@ class SQLBackend:
         """
         self.create(key, table)
         try:
-            errors = []
-            for st in statements:
-                res = self.execute(key, " ".join(str(st).split("\n")))
-                if res.error is not None:
-                    errors.append(res.error[:200])
-            return Reference(self.table_hash(key), self.table_rows(key), tuple(errors))
+            return self._run_reference(key, statements)
         finally:
             self.drop(key)
+
+    def _run_reference(self, key: str, statements: Sequence[str]) -> Reference:
+        """Run the gold ``statements`` (newlines joined to spaces, as AgentBench does) on the
+        table of episode ``key`` and read back its hash and rows; statement errors are kept
+        (first 200 characters each). Shared by every backend's :meth:`reference`."""
+        errors = []
+        for st in statements:
+            res = self.execute(key, " ".join(str(st).split("\n")))
+            if res.error is not None:
+                errors.append(res.error[:200])
+        return Reference(self.table_hash(key), self.table_rows(key), tuple(errors))
 
     def close(self) -> None:
         pass

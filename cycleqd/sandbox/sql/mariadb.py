@@ -233,12 +233,7 @@ class MariaDBBackend(SQLBackend):
                 if self._ref.get("dirty"):  # an earlier drop failed: clear the name first
                     self._admin_exec(f"DROP TABLE IF EXISTS {_qi(ep['db'])}.{_qi(table.name)}")
                 self._build_table(ep, table)
-                errors = []
-                for st in statements:
-                    res = self.execute(key, " ".join(str(st).split("\n")))
-                    if res.error is not None:
-                        errors.append(res.error[:200])
-                return Reference(self.table_hash(key), self.table_rows(key), tuple(errors))
+                return self._run_reference(key, statements)
             finally:
                 self._eps.pop(key, None)
                 self._drop_conn(ep)

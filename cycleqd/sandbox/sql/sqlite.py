@@ -138,35 +138,31 @@ class SQLiteBackend(SQLBackend):
             ep.log.append(sql)
             return StatementResult(tuple(tuple(_decode(v) for v in r) for r in rep["rows"]))
 
-    def table_hash(self, key: str) -> str | None:
+    def _table_call(self, key: str, op: str, *, columns: bool = False, **args: Any) -> dict | None:
+        """Ask the worker ``op`` about episode ``key``'s table (with its column names when
+        ``columns``; 30 s); None, and the worker closed, when it does not answer.
+        Raises KeyError for an unknown episode."""
         with self._lock:
             ep = self._episodes.get(key)
             if ep is None:
                 raise KeyError(f"no episode {key!r}")
-            w = self._ensure()
-            rep = w.call({"op": "hash", "key": key, "table": ep.table.name,
-                          "columns": list(ep.table.columns),
-                          "group_concat_max_len": GROUP_CONCAT_MAX_LEN}, timeout=30)
+            if columns:
+                args["columns"] = list(ep.table.columns)
+            rep = self._ensure().call({"op": op, "key": key, "table": ep.table.name, **args}, timeout=30)
             if rep is None:
                 self._worker.close()
-                return None
-            return rep.get("hash")
+            return rep
+
+    def table_hash(self, key: str) -> str | None:
+        rep = self._table_call(key, "hash", columns=True, group_concat_max_len=GROUP_CONCAT_MAX_LEN)
+        return None if rep is None else rep.get("hash")
 
     def table_rows(self, key: str) -> TableRows | None:
-        with self._lock:
-            ep = self._episodes.get(key)
-            if ep is None:
-                raise KeyError(f"no episode {key!r}")
-            w = self._ensure()
-            rep = w.call({"op": "rows", "key": key, "table": ep.table.name,
-                          "max_cells": base.MAX_TABLE_CELLS, "max_bytes": base.MAX_TABLE_BYTES},
-                         timeout=30)
-            if rep is None:
-                self._worker.close()
-                return None
-            if "error" in rep:
-                return None
-            return base.rows_from(rep["columns"], [[_decode(v) for v in r] for r in rep["rows"]])
+        rep = self._table_call(key, "rows", max_cells=base.MAX_TABLE_CELLS,
+                               max_bytes=base.MAX_TABLE_BYTES)
+        if rep is None or "error" in rep:
+            return None
+        return base.rows_from(rep["columns"], [[_decode(v) for v in r] for r in rep["rows"]])
 
     def drop(self, key: str) -> None:
         with self._lock:
