@@ -89,6 +89,13 @@ def check_source(kind: str, data_path: str | os.PathLike | None, split: str, lim
         return
     rel = "dbbench/standard.jsonl" if kind == "dbbench" else \
         ("os_interaction/dev.json" if split == "dev" else "os_interaction/training.json")
+    _check_data_path(data_path, rel)
+
+
+def _check_data_path(data_path: str | os.PathLike, rel: str) -> None:
+    """A ``data_path`` must resolve (by the loaders' own lookup) to a file of ``rel``'s kind
+    or a folder holding ``rel``; its content is read only when the skill is built.
+    Raises ValueError (``data_path: ...``)."""
     try:
         found = _find(rel, data_path, rel)
     except FileNotFoundError as e:
@@ -493,13 +500,6 @@ def check_protocol(kind: str, params: Any) -> str:
                              f"'search', got {params.get('split')!r}")
         _check_limit(params.get("limit"))
         rel = OFFICIAL_DB_FILE if kind == "dbbench" else OFFICIAL_OS_FILE
-        dp = params.get("data_path")
-        if dp is not None:
-            try:
-                found = _find(rel, dp, rel)
-            except FileNotFoundError as e:
-                raise ValueError(f"data_path: {e}") from None
-            if found.suffix != Path(rel).suffix:
-                raise ValueError(f"data_path: {str(dp)!r} is not a {Path(rel).suffix} file nor a "
-                                 f"folder holding {rel}")
+        if params.get("data_path") is not None:
+            _check_data_path(params["data_path"], rel)
     return protocol
