@@ -53,3 +53,31 @@ def pytest_terminal_summary(terminalreporter):
         with open(path, "w") as f:
             json.dump({"by_class": {k: {"injected": v[0], "survived": v[1]} for k, v in _COUNTS.items()},
                        "total": {"injected": total[0], "survived": total[1]}}, f, indent=1)
+
+
+def _tiny_synthetic_run(tmp, *, generations: int, snapshot_every: int | None = None):
+    """Run CycleQD on two synthetic skills (``a``, ``b``) over a 1-layer random Llama in
+    ``tmp/run`` (cache in ``tmp/cache``); returns (run dir, components)."""
+    from cycleqd.config import parse_config
+    from cycleqd.engine.build import build_components
+    from cycleqd.engine.loop import run_cycleqd
+
+    qd = {"generations": generations, **({"snapshot_every": snapshot_every} if snapshot_every else {})}
+    cfg = parse_config({
+        "name": "t", "seed": 0, "cache_dir": str(tmp / "cache"),
+        "skills": [{"name": n, "type": "synthetic", "bc_range": [0.0, 1.0], "bins": 6} for n in ("a", "b")],
+        "model": {"synthetic": {"arch": "llama", "seed": 0, "hidden_size": 32, "num_layers": 1,
+                                "expert_rank": 2, "expert_scale": 0.05}},
+        "operators": {"crossover": {"name": "linear", "sigma": 0.01},
+                      "mutation": {"name": "svd_expert", "rate": 0.1}, "genome": "auto"},
+        "qd": qd})
+    comp = build_components(cfg)
+    run_cycleqd(comp, cfg, tmp / "run", progress=False)
+    return tmp / "run", comp
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_run():
+    """The maker of the small two-skill synthetic run the read-path tests (elites, export
+    cards, read attacks) work on: ``tiny_synthetic_run(tmp, generations=..., snapshot_every=...)``."""
+    return _tiny_synthetic_run

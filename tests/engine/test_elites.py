@@ -21,22 +21,8 @@ from cycleqd.qd.archive import Elite, make_archives  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from cycleqd.config import parse_config
-    from cycleqd.engine.build import build_components
-    from cycleqd.engine.loop import run_cycleqd
-
-    tmp = tmp_path_factory.mktemp("elitesrun")
-    cfg = parse_config({
-        "name": "t", "seed": 0, "cache_dir": str(tmp / "cache"),
-        "skills": [{"name": n, "type": "synthetic", "bc_range": [0.0, 1.0], "bins": 6} for n in ("a", "b")],
-        "model": {"synthetic": {"arch": "llama", "seed": 0, "hidden_size": 32, "num_layers": 1,
-                                "expert_rank": 2, "expert_scale": 0.05}},
-        "operators": {"crossover": {"name": "linear", "sigma": 0.01},
-                      "mutation": {"name": "svd_expert", "rate": 0.1}, "genome": "auto"},
-        "qd": {"generations": 8, "snapshot_every": 4}})
-    run_cycleqd(build_components(cfg), cfg, tmp / "run", progress=False)
-    return tmp / "run"
+def run(tmp_path_factory, tiny_synthetic_run):
+    return tiny_synthetic_run(tmp_path_factory.mktemp("elitesrun"), generations=8, snapshot_every=4)[0]
 
 
 def _table(vectors: dict[str, tuple[float, float]]) -> EliteTable:

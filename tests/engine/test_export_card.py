@@ -22,23 +22,9 @@ from cycleqd.engine.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from cycleqd.config import parse_config
-    from cycleqd.engine.build import build_components
-    from cycleqd.engine.loop import run_cycleqd
-
-    tmp = tmp_path_factory.mktemp("exportrun")
-    cfg = parse_config({
-        "name": "t", "seed": 0, "cache_dir": str(tmp / "cache"),
-        "skills": [{"name": n, "type": "synthetic", "bc_range": [0.0, 1.0], "bins": 6} for n in ("a", "b")],
-        "model": {"synthetic": {"arch": "llama", "seed": 0, "hidden_size": 32, "num_layers": 1,
-                                "expert_rank": 2, "expert_scale": 0.05}},
-        "operators": {"crossover": {"name": "linear", "sigma": 0.01},
-                      "mutation": {"name": "svd_expert", "rate": 0.1}, "genome": "auto"},
-        "qd": {"generations": 6, "snapshot_every": 3}})
-    comp = build_components(cfg)
-    run_cycleqd(comp, cfg, tmp / "run", progress=False)
-    return {"dir": tmp / "run", "space": comp.space}
+def run(tmp_path_factory, tiny_synthetic_run):
+    run_dir, comp = tiny_synthetic_run(tmp_path_factory.mktemp("exportrun"), generations=6, snapshot_every=3)
+    return {"dir": run_dir, "space": comp.space}
 
 
 def _bred_elite(run_dir: Path) -> str:
