@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from cycleqd import __version__
 from cycleqd.errors import ConfigError, CycleQDError
 
@@ -620,13 +618,6 @@ def _main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from cycleqd.datasets import DataError
-
-        if not isinstance(e, DataError):
-            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -38,7 +38,7 @@ child; see docs/lowrank.md for measurements.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn

@@ -24,7 +24,7 @@ import pytest
 
 from cycleqd.sandbox import sandbox_status
 from cycleqd.sandbox.sql import MariaDBConfig, mariadb_ping, table_hash_md5
-from cycleqd.skills.coding.data import default_data_dir
+from cycleqd.paths import data_dir as default_data_dir
 from cycleqd.skills.agentbench.db_format import observation
 from cycleqd.skills.agentbench.dbbench import DBBenchSkill, compare_answer
 

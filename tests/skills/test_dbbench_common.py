@@ -11,7 +11,7 @@ import pytest
 
 from cycleqd.sandbox import sandbox_status
 from cycleqd.sandbox.sql import MariaDBConfig, mariadb_ping
-from cycleqd.skills.coding.data import default_data_dir
+from cycleqd.paths import data_dir as default_data_dir
 
 DATA = default_data_dir()
 HAS_DB_DATA = (DATA / "dbbench" / "standard.jsonl").is_file()

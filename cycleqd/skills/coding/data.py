@@ -39,6 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from cycleqd.datasets import locate
+from cycleqd.skills.coding import official, wire
+
 MBPP_SPLIT_SEED = 2410_14735  # the CycleQD arXiv id; changing it changes every reported number
 MBPP_TEST_RANGE = (11, 510)  # inclusive; Austin et al. 2021, sec. 2.1
 MBPP_VALIDATION_RANGE = (511, 600)  # inclusive; Austin et al. 2021, sec. 2.1
@@ -76,11 +79,6 @@ class CodeProblem:
     setup_code: str = ""
     calls: tuple[str, ...] = field(default_factory=tuple)
     atol: float = 0.0
-
-
-from cycleqd.datasets import locate  # noqa: E402
-from cycleqd.paths import data_dir as default_data_dir  # noqa: E402,F401  (one path rule; tests use it)
-from cycleqd.skills.coding import official, wire  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- MBPP
@@ -203,7 +201,7 @@ def load_mbpp(data_path: str | os.PathLike | None = None, split: str = "search",
 
     Args:
         data_path: the JSONL/JSON file, or a folder holding ``mbpp/sanitized-mbpp.jsonl``
-            (default: the data dir, :func:`default_data_dir`).
+            (default: the data dir, :func:`cycleqd.paths.data_dir`).
         split: ``search`` | ``validation`` | ``test`` | ``train`` | ``all``.
         limit: keep the first ``limit`` problems of the split.
     Returns:
