@@ -252,13 +252,17 @@ def merge_baselines(setup: VisionSetup, *, split: str = "search") -> dict[str, d
 def run_config(setup: VisionSetup, *, generations: int, seed: int, mode: str = "cyclic",
                sampling: str = "elite", mutation: str = "svd_expert", mutation_kwargs: dict | None = None,
                aggregation: str | None = None, snapshot_every: int = 100,
-               final: str | Mapping[str, Any] | None = None):
+               final: str | Mapping[str, Any] | None = None, crossover_sigma: float = 0.01,
+               use_cma: bool = False, bins: int = BINS):
     """The engine's :class:`~cycleqd.config.RunConfig` for a vision run (skills of type
     ``external``; the model paths point at the cached safetensors, for the record).
 
     ``final``: the ``final`` section (:class:`~cycleqd.config.FinalConfig`), a strategy name
     (``"auto"`` tries them all on validation) or ``{"strategy": ..., "params": ...}``; None
-    keeps ``operators.aggregation`` (default ``mean``). Raises ConfigError for both set."""
+    keeps ``operators.aggregation`` (default ``mean``). Raises ConfigError for both set.
+    ``crossover_sigma``: the linear crossover's std (official 0.01); ``use_cma``: the
+    official ``qd.use_cma`` (per-child mu, sigma, rate from CMA-ES); ``bins``: bins per BC
+    axis (official 15)."""
     from cycleqd.config import (
         FinalConfig,
         ModelConfig,
@@ -274,11 +278,11 @@ def run_config(setup: VisionSetup, *, generations: int, seed: int, mode: str = "
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    skills = [SkillConfig(name=d, type="external", bc_range=setup.bc_ranges[d], bins=BINS,
+    skills = [SkillConfig(name=d, type="external", bc_range=setup.bc_ranges[d], bins=bins,
                           params={"evaluator": "cycleqd.vision.skills.DomainAccuracySkill",
                                   "domain": d, "split": "search", "n": len(setup.data[d]["search"])})
               for d in setup.skill_names]
-    ops = {"crossover": OperatorConfig(name="linear", sigma=0.01),
+    ops = {"crossover": OperatorConfig(name="linear", sigma=crossover_sigma),
            "mutation": OperatorConfig(name=mutation, **(mutation_kwargs or {})), "genome": "dense"}
     if aggregation is not None:
         ops["aggregation"] = OperatorConfig(name=aggregation)
@@ -289,7 +293,7 @@ def run_config(setup: VisionSetup, *, generations: int, seed: int, mode: str = "
         model=ModelConfig(base=str(setup.models.file("base")),
                           experts={d: str(setup.models.file(f"expert_{d}")) for d in setup.skill_names}),
         operators=OperatorsConfig(**ops),
-        qd=QDConfig(generations=generations, mode=mode, sampling=sampling,
+        qd=QDConfig(generations=generations, mode=mode, sampling=sampling, use_cma=use_cma,
                     snapshot_every=max(1, min(snapshot_every, generations or 1))),
         cache_dir=str(setup.models.path))
     check_operators(cfg)
@@ -333,17 +337,21 @@ class EngineRun:
 def engine_run(setup: VisionSetup, run_dir: str | Path, *, generations: int, seed: int,
                mode: str = "cyclic", sampling: str = "elite", mutation: str = "svd_expert",
                progress: bool = False, aggregation: str | None = None,
-               final: str | Mapping[str, Any] | None = None) -> EngineRun:
+               final: str | Mapping[str, Any] | None = None, mutation_rate: float = 0.1,
+               crossover_sigma: float = 0.01, use_cma: bool = False, bins: int = BINS) -> EngineRun:
     """One CycleQD run with the engine and nothing else (no test split is built or scored):
     search-split skills, validation-split skills for the final choice (``Components.validation``),
-    the dense weight space over the CNN. Arguments: see :func:`run_search`."""
+    the dense weight space over the CNN. Arguments: see :func:`run_search`; ``mutation_rate``
+    (SVD mutation ``r ~ U(0, rate)``, official 0.1; the Gaussian ablation's std is matched to
+    it), ``crossover_sigma``, ``use_cma``, ``bins``: see :func:`run_config`."""
     from cycleqd.engine.loop import Components, run_cycleqd, seed_ids
     from cycleqd.executors.store import GenomeStore
 
-    mut, mut_kw = make_mutation(mutation, setup.taus)
+    mut, mut_kw = make_mutation(mutation, setup.taus, rate=mutation_rate)
     cfg = run_config(setup, generations=generations, seed=seed, mode=mode, sampling=sampling,
-                     mutation=mutation, mutation_kwargs=mut_kw, aggregation=aggregation, final=final)
-    space = DenseWeightSpace(setup.base, setup.taus, CROSSOVERS["linear"](sigma=0.01), mut)
+                     mutation=mutation, mutation_kwargs=mut_kw, aggregation=aggregation, final=final,
+                     crossover_sigma=crossover_sigma, use_cma=use_cma, bins=bins)
+    space = DenseWeightSpace(setup.base, setup.taus, CROSSOVERS["linear"](sigma=crossover_sigma), mut)
     comps = Components(space=space, skills=list(setup.skills("search")), adapter=setup.adapter,
                        validation=lambda: list(setup.skills("validation")))
     t = time.perf_counter()
