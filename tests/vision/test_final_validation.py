@@ -102,3 +102,33 @@ def test_baselines_tune_on_the_split_given(setup):
     for name in ("task_arithmetic", "ties"):
         assert b[name]["split"] == "validation" and "search" not in b[name]
         assert b[name]["validation"] == pytest.approx(setup.tau_scores(b[name]["tau"], split="validation"))
+
+
+def test_demo_chooses_everything_on_validation_before_any_test_score(tmp_path, monkeypatch):
+    """The demo's baselines are tuned on validation and its final model chosen on validation;
+    every test-split score comes after the last search/validation score."""
+    from cycleqd.vision import demo
+
+    log: list[str] = []
+    evaluate = DomainAccuracySkill.evaluate
+
+    def logged(self, model):
+        log.append(self.data.split)
+        return evaluate(self, model)
+
+    monkeypatch.setattr(DomainAccuracySkill, "evaluate", logged)
+    cache = tmp_path / "cache"
+    res = demo.main(tmp_path / "demo", generations=3, seed=0, toy=True, cache_root=cache, progress=False, quiet=True)
+    first_test = log.index("test")
+    assert {"search", "validation"} <= set(log[:first_test]) and set(log[first_test:]) == {"test"}
+    setup = build_setup(toy=True, cache_root=cache)
+    tuned = merge_baselines(setup, split="validation")
+    for name in ("task_arithmetic", "ties"):
+        assert res["baselines"][name]["params"] == tuned[name]["params"]
+        assert res["baselines"][name]["validation"] == pytest.approx(tuned[name]["validation"])
+        assert "search" not in res["baselines"][name]
+    rows = {r["model"]: r for r in res["rows"]}
+    assert "(validation-tuned)" in rows["task arithmetic"]["note"] and "(validation-tuned)" in rows["TIES"]["note"]
+    fin = res["run"]["final"]
+    assert fin["split"] == "validation" and fin["strategy"] == demo.DEFAULT_FINAL
+    assert f"chose {fin['chosen']} on validation" in rows[demo.FINAL_ROW]["note"]

@@ -18,7 +18,7 @@ from cycleqd.vision.training import VisionRecipe
 
 GENS = 12
 REQUIRED_ROWS = ["base", "expert: rotated", "expert: noisy", "expert: occluded", "task arithmetic", "TIES",
-                 "multi-domain fine-tune", "CycleQD best per skill", "CycleQD aggregated"]
+                 "multi-domain fine-tune", "CycleQD best per skill", "CycleQD final model"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_aggregated_model_reproduces_its_row(demo):
     model = DigitCNN(r.channels, r.hidden)
     model.load_state_dict(load_file(str(out / "aggregate.safetensors")))
     data = r.build_data()
-    row = next(x for x in res["rows"] if x["model"] == "CycleQD aggregated")
+    row = next(x for x in res["rows"] if x["model"] == "CycleQD final model")
     for d in r.domains:
         with torch.inference_mode():
             acc = float((model(data[d]["test"].x).argmax(1) == data[d]["test"].y).float().mean())
