@@ -199,9 +199,11 @@ def one_seed(seed: int, *, toy: bool, generations: int, run_dir: Path, cache_roo
         g, r = select_final(space, archives, store.get, _plan(strat, params), validation)
         taus[f"CycleQD final: {label}"] = space.task_vector(g)
         notes[f"CycleQD final: {label}"] = {"chosen": r["chosen"], "validation_mean": r["validation_mean"]}
-        own = next(c for c in r["candidates"] if c["strategy"] == r["chosen"]).get("search")
-        chosen[f"CycleQD final: {label}"] = {"strategy": r["chosen"], **({k: v for k, v in own["candidates"][own["chosen"]].items()
-                                                                         if k not in ("validation", "validation_mean")} if own else {})}
+        cand = next(c for c in r["candidates"] if c["strategy"] == r["chosen"])
+        own = cand.get("search")   # what the strategy chose itself, else its fixed parameters
+        chosen[f"CycleQD final: {label}"] = {"strategy": r["chosen"], **(
+            {k: v for k, v in own["candidates"][own["chosen"]].items() if k not in ("validation", "validation_mean")}
+            if own else cand["params"])}
     diag = diagnose(setup, space, archives, store.get,
                     {r: tau for r, tau in taus.items()}, validation, chosen)
     select_s = time.perf_counter() - t

@@ -13,6 +13,7 @@ import pytest
 from cycleqd.config import AUTO_STRATEGIES
 from cycleqd.vision.skills import DomainAccuracySkill
 
+EXTRA = '{"ta half": ["task_arithmetic", {"lambda": 0.5}], "auto2": ["auto", {"weight_search": {"budget": 2}}]}'
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vision_fidelity.py"
 
 
@@ -42,14 +43,14 @@ def test_toy_fidelity_table(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "one_seed", seed_marked)
     out = tmp_path / "fid"
     summary = bench.main(["--out", str(out), "--toy", "--seeds", "0", "1", "--generations", "3",
-                          "--cache-dir", str(tmp_path / "cache"), "--final-params", '{"weight_search": {"budget": 3}}'])
+                          "--cache-dir", str(tmp_path / "cache"), "--final-params", '{"weight_search": {"budget": 3}}', "--extra-finals", EXTRA])
     for seed in (0, 1):                       # selection never saw the test split
         splits = [s for k, s in log if k == seed]
         first_test = splits.index("test")
         assert "validation" in splits[:first_test] and set(splits[first_test:]) == {"test"}
     domains = ["rotated", "noisy", "occluded"]
     names = (["base"] + [f"expert: {d}" for d in domains] + ["multi-domain fine-tune", "task arithmetic", "TIES"]
-             + [f"CycleQD final: {s}" for s in (*AUTO_STRATEGIES, "auto")])
+             + [f"CycleQD final: {s}" for s in (*AUTO_STRATEGIES, "auto", "ta half", "auto2")])
     assert [r["row"] for r in summary["rows"]] == names
     md = (out / "fidelity.md").read_text()
     assert capsys.readouterr().out.strip() == md.strip()
@@ -72,8 +73,26 @@ def test_toy_fidelity_table(bench, tmp_path, monkeypatch, capsys):
     assert json.loads((out / "fidelity.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
     log.clear()                               # a re-run reuses both finished seeds
     assert bench.main(["--out", str(out), "--toy", "--seeds", "0", "1", "--generations", "3", "--cache-dir",
-                       str(tmp_path / "cache"), "--final-params", '{"weight_search": {"budget": 3}}'])["rows"] \
-        == summary["rows"] and log == []
+                       str(tmp_path / "cache"), "--final-params", '{"weight_search": {"budget": 3}}',
+                       "--extra-finals", EXTRA])["rows"] == summary["rows"] and log == []
+    # the extra rows: a fixed-scale task arithmetic of the bests (coefficients 0.5 on each best)
+    # and auto over other parameters; the diagnostics are in the table and the JSON
+    diag = summary["diagnostics"]
+    assert [c["lambda"] for c in diag["coef"]["CycleQD final: ta half"]["chosen"]] == [0.5, 0.5]
+    assert diag["coef"]["task arithmetic"]["sum_all"] == pytest.approx(
+        3 * sum(c["lambda"] for c in diag["coef"]["task arithmetic"]["chosen"]) / 2, abs=1e-4)
+    assert diag["coef"]["CycleQD final: mean"]["sum_all"] == pytest.approx(
+        sum(b["sum_all"] for b in diag["bests"].values()) / 3, abs=1e-4)
+    assert [x["seed"] for x in diag["landscape"]] == [0, 1] and "Where the good multi-skill models sit" in md
+    # a variant folder compares paired against task arithmetic on the same seeds
+    cmp = bench.main(["--compare", f"v={out}", f"w={out}"])["markdown"]
+    assert cmp.count("| v | ") == len(AUTO_STRATEGIES) + 3 and "| (all) | task arithmetic |" in cmp
+
+
+def test_bad_extra_final_is_one_line_before_work(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path / "x"), "--toy", "--extra-finals", '{"a": ["nope", {}]}'])
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "x" / "seed_0").exists()
 
 
 def test_sign_flip_is_exact(bench):
