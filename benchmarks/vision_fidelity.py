@@ -300,7 +300,22 @@ def diagnostics_summary(results: list[dict]) -> dict:
         land.append({"seed": res["seed"], "n_elites": ls["n_elites"], "coef_sum_range": ls["coef_sum_range"],
                      "task_arithmetic_validation": ta_v, "top_elite": top,
                      "best_validation_of_bests": max(a["best_validation_mean"] for a in ls["archives"].values())})
-    return {"coef": coef, "bests": bests, "landscape": land}
+    optimism = {}   # reported after every choice: how much a row's validation mean overstates its test mean
+    for r in rows:
+        vs = [_validation_mean(res["notes"].get(r, {})) for res in results]
+        if all(v is not None for v in vs):
+            te = [res["test_mean"][r] for res in results]
+            optimism[r] = {"validation": float(np.mean(vs)), "test": float(np.mean(te)),
+                           "validation_minus_test": float(np.mean(np.subtract(vs, te)))}
+    return {"coef": coef, "bests": bests, "landscape": land, "optimism": optimism}
+
+
+def _validation_mean(note: dict):
+    if "validation_mean" in note:
+        return note["validation_mean"]
+    if "validation" in note:
+        return float(np.mean(list(note["validation"].values())))
+    return None
 
 
 def _p(v) -> str:
@@ -343,6 +358,13 @@ def diagnostics_markdown(d: dict) -> str:
         out.append(f"| {x['seed']} | {x['n_elites']} | {x['coef_sum_range'][0]:.2f}–{x['coef_sum_range'][1]:.2f} | "
                    f"{100 * x['task_arithmetic_validation']:.1f} | {100 * x['best_validation_of_bests']:.1f} | "
                    f"{100 * t['validation_mean']:.1f} | {t['archive']}, {t['rank']}, {tuple(t['cell'])} | {_num(t['c'])} |")
+    if d.get("optimism"):
+        out += ["", "Validation vs test mean (%) of every chosen row, means over seeds: a choice among many "
+                "candidates on the validation split overstates its test accuracy (selection optimism).\n",
+                "| model | validation | test | validation − test |", "|---|---:|---:|---:|"]
+        for r, o in d["optimism"].items():
+            out.append(f"| {r} | {100 * o['validation']:.1f} | {100 * o['test']:.1f} | "
+                       f"{100 * o['validation_minus_test']:+.1f} |")
     return "\n".join(out)
 
 

@@ -84,6 +84,7 @@ def test_toy_fidelity_table(bench, tmp_path, monkeypatch, capsys):
     assert diag["coef"]["CycleQD final: mean"]["sum_all"] == pytest.approx(
         sum(b["sum_all"] for b in diag["bests"].values()) / 3, abs=1e-4)
     assert [x["seed"] for x in diag["landscape"]] == [0, 1] and "Where the good multi-skill models sit" in md
+    assert set(diag["optimism"]) == set(diag["coef"]) and "selection optimism" in md
     # a variant folder compares paired against task arithmetic on the same seeds
     cmp = bench.main(["--compare", f"v={out}", f"w={out}"])["markdown"]
     assert cmp.count("| v | ") == len(AUTO_STRATEGIES) + 3 and "| (all) | task arithmetic |" in cmp
