@@ -130,5 +130,7 @@ def test_demo_chooses_everything_on_validation_before_any_test_score(tmp_path, m
     rows = {r["model"]: r for r in res["rows"]}
     assert "(validation-tuned)" in rows["task arithmetic"]["note"] and "(validation-tuned)" in rows["TIES"]["note"]
     fin = res["run"]["final"]
-    assert fin["split"] == "validation" and fin["strategy"] == demo.DEFAULT_FINAL
+    assert fin["split"] == "validation" and fin["strategy"] == demo.DEFAULT_FINAL["strategy"] == "auto"
+    ta = next(c for c in fin["candidates"] if c["strategy"] == "task_arithmetic")
+    assert ta["params"] == {"lambdas": list(pipeline.TA_LAMBDAS)}   # the baseline's grid
     assert f"chose {fin['chosen']} on validation" in rows[demo.FINAL_ROW]["note"]
