@@ -8,7 +8,8 @@
 #       Llama-3 specific (its header tokens mean nothing to SmolLM2's tokenizer);
 #   limit: 5 per skill, qd.generations 2, OS repeats 1 (REPEATS=5 for the official 5; greedy
 #       replies repeat, so this only multiplies the cost), backend hf/cpu/float32, executor
-#       local -- sizes and hardware, not protocol (rounds, tokens, timeouts, scorer unchanged).
+#       local, OMP_NUM_THREADS=1 -- sizes and hardware, not protocol (rounds, tokens,
+#       timeouts, scorer unchanged).
 # Experts: EXPERT_CODING / EXPERT_DB / EXPERT_OS if set, else the newest cached LoRA expert
 # `~/.cache/cycleqd/experts/<skill>-*` (what `cycleqd demo` / `cycleqd train-expert` write),
 # else one is trained now with `cycleqd train-expert <skill> --steps $TRAIN_STEPS --limit 16`
@@ -30,6 +31,9 @@ REPEATS="${REPEATS:-1}"
 GENERATIONS="${GENERATIONS:-2}"
 TRAIN_STEPS="${TRAIN_STEPS:-4}"
 CACHE="${CYCLEQD_CACHE:-$HOME/.cache/cycleqd}"
+# one torch thread: on a shared 2-core machine two OpenMP threads spin against the other
+# jobs (measured here: a seed evaluation had not finished after 19 min with 2 threads)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 base=$(python -c 'from cycleqd.models.smollm2 import ensure_smollm2; print(ensure_smollm2())')
 
@@ -50,7 +54,7 @@ coding=$(expert coding "${EXPERT_CODING:-}")
 db=$(expert db "${EXPERT_DB:-}")
 os_=$(expert os "${EXPERT_OS:-}")
 echo "base $base; experts coding=$coding db=$db os=$os_; limit $LIMIT, OS repeats $REPEATS, $GENERATIONS generations"
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(uptime)"
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc --all) cores; $(uptime)"
 
 python -m cycleqd.cli validate configs/paper.yaml
 start=$(date +%s)
