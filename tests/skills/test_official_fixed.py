@@ -166,3 +166,27 @@ def test_db_llama3_official_episode_sends_the_raw_official_string_and_keys_apart
     cap2 = _Capture()
     model.evaluate(cap2)
     assert cap2.sent == [official.db_messages(row)]  # the default: chat messages
+
+
+# --------------------------------------------------------------- the final stage (dry-run bug)
+
+def test_paper_config_has_no_validation_split_so_the_final_stage_does_not_build_one(tmp_path):
+    """The official protocol scores its official set only: the final model of a paper-config
+    run is merged without validation scores (the CPU dry run died here, rebuilding MBPP+ on a
+    'validation' split), and a strategy that chooses on validation is refused up front."""
+    from cycleqd.engine.build import check_final, validation_skills
+
+    cfg = _paper(**{"model.base": str(tmp_path), "model.experts.coding": str(tmp_path),
+                    "model.experts.db": str(tmp_path), "model.experts.os": str(tmp_path)})
+    assert validation_skills(cfg, tmp_path) is None
+    check_final(cfg)  # the default (paper aggregation) does not choose: fine
+    auto = _paper(**{"final.strategy": "auto"})
+    with pytest.raises(ConfigError, match=r"^final.strategy: chooses on the validation split, but "
+                                          r"skill\(s\) \['coding', 'db', 'os'\] have none$"):
+        check_final(auto)
+    # the project protocol keeps its validation split
+    proj = _paper(**{"skills.coding.type": "mbpp", "skills.db.params.protocol": "project",
+                     "skills.db.params.chat_format": "model", "skills.os.params.protocol": "project",
+                     "skills.os.params.chat_format": "model"})
+    assert validation_skills(proj, tmp_path) is not None
+    check_final(proj.model_copy(update={"final": auto.final}))
