@@ -94,21 +94,34 @@ def build_components(cfg: RunConfig, *, cache_dir: Path | None = None) -> Compon
                        validation=validation_skills(cfg, cache_dir))
 
 
+def _has_validation_split(s: Any) -> bool:
+    """Whether skill config ``s`` can be built on a ``validation`` split: its evaluator takes
+    ``split`` and accepts ``validation`` with these params (the official protocol -- MBPP+,
+    ``protocol: official`` -- scores its fixed official set only, so it has none)."""
+    if "split" not in SKILLS.entry(s.type).parameters():
+        return False
+    try:
+        SKILLS.check(s.type, {**s.params, "split": "validation"})
+    except ConfigError:
+        return False
+    return True
+
+
 def check_final(cfg: RunConfig) -> None:
     """Refuse, before anything is loaded, a final strategy that chooses on validation when a
     skill's evaluator has no validation split. Raises ConfigError."""
-    if needs_validation(cfg) and any("split" not in SKILLS.entry(s.type).parameters()
-                                     for s in cfg.skills if s.type not in ("synthetic", "external")):
-        raise ConfigError("final.strategy: chooses on the validation split, but skill(s) "
-                          f"{[s.name for s in cfg.skills if 'split' not in SKILLS.entry(s.type).parameters()]} "
-                          "have none")
+    missing = [s.name for s in cfg.skills if s.type not in ("synthetic", "external")
+               and not _has_validation_split(s)]
+    if missing and needs_validation(cfg):
+        raise ConfigError(f"final.strategy: chooses on the validation split, but skill(s) {missing} have none")
 
 
 def validation_skills(cfg: RunConfig, cache_dir: Path):
     """``() -> skills`` building the config's skills on their ``validation`` split (for the
-    final-model choice, :mod:`cycleqd.engine.final`), or None when a skill's evaluator has no
-    ``split`` parameter (lm-eval tasks keep their own splits)."""
-    if not all("split" in SKILLS.entry(s.type).parameters() for s in cfg.skills):
+    final-model choice, :mod:`cycleqd.engine.final`), or None when a skill has no validation
+    split (lm-eval tasks keep their own splits; the official protocol scores its official
+    set only)."""
+    if not all(_has_validation_split(s) for s in cfg.skills):
         return None
     return lambda: [build_llm_skill(s.model_copy(update={"params": {**s.params, "split": "validation"}}),
                                     cache_dir, field=f"skills.{i}.params") for i, s in enumerate(cfg.skills)]

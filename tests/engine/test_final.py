@@ -86,7 +86,10 @@ def test_final_config_is_checked(cache_dir):
 
 
 def test_llm_skills_are_rebuilt_on_their_validation_split(tmp_path):
+    from tests.engine.test_validate import PROJECT_SKILLS
+
     d = yaml.safe_load(configs.path("paper").read_text())
+    d["skills"] = [dict(s, params=dict(s["params"])) for s in PROJECT_SKILLS]  # official: search only
     d["model"] = {"base": str(tmp_path), "experts": {s["name"]: str(tmp_path) for s in d["skills"]}}
     cfg = parse_config(d)
     skills = validation_skills(cfg, tmp_path)()

@@ -18,8 +18,18 @@ from cycleqd.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: the paper config's skills under the project protocol (paper.yaml itself uses the official
+#: protocol, which fixes most parameters these tests vary)
+PROJECT_SKILLS = [
+    {"name": "coding", "type": "mbpp", "bc_range": [0.0, 0.75], "bins": 15, "params": {"split": "search"}},
+    {"name": "db", "type": "dbbench", "bc_range": [0.0, 0.45], "bins": 15, "params": {"split": "search"}},
+    {"name": "os", "type": "os", "bc_range": [0.0, 0.45], "bins": 15, "params": {"split": "search"}},
+]
+
+
 def _config(tmp_path: Path, edit) -> Path:
     d = yaml.safe_load(configs.path("paper").read_text())
+    d["skills"] = [dict(s, params=dict(s["params"])) for s in PROJECT_SKILLS]
     d["model"] = {"base": str(tmp_path), "experts": {s["name"]: str(tmp_path) for s in d["skills"]}}
     edit(d)
     p = tmp_path / "c.yaml"

@@ -205,7 +205,7 @@ OUTCOME_NEUTRAL = {"data_path", "split", "limit", "name", "cache", "workers", "e
 
 
 #: constructor parameters that apply under ``protocol="official"`` only (varied there)
-OFFICIAL_ONLY = {"repeats": 2}
+OFFICIAL_ONLY = {"repeats": 2, "chat_format": "llama3-official"}
 
 
 def _variants(cls) -> dict[str, object]:

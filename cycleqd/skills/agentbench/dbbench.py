@@ -547,7 +547,8 @@ def check_args(params: Mapping[str, Any]) -> None:
     ``tolerance``, ``scorer``, ``backend``; split, limit and the ``data_path`` kind through
     :func:`cycleqd.skills.agentbench.data.check_source`; ``protocol`` through
     :func:`~cycleqd.skills.agentbench.data.check_protocol`; ``official`` refuses a scorer
-    other than ``agentbench-v0.2``). The constructor and the registry
+    other than ``agentbench-v0.2`` and another value of a parameter it fixes,
+    :data:`~cycleqd.skills.agentbench.official.DB_FIXED`; ``chat_format``). The constructor and the registry
     checker (``cycleqd validate``) both call it. Raises ValueError naming the argument."""
     for k in ("max_rounds", "max_new_tokens", "episode_batch", "workers"):
         v = params.get(k, 1)
@@ -558,6 +559,9 @@ def check_args(params: Mapping[str, Any]) -> None:
     if protocol == "official" and scorer not in (None, OFFICIAL_SCORER):
         raise ValueError(f"protocol 'official' scores with {OFFICIAL_SCORER!r} (the official code's "
                          f"exact comparison); scorer {scorer!r} is refused")
+    if protocol == "official":
+        official.check_fixed(params, official.DB_FIXED)
+    official.check_chat_format(params, protocol)
     scorer = "strict" if scorer is None else scorer
     if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
@@ -599,6 +603,13 @@ class DBBenchSkill:
             ``split`` must be ``search``). Quality = pooled fraction correct either way.
             Each item still gets its own database (the official code loads every table into
             one MySQL server, where 32 table names collide: a fix kept, not a deviation).
+            ``max_rounds``, ``max_new_tokens``, ``stop`` and ``tolerance`` are fixed at the
+            official values (:data:`~cycleqd.skills.agentbench.official.DB_FIXED`): another
+            value is refused, never silently replaced.
+        chat_format: ``"model"`` (default: the model's chat template) or
+            ``"llama3-official"`` (official protocol only: the official raw LLAMA3 string,
+            :func:`~cycleqd.skills.agentbench.official.llama3_prompt`, with the double BOS the
+            official code sends to a Llama-3 model).
         episode_batch: episodes run in lockstep at once (bounds open databases).
         workers: threads executing the episodes' SQL between turns.
         cache: a :class:`SampleCache` or a path to one; None disables caching.
@@ -613,11 +624,12 @@ class DBBenchSkill:
                  max_new_tokens: int = 512, tolerance: float = 1e-2, episode_batch: int = 64,
                  workers: int = 4, stop: Sequence[str] = (),
                  cache: SampleCache | str | Path | None = None, scorer: str | None = None,
-                 protocol: str = "project") -> None:
+                 protocol: str = "project", chat_format: str = "model") -> None:
         check_args(dict(max_rounds=max_rounds, max_new_tokens=max_new_tokens, episode_batch=episode_batch,
                         workers=workers, tolerance=tolerance, scorer=scorer, backend=backend, split=split,
-                        limit=limit, protocol=protocol))   # data_path: resolved by the loader
-        self.protocol = protocol
+                        limit=limit, protocol=protocol, stop=stop,
+                        chat_format=chat_format))   # data_path: resolved by the loader
+        self.protocol, self.chat_format = protocol, chat_format or "model"
         if protocol == "official":
             scorer, max_rounds = OFFICIAL_SCORER, official.DB_MAX_ROUND
             self.items: list[DBItem] = load_dbbench_official(data_path, limit)
@@ -650,6 +662,8 @@ class DBBenchSkill:
                "backend": "mariadb" if self.backend_name == "mysql" else self.backend_name}
         if self.protocol != "project":  # absent for the default: its keys stay as they were
             cfg["protocol"] = self.protocol
+        if self.chat_format != "model":
+            cfg["chat_format"] = self.chat_format
         b = self._backend_spec
         if not isinstance(b, str):  # a configured backend object: its settings too
             ident = dict(b.identity)
@@ -664,6 +678,7 @@ class DBBenchSkill:
 
     def run_episodes(self, items: Sequence[DBItem], generate) -> dict[str, DBEpisode]:
         """Run ``items`` with ``generate(conversations) -> replies``; the finished episodes."""
+        generate = official.render_for(self.chat_format, generate)
         backend, own = self._open_backend()
         done: dict[str, DBEpisode] = {}
         try:

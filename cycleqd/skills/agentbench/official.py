@@ -25,7 +25,7 @@ description (byte-identical for all 110, tested).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # typing only: importing cycleqd.inference loads torch, which the agent
@@ -156,3 +156,70 @@ def llama3_prompt(messages: Sequence[Message], bos_token: str = "<|begin_of_text
              for m in messages]
     return (bos_token if parts else "") + "".join(parts) + \
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+#: how the agent skills render a conversation for the backend: ``model`` (the model's own
+#: chat template, one BOS) or ``llama3-official`` (the official code's: fishfarm's LLAMA3
+#: string, :func:`llama3_prompt`, sent as a raw prompt, so a Llama-3 tokenizer puts a second
+#: BOS in front). Only meaningful for a Llama-3 model; the official code hard-codes it.
+CHAT_FORMATS = ("model", "llama3-official")
+
+#: what ``protocol: official`` fixes, per agent skill: parameter -> the official value. A
+#: config that sets one of them to another value is refused (:func:`check_fixed`); ``repeats``
+#: (OS) is deliberately not among them (see the skill's docstring).
+DB_FIXED: dict[str, Any] = {"max_rounds": DB_MAX_ROUND, "max_new_tokens": MAX_NEW_TOKENS,
+                            "stop": (), "tolerance": 1e-2}
+OS_FIXED: dict[str, Any] = {"max_rounds": OS_MAX_ROUND, "max_new_tokens": MAX_NEW_TOKENS,
+                            "command_timeout_s": OS_COMMAND_TIMEOUT_S, "stop": (), "one_shot": True}
+
+
+def _same(given: Any, official_value: Any) -> bool:
+    if isinstance(official_value, tuple):
+        return given is not None and not isinstance(given, str) and tuple(given) == official_value
+    if isinstance(official_value, bool) or isinstance(given, bool):
+        return given is official_value
+    if isinstance(official_value, (int, float)):
+        return isinstance(given, (int, float)) and float(given) == float(official_value)
+    return bool(given == official_value)
+
+
+def check_fixed(params: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+    """Refuse a parameter that ``protocol: official`` fixes when ``params`` sets it to another
+    value (None / absent = the official value). For DB-Bench, ``tolerance`` is fixed because
+    the official scorer compares exactly and would silently ignore it.
+
+    Raises:
+        ValueError: ``"<param>: protocol 'official' fixes it at <value> (...); got <given>"``
+            (one line; the config checker prefixes the field path).
+    """
+    for key, value in fixed.items():
+        given = params.get(key)
+        if given is not None and not _same(given, value):
+            if key == "tolerance":
+                raise ValueError(f"tolerance: protocol 'official' compares answers exactly (AgentBench "
+                                 f"v0.2 scorer), a tolerance would be ignored; got {given!r}")
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"{key}: protocol 'official' fixes it at {shown!r} (the official code's "
+                             f"setting); got {given!r} -- use protocol 'project' to change it")
+
+
+def check_chat_format(params: Mapping[str, Any], protocol: str) -> str:
+    """The ``chat_format`` argument (default ``model``); ``llama3-official`` only under
+    ``protocol: official``. Raises ValueError naming it."""
+    fmt = params.get("chat_format", "model")
+    if fmt is None:
+        fmt = "model"
+    if fmt not in CHAT_FORMATS:
+        raise ValueError(f"chat_format must be one of {list(CHAT_FORMATS)}, got {fmt!r}")
+    if fmt != "model" and protocol != "official":
+        raise ValueError(f"chat_format {fmt!r} is the official protocol's rendering: needs protocol 'official'")
+    return fmt
+
+
+def render_for(chat_format: str, generate: Callable[[list], list[str]]) -> Callable[[list], list[str]]:
+    """``generate`` itself for ``chat_format="model"``; for ``"llama3-official"`` a wrapper
+    that turns each conversation into :func:`llama3_prompt`'s raw string first (the official
+    DB/OS rendering, double BOS with a Llama-3 tokenizer)."""
+    if chat_format == "model":
+        return generate
+    return lambda convs: generate([llama3_prompt(c) for c in convs])

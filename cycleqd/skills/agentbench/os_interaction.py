@@ -595,7 +595,9 @@ def check_args(params: Mapping[str, Any]) -> None:
     """The argument checks of :class:`OSInteractionSkill` that need no data read
     (``machine``, positive ints and timeouts, ``limits``; split, limit and the ``data_path``
     kind through :func:`cycleqd.skills.agentbench.data.check_source`; ``protocol`` and
-    ``repeats`` -- official only -- through :func:`~cycleqd.skills.agentbench.data.check_protocol`). The constructor and
+    ``repeats`` -- official only -- through :func:`~cycleqd.skills.agentbench.data.check_protocol`;
+    under ``official`` another value of a parameter it fixes,
+    :data:`~cycleqd.skills.agentbench.official.OS_FIXED`, is refused; ``chat_format``). The constructor and
     the registry checker (``cycleqd validate``) both call it. Raises ValueError naming it."""
     machine = params.get("machine", "auto")
     if machine not in ("auto", "rootfs", "host"):
@@ -605,15 +607,19 @@ def check_args(params: Mapping[str, Any]) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{k} must be a positive int, got {v!r}")
     for k in ("command_timeout_s", "setup_timeout_s"):
-        v = params.get(k, 1.0)
-        if not isinstance(v, (int, float)) or not v > 0:
+        v = params.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
             raise ValueError(f"{k} must be a positive number, got {v!r}")
     if "limits" in params and not isinstance(params["limits"], SandboxLimits):
         raise ValueError(f"limits must be a SandboxLimits, got {type(params['limits']).__name__}")
     repeats = params.get("repeats")
     if repeats is not None and (not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1):
         raise ValueError(f"repeats must be a positive int or None, got {repeats!r}")
-    if check_protocol("os", params) == "project":
+    protocol = check_protocol("os", params)
+    if protocol == "official":
+        official.check_fixed(params, official.OS_FIXED)
+    official.check_chat_format(params, protocol)
+    if protocol == "project":
         if repeats not in (None, 1):
             raise ValueError(f"repeats applies to protocol 'official' only, got repeats={repeats!r}")
         check_source("os", params.get("data_path"), params.get("split", "search"), params.get("limit"))
@@ -633,7 +639,7 @@ class OSInteractionSkill:
         max_rounds: model replies per episode (the paper's setting: 5; AgentBench: 8).
         max_new_tokens: generation budget per reply.
         limits: each machine's sandbox limits (``wall_seconds`` is not used: see below).
-        command_timeout_s: wall-clock limit of one agent command.
+        command_timeout_s: wall-clock limit of one agent command (None: 10 s; official: 5 s).
         setup_timeout_s: limit of each init / check / example script, seconds (AgentBench has
             none; some tasks' init sleeps 60 s).
         episode_batch: machines alive at once (episodes run in lockstep per batch).
@@ -660,9 +666,18 @@ class OSInteractionSkill:
             ``search``). Deviations kept: every task runs in the project's Debian machine
             (official: the ``local-os/default`` Ubuntu image) and is judged as under the
             project protocol (reference from the post-init machine, init failures fail).
+            ``max_rounds``, ``max_new_tokens``, ``command_timeout_s``, ``stop`` and
+            ``one_shot`` are fixed at the official values
+            (:data:`~cycleqd.skills.agentbench.official.OS_FIXED`): another value is
+            refused, never silently replaced.
+        chat_format: ``"model"`` (default: the model's chat template) or
+            ``"llama3-official"`` (official protocol only: the official raw LLAMA3 string
+            with the double BOS the official code sends to a Llama-3 model).
         repeats: official protocol only: evaluations averaged (default 5, as the official
             code; greedy decoding gives the same replies in every repeat unless the
             machine's state differs, e.g. ``$RANDOM`` in init -- they are run anyway).
+            Not fixed by the protocol check: fewer repeats is a documented cost/variance
+            trade-off for CPU runs (in the cache key), the default is the official 5.
 
     Raises:
         ValueError: bad arguments (named), before any data is read.
@@ -672,18 +687,22 @@ class OSInteractionSkill:
     def __init__(self, data_path: str | Path | None = None, split: str = "search",
                  limit: int | None = None, *, name: str = "os", max_rounds: int = 5,
                  max_new_tokens: int = 512, limits: SandboxLimits = OS_LIMITS,
-                 command_timeout_s: float = 10.0, setup_timeout_s: float = 120.0,
+                 command_timeout_s: float | None = None, setup_timeout_s: float = 120.0,
                  episode_batch: int = 16, workers: int = 4, one_shot: bool = True,
                  stop: Sequence[str] = (), script_dir: str | Path | None = None,
                  cache: SampleCache | str | Path | None = None, machine: str = "auto",
                  rootfs: RootFS | None = None, cache_dir: str | Path | None = None,
-                 protocol: str = "project", repeats: int | None = None) -> None:
+                 protocol: str = "project", repeats: int | None = None,
+                 chat_format: str = "model") -> None:
         check_args(dict(machine=machine, max_rounds=max_rounds, max_new_tokens=max_new_tokens,
                         episode_batch=episode_batch, workers=workers, command_timeout_s=command_timeout_s,
-                        setup_timeout_s=setup_timeout_s, limits=limits, split=split,
-                        limit=limit, protocol=protocol, repeats=repeats))   # data_path: resolved by the loader
-        self.protocol = protocol
+                        setup_timeout_s=setup_timeout_s, limits=limits, split=split, stop=stop,
+                        one_shot=one_shot, limit=limit, protocol=protocol, repeats=repeats,
+                        chat_format=chat_format))   # data_path: resolved by the loader
+        self.protocol, self.chat_format = protocol, chat_format or "model"
         self.repeats = 1
+        if command_timeout_s is None:
+            command_timeout_s = 10.0
         if protocol == "official":
             max_rounds, command_timeout_s = official.OS_MAX_ROUND, official.OS_COMMAND_TIMEOUT_S
             self.repeats = official.OS_REPEATS if repeats is None else repeats
@@ -723,6 +742,8 @@ class OSInteractionSkill:
                            if self.rootfs is not None else "host")}
         if self.protocol != "project":  # absent for the default: its keys stay as they were
             cfg["protocol"], cfg["repeats"] = self.protocol, self.repeats
+        if self.chat_format != "model":
+            cfg["chat_format"] = self.chat_format
         return "os/" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
     def _episode(self, item: OSItem) -> OSEpisode:
@@ -736,6 +757,7 @@ class OSInteractionSkill:
         fresh machine: the returned episode is the last repeat's, its ``score`` the mean
         over the repeats, ``detail["repeat_scores"]`` each repeat's score (an evaluator
         failure in any repeat marks the item ``evaluator_error``: not cached)."""
+        generate = official.render_for(self.chat_format, generate)
         if self.repeats == 1:
             return self._run_once(items, generate)
         scores: dict[str, list[float]] = {}

@@ -78,3 +78,29 @@ def completion_body(reply: str) -> str:
     EvalPlus's MBPP sanitiser runs on it afterwards."""
     k = reply.find("```")
     return reply if k == -1 else reply[:k]
+
+
+#: what the official protocol fixes for ``type: mbppplus``: parameter -> the official value
+#: (None / absent in a config = the official value); another value is refused by
+#: :func:`check_fixed`, never silently replaced
+FIXED = {"max_new_tokens": MAX_NEW_TOKENS, "stop": STOP, "system_prompt": SYSTEM_MESSAGE}
+
+
+def check_fixed(params: dict) -> None:
+    """Refuse an ``mbppplus`` parameter set to another value than the official protocol's
+    (:data:`FIXED`).
+
+    Raises:
+        ValueError: ``"<param>: protocol 'official' (type mbppplus) fixes it at <value> ...;
+            got <given>"`` (one line; the config checker prefixes the field path).
+    """
+    for key, value in FIXED.items():
+        given = params.get(key)
+        if given is None:
+            continue
+        same = (tuple(given) == value if isinstance(value, tuple) and not isinstance(given, str)
+                else given == value and type(given) is type(value))
+        if not same:
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"{key}: protocol 'official' (type mbppplus) fixes it at {shown!r} (the "
+                             f"official code's setting); got {given!r} -- use type 'mbpp' to change it")

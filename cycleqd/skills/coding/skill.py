@@ -101,7 +101,8 @@ EVALUATOR_FAILURES = frozenset({"judge_error", "sandbox_error"})
 
 def check_args(dataset: str, params: Mapping[str, Any]) -> None:
     """The argument checks of :class:`CodingSkill` that need no data read: ``n_chunks``,
-    ``max_new_tokens``, ``stop``, ``workers``, ``limits``, and the data source (dataset, split,
+    ``max_new_tokens``, ``stop``, ``workers``, ``limits``, for ``mbppplus`` the parameters the
+    official protocol fixes (:func:`.official.check_fixed`), and the data source (dataset, split,
     limit, ``data_path`` kind: :func:`cycleqd.skills.coding.data.check_source`). The
     constructor and the registry checker (``cycleqd validate``) both call it.
 
@@ -120,6 +121,8 @@ def check_args(dataset: str, params: Mapping[str, Any]) -> None:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if "limits" in params and not isinstance(params["limits"], ExecLimits):
         raise ValueError(f"limits must be an ExecLimits, got {type(params['limits']).__name__}")
+    if dataset == "mbppplus":  # the official protocol: its decoding and prompt are fixed
+        official.check_fixed(params)
     split = params.get("split") or default_split(dataset)
     check_source(dataset, params.get("data_path"), split, params.get("limit"))
 
@@ -172,7 +175,7 @@ class CodingSkill:
                  limits: ExecLimits = ExecLimits(), workers: int = 2,
                  cache: SampleCache | str | Path | None = None) -> None:
         check_args(dataset, dict(n_chunks=n_chunks, max_new_tokens=max_new_tokens, stop=stop, workers=workers,
-                                 limits=limits, split=split, limit=limit))   # data_path: resolved by the loader
+                                 limits=limits, split=split, limit=limit, system_prompt=system_prompt))   # data_path: resolved by the loader
         if split is None:
             split = default_split(dataset)
         self.dataset = dataset
