@@ -376,6 +376,8 @@ def final_candidates(run: RunView, record: dict[str, Any]) -> list[tuple[str, An
     qualities = [a.quality_of(e.scores) for a, e in zip(archives, bests)]
     out = []
     for c in record["candidates"]:
+        if "error" in c:   # a strategy that could not apply (recorded by select_final): no model
+            continue
         name, params, inner = c["strategy"], dict(c.get("params") or {}), c.get("search")
         if not inner:    # a strategy that did not choose: rebuilt from its parameters alone
             g = aggregate(space, genomes, qualities, method=name, **params)
@@ -431,7 +433,7 @@ def comparison_models(cfg: DemoConfig, run: RunView, multitask: str | None, base
     if record is not None and record.get("candidates"):
         stored = fingerprint_state_dict(space.materialize(run.genome("aggregate")))
         chosen_seen = False
-        for (name, g), c in zip(final_candidates(run, record), record["candidates"]):
+        for (name, g), c in zip(final_candidates(run, record), [c for c in record["candidates"] if "error" not in c]):
             extra = {"strategy": name, "params": c.get("params") or {}}
             if "validation" in c:
                 extra.update(validation=c["validation"], validation_mean=c["validation_mean"])
@@ -514,7 +516,7 @@ def check_claims(rows: Sequence[dict[str, Any]], skill_names: Sequence[str]) -> 
 
 
 def format_table(rows: Sequence[dict[str, Any]], skill_names: Sequence[str], sizes: dict[str, int],
-                 claims: Sequence[dict[str, Any]]) -> str:
+                 claims: Sequence[dict[str, Any]], final: dict[str, Any] | None = None) -> str:
     """The comparison as markdown: one row per model, its test score per skill and mean,
     and the validation mean that chose it (merges' hyper-parameters, final-model
     candidates; ``-`` for the rest); the final model is marked; then the claims."""
@@ -529,6 +531,10 @@ def format_table(rows: Sequence[dict[str, Any]], skill_names: Sequence[str], siz
             name = f"**{name} ← chosen**"
         vm = r.get("validation_mean")
         lines.append(f"| {name} | {cells} | {r['mean']:.3f} | {'-' if vm is None else f'{vm:.3f}'} |")
+    failed = [c for c in (final or {}).get("candidates", []) if "error" in c]
+    if failed:
+        lines += ["", "Final-model candidates that could not be built (no row): "
+                  + "; ".join(f"{c['strategy']}: {c['error']}" for c in failed)]
     if claims:
         lines += ["", "Claims (paper, in miniature):"]
         lines += [f"- [{'x' if c['holds'] else ' '}] {c['claim']}: {c['detail']}" for c in claims]
@@ -631,12 +637,13 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
 
     names = [s.name for s in cfg.skills]
     claims = check_claims(rows, names)
-    table = format_table(rows, names, sizes, claims)
     fj = out / "cycleqd" / "final.json"
+    final_rec = json.loads(fj.read_text()) if fj.is_file() else None
+    table = format_table(rows, names, sizes, claims, final_rec)
     atomic_write_json(out / "comparison.json", {
         "skills": names, "test_sizes": sizes, "validation_sizes": val_sizes, "rows": rows, "claims": claims,
         "search_aggregate": res.aggregate,
-        "final": json.loads(fj.read_text()) if fj.is_file() else None,
+        "final": final_rec,
         "merges": {k: {kk: vv for kk, vv in v.items() if kk != "genome"} for k, v in merges.items()},
         "archives": {a.quality_skill: {"best": a.best().id, "elites": len(a)} for a in view.archives}})
     atomic_write_text(out / "comparison.md", table + "\n\nElite maps: elite_maps.png\n")
