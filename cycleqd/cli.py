@@ -308,7 +308,8 @@ def cmd_validate(args) -> int:
         from cycleqd.registry import CROSSOVERS
 
         for op in ("task_arithmetic", "ties"):
-            CROSSOVERS.check(op, getattr(demo.merges, op), field=f"merges.{op}")
+            for point in demo.merges.grid(op):   # a list-valued parameter is a grid
+                CROSSOVERS.check(op, point, field=f"merges.{op}")
         check_skills([SkillConfig(name=s.name, type=s.type, bc_range=s.bc_range, bins=s.bins, params=s.params)
                       for s in demo.skills])
         print(f"{args.config}: valid demo config ({len(demo.skills)} skills: "

@@ -4,18 +4,22 @@ both ship inside the package as :mod:`cycleqd.configs` data, so a plain ``pip in
 Validated like a run config (pydantic, ``extra="forbid"``): an unknown key or an impossible
 value is reported with its field path before any model loads. The CycleQD part becomes an
 ordinary :class:`cycleqd.config.RunConfig` (written to ``RUN/cycleqd/config.yaml``) whose
-skills score on the *search* splits; the comparison scores on the *test* splits.
+skills score on the *search* splits; the final model (``final``) and the merge baselines'
+hyper-parameters (``merges`` grids) are chosen on the *validation* splits; the comparison
+scores on the *test* splits, which no choice ever reads.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cycleqd import configs as _bundled
-from cycleqd.config import BackendConfig, ConfigError, OperatorsConfig, QDConfig, _format, read_yaml
+from cycleqd.config import (BackendConfig, ConfigError, FinalConfig, OperatorsConfig, QDConfig, _format,
+                            check_operators, read_yaml)
 
 #: the demo's default settings and the CI-size ones: package data (``cycleqd/configs/``), the
 #: same files as ``configs/*.yaml`` in the source tree
@@ -39,6 +43,8 @@ class DemoSkill(_Strict):
         params: evaluator parameters shared by the search and test evaluators
             (e.g. ``max_new_tokens``); ``split`` and ``limit`` are set by the demo.
         search_limit: items of the *search* split scored during CycleQD (None: all).
+        validation_limit: items of the *validation* split on which the final model and the
+            merge baselines' hyper-parameters are chosen (None: all).
         test_limit: items of the held-out *test* split scored in the comparison (None: all).
         train: parameters of the training-data builder (e.g. ``limit``); ``split: train``.
         steps: LoRA steps of this skill's expert (None: ``train.recipe.steps``).
@@ -50,6 +56,7 @@ class DemoSkill(_Strict):
     bins: int = Field(10, ge=1, le=1000)
     params: dict[str, Any] = Field(default_factory=dict)
     search_limit: int | None = Field(None, ge=1)
+    validation_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
     train: dict[str, Any] = Field(default_factory=dict)
     steps: int | None = Field(None, ge=1)
@@ -59,7 +66,7 @@ class DemoSkill(_Strict):
     def _no_split(cls, v: dict[str, Any]) -> dict[str, Any]:
         bad = sorted(set(v) & {"split", "limit"})
         if bad:
-            raise ValueError(f"{bad} are set by the demo (use search_limit / test_limit)")
+            raise ValueError(f"{bad} are set by the demo (use search_limit / validation_limit / test_limit)")
         return v
 
 
@@ -82,10 +89,35 @@ class DemoTrain(_Strict):
 
 class DemoMerges(_Strict):
     """The model-merging baselines over the experts' task vectors (parameters of the
-    ``task_arithmetic`` / ``ties`` operators in :mod:`cycleqd.ops.crossover`)."""
+    ``task_arithmetic`` / ``ties`` operators in :mod:`cycleqd.ops.crossover`).
 
-    task_arithmetic: dict[str, Any] = Field(default_factory=lambda: {"lambda": 0.5})
-    ties: dict[str, Any] = Field(default_factory=lambda: {"density": 0.5})
+    A parameter given as a list is a grid: every combination (:meth:`grid`, in order) is
+    scored on the *validation* splits and the best validation mean (mean over the skills)
+    is the baseline; ties keep the earlier point. A scalar is fixed. Each point is checked
+    against the operator here, before any model loads (ConfigError naming ``merges.<op>``).
+    """
+
+    task_arithmetic: dict[str, Any] = Field(default_factory=lambda: {"lambda": [0.3, 0.5, 1.0]})
+    ties: dict[str, Any] = Field(default_factory=lambda: {"density": [0.2, 0.5, 0.8]})
+
+    def grid(self, op: str) -> list[dict[str, Any]]:
+        """``op``'s parameter points (``task_arithmetic`` | ``ties``): the cartesian product
+        of the list-valued parameters, in the order written (the last varies fastest)."""
+        params = dict(getattr(self, op))
+        axes = [(k, v if isinstance(v, list) else [v]) for k, v in params.items()]
+        return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+    @model_validator(mode="after")
+    def _points(self) -> "DemoMerges":
+        from cycleqd.registry import CROSSOVERS
+
+        for op in ("task_arithmetic", "ties"):
+            empty = [k for k, v in getattr(self, op).items() if isinstance(v, list) and not v]
+            if empty:
+                raise ValueError(f"merges.{op}.{empty[0]}: an empty grid")
+            for point in self.grid(op):
+                CROSSOVERS.check(op, point, field=f"merges.{op}")
+        return self
 
 
 class DemoConfig(_Strict):
@@ -98,6 +130,9 @@ class DemoConfig(_Strict):
         experts: skill name -> existing expert (LoRA adapter / full model, path or hub id);
             skills without one get an expert trained by ``cycleqd train-expert``'s code.
         multitask: an existing multi-task fine-tune to use instead of training one.
+        final: how CycleQD's final model is chosen (:class:`cycleqd.config.FinalConfig`;
+            ``auto``: every strategy scored on the validation splits, the best mean wins;
+            the record is ``RUN/cycleqd/final.json``).
         sample_cache: keep per-sample outcomes in ``<cache>/samples.sqlite`` keyed by the
             model's weights (content hash for the comparison; run config + model id in the
             CycleQD run), so a model already scored with the same settings is not scored
@@ -114,6 +149,7 @@ class DemoConfig(_Strict):
     merges: DemoMerges = DemoMerges()
     operators: OperatorsConfig = OperatorsConfig()
     qd: QDConfig = QDConfig(generations=24, snapshot_every=8)
+    final: FinalConfig = FinalConfig(strategy="auto")
     backend: BackendConfig = BackendConfig()
     cache_dir: str | None = None
     sample_cache: bool = True
@@ -139,9 +175,14 @@ def parse_demo_config(data: Any, *, source: str = "<demo config>") -> DemoConfig
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     try:
-        return DemoConfig.model_validate(data)
+        cfg = DemoConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"invalid demo config {source}:\n{_format(e)}") from None
+    try:
+        check_operators(cfg)   # operators and the final strategy (names, parameters)
+    except ConfigError as e:
+        raise ConfigError(f"invalid demo config {source}: {e}") from None
+    return cfg
 
 
 def load_demo_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DemoConfig:

@@ -8,18 +8,25 @@
    and the multi-task fine-tuning baseline (union of the train splits, as many steps as the
    experts together). Cached by (base, data, recipe); ``--expert SKILL=PATH`` uses your own.
 3. **CycleQD** -- :class:`cycleqd.engine.loop.CycleQDRun` with the three experts, children
-   scored on the *search* splits, then model aggregation (paper §3.4).
-4. **Comparison on held-out test splits** -- base, each expert, task-arithmetic and TIES
-   merges of the experts, the multi-task fine-tune, CycleQD's best model per skill and
-   CycleQD's aggregated model: one table (each skill's score and the mean), the paper's
-   claims checked on it, and the elite maps.
+   scored on the *search* splits, then the final model (``final``, default ``auto``:
+   every strategy of :mod:`cycleqd.engine.final` scored on the *validation* splits, the
+   best validation mean kept; ``RUN/cycleqd/final.json``).
+4. **Baselines' hyper-parameters** -- the task-arithmetic and TIES grids (``merges``) scored
+   on the *validation* splits; the best validation mean is each baseline (:func:`tune_merges`).
+5. **Comparison on held-out test splits** -- base, each expert, the two tuned merges, the
+   multi-task fine-tune, CycleQD's best model per skill and every final-model candidate
+   (the chosen one marked): one table (each skill's score, the mean, and the validation
+   mean that chose the row, if any), the paper's claims checked on it, and the elite maps.
+   Every choice is made before the first test item is scored; the test splits are only
+   reported.
 
 Artefacts (``--out``, default ``runs/demo-<time>``)::
 
     demo_config.yaml     the resolved demo settings
     experts.json         expert / multi-task adapters used and their training reports
     cycleqd/             the CycleQD run directory (archives, metrics, maps/, genomes/)
-    comparison.json      per model: test score per skill (+ per-item outcomes), the mean
+    comparison.json      per model: test score per skill (+ per-item outcomes), the mean;
+                         the validation records of the final choice and the merge grids
     comparison.md        the table and the claims, as printed
     elite_maps.png       the final archives (copy of cycleqd/maps/elite_maps.png)
     timings.json         wall seconds per phase
@@ -62,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--multitask-model", default=None, metavar="PATH",
                    help="use an existing multi-task fine-tune instead of training one")
     p.add_argument("--search-limit", type=int, default=None, help="items per search split (every skill)")
+    p.add_argument("--validation-limit", type=int, default=None,
+                   help="items per validation split (every skill): the final model and the merges' "
+                        "hyper-parameters are chosen on them")
     p.add_argument("--test-limit", type=int, default=None, help="items per test split (every skill)")
     p.add_argument("--train-steps", type=int, default=None, help="LoRA steps per expert")
     p.add_argument("--set", dest="demo_set", action="append", default=[], metavar="KEY=VALUE",
@@ -108,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         ov["multitask"] = args.multitask_model
     if args.search_limit is not None:
         ov["skills.*.search_limit"] = args.search_limit
+    if args.validation_limit is not None:
+        ov["skills.*.validation_limit"] = args.validation_limit
     if args.test_limit is not None:
         ov["skills.*.test_limit"] = args.test_limit
     if args.train_steps is not None:
@@ -237,6 +249,7 @@ def run_config(cfg: DemoConfig, base_dir: Path, experts: dict[str, str], cache: 
     data = {"name": cfg.name, "seed": cfg.seed, "skills": skills,
             "model": {"base": str(base_dir), "experts": {k: str(v) for k, v in experts.items()}},
             "operators": cfg.operators.model_dump(mode="json"), "qd": cfg.qd.model_dump(mode="json"),
+            "final": cfg.final.model_dump(mode="json"),
             "backend": cfg.backend.model_dump(mode="json"), "cache_dir": str(cache)}
     return parse_config(data, source="demo")
 
@@ -246,45 +259,195 @@ def _cache_param(cfg: DemoConfig, cache: Path) -> dict[str, Any]:
     return {"cache": str(cache / "samples.sqlite") if cfg.sample_cache else None}
 
 
-def test_skills(cfg: DemoConfig, cache: Path) -> list[Any]:
-    """The skills' evaluators on their held-out *test* splits."""
+def split_skills(cfg: DemoConfig, cache: Path, split: str) -> list[Any]:
+    """The skills' evaluators on ``split`` (``validation``: ``validation_limit`` items;
+    ``test``: ``test_limit`` items). Raises ValueError for another split."""
     from cycleqd.engine.build import build_llm_skill
 
+    if split not in ("validation", "test"):
+        raise ValueError(f"split_skills: 'validation' or 'test', got {split!r}")
     out = []
     for s in cfg.skills:
-        params = {**s.params, **_cache_param(cfg, cache), "split": "test"}
-        if s.test_limit:
-            params["limit"] = s.test_limit
+        params = {**s.params, **_cache_param(cfg, cache), "split": split}
+        limit = s.validation_limit if split == "validation" else s.test_limit
+        if limit:
+            params["limit"] = limit
         out.append(build_llm_skill(SkillConfig(name=s.name, type=s.type, bc_range=s.bc_range,
                                                bins=s.bins, params=params), cache))
     return out
 
 
-def comparison_models(cfg: DemoConfig, run: RunView, multitask: str | None, base_dir: Path,
-                      cache: Path) -> list[tuple[str, str, Any]]:
-    """``(row id, description, genome)`` of every model in the table, in table order; the
-    CycleQD rows read from the finished run directory."""
+def test_skills(cfg: DemoConfig, cache: Path) -> list[Any]:
+    """The skills' evaluators on their held-out *test* splits."""
+    return split_skills(cfg, cache, "test")
+
+
+def validation_skills(cfg: DemoConfig, cache: Path) -> list[Any]:
+    """The skills' evaluators on their *validation* splits (every choice is made on them)."""
+    return split_skills(cfg, cache, "validation")
+
+
+class Scorer:
+    """``genome -> {skill: {"quality", "outcomes"}}`` on a fixed list of skills (one split),
+    through the run's adapter; identical weights (same fingerprint) are scored once.
+
+    Args:
+        space: the WeightSpace (``materialize``).
+        adapter: ``bind(weights, fingerprint) -> model``.
+        skills: the evaluators, all on one split.
+    """
+
+    def __init__(self, space: Any, adapter: Any, skills: Sequence[Any]) -> None:
+        self.space, self.adapter, self.skills = space, adapter, list(skills)
+        self.seen: dict[str, dict[str, Any]] = {}
+
+    def results(self, genome: Any) -> tuple[str, dict[str, Any]]:
+        """``(weights fingerprint, {skill: {"quality": float, "outcomes": {item: score}}})``."""
+        from cycleqd.inference.fingerprint import fingerprint_state_dict
+
+        weights = self.space.materialize(genome)
+        fp = fingerprint_state_dict(weights)
+        if fp not in self.seen:
+            model = self.adapter.bind(weights, fp)
+            res = {}
+            for sk in self.skills:
+                r = sk.evaluate(model)
+                res[sk.name] = {"quality": float(r.quality), "outcomes": dict(r.outcomes)}
+            self.seen[fp] = res
+        del weights
+        return fp, self.seen[fp]
+
+    def __call__(self, genome: Any) -> dict[str, float]:
+        return {k: v["quality"] for k, v in self.results(genome)[1].items()}
+
+
+def tune_merges(cfg: DemoConfig, space: Any, experts: Sequence[Any], score: Scorer) -> dict[str, dict[str, Any]]:
+    """The task-arithmetic and TIES baselines: every point of ``cfg.merges``' grids merged
+    from the experts and scored by ``score`` on the *validation* splits; the best validation
+    mean (mean over the skills) wins, ties: the earlier point.
+
+    Returns:
+        ``{op: {"params": chosen, "genome": merged genome, "split": "validation",
+        "grid": [{"params", "validation", "validation_mean"}, ...]}}``.
+    Raises:
+        ValueError: a skill of ``score`` is not on the validation split (the test split is
+            never read by a choice).
+    """
     from cycleqd.ops.aggregation import aggregate
+
+    bad = [(getattr(sk, "name", "?"), getattr(sk, "split", None)) for sk in score.skills
+           if getattr(sk, "split", None) != "validation"]
+    if bad:
+        raise ValueError(f"tune_merges: hyper-parameters are chosen on the validation split only, got {bad}")
+    out: dict[str, dict[str, Any]] = {}
+    for op in ("task_arithmetic", "ties"):
+        grid, best, best_g = [], 0, None
+        for i, params in enumerate(cfg.merges.grid(op)):
+            g = aggregate(space, experts, None, method=op, field=f"merges.{op}", **params)
+            sc = score(g)
+            grid.append({"params": params, "validation": sc, "validation_mean": sum(sc.values()) / len(sc)})
+            if best_g is None or grid[i]["validation_mean"] > grid[best]["validation_mean"]:
+                best, best_g = i, g
+        out[op] = {"params": grid[best]["params"], "genome": best_g, "split": "validation", "grid": grid}
+    return out
+
+
+def final_candidates(run: RunView, record: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Every final-model candidate of ``final.json`` (``record``) rebuilt from the run's
+    archives, with the choices the record holds (no scoring): ``[(strategy, genome)]`` in
+    the record's order. Mirrors :func:`cycleqd.engine.final.select_final`'s inputs.
+
+    Raises:
+        ValueError: a strategy whose choice the record does not say how to rebuild.
+    """
+    from cycleqd.ops.aggregation import aggregate, linear_combination
+
+    space = run.space
+    archives = run.archives
+    bests = [a.best() for a in archives]
+    loaded: dict[str, Any] = {}
+
+    def load(mid: str) -> Any:
+        if mid not in loaded:
+            loaded[mid] = run.genome(mid)
+        return loaded[mid]
+
+    genomes = [load(e.id) for e in bests]
+    qualities = [a.quality_of(e.scores) for a, e in zip(archives, bests)]
+    out = []
+    for c in record["candidates"]:
+        if "error" in c:   # a strategy that could not apply (recorded by select_final): no model
+            continue
+        name, params, inner = c["strategy"], dict(c.get("params") or {}), c.get("search")
+        if not inner:    # a strategy that did not choose: rebuilt from its parameters alone
+            g = aggregate(space, genomes, qualities, method=name, **params)
+        else:
+            chosen = inner["candidates"][inner["chosen"]]
+            if name == "task_arithmetic":
+                g = linear_combination(space, genomes, [float(chosen["lambda"])] * len(genomes))
+            elif name == "weight_search":
+                g = linear_combination(space, genomes, [float(w) for w in chosen["weights"]])
+            elif name == "best_elite":
+                a = archives[chosen["archive"]]
+                ranked = [e for _, e in sorted(a, key=lambda ce: -a.quality_of(ce[1].scores))]
+                g = load(ranked[chosen["rank"]].id)
+            else:
+                raise ValueError(f"final.json: cannot rebuild the choice of strategy {name!r}")
+        out.append((name, g))
+    return out
+
+
+def comparison_models(cfg: DemoConfig, run: RunView, multitask: str | None, base_dir: Path,
+                      cache: Path, merges: dict[str, dict[str, Any]]) -> list[tuple[str, str, Any, dict]]:
+    """``(row id, description, genome, extra)`` of every model in the table, in table order;
+    ``merges`` from :func:`tune_merges`; the CycleQD rows read from the finished run
+    directory: the best model per archive, then every final-model candidate of
+    ``final.json`` (``extra``: its validation scores, ``final_choice`` on the chosen one).
+
+    Raises:
+        ValueError: the rebuilt chosen candidate's weights differ from the stored
+            ``aggregate`` (the table would not show the model the run chose).
+    """
+    from cycleqd.inference.fingerprint import fingerprint_state_dict
 
     space = run.space
     names = [s.name for s in cfg.skills]
     experts = list(space.expert_genomes())
-    rows: list[tuple[str, str, Any]] = [("base", "base model", space.base_genome())]
-    rows += [(f"expert:{n}", f"{n} expert (LoRA SFT)", g) for n, g in zip(names, experts)]
-    ta = dict(cfg.merges.task_arithmetic)
-    rows.append(("task_arithmetic", f"task arithmetic of the experts {ta}",
-                 aggregate(space, experts, None, method="task_arithmetic", **ta)))
-    ti = dict(cfg.merges.ties)
-    rows.append(("ties", f"TIES merge of the experts {ti}", aggregate(space, experts, None, method="ties", **ti)))
+    rows: list[tuple[str, str, Any, dict]] = [("base", "base model", space.base_genome(), {})]
+    rows += [(f"expert:{n}", f"{n} expert (LoRA SFT)", g, {}) for n, g in zip(names, experts)]
+    for op, what in (("task_arithmetic", "task arithmetic"), ("ties", "TIES merge")):
+        m = merges[op]
+        best = next(r for r in m["grid"] if r["params"] == m["params"])
+        rows.append((op, f"{what} of the experts {m['params']} (chosen on validation)", m["genome"],
+                     {"params": m["params"], "validation": best["validation"],
+                      "validation_mean": best["validation_mean"]}))
     if multitask:
         rows.append(("multitask", "multi-task LoRA SFT (union of train splits)",
-                     _task_vector_of(multitask, base_dir, cache)))
+                     _task_vector_of(multitask, base_dir, cache), {}))
     for a in run.archives:
         e = a.best()
         rows.append((f"cycleqd:best-{a.quality_skill}",
-                     f"CycleQD best {a.quality_skill} model ({e.id})", run.genome(e.id)))
-    if run.aggregate_scores() is not None:
-        rows.append(("cycleqd:aggregate", "CycleQD aggregated model", run.genome("aggregate")))
+                     f"CycleQD best {a.quality_skill} model ({e.id})", run.genome(e.id), {}))
+    fj = run.root / "final.json"
+    record = json.loads(fj.read_text()) if fj.is_file() else None
+    if record is not None and record.get("candidates"):
+        stored = fingerprint_state_dict(space.materialize(run.genome("aggregate")))
+        chosen_seen = False
+        for (name, g), c in zip(final_candidates(run, record), [c for c in record["candidates"] if "error" not in c]):
+            extra = {"strategy": name, "params": c.get("params") or {}}
+            if "validation" in c:
+                extra.update(validation=c["validation"], validation_mean=c["validation_mean"])
+            if name == record["chosen"] and not chosen_seen:
+                chosen_seen = True
+                if fingerprint_state_dict(space.materialize(g)) != stored:
+                    raise ValueError(f"final.json: the rebuilt {name!r} candidate is not the stored "
+                                     f"aggregate model")
+                extra["final_choice"] = True
+            rows.append((f"final:{name}", f"CycleQD final-model candidate {name!r}"
+                         + (" (the run's choice)" if extra.get("final_choice") else ""), g, extra))
+    elif run.aggregate_scores() is not None:
+        rows.append(("cycleqd:aggregate", "CycleQD aggregated model", run.genome("aggregate"),
+                     {"final_choice": True}))
     return rows
 
 
@@ -296,35 +459,24 @@ def _task_vector_of(source: str, base_dir: Path, cache: Path) -> dict[str, Any]:
     return resident(load_expert(source, base, cache_dir=cache, label="multitask model").task_vector)
 
 
-def evaluate_models(models: Sequence[tuple[str, str, Any]], space: Any, adapter: Any, skills: Sequence[Any],
+def evaluate_models(models: Sequence[tuple], space: Any, adapter: Any, skills: Sequence[Any],
                     *, progress: bool) -> list[dict[str, Any]]:
-    """Score every model on every (test) skill; identical weights are scored once."""
-    from cycleqd.inference.fingerprint import fingerprint_state_dict
-
-    seen: dict[str, dict[str, Any]] = {}
+    """Score every model ``(id, description, genome[, extra])`` on every (test) skill;
+    identical weights are scored once. ``extra`` (validation scores, ``final_choice``) is
+    copied into the row."""
+    score = Scorer(space, adapter, skills)
     rows = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(models), desc="test eval", unit="model", dynamic_ncols=True, disable=None)  # off when not a terminal
-    for mid, desc, genome in models:
+    for mid, desc, genome, *rest in models:
         t = time.perf_counter()
-        weights = space.materialize(genome)
-        fp = fingerprint_state_dict(weights)
-        if fp in seen:
-            res = seen[fp]
-        else:
-            model = adapter.bind(weights, fp)
-            res = {}
-            for sk in skills:
-                r = sk.evaluate(model)
-                res[sk.name] = {"quality": float(r.quality), "outcomes": dict(r.outcomes)}
-            seen[fp] = res
-        del weights
+        fp, res = score.results(genome)
         scores = {k: v["quality"] for k, v in res.items()}
         rows.append({"id": mid, "description": desc, "fingerprint": fp, "scores": scores,
                      "mean": sum(scores.values()) / len(scores), "results": res,
-                     "eval_s": round(time.perf_counter() - t, 2)})
+                     **(rest[0] if rest else {}), "eval_s": round(time.perf_counter() - t, 2)})
         if bar is not None:
             bar.set_postfix({"model": mid, "mean": f"{rows[-1]['mean']:.3f}"}, refresh=False)
             bar.update(1)
@@ -337,8 +489,8 @@ def check_claims(rows: Sequence[dict[str, Any]], skill_names: Sequence[str]) -> 
     """The paper's claims in miniature, evaluated on the test-split table.
 
     1. each expert beats the base on its own skill by >= 5 points;
-    2. CycleQD's aggregated model has a higher mean than every expert, both merges and the
-       multi-task fine-tune.
+    2. CycleQD's final model (the row marked ``final_choice``, chosen on validation) has a
+       higher mean than every expert, both merges and the multi-task fine-tune.
     """
     by = {r["id"]: r for r in rows}
     claims = []
@@ -351,26 +503,38 @@ def check_claims(rows: Sequence[dict[str, Any]], skill_names: Sequence[str]) -> 
         claims.append({"claim": f"expert:{n} beats base on {n} by >= 5 points",
                        "holds": diff >= EXPERT_MARGIN - 1e-9,
                        "detail": f"{e['scores'][n]:.3f} vs {base['scores'][n]:.3f} ({100 * diff:+.1f} points)"})
-    agg = by.get("cycleqd:aggregate")
+    agg = next((r for r in rows if r.get("final_choice")), None)
     if agg is not None:
         for other in [f"expert:{n}" for n in skill_names] + ["task_arithmetic", "ties", "multitask"]:
             o = by.get(other)
             if o is None:
                 continue
-            claims.append({"claim": f"cycleqd:aggregate mean > {other} mean",
+            claims.append({"claim": f"{agg['id']} (CycleQD's final model) mean > {other} mean",
                            "holds": agg["mean"] > o["mean"],
                            "detail": f"{agg['mean']:.3f} vs {o['mean']:.3f}"})
     return claims
 
 
 def format_table(rows: Sequence[dict[str, Any]], skill_names: Sequence[str], sizes: dict[str, int],
-                 claims: Sequence[dict[str, Any]]) -> str:
-    head = "| model | " + " | ".join(f"{n} (n={sizes[n]})" for n in skill_names) + " | mean |"
-    lines = ["Held-out test splits (pass@1 / success rate, greedy):", "", head,
-             "|" + "---|" * (len(skill_names) + 2)]
+                 claims: Sequence[dict[str, Any]], final: dict[str, Any] | None = None) -> str:
+    """The comparison as markdown: one row per model, its test score per skill and mean,
+    and the validation mean that chose it (merges' hyper-parameters, final-model
+    candidates; ``-`` for the rest); the final model is marked; then the claims."""
+    head = "| model | " + " | ".join(f"{n} (n={sizes[n]})" for n in skill_names) + " | mean | validation mean |"
+    lines = ["Held-out test splits (pass@1 / success rate, greedy); the last column is the mean on the "
+             "validation splits on which the row was chosen (never test):", "", head,
+             "|" + "---|" * (len(skill_names) + 3)]
     for r in rows:
         cells = " | ".join(f"{r['scores'][n]:.3f}" for n in skill_names)
-        lines.append(f"| {r['id']} | {cells} | {r['mean']:.3f} |")
+        name = r["id"] + (f" {r['params']}" if r.get("params") else "")
+        if r.get("final_choice"):
+            name = f"**{name} ← chosen**"
+        vm = r.get("validation_mean")
+        lines.append(f"| {name} | {cells} | {r['mean']:.3f} | {'-' if vm is None else f'{vm:.3f}'} |")
+    failed = [c for c in (final or {}).get("candidates", []) if "error" in c]
+    if failed:
+        lines += ["", "Final-model candidates that could not be built (no row): "
+                  + "; ".join(f"{c['strategy']}: {c['error']}" for c in failed)]
     if claims:
         lines += ["", "Claims (paper, in miniature):"]
         lines += [f"- [{'x' if c['holds'] else ' '}] {c['claim']}: {c['detail']}" for c in claims]
@@ -424,7 +588,9 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
     # cheap checks first: every evaluator (data files, parameters) before any model work
     fetch_data(names_for_skills(cfg.skills), progress=progress, log=log)   # missing benchmark files
     test_sk = test_skills(cfg, cache)
+    val_sk = validation_skills(cfg, cache)
     sizes = {s.name: _n_items(s) for s in test_sk}
+    val_sizes = {s.name: _n_items(s) for s in val_sk}
 
     base_dir = resolve_base_dir(cfg, cache)
     timings["base_s"] = time.perf_counter() - t
@@ -438,6 +604,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
     t = time.perf_counter()
     rc = run_config(cfg, base_dir, experts, cache)
     comps = build_components(rc, cache_dir=cache)
+    comps.validation = lambda: list(val_sk)   # the final choice, on validation_limit items
     try:
         timings["build_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -451,8 +618,15 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
         shutil.copyfile(out / "cycleqd" / "maps" / "elite_maps.png", out / "elite_maps.png")
 
         t = time.perf_counter()
+        merges = tune_merges(cfg, comps.space, list(comps.space.expert_genomes()),
+                             Scorer(comps.space, comps.adapter, val_sk))
+        timings["merge_tuning_s"] = time.perf_counter() - t
+        log("merges chosen on validation: " + ", ".join(f"{k} {v['params']}" for k, v in merges.items()))
+
+        # every choice is made: only now is the test split scored
+        t = time.perf_counter()
         view = RunView(out / "cycleqd", space=comps.space)
-        models = comparison_models(cfg, view, mt, base_dir, cache)
+        models = comparison_models(cfg, view, mt, base_dir, cache, merges)
         rows = evaluate_models(models, comps.space, comps.adapter, test_sk, progress=progress)
         timings["test_eval_s"] = time.perf_counter() - t
     finally:
@@ -463,10 +637,14 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log=print,
 
     names = [s.name for s in cfg.skills]
     claims = check_claims(rows, names)
-    table = format_table(rows, names, sizes, claims)
+    fj = out / "cycleqd" / "final.json"
+    final_rec = json.loads(fj.read_text()) if fj.is_file() else None
+    table = format_table(rows, names, sizes, claims, final_rec)
     atomic_write_json(out / "comparison.json", {
-        "skills": names, "test_sizes": sizes, "rows": rows, "claims": claims,
+        "skills": names, "test_sizes": sizes, "validation_sizes": val_sizes, "rows": rows, "claims": claims,
         "search_aggregate": res.aggregate,
+        "final": final_rec,
+        "merges": {k: {kk: vv for kk, vv in v.items() if kk != "genome"} for k, v in merges.items()},
         "archives": {a.quality_skill: {"best": a.best().id, "elites": len(a)} for a in view.archives}})
     atomic_write_text(out / "comparison.md", table + "\n\nElite maps: elite_maps.png\n")
     atomic_write_json(out / "timings.json", timings)

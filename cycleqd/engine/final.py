@@ -66,9 +66,12 @@ def select_final(space: Any, archives: Sequence[Any], get: Callable[[str], Any],
     Returns:
         (genome, record): the record holds ``strategy``, ``chosen``, ``rule``, ``sources`` and
         ``candidates`` (each: strategy, params, validation scores and mean, the strategy's own
-        choices under ``search``); JSON-ready.
+        choices under ``search``; with ``auto``, a strategy that raised ValueError, e.g.
+        ``quality_weighted`` when every quality is 0, is a candidate with ``error`` only and
+        is not chosen); JSON-ready.
     Raises:
-        ConfigError/ValueError: a strategy that needs validation scores without ``score``.
+        ConfigError/ValueError: a strategy that needs validation scores without ``score``;
+            the single configured strategy's error; every ``auto`` strategy failing.
     """
     bests = [a.best() for a in archives]
     cache: dict[str, Any] = {}
@@ -88,7 +91,14 @@ def select_final(space: Any, archives: Sequence[Any], get: Callable[[str], Any],
     for name, params in plan:
         fn = AGGREGATIONS.build(name, params, field="final")
         inner: dict = {}
-        g = fn(space, genomes, qualities, score=cached, elites=pools if top else None, report=inner)
+        try:
+            g = fn(space, genomes, qualities, score=cached, elites=pools if top else None, report=inner)
+        except ValueError as e:   # auto: one strategy that cannot apply (quality_weighted with
+            if len(plan) == 1:    # every quality 0) is one failed candidate, not a dead run
+                raise
+            cands.append({"strategy": name, "params": params, "error": str(e)})
+            models.append(None)
+            continue
         row: dict[str, Any] = {"strategy": name, "params": params}
         if cached is not None:
             row["validation"] = cached(g)
@@ -97,10 +107,13 @@ def select_final(space: Any, archives: Sequence[Any], get: Callable[[str], Any],
             row["search"] = inner
         cands.append(row)
         models.append(g)
-    best = 0
+    ok = [i for i, row in enumerate(cands) if "error" not in row]
+    if not ok:
+        raise ValueError("final: every strategy failed: " + "; ".join(f"{r['strategy']}: {r['error']}" for r in cands))
+    best = ok[0]
     if cached is not None:
-        for i, row in enumerate(cands):
-            if row["validation_mean"] > cands[best]["validation_mean"]:
+        for i in ok:
+            if cands[i]["validation_mean"] > cands[best]["validation_mean"]:
                 best = i
     rule = ("best validation mean over the skills; ties: the earlier strategy in "
             f"{list(AUTO_STRATEGIES)}" if len(plan) > 1 else "the configured strategy")

@@ -1,6 +1,7 @@
 """`cycleqd demo --toy`: the whole demo pipeline at toy size (tiny random-init model, two
 items per split, 2 generations) -- real expert training on real train items, a real
-CycleQD run on the search splits, the comparison on the test splits -- and every artefact."""
+CycleQD run on the search splits, the final model and the merges' hyper-parameters chosen
+on the validation splits, the comparison on the test splits -- and every artefact."""
 
 from __future__ import annotations
 
@@ -17,23 +18,37 @@ def toy_run(tmp_path_factory):
 
     if not sandbox_status().available:
         pytest.skip(f"bubblewrap sandbox unavailable: {sandbox_status().reason}")
+    import cycleqd.engine.build as build
+
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("demo") / "run"
-    old = os.environ.get("CYCLEQD_CACHE")
-    os.environ["CYCLEQD_CACHE"] = str(cache)   # experts, trajectories, sample cache
+    events: list[tuple[str, str]] = []   # (split, skill) of every evaluation in this process, in order
+    real = build.build_llm_skill
+
+    def logged(*a, **kw):
+        sk = real(*a, **kw)
+        inner = sk.evaluate
+
+        def evaluate(model, *ea, **ekw):
+            events.append((sk.split, sk.name))
+            return inner(model, *ea, **ekw)
+
+        sk.evaluate = evaluate
+        return sk
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(build, "build_llm_skill", logged)
+    mp.setenv("CYCLEQD_CACHE", str(cache))   # experts, trajectories, sample cache
     try:
         rc = main(["demo", "--toy", "--out", str(out)])
     finally:
-        if old is None:
-            os.environ.pop("CYCLEQD_CACHE", None)
-        else:
-            os.environ["CYCLEQD_CACHE"] = old
+        mp.undo()
     assert rc == 0
-    return out, cache
+    return out, cache, events
 
 
 def test_every_artefact(toy_run):
-    out, _ = toy_run
+    out, *_ = toy_run
     for f in ("demo_config.yaml", "experts.json", "comparison.json", "comparison.md",
               "elite_maps.png", "timings.json", "cycleqd/config.yaml", "cycleqd/state.json",
               "cycleqd/archives.json", "cycleqd/metrics.jsonl", "cycleqd/maps/elite_maps.png"):
@@ -45,13 +60,15 @@ def test_every_artefact(toy_run):
 
 
 def test_comparison_table(toy_run):
-    out, _ = toy_run
+    out, *_ = toy_run
     comp = json.loads((out / "comparison.json").read_text())
     ids = [r["id"] for r in comp["rows"]]
     assert ids == ["base", "expert:coding", "expert:db", "expert:os", "task_arithmetic", "ties",
-                   "multitask", "cycleqd:best-coding", "cycleqd:best-db", "cycleqd:best-os",
-                   "cycleqd:aggregate"]
+                   "multitask", "cycleqd:best-coding", "cycleqd:best-db", "cycleqd:best-os"] + [
+        f"final:{c['strategy']}" for c in comp["final"]["candidates"] if "error" not in c]
+    assert "final:mean" in ids and "final:best_elite" in ids
     assert comp["test_sizes"] == {"coding": 2, "db": 2, "os": 2}
+    assert comp["validation_sizes"] == {"coding": 2, "db": 2, "os": 2}
     for r in comp["rows"]:
         assert set(r["scores"]) == {"coding", "db", "os"}
         assert all(0.0 <= v <= 1.0 for v in r["scores"].values())
@@ -66,11 +83,50 @@ def test_comparison_table(toy_run):
                   | {p.id for p in load_os(split="search")})
     assert not test_ids & search_ids
     md = (out / "comparison.md").read_text()
-    assert "| cycleqd:aggregate |" in md and "Claims" in md
+    assert md.count("← chosen**") == 1 and "Claims" in md
+
+
+def test_every_choice_is_made_on_validation_before_any_test_item(toy_run):
+    """The final model and both merges' hyper-parameters are the best validation means of
+    their candidates (recorded with their validation scores), and every validation
+    evaluation happens before the first test evaluation: no choice can read a test score."""
+    out, _, events = toy_run
+    comp = json.loads((out / "comparison.json").read_text())
+    final = json.loads((out / "cycleqd" / "final.json").read_text())
+    assert final["strategy"] == "auto" and final["split"] == "validation"
+    cands = final["candidates"]
+    assert [c["strategy"] for c in cands] == ["mean", "quality_weighted", "task_arithmetic",
+                                              "weight_search", "best_elite"]
+    built = [c for c in cands if "error" not in c]   # a strategy that cannot apply is no candidate
+    assert len(built) >= 3     # (tiny random models: every quality 0, so quality_weighted fails)
+    means = [c["validation_mean"] for c in built]
+    assert final["chosen"] == built[means.index(max(means))]["strategy"]   # ties: the earlier
+    rows = {r["id"]: r for r in comp["rows"]}
+    chosen = [r for r in comp["rows"] if r.get("final_choice")]
+    assert [r["id"] for r in chosen] == [f"final:{final['chosen']}"]
+    for c in built:   # every candidate's validation scores reach the table's row
+        assert rows[f"final:{c['strategy']}"]["validation"] == c["validation"]
+    for c in cands:
+        if "error" in c:
+            assert f"final:{c['strategy']}" not in rows and c["strategy"] in (out / "comparison.md").read_text()
+    for op in ("task_arithmetic", "ties"):
+        m = comp["merges"][op]
+        assert m["split"] == "validation" and len(m["grid"]) == 2
+        vm = [g["validation_mean"] for g in m["grid"]]
+        assert m["params"] == m["grid"][vm.index(max(vm))]["params"] == rows[op]["params"]
+        assert rows[op]["validation_mean"] == max(vm)
+    splits = [s for s, _ in events]
+    assert "validation" in splits and "test" in splits
+    last_val = max(i for i, s in enumerate(splits) if s == "validation")
+    first_test = splits.index("test")
+    assert last_val < first_test, events
+    # the test evaluations are exactly the table's: once per distinct model and skill
+    n_models = len({r["fingerprint"] for r in comp["rows"]})
+    assert splits.count("test") == 3 * n_models
 
 
 def test_experts_trained_and_cached(toy_run, tmp_path):
-    out, cache = toy_run
+    out, cache, _ = toy_run
     rep = json.loads((out / "experts.json").read_text())
     assert set(rep) == {"coding", "db", "os", "multitask"}
     for k, v in rep.items():

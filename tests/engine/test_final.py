@@ -102,3 +102,43 @@ def test_llm_skills_are_rebuilt_on_their_validation_split(tmp_path):
     assert validation_skills(lm, tmp_path) is None
     with pytest.raises(ConfigError, match=r"final.strategy: chooses on the validation split.*\['arc'\]"):
         check_final(lm)
+
+
+def test_auto_keeps_going_when_one_strategy_cannot_apply():
+    """Every archive best at quality 0: quality_weighted cannot weigh them (ValueError); with
+    ``auto`` it is one failed candidate (recorded with its error, never chosen), not a dead
+    run; a single configured strategy still raises."""
+    import torch
+
+    from cycleqd.engine.final import select_final
+
+    class E:
+        def __init__(self, i):
+            self.id, self.scores = f"m{i}", {"a": 0.0, "b": 0.0}
+
+    class A:
+        def __init__(self, i):
+            self.e = E(i)
+
+        def best(self):
+            return self.e
+
+        def quality_of(self, scores):
+            return scores["a"]
+
+        def __iter__(self):
+            return iter([((0,), self.e)])
+
+    class Space:
+        def task_vector(self, g):
+            return g
+
+    genomes = {"m0": {"w": torch.tensor([1.0])}, "m1": {"w": torch.tensor([3.0])}}
+    plan = [("mean", {}), ("quality_weighted", {}), ("task_arithmetic", {"lambdas": [0.5, 1.0]})]
+    score = lambda g: {"a": -abs(float(g["w"].sum()) - 4.0), "b": 0.0}   # prefers the sum (lambda 1)
+    g, rec = select_final(Space(), [A(0), A(1)], genomes.__getitem__, plan, score)
+    assert [("error" in c) for c in rec["candidates"]] == [False, True, False]
+    assert "sum to zero" in rec["candidates"][1]["error"]
+    assert rec["chosen"] == "task_arithmetic" and float(g["w"].sum()) == 4.0
+    with pytest.raises(ValueError, match="sum to zero"):
+        select_final(Space(), [A(0), A(1)], genomes.__getitem__, [("quality_weighted", {})], score)
