@@ -133,6 +133,10 @@ class DemoConfig(_Strict):
         final: how CycleQD's final model is chosen (:class:`cycleqd.config.FinalConfig`;
             ``auto``: every strategy scored on the validation splits, the best mean wins;
             the record is ``RUN/cycleqd/final.json``).
+        test_candidates: which final-model candidates get a row scored on test: ``chosen``
+            (default: only the run's choice; the others are listed with their validation
+            means, which is all a choice may read, at no test cost -- each test row costs
+            one evaluation of every test item) or ``all`` (every candidate, for analysis).
         sample_cache: keep per-sample outcomes in ``<cache>/samples.sqlite`` keyed by the
             model's weights (content hash for the comparison; run config + model id in the
             CycleQD run), so a model already scored with the same settings is not scored
@@ -150,6 +154,7 @@ class DemoConfig(_Strict):
     operators: OperatorsConfig = OperatorsConfig()
     qd: QDConfig = QDConfig(generations=24, snapshot_every=8)
     final: FinalConfig = FinalConfig(strategy="auto")
+    test_candidates: Literal["chosen", "all"] = "chosen"
     backend: BackendConfig = BackendConfig()
     cache_dir: str | None = None
     sample_cache: bool = True

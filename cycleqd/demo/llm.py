@@ -443,6 +443,8 @@ def comparison_models(cfg: DemoConfig, run: RunView, multitask: str | None, base
                     raise ValueError(f"final.json: the rebuilt {name!r} candidate is not the stored "
                                      f"aggregate model")
                 extra["final_choice"] = True
+            if cfg.test_candidates == "chosen" and not extra.get("final_choice"):
+                continue   # listed under the table with its validation mean (format_table)
             rows.append((f"final:{name}", f"CycleQD final-model candidate {name!r}"
                          + (" (the run's choice)" if extra.get("final_choice") else ""), g, extra))
     elif run.aggregate_scores() is not None:
@@ -531,6 +533,12 @@ def format_table(rows: Sequence[dict[str, Any]], skill_names: Sequence[str], siz
             name = f"**{name} ← chosen**"
         vm = r.get("validation_mean")
         lines.append(f"| {name} | {cells} | {r['mean']:.3f} | {'-' if vm is None else f'{vm:.3f}'} |")
+    shown = {r["id"] for r in rows}
+    unscored = [c for c in (final or {}).get("candidates", [])
+                if "error" not in c and f"final:{c['strategy']}" not in shown and "validation_mean" in c]
+    if unscored:
+        lines += ["", "Final-model candidates not chosen (validation mean only, not scored on test): "
+                  + "; ".join(f"{c['strategy']} {c['validation_mean']:.3f}" for c in unscored)]
     failed = [c for c in (final or {}).get("candidates", []) if "error" in c]
     if failed:
         lines += ["", "Final-model candidates that could not be built (no row): "

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from cycleqd.config import ConfigError
-from cycleqd.demo.config import load_demo_config, parse_demo_config
+from cycleqd.demo.config import DemoConfig, load_demo_config, parse_demo_config
 from cycleqd.demo.llm import DEFAULT_CONFIG, TOY_CONFIG, check_claims, config_from_args, format_table, run_config
 from cycleqd.demo.llm import test_skills as build_test_skills
 
@@ -167,6 +167,22 @@ def test_table_marks_the_final_choice():
     assert "| ties {'density': 0.5} | 0.200 | 0.200 | 0.300 |" in md
     assert "| base | 0.100 | 0.100 | - |" in md
     assert md.count("chosen**") == 1
+
+
+def test_table_lists_unchosen_candidates_by_validation_only():
+    """``test_candidates: chosen`` (the default): a candidate without a test row is listed
+    under the table with its validation mean, and is never shown as scored on test."""
+    rows = [{"id": "final:best_elite", "scores": {"a": 0.3}, "mean": 0.3, "validation_mean": 0.4,
+             "final_choice": True}]
+    final = {"chosen": "best_elite", "candidates": [
+        {"strategy": "mean", "validation_mean": 0.125},
+        {"strategy": "quality_weighted", "error": "every quality is 0"},
+        {"strategy": "best_elite", "validation_mean": 0.4}]}
+    md = format_table(rows, ["a"], {"a": 5}, [], final)
+    assert "not scored on test): mean 0.125" in md
+    assert "best_elite 0.400" not in md and "| final:mean" not in md
+    assert "quality_weighted: every quality is 0" in md
+    assert DemoConfig.model_fields["test_candidates"].default == "chosen"
 
 
 @pytest.mark.parametrize("on", [True, False])
