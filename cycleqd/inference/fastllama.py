@@ -133,16 +133,21 @@ class LlamaDecoder:
         return self.n_kv * self.head_dim
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
-             values: list[torch.Tensor], mask: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+             values: list[torch.Tensor], mask: torch.Tensor, write: torch.Tensor,
+             chunks: list[tuple[int, int, int]]) -> torch.Tensor:
         """One greedy decode step of A rows.
 
         Args:
             tokens: (A,) int64 token of each row at position ``pos``.
             pos: (A,) int64 position ids.
-            keys, values: per layer (A, kv_heads, T, head_dim) views of the slots; position
-                ``write[r]`` of row r is written by this step.
-            mask: (A, T) bool, True where a row attends (including ``write``).
+            keys, values: per layer (>= A, kv_heads, capacity, head_dim) slot buffers;
+                position ``write[r]`` of row r is written by this step.
+            mask: (>= A, capacity) bool, True where a row attends (including ``write``).
             write: (A,) int64 slot index written by each row.
+            chunks: (first row, end row, T) row ranges covering 0..A-1 whose attention reads
+                only the first T positions (T > every ``write`` of the range): attention is
+                memory-bound on the KV cache, so rows much shorter than the longest do not
+                read the longest row's length.
         Returns:
             (A,) int64 greedy next tokens.
         """
@@ -160,8 +165,15 @@ class LlamaDecoder:
             k = _rope(qkv[:, qd:qd + kd].view(A, KV, d), cos, sin)
             K[rows, :, write] = k
             V[rows, :, write] = qkv[:, qd + kd:].view(A, KV, d)
-            o = F.scaled_dot_product_attention(q.view(A, KV, H // KV, d), K, V, attn_mask=amask,
-                                               scale=self.scale)
+            q = q.view(A, KV, H // KV, d)
+            if len(chunks) == 1:
+                o = F.scaled_dot_product_attention(q, K[:A, :, :chunks[0][2]], V[:A, :, :chunks[0][2]],
+                                                   attn_mask=amask[:A, :, :, :chunks[0][2]],
+                                                   scale=self.scale)
+            else:
+                o = torch.cat([F.scaled_dot_product_attention(
+                    q[r0:r1], K[r0:r1, :, :t], V[r0:r1, :, :t], attn_mask=amask[r0:r1, :, :, :t],
+                    scale=self.scale) for r0, r1, t in chunks])
             x = x + F.linear(o.reshape(A, qd), wo)
             h = _rms(x, w2, e2)
             gu = F.linear(h, wgu)
@@ -179,6 +191,8 @@ class FastLlamaBatch:
 
     joinable = True
     GROW = 256  # positions added when a row outgrows the capacity
+    #: rows per attention call (each call reads the KV of its rows up to their longest length)
+    attn_rows = 8
 
     def __init__(self, backend, decoder: LlamaDecoder) -> None:
         self.be, self.dec = backend, decoder
@@ -202,7 +216,7 @@ class FastLlamaBatch:
         """Make the capacity at least ``need`` positions (copying the filled part)."""
         if need <= self.cap:
             return
-        cap = max(need + self.GROW, self.cap + self.cap // 2)
+        cap = need if not self.cap else max(need + self.GROW, self.cap + self.cap // 4)
         d, kv = self.dec.head_dim, self.dec.n_kv
         like = self.dec.embed
         used = int(self.length[:self.A].max()) if self.A else 0
@@ -219,21 +233,31 @@ class FastLlamaBatch:
         mask[:, :self.cap] = self.mask
         self.mask, self.cap = mask, cap
 
-    def admit(self, prompts: list[list[int]], prefix) -> None:
+    def admit(self, prompts: list[list[int]], prefix, max_new_tokens: int = 1) -> None:
         """Prefill ``prompts`` with the ``transformers`` forward (over ``prefix``) and copy
-        their KV into slots A..A+N-1."""
+        their KV (without the left padding) into slots A..A+N-1; the capacity is made room for
+        ``max_new_tokens`` more positions of the longest (so that it rarely grows by copying)."""
         cache, m2, n2, p2 = self.be._prefill(prompts, prefix)
         n, w = m2.shape
         a = self.A
         if a + n > self.B:
             raise RuntimeError(f"FastLlamaBatch: {a + n} rows exceed batch_size {self.B}")
-        self._reserve(w + 1)
+        real = m2.bool()
+        counts = real.sum(1).tolist()
+        self._reserve(max(counts) + max_new_tokens)
+        dense = all(c == w for c in counts)
         for la, K, V in zip(cache.layers, self.keys, self.values):
-            K[a:a + n, :, :w] = la.keys
-            V[a:a + n, :, :w] = la.values
+            if dense:
+                K[a:a + n, :, :w] = la.keys
+                V[a:a + n, :, :w] = la.values
+            else:    # drop the left padding: the slot holds the row's real positions only
+                for r, c in enumerate(counts):
+                    K[a + r, :, :c] = la.keys[r][:, real[r]]
+                    V[a + r, :, :c] = la.values[r][:, real[r]]
         self.mask[a:a + n] = False
-        self.mask[a:a + n, :w] = m2.bool()
-        self.length[a:a + n] = w
+        for r, c in enumerate(counts):
+            self.mask[a + r, :c] = True
+        self.length[a:a + n] = torch.tensor(counts, device=self.length.device)
         self.pos[a:a + n] = p2
         self.nxt[a:a + n] = n2
         self.A = a + n
@@ -263,12 +287,13 @@ class FastLlamaBatch:
         next tokens, lengths and positions + 1."""
         a = self.A
         length = self.length[:a]
-        t = int(length.max()) + 1
-        self._reserve(t)
-        mask = self.mask[:a]
-        mask[torch.arange(a, device=mask.device), length] = True
-        self.nxt[:a] = self.dec.step(self.nxt[:a], self.pos[:a],
-                                     [K[:a, :, :t] for K in self.keys],
-                                     [V[:a, :, :t] for V in self.values], mask[:, :t], length)
+        lens = length.tolist()
+        self._reserve(max(lens) + 1)
+        self.mask[torch.arange(a, device=self.mask.device), length] = True
+        c = self.attn_rows
+        chunks = [(r, min(r + c, a), max(lens[r:r + c]) + 1) for r in range(0, a, c)]
+        self.be.stats["attended"] += sum(lens) + a
+        self.nxt[:a] = self.dec.step(self.nxt[:a], self.pos[:a], self.keys, self.values,
+                                     self.mask, length, chunks)
         self.length[:a] += 1
         self.pos[:a] += 1

@@ -284,6 +284,7 @@ class HFBackend:
         P = prefix[0] if prefix else 0
         ids, mask = self._left_pad([p[P:] for p in prompts])
         ids, mask = ids.to(self.device), mask.to(self.device)
+        self.stats["prefill_tokens"] += int(mask.sum())
         pos = P + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = growing_cache()
         if prefix:
@@ -320,6 +321,7 @@ class HFBackend:
         ckw, extra = self._forward_kwargs()
         ids = torch.tensor([first[:n]], dtype=torch.long, device=self.device)
         self.model(input_ids=ids, use_cache=True, **extra, **{ckw: cache})
+        self.stats["prefill_tokens"] += n
         if not joinable(cache):
             return None
         kv = [(la.keys.clone(), la.values.clone()) for la in cache.layers]
@@ -468,7 +470,7 @@ class HFBackend:
                     pre = prefix if prefix is not None else self._group_prefix(gp)
                     if pre is not None and any(len(p) <= pre[0] for p in gp):
                         pre = None
-                    batch.admit(gp, pre)
+                    batch.admit(gp, pre, max(take[i].max_new_tokens for i in group))
                     rows += [_Row(take[i], self._stop_window(take[i].stop)) for i in group]
                     if not batch.joinable:   # e.g. a layer without KV of its own: no joining
                         pending.extendleft(take[i] for g in groups[k + 1:][::-1] for i in g[::-1])
@@ -515,9 +517,12 @@ class HFBackend:
         (``prefill_s``), in decode forwards (``decode_s``; including the greedy argmax and
         its copy to the host) and in the host loop (``host_s``: token bookkeeping, stop
         checks, detokenisation, ``on_done``), and counts of decode ``steps``, ``row_steps``
-        (rows x steps), ``prefill_rows`` and generated ``tokens``."""
+        (rows x steps), ``prefill_rows``, ``prefill_tokens`` (prompt tokens run through the
+        model: each row's own part, plus a shared prefix when it is computed), ``attended``
+        (key positions attended, summed over decode row-steps) and generated ``tokens``."""
         self.stats = dict.fromkeys(("poll_s", "prefill_s", "decode_s", "host_s"), 0.0)
-        self.stats.update(dict.fromkeys(("steps", "row_steps", "prefill_rows", "tokens"), 0))
+        self.stats.update(dict.fromkeys(("steps", "row_steps", "prefill_rows", "prefill_tokens",
+                                         "attended", "tokens"), 0))
 
     def _generation_config(self, max_new_tokens: int, stop: list[str]):
         from transformers import GenerationConfig
@@ -594,8 +599,10 @@ class _HFBatch:
         self.cache = self.mask = self.nxt = self.pos = None
         self.joinable = be._joinable
 
-    def admit(self, prompts: list[list[int]], prefix: tuple[int, list] | None) -> None:
-        """Prefill ``prompts`` (over ``prefix``) and append them as the last rows."""
+    def admit(self, prompts: list[list[int]], prefix: tuple[int, list] | None,
+              max_new_tokens: int = 1) -> None:
+        """Prefill ``prompts`` (over ``prefix``) and append them as the last rows (the cache
+        grows as needed: ``max_new_tokens`` is unused)."""
         c2, m2, n2, p2 = self.be._prefill(prompts, prefix)
         if self.cache is not None:
             self.mask = join(self.cache, self.mask, c2, m2)
@@ -624,6 +631,7 @@ class _HFBatch:
         """One decode forward of all active rows: append their tokens, greedy next tokens."""
         ckw, _ = self.be._forward_kwargs()
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.nxt), 1))], dim=1)
+        self.be.stats["attended"] += int(self.mask.sum())
         logits = self.be.model(input_ids=self.nxt[:, None], attention_mask=self.mask,
                                position_ids=self.pos[:, None], use_cache=True,
                                **{ckw: self.cache}).logits[:, -1]
