@@ -187,7 +187,14 @@ class FastLlamaBatch:
     on a :class:`LlamaDecoder`: per layer keys/values (batch_size, kv_heads, capacity, head_dim)
     allocated once per loop (grown by copying when a row outgrows the capacity), the (batch_size,
     capacity) attention mask, and per row its filled length, next position and next token.
-    Active rows occupy slots 0..A-1."""
+    Active rows occupy slots 0..A-1; a row's slot holds its real positions only (prefill
+    padding dropped), so its mask is True exactly on 0..length-1.
+
+    Args:
+        backend: the :class:`~cycleqd.inference.hf.HFBackend` (its ``_prefill``,
+            ``batch_size``, ``device`` and ``stats`` are used).
+        decoder: a :class:`LlamaDecoder` of the backend's model, current.
+    """
 
     joinable = True
     GROW = 256  # positions added when a row outgrows the capacity

@@ -26,6 +26,15 @@ How a call to :meth:`HFBackend.generate` runs:
 4. replies are decoded up to their first EOS, cut before the first stop string and returned
    in the input order.
 
+Steps 3-4 are one loop, :meth:`HFBackend._decode_loop`, fed by a ``poll`` callback:
+``generate`` feeds all its prompts at once, :meth:`HFBackend.generate_stream` lets callers
+submit :class:`~cycleqd.inference.base.Request` s while the batch runs (each with its own
+budget, stop strings and ``on_done``). For Llama-family models the decode steps run on the
+lean decoder of :mod:`cycleqd.inference.fastllama` (``fast=True``, default: preallocated KV
+slots, fused GEMMs, same replies); other models, and models whose modules are wrapped (e.g.
+:class:`~cycleqd.inference.lowrank.LowRankChildren`), use the ``transformers`` forward.
+``docs/inference.md`` describes both and the measurements.
+
 Greedy decoding is deterministic for fixed weights, batch size and device, but a padded batch
 reduces in a different order than a single prompt, so a reply can in rare cases differ from
 one decoded alone (a near tie between two tokens); ``benchmarks/eval_bench.py`` measures it.
