@@ -147,3 +147,27 @@ def test_wrapped_forward_falls_back_to_transformers(tiny_llama_dirs, convs):
         del lin.forward
     be.generate(convs[:3], max_new_tokens=8)
     assert be.fast_fallback is None
+
+
+def test_stream_groups_reuse_a_shared_prefix(tiny_llama_dirs, convs):
+    """Requests sharing a long system prompt, arriving in two waves: the first wave's group
+    computes the prefix KV once, the second reuses it from the memo; replies equal generate()."""
+    be = HFBackend.from_pretrained(tiny_llama_dirs[0], batch_size=4)
+    system = {"role": "system", "content": "You are a careful assistant. " * 12}
+    shared = [[system, *(m for m in c if m["role"] != "system")] for c in convs]
+    ids = [be.prompt_ids(c) for c in shared]
+    got: dict[int, str] = {}
+    waves = iter([[0, 1, 2], [], [3, 4, 5, 6]])
+
+    def poll(block):
+        idx = next(waves, None)
+        return None if idx is None else [
+            Request(ids[i], 10, on_done=lambda t, i=i: got.__setitem__(i, t)) for i in idx]
+
+    be.generate_stream(poll)
+    assert len(be._prefix_memo) == 1
+    (_, toks), = be._prefix_memo.keys()
+    assert len(toks) >= 32 and all(tuple(p[:len(toks)]) == toks for p in ids)
+    ref = HFBackend.from_pretrained(tiny_llama_dirs[0], batch_size=4, min_shared_prefix=0,
+                                    fast=False).generate(shared, max_new_tokens=10)
+    assert [got[i] for i in range(len(shared))] == ref
