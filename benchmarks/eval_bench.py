@@ -89,7 +89,7 @@ def decode_split(be, convs, steps: int = 4, rows: int = 32) -> dict[str, float]:
     prompts = [be.prompt_ids(c) for c in convs[:min(rows, be.batch_size)]]
     b = be._new_batch()
     with torch.inference_mode():
-        b.admit(prompts, be._shared_prefix(prompts))
+        b.admit(prompts, be._shared_prefix(prompts), steps + 2)   # no capacity growth inside
         b.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
