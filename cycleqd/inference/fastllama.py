@@ -229,7 +229,9 @@ class FastLlamaBatch:
         used = int(self.length[:self.A].max()) if self.A else 0
         for lst in (self.keys, self.values):
             for i in range(len(self.dec.layers)):
-                buf = like.new_empty((self.B, kv, cap, d))
+                # zeros, not empty: masked positions are still multiplied by their (zero)
+                # weights inside SDPA, and 0 * NaN from uninitialised memory is NaN
+                buf = like.new_zeros((self.B, kv, cap, d))
                 if lst and used:
                     buf[:self.A, :, :used] = lst[i][:self.A, :, :used]
                 if len(lst) > i:

@@ -103,6 +103,9 @@ def test_fast_step_logits_path_matches_hf_forward(tiny_llama_dirs):
         for b in (fb, hb):
             b.admit(prompts[:2], None)
             b.admit(prompts[2:], None)
+        # unused slot positions are read (with zero weight) by attention: they must be finite
+        # (0 * NaN from uninitialised memory is NaN; this broke replies depending on the heap)
+        assert all(bool(torch.isfinite(t).all()) for t in fb.keys + fb.values)
         for _ in range(10):
             assert fb.tokens() == hb.tokens()
             fb.step()
