@@ -16,6 +16,7 @@ which worker ran it.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,10 @@ class WorkerContext:
     skills: list
     run_fingerprint: str
     name: str = "local"
+    #: evaluate the skills concurrently through one :class:`~cycleqd.inference.pool.GenerationPool`
+    #: (one continuous batch per child) when the bound model generates text; False: one
+    #: skill after another (the pre-pool path, kept for comparison)
+    pooled: bool = True
 
 
 def make_child(ctx: WorkerContext, job: Job, timings: dict[str, float]) -> Any:
@@ -151,23 +156,70 @@ def score_child(ctx: WorkerContext, job: Job, genome: Any, timings: dict[str, fl
     timings["fingerprint_s"] = time.perf_counter() - t
     model = ctx.adapter.bind(weights, fp)
     del weights
-    results: dict[str, SkillResult] = {}
-    rejected = None
-    for skill in ctx.skills:
+    results, rejected = evaluate_skills(ctx.skills, model, timings, pooled=ctx.pooled)
+    return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected, fingerprint=fp)
+
+
+def evaluate_skills(skills: list, model: Any, timings: dict[str, float], *,
+                    pooled: bool = True) -> tuple[dict[str, SkillResult], str | None]:
+    """Evaluate ``model`` on ``skills``: (results by skill name, rejection reason or None).
+
+    Sequential (``pooled=False``, or a model without ``generate``, or one skill): skill by
+    skill, stopping at the first NaN/inf score. Pooled: every skill runs in its own thread
+    against the same backend attached to a :class:`~cycleqd.inference.pool.GenerationPool`,
+    so all skills' prompts and all agent episodes' turns share one continuous batch; the
+    results are then read in skill order with the sequential path's rules (the first
+    skill, in order, with a NaN/inf score rejects the child and drops every later skill's
+    result; any other exception of a skill is re-raised, the first in skill order), so the
+    outcome is the sequential one under greedy decoding. Records ``eval_<skill>_s`` (each
+    skill's own wall time; they overlap when pooled) and ``eval_s`` (wall time of the
+    whole evaluation).
+    """
+    t0 = time.perf_counter()
+    n = len(skills)
+    out: list[Any] = [None] * n        # SkillResult | BaseException
+    took = [0.0] * n
+
+    def run(i: int) -> None:
         t = time.perf_counter()
         try:
-            results[skill.name] = skill.evaluate(model)
-        except NonFiniteScore as e:  # a NaN/inf score is a failed evaluation, not a dead run
-            rejected = f"skill {skill.name!r} failed: {e}"
-        timings[f"eval_{skill.name}_s"] = time.perf_counter() - t
-        q = getattr(results.get(skill.name), "quality", 0.0)
-        if rejected is None and not _finite(q):
-            rejected = f"skill {skill.name!r} failed: non-finite score {q!r}"
+            out[i] = skills[i].evaluate(model)
+        except BaseException as e:  # noqa: BLE001 - judged below, in skill order
+            out[i] = e
+        took[i] = time.perf_counter() - t
+
+    concurrent = pooled and n > 1 and callable(getattr(model, "generate", None))
+    if concurrent:
+        from cycleqd.inference.pool import GenerationPool
+
+        with GenerationPool(model).attached():
+            threads = [threading.Thread(target=run, args=(i,), name=f"skill-{skills[i].name}",
+                                        daemon=True) for i in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+    results: dict[str, SkillResult] = {}
+    rejected = None
+    for i, skill in enumerate(skills):
+        if not concurrent:
+            run(i)
+        timings[f"eval_{skill.name}_s"] = took[i]
+        r = out[i]
+        if isinstance(r, NonFiniteScore):  # a NaN/inf score is a failed evaluation, not a dead run
+            rejected = f"skill {skill.name!r} failed: {r}"
+        elif isinstance(r, BaseException):
+            raise r
+        else:
+            results[skill.name] = r
+            q = getattr(r, "quality", 0.0)
+            if not _finite(q):
+                rejected = f"skill {skill.name!r} failed: non-finite score {q!r}"
         if rejected is not None:
             results.pop(skill.name, None)
             break
-    timings["eval_s"] = sum(v for k, v in timings.items() if k.startswith("eval_") and k != "eval_s")
-    return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected, fingerprint=fp)
+    timings["eval_s"] = time.perf_counter() - t0
+    return results, rejected
 
 
 def run_step(job: Job, ctx: WorkerContext) -> JobResult:
