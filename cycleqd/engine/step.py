@@ -130,7 +130,14 @@ def make_child(ctx: WorkerContext, job: Job, timings: dict[str, float]) -> Any:
 
 
 def score_child(ctx: WorkerContext, job: Job, genome: Any, timings: dict[str, float]) -> JobResult:
-    """Materialise ``genome`` and evaluate it on every skill, in skill order.
+    """Bind ``genome`` (materialised, or factored) and evaluate it on every skill.
+
+    When the adapter has ``bind_genome`` (:class:`~cycleqd.inference.adapter.LLMAdapter`
+    with ``backend.lowrank`` on/auto) and it accepts the genome, the child is evaluated
+    without materialisation (low-rank deltas in the forward pass; its finite-weights check
+    is a bound on the coefficients, its fingerprint a hash of the genome): records
+    ``bind_factored_s``. Seeds and stored models (``job.parents == ()``) and every other
+    case are materialised as follows.
 
     The weights are rejected before evaluation when any is NaN/inf or beyond the float16
     range (:func:`non_finite_weights`); otherwise the model is bound under the fingerprint
@@ -140,23 +147,39 @@ def score_child(ctx: WorkerContext, job: Job, genome: Any, timings: dict[str, fl
     child byte-identical to an earlier one reuses its outcomes, and an expert rewritten at
     the same path is a new model (its children too). A skill's NaN/inf score (or
     :class:`~cycleqd.skills.base.NonFiniteScore`) rejects the child and stops the
-    evaluation. Records ``materialize_s``, ``finite_check_s``, ``fingerprint_s``,
-    ``eval_<skill>_s`` and ``eval_s``. The result is unsaved (see :func:`run_step`).
+    evaluation. Records ``materialize_s``, ``finite_check_s``, ``fingerprint_s``, ``bind_s``,
+    ``eval_<skill>_s`` and ``eval_s``. The skills are evaluated by :func:`evaluate_skills`
+    (concurrently through one generation pool when ``ctx.pooled``). The result is unsaved
+    (see :func:`run_step`).
     """
+    # seeds and stored models (no parents) are always materialised: their fingerprint is
+    # the weights' (recorded in the run state and checked on resume)
+    bind_genome = getattr(ctx.adapter, "bind_genome", None) if job.parents else None
     t = time.perf_counter()
-    weights = ctx.space.materialize(genome)
-    timings["materialize_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    bad = non_finite_weights(weights)
-    timings["finite_check_s"] = time.perf_counter() - t
-    if bad is not None:
-        return JobResult(job, {}, False, timings, 0, ctx.name, rejected=bad)
-    t = time.perf_counter()
-    fp = fingerprint_state_dict(weights)
-    timings["fingerprint_s"] = time.perf_counter() - t
-    model = ctx.adapter.bind(weights, fp)
-    del weights
+    bound = bind_genome(ctx.space, genome) if bind_genome is not None else None
+    if bound is not None:
+        model, fp = bound
+        timings["bind_factored_s"] = time.perf_counter() - t
+    else:
+        t = time.perf_counter()
+        weights = ctx.space.materialize(genome)
+        timings["materialize_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        bad = non_finite_weights(weights)
+        timings["finite_check_s"] = time.perf_counter() - t
+        if bad is not None:
+            return JobResult(job, {}, False, timings, 0, ctx.name, rejected=bad)
+        t = time.perf_counter()
+        fp = fingerprint_state_dict(weights)
+        timings["fingerprint_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        model = ctx.adapter.bind(weights, fp)
+        timings["bind_s"] = time.perf_counter() - t
+        del weights
     results, rejected = evaluate_skills(ctx.skills, model, timings, pooled=ctx.pooled)
+    record = getattr(ctx.adapter, "record", None)
+    if record is not None:
+        record(timings, factored=bound is not None)
     return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected, fingerprint=fp)
 
 
