@@ -33,17 +33,19 @@ one decoded alone (a near tie between two tokens); ``benchmarks/eval_bench.py`` 
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
 from cycleqd._checks import check_choice, check_int
 from cycleqd.inference._checks import check_generate_args, check_state_dict, cut_at_stop
 from cycleqd.inference._kvcache import growing_cache, join, joinable, trim
-from cycleqd.inference.base import Conversation, Message
+from cycleqd.inference.base import Conversation, Message, Request
 from cycleqd.inference.fingerprint import fingerprint_state_dict
 
 
@@ -70,6 +72,11 @@ class HFBackend:
         min_shared_prefix: when all prompts of a ``generate`` call share a token prefix at
             least this long (a skill's system prompt and instructions), its KV cache is
             computed once and reused by every row (0 disables; default 32).
+        fast: decode Llama-family models with the lean decoder of
+            :mod:`cycleqd.inference.fastllama` (preallocated KV cache, one fused QKV and
+            gate/up GEMM per layer; same greedy replies); other architectures, or a model whose
+            modules were wrapped (:class:`~cycleqd.inference.lowrank.LowRankChildren`) or
+            hooked, use the ``transformers`` forward (see :attr:`fast_fallback`). Default True.
 
     Raises:
         ValueError: bad ``batch_size`` or ``engine``, or no chat template available.
@@ -79,11 +86,17 @@ class HFBackend:
                  batch_size: int = 32, device: str | torch.device | None = None,
                  chat_template: str | None = None, sort_by_length: bool = True,
                  engine: str = "evict", prefill_tokens: int = 2048,
-                 min_shared_prefix: int = 32) -> None:
+                 min_shared_prefix: int = 32, fast: bool = True) -> None:
         check_int("batch_size", batch_size)
         check_choice("engine", engine, ("evict", "generate"))
         check_int("prefill_tokens", prefill_tokens)
         self.engine = engine
+        self.fast = bool(fast)
+        #: why the last decode loop ran on the ``transformers`` forward although ``fast`` is
+        #: set (None: it ran on the lean decoder, or ``fast`` is off)
+        self.fast_fallback: str | None = None
+        self._fast_decoder = None
+        self.reset_stats()
         self.prefill_tokens = prefill_tokens
         self.min_shared_prefix = int(min_shared_prefix)
         self._joinable = True
@@ -333,74 +346,178 @@ class HFBackend:
 
     def _greedy(self, prompts: list[list[int]], max_new_tokens: int,
                 stop: list[str]) -> list[str]:
-        """Greedy decoding of all ``prompts`` with continuous batching (``engine="evict"``).
+        """Greedy decoding of all ``prompts`` (queued in this order) with continuous batching
+        (``engine="evict"``): :meth:`_decode_loop` fed once with one :class:`Request` per
+        prompt; replies (cut at the first stop string) in the order of ``prompts``."""
+        out: list[str] = [""] * len(prompts)
 
-        At most ``batch_size`` rows decode together. A row that ends (EOS, ``max_new_tokens``,
-        stop string) is evicted from the batch and the KV cache at once
-        (``DynamicCache.batch_select_indices``); when at least ``max(1, batch_size // 4)`` slots
-        are free (or the rest of the queue fits), the next prompts of the queue are prefilled as
-        one left-padded batch and joined to the running one, so the batch stays full until the
-        queue is empty and a long reply no longer keeps the others waiting. Shapes: active rows
-        A <= batch_size feed (A, 1) tokens with (A, T) masks; the KV cache holds
-        (A, kv_heads, T, head_dim) per layer, T trimmed to the longest active row. If a prefilled
-        cache is not :func:`~cycleqd.inference._kvcache.joinable` (a layer holding no KV of its
-        own, e.g. one sharing another layer's), rows are admitted only into an empty batch.
+        def done(i: int):
+            def set_(text: str) -> None:
+                out[i] = text
+            return set_
+
+        reqs = [Request(p, max_new_tokens, stop, done(i)) for i, p in enumerate(prompts)]
+        fed = [False]
+
+        def poll(block: bool) -> list[Request] | None:
+            if fed[0]:
+                return None
+            fed[0] = True
+            return reqs
+
+        self._decode_loop(poll, prefix=self._shared_prefix(prompts))
+        return out
+
+    @torch.inference_mode()
+    def generate_stream(self, poll: Callable[[bool], list[Request] | None]) -> None:
+        """Greedy decoding of requests that arrive while others decode (continuous batching
+        across callers, e.g. several skills' evaluations of one child).
+
+        Between two decode steps the loop calls ``poll(block)``; it returns the newly arrived
+        :class:`~cycleqd.inference.base.Request` s (``[]`` if none), or None once closed (the
+        active rows are then finished and the call returns). ``block`` is True when no row is
+        active and none is queued: ``poll`` may then wait for a request. New requests are
+        prefilled and join the running batch at the next step (when at least a quarter of
+        ``batch_size`` slots are free or all queued ones fit, as in :meth:`generate`); each
+        row ends at EOS, its own ``max_new_tokens`` or its own stop strings, and its
+        ``on_done`` is called with its reply as soon as it ends. Queued prompts sharing a token
+        prefix of at least ``min_shared_prefix`` tokens (or one already memoised for these
+        weights) get it computed once (see :meth:`_group_prefix`). Runs on the calling thread;
+        the weights must not be changed (``load_weights``) while it runs.
+
+        Raises:
+            TypeError: ``poll`` returned something other than a list of Requests or None.
+            Exceptions raised by ``poll`` or ``on_done`` propagate (the loop stops).
         """
-        ckw, _ = self._forward_kwargs()
-        queue = list(range(len(prompts)))[::-1]            # pop() takes the next prompt
-        gen: list[list[int]] = [[] for _ in prompts]
+        self._decode_loop(poll, prefix=None)
+
+    def _group_prefix(self, prompts: list[list[int]]) -> tuple[int, list] | None:
+        """The shared-prefix KV for one prefill group of :meth:`generate_stream`: the longest
+        memoised prefix (same weights) that starts every prompt with a token left over, else
+        the group's own shared prefix (:meth:`_shared_prefix`, >= 2 prompts)."""
+        best = None
+        for (fp, toks), kv in self._prefix_memo.items():
+            n = len(toks)
+            if fp == self.fingerprint and (best is None or n > best[0]) and all(
+                    len(p) > n and tuple(p[:n]) == toks for p in prompts):
+                best = (n, kv)
+        return best if best is not None else self._shared_prefix(prompts)
+
+    def _new_batch(self):
+        """The decode state of one :meth:`_decode_loop` run: the lean Llama decoder
+        (:mod:`cycleqd.inference.fastllama`) when ``fast`` allows it for this model, else
+        the ``transformers`` forward with a growing KV cache (:class:`_HFBatch`)."""
+        self.fast_fallback = None
+        if self.fast:
+            from cycleqd.inference.fastllama import FastLlamaBatch, fast_unsupported
+            why = fast_unsupported(self.model)
+            if why is None:
+                if self._fast_decoder is None or not self._fast_decoder.current():
+                    self._fast_decoder = FastLlamaBatch.decoder(self.model)
+                return FastLlamaBatch(self, self._fast_decoder)
+            self.fast_fallback = why
+        return _HFBatch(self)
+
+    def _decode_loop(self, poll: Callable[[bool], list[Request] | None],
+                     prefix: tuple[int, list] | None) -> None:
+        """The continuous-batching greedy loop behind :meth:`generate` and
+        :meth:`generate_stream`.
+
+        At most ``batch_size`` rows decode together. A row that ends (EOS, its
+        ``max_new_tokens``, one of its stop strings) is evicted from the batch and the KV
+        cache at once and its ``on_done`` called; when at least ``max(1, batch_size // 4)``
+        slots are free (or all queued requests fit), the next queued prompts are prefilled
+        (left-padded, in groups of at most ``prefill_tokens`` padded tokens, over the shared
+        ``prefix`` KV when given, else :meth:`_group_prefix`) and joined to the running batch.
+        Shapes: active rows A <= batch_size feed (A, 1) tokens; the KV cache holds
+        (A, kv_heads, T, head_dim) per layer. If a prefilled HF cache is not
+        :func:`~cycleqd.inference._kvcache.joinable` (a layer holding no KV of its own, e.g.
+        one sharing another layer's), rows are admitted only into an empty batch.
+        """
         eos = set(self._eos_ids)
-        window = 2 * max((len(s_) for s_ in stop), default=0) + 8  # tokens decoded for stops
         refill = max(1, self.batch_size // 4)
-        prefix = self._shared_prefix(prompts)
-        cache = mask = nxt = next_pos = None
-        active: list[int] = []
-        while queue or active:
-            free = self.batch_size - len(active)
-            if queue and (not active or (free >= min(refill, len(queue)) and self._joinable)):
-                take = [queue.pop() for _ in range(min(free, len(queue)))]
-                groups = self._prefill_groups(take, prompts) if self._joinable else [take]
+        pending: deque[Request] = deque()
+        rows: list[_Row] = []
+        batch = self._new_batch()
+        stats = self.stats
+        closed = False
+        while True:
+            if not closed:
+                t0 = time.perf_counter()
+                new = poll(not rows and not pending)
+                stats["poll_s"] += time.perf_counter() - t0
+                if new is None:
+                    closed = True
+                elif isinstance(new, list) and all(isinstance(r, Request) for r in new):
+                    pending.extend(new)
+                else:
+                    raise TypeError("generate_stream: poll must return a list of Requests or None")
+            if not rows and not pending:
+                if closed:
+                    return
+                continue
+            free = self.batch_size - len(rows)
+            if pending and (not rows or (free >= min(refill, len(pending)) and batch.joinable)):
+                t0 = time.perf_counter()
+                take = [pending.popleft() for _ in range(min(free, len(pending)))]
+                prompts = [r.prompt_ids for r in take]
+                groups = (self._prefill_groups(list(range(len(take))), prompts)
+                          if batch.joinable else [list(range(len(take)))])
                 for k, group in enumerate(groups):
-                    c2, m2, n2, p2 = self._prefill([prompts[i] for i in group], prefix)
-                    if active:
-                        mask = join(cache, mask, c2, m2)
-                        nxt, next_pos = torch.cat([nxt, n2]), torch.cat([next_pos, p2])
-                    else:
-                        cache, mask, nxt, next_pos = c2, m2, n2, p2
-                    active += group
-                    if not joinable(cache):  # e.g. a layer without KV of its own: no joining
-                        self._joinable = False
-                        queue += [i for g in groups[k + 1:] for i in g][::-1]
+                    gp = [prompts[i] for i in group]
+                    pre = prefix if prefix is not None else self._group_prefix(gp)
+                    if pre is not None and any(len(p) <= pre[0] for p in gp):
+                        pre = None
+                    batch.admit(gp, pre)
+                    rows += [_Row(take[i], self._stop_window(take[i].stop)) for i in group]
+                    if not batch.joinable:   # e.g. a layer without KV of its own: no joining
+                        pending.extendleft(take[i] for g in groups[k + 1:][::-1] for i in g[::-1])
                         break
+                stats["prefill_s"] += time.perf_counter() - t0
+                stats["prefill_rows"] += len(take)
+            t0 = time.perf_counter()
             keep = []
-            for j, (row, tok) in enumerate(zip(active, nxt.tolist())):
-                if tok in eos:
-                    continue
-                gen[row].append(tok)
-                if len(gen[row]) >= max_new_tokens:
-                    continue
-                if stop:
-                    tail = self.tokenizer.decode(gen[row][-window:], skip_special_tokens=True)
-                    if any(s_ in tail for s_ in stop):
+            for j, (row, tok) in enumerate(zip(rows, batch.tokens())):
+                if tok not in eos:
+                    row.gen.append(tok)
+                    if len(row.gen) < row.req.max_new_tokens and not (row.req.stop and any(
+                            s_ in self.tokenizer.decode(row.gen[-row.window:], skip_special_tokens=True)
+                            for s_ in row.req.stop)):
+                        keep.append(j)
                         continue
-                keep.append(j)
-            if len(keep) < len(active):
-                active = [active[j] for j in keep]
-                if not active:
-                    cache = None
-                    continue
-                sel = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(sel)
-                mask, nxt, next_pos = mask[sel], nxt[sel], next_pos[sel]
-                if joinable(cache):
-                    mask = trim(cache, mask)
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = self.model(input_ids=nxt[:, None], attention_mask=mask,
-                                position_ids=next_pos[:, None], use_cache=True,
-                                **{ckw: cache}).logits[:, -1]
-            nxt = logits.argmax(-1)
-            next_pos = next_pos + 1
-        return [self.tokenizer.decode(g, skip_special_tokens=True) for g in gen]
+                stats["tokens"] += len(row.gen)
+                row.req.on_done(cut_at_stop(self.tokenizer.decode(row.gen, skip_special_tokens=True),
+                                            row.req.stop))
+            if len(keep) < len(rows):
+                rows = [rows[j] for j in keep]
+                if rows:
+                    batch.select(keep)
+                else:
+                    batch.clear()
+            stats["host_s"] += time.perf_counter() - t0
+            if not rows:
+                continue
+            t0 = time.perf_counter()
+            batch.step()
+            stats["decode_s"] += time.perf_counter() - t0
+            stats["steps"] += 1
+            stats["row_steps"] += len(rows)
+
+    @staticmethod
+    def _stop_window(stop: list[str]) -> int:
+        """Tokens decoded at the end of a reply to look for stop strings (a token is >= 1
+        character, so twice the longest stop string plus slack covers a stop split across
+        tokens)."""
+        return 2 * max((len(s_) for s_ in stop), default=0) + 8
+
+    def reset_stats(self) -> None:
+        """Zero :attr:`stats`: seconds spent polling (``poll_s``), prefilling admitted prompts
+        (``prefill_s``), in decode forwards (``decode_s``; including the greedy argmax and
+        its copy to the host) and in the host loop (``host_s``: token bookkeeping, stop
+        checks, detokenisation, ``on_done``), and counts of decode ``steps``, ``row_steps``
+        (rows x steps), ``prefill_rows`` and generated ``tokens``."""
+        self.stats = dict.fromkeys(("poll_s", "prefill_s", "decode_s", "host_s"), 0.0)
+        self.stats.update(dict.fromkeys(("steps", "row_steps", "prefill_rows", "tokens"), 0))
 
     def _generation_config(self, max_new_tokens: int, stop: list[str]):
         from transformers import GenerationConfig
@@ -455,3 +572,60 @@ class HFBackend:
             targets[name].copy_(t)
         self.fingerprint = fingerprint
         self._prefix_memo.clear()
+
+
+@dataclass
+class _Row:
+    """One active row of :meth:`HFBackend._decode_loop`: its request, generated ids and stop
+    window (tokens)."""
+
+    req: Request
+    window: int
+    gen: list[int] = field(default_factory=list)
+
+
+class _HFBatch:
+    """Decode state on the ``transformers`` forward: a growing KV cache
+    (:func:`~cycleqd.inference._kvcache.growing_cache`), the (A, T) attention mask, the next
+    token (A,) and next position (A,) of each active row."""
+
+    def __init__(self, be: HFBackend) -> None:
+        self.be = be
+        self.cache = self.mask = self.nxt = self.pos = None
+        self.joinable = be._joinable
+
+    def admit(self, prompts: list[list[int]], prefix: tuple[int, list] | None) -> None:
+        """Prefill ``prompts`` (over ``prefix``) and append them as the last rows."""
+        c2, m2, n2, p2 = self.be._prefill(prompts, prefix)
+        if self.cache is not None:
+            self.mask = join(self.cache, self.mask, c2, m2)
+            self.nxt, self.pos = torch.cat([self.nxt, n2]), torch.cat([self.pos, p2])
+        else:
+            self.cache, self.mask, self.nxt, self.pos = c2, m2, n2, p2
+        if not joinable(self.cache):
+            self.be._joinable = self.joinable = False
+
+    def tokens(self) -> list[int]:
+        """The next token of each active row (the greedy choice of the last forward)."""
+        return self.nxt.tolist()
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (increasing indices), dropping unused leading positions."""
+        sel = torch.tensor(keep, device=self.be.device)
+        self.cache.batch_select_indices(sel)
+        self.mask, self.nxt, self.pos = self.mask[sel], self.nxt[sel], self.pos[sel]
+        if joinable(self.cache):
+            self.mask = trim(self.cache, self.mask)
+
+    def clear(self) -> None:
+        self.cache = self.mask = self.nxt = self.pos = None
+
+    def step(self) -> None:
+        """One decode forward of all active rows: append their tokens, greedy next tokens."""
+        ckw, _ = self.be._forward_kwargs()
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.nxt), 1))], dim=1)
+        logits = self.be.model(input_ids=self.nxt[:, None], attention_mask=self.mask,
+                               position_ids=self.pos[:, None], use_cache=True,
+                               **{ckw: self.cache}).logits[:, -1]
+        self.nxt = logits.argmax(-1)
+        self.pos = self.pos + 1

@@ -55,7 +55,7 @@ def test_continuous_batching_joins_rows_mid_run(tiny_llama_dirs, convs, monkeypa
     joining a new prefilled batch to the running one; replies equal one-by-one decoding and
     ``model.generate``."""
     a = tiny_llama_dirs[0]
-    ev = HFBackend.from_pretrained(a, batch_size=3)
+    ev = HFBackend.from_pretrained(a, batch_size=3, fast=False)  # joins HF caches
     full = ev.generate(convs, max_new_tokens=24)
     stops = [t[k:k + 3] for t, k in zip(full, (2, 9, 5, 14)) if len(t) > k + 3]
     assert len(stops) >= 3
