@@ -13,9 +13,11 @@ coding and db experts (``make_child`` of generation 1, seed ``--seed``).
 Paths timed (wall seconds, and this process's CPU seconds):
 
 * ``main``: what ``main`` runs: materialise the child, finite check, fingerprint, load the
-  weights, then the skills one after another (each agent turn one ``generate`` call)
-  -- ``score_child`` with ``WorkerContext.pooled=False`` and ``backend.lowrank: off``;
-* ``new``: the engine's default: the same bind (``lowrank: auto`` materialises a child
+  weights, then the skills one after another (each agent turn one ``generate`` call) on the
+  ``transformers`` forward -- ``score_child`` with ``WorkerContext.pooled=False``,
+  ``backend.lowrank: off`` and ``HFBackend.fast = False`` (main's decode loop);
+* ``new``: the engine's defaults (lean Llama decoder of ``cycleqd.inference.fastllama``
+  included): the same bind (``lowrank: auto`` materialises a child
   whose evaluation is long, as this one), then all skills concurrently through one
   :class:`~cycleqd.inference.pool.GenerationPool` (coding prompts and every agent turn in
   one continuous batch; an episode's next turn joins as soon as its observation is back);
@@ -87,7 +89,7 @@ def main() -> int:
     ap.add_argument("--expert", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--reps", type=int, default=2,
                     help="rounds of (main, new[, factored]); odd rounds in reverse order")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the demo: 2 cores)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, help="search items per skill (default: the config's)")
     ap.add_argument("--factored", action="store_true", help="also time new + lowrank: on")
@@ -117,14 +119,18 @@ def main() -> int:
     child = make_child(WorkerContext(space, store, adapter, skills, "bench"), job, {})
     backend = adapter.backend
 
-    paths_ = [("main", False, "off"), ("new", True, rc.backend.lowrank)]
+    # (name, pooled, lowrank, lean decoder): main = sequential skills, materialised child,
+    # the transformers forward (main's decode loop); new = the engine's defaults
+    paths_ = [("main", False, "off", False), ("new", True, rc.backend.lowrank, True)]
     if args.factored:
-        paths_.append(("new+factored", True, "on"))
+        paths_.append(("new+factored", True, "on", True))
     runs: dict[str, list[dict]] = {p[0]: [] for p in paths_}
     for rep in range(args.reps):
         # odd rounds run the paths in reverse order: a warm-up or load change hits both sides
-        for name, pooled, lowrank in (paths_ if rep % 2 == 0 else paths_[::-1]):
+        for name, pooled, lowrank, fast in (paths_ if rep % 2 == 0 else paths_[::-1]):
             adapter.lowrank = lowrank
+            if hasattr(backend, "fast"):
+                backend.fast = fast
             adapter.last_bind_s = adapter.last_eval_s = None   # auto: no measurements carried over
             memo = getattr(backend, "_prefix_memo", None)
             if memo is not None:

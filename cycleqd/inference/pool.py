@@ -70,6 +70,12 @@ class GenerationPool:
         self._pending: list[_Pending] = []
         self._closed = False
         self._thread: threading.Thread | None = None
+        # torch's intra-op thread count is per thread (OpenMP): the decode thread uses the
+        # creating thread's, not the OpenMP default (measured on 2 shared cores: a 2-thread
+        # team where 1 was set ran matmuls ~30x slower)
+        import torch
+
+        self._torch_threads = torch.get_num_threads()
         #: requests answered and backend calls made (``generate`` calls, or stream sessions)
         self.n_requests = 0
         self.n_calls = 0
@@ -149,6 +155,9 @@ class GenerationPool:
             return None if self._closed else []
 
     def _run(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._torch_threads)
         if self.streaming:
             self._run_stream()
         else:
@@ -199,12 +208,13 @@ class GenerationPool:
             for it in got:
                 try:
                     ids = b.prompt_ids(it.conv, it.prefix)
+                    req = Request(prompt_ids=list(ids), max_new_tokens=it.max_new_tokens,
+                                  stop=list(it.stop), on_done=done(it.future, it.stop))
                 except BaseException as e:  # noqa: BLE001 - this request fails, not the batch
                     it.future.set_exception(e)
                     continue
                 live.add(it.future)
-                reqs.append(Request(prompt_ids=list(ids), max_new_tokens=it.max_new_tokens,
-                                    stop=list(it.stop), on_done=done(it.future, it.stop)))
+                reqs.append(req)
             return reqs
 
         while True:
