@@ -135,6 +135,8 @@ def main() -> int:
             memo = getattr(backend, "_prefix_memo", None)
             if memo is not None:
                 memo.clear()
+            if hasattr(backend, "reset_stats"):
+                backend.reset_stats()
             ctx = WorkerContext(space, store, adapter, skills, "bench", pooled=pooled)
             timings: dict[str, float] = {}
             load = os.getloadavg()[0]
@@ -142,7 +144,8 @@ def main() -> int:
             res = score_child(ctx, job, child, timings)
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
             assert res.rejected is None, res.rejected
-            rec = {"wall": wall, "cpu": cpu, "load": load, "timings": timings,
+            st = dict(getattr(backend, "stats", {}) or {})
+            rec = {"wall": wall, "cpu": cpu, "load": load, "timings": timings, "stats": st,
                    "scores": {k: (r.quality, r.outcomes) for k, r in res.results.items()},
                    "details": _details(skills), "fp": res.fingerprint}
             runs[name].append(rec)
@@ -152,6 +155,13 @@ def main() -> int:
             print(f"rep {rep} {name:13s} wall {wall:7.1f} s  cpu {cpu:7.1f} s  bind {bind:5.1f} s  "
                   f"eval {timings['eval_s']:7.1f} s  ({per})  load1 {load:.1f}  "
                   f"scores {{{', '.join(f'{k}: {v[0]:.2f}' for k, v in rec['scores'].items())}}}")
+            if st:   # decode forwards: on a GPU a step costs about the same for 20 or 60 rows
+                print(f"      decoder: {st.get('steps')} decode steps, {st.get('row_steps')} row-steps "
+                      f"(mean batch {st.get('row_steps', 0) / max(1, st.get('steps', 0)):.1f}), "
+                      f"{st.get('prefill_rows')} prompts prefilled, {st.get('tokens')} tokens; "
+                      f"prefill {st.get('prefill_s', 0):.1f} s, decode {st.get('decode_s', 0):.1f} s, "
+                      f"host {st.get('host_s', 0):.1f} s; lean decoder fallback: "
+                      f"{getattr(backend, 'fast_fallback', None)}")
             sys.stdout.flush()
     ref = runs["main"][0]
     print()
@@ -162,7 +172,11 @@ def main() -> int:
         w = statistics.median(r["wall"] for r in recs)
         c = statistics.median(r["cpu"] for r in recs)
         ratio = statistics.median(runs["main"][i]["wall"] / r["wall"] for i, r in enumerate(recs))
+        steps = statistics.median(r["stats"].get("steps", 0) for r in recs)
+        sratio = statistics.median(runs["main"][i]["stats"].get("steps", 0) / max(1, r["stats"].get("steps", 0))
+                                   for i, r in enumerate(recs))
         print(f"{name:13s} median wall {w:7.1f} s  cpu {c:7.1f} s  main/this wall ratio {ratio:5.2f}x  "
+              f"decode steps {steps:.0f} (main/this {sratio:.2f}x)  "
               f"scores identical to main: {same_scores}  replies identical ({n_items} items): {same_replies}")
         if not same_replies:
             for sk, d in ref["details"].items():
