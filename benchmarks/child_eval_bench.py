@@ -21,6 +21,7 @@ Paths timed (wall seconds, and this process's CPU seconds):
   whose evaluation is long, as this one), then all skills concurrently through one
   :class:`~cycleqd.inference.pool.GenerationPool` (coding prompts and every agent turn in
   one continuous batch; an episode's next turn joins as soon as its observation is back);
+* ``pooled``: ``new`` on main's decoder (the ``transformers`` forward): this change alone;
 * ``--factored``: also ``new`` with ``lowrank: on`` (the child never materialised).
 
 Printed: per path the bind and evaluation times, the ratio main / new, and whether every
@@ -121,7 +122,9 @@ def main() -> int:
 
     # (name, pooled, lowrank, lean decoder): main = sequential skills, materialised child,
     # the transformers forward (main's decode loop); new = the engine's defaults
-    paths_ = [("main", False, "off", False), ("new", True, rc.backend.lowrank, True)]
+    # "pooled" isolates this change (same decoder as main); "new" adds the lean decoder
+    paths_ = [("main", False, "off", False), ("pooled", True, rc.backend.lowrank, False),
+              ("new", True, rc.backend.lowrank, True)]
     if args.factored:
         paths_.append(("new+factored", True, "on", True))
     runs: dict[str, list[dict]] = {p[0]: [] for p in paths_}
