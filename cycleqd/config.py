@@ -327,6 +327,10 @@ class BackendConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     batch_size: int = Field(32, ge=1)  # rows decoding together (continuous batching)
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
+    # children of a compact SVD space evaluated without materialisation (low-rank deltas in
+    # the forward pass; HF on CPU, fully factored spaces only): auto = when it pays
+    # (cycleqd.inference.adapter.LLMAdapter.bind_genome), on = whenever exact, off = never
+    lowrank: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -448,6 +452,8 @@ class RunConfig(_Strict):
         # logging never changes results; an unset ``final`` keeps older runs' fingerprints
         skip = {"tracking"} | ({"final"} if self.final == FinalConfig() else set())
         data = self.model_dump(mode="json", exclude=skip)
+        if self.backend.lowrank == "auto":   # the default keeps older runs' fingerprints
+            data["backend"].pop("lowrank")
         if not self.qd.use_cma:   # unused CMA settings: fingerprints stay what they were before them
             for k in ("use_cma", "cma_popsize", "cma_sigma0"):
                 data["qd"].pop(k)

@@ -16,6 +16,7 @@ which worker ran it.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,10 @@ class WorkerContext:
     skills: list
     run_fingerprint: str
     name: str = "local"
+    #: evaluate the skills concurrently through one :class:`~cycleqd.inference.pool.GenerationPool`
+    #: (one continuous batch per child) when the bound model generates text; False: one
+    #: skill after another (the pre-pool path, kept for comparison)
+    pooled: bool = True
 
 
 def make_child(ctx: WorkerContext, job: Job, timings: dict[str, float]) -> Any:
@@ -125,7 +130,14 @@ def make_child(ctx: WorkerContext, job: Job, timings: dict[str, float]) -> Any:
 
 
 def score_child(ctx: WorkerContext, job: Job, genome: Any, timings: dict[str, float]) -> JobResult:
-    """Materialise ``genome`` and evaluate it on every skill, in skill order.
+    """Bind ``genome`` (materialised, or factored) and evaluate it on every skill.
+
+    When the adapter has ``bind_genome`` (:class:`~cycleqd.inference.adapter.LLMAdapter`
+    with ``backend.lowrank`` on/auto) and it accepts the genome, the child is evaluated
+    without materialisation (low-rank deltas in the forward pass; its finite-weights check
+    is a bound on the coefficients, its fingerprint a hash of the genome): records
+    ``bind_factored_s``. Seeds and stored models (``job.parents == ()``) and every other
+    case are materialised as follows.
 
     The weights are rejected before evaluation when any is NaN/inf or beyond the float16
     range (:func:`non_finite_weights`); otherwise the model is bound under the fingerprint
@@ -135,39 +147,102 @@ def score_child(ctx: WorkerContext, job: Job, genome: Any, timings: dict[str, fl
     child byte-identical to an earlier one reuses its outcomes, and an expert rewritten at
     the same path is a new model (its children too). A skill's NaN/inf score (or
     :class:`~cycleqd.skills.base.NonFiniteScore`) rejects the child and stops the
-    evaluation. Records ``materialize_s``, ``finite_check_s``, ``fingerprint_s``,
-    ``eval_<skill>_s`` and ``eval_s``. The result is unsaved (see :func:`run_step`).
+    evaluation. Records ``materialize_s``, ``finite_check_s``, ``fingerprint_s``, ``bind_s``,
+    ``eval_<skill>_s`` and ``eval_s``. The skills are evaluated by :func:`evaluate_skills`
+    (concurrently through one generation pool when ``ctx.pooled``). The result is unsaved
+    (see :func:`run_step`).
     """
+    # seeds and stored models (no parents) are always materialised: their fingerprint is
+    # the weights' (recorded in the run state and checked on resume)
+    bind_genome = getattr(ctx.adapter, "bind_genome", None) if job.parents else None
     t = time.perf_counter()
-    weights = ctx.space.materialize(genome)
-    timings["materialize_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    bad = non_finite_weights(weights)
-    timings["finite_check_s"] = time.perf_counter() - t
-    if bad is not None:
-        return JobResult(job, {}, False, timings, 0, ctx.name, rejected=bad)
-    t = time.perf_counter()
-    fp = fingerprint_state_dict(weights)
-    timings["fingerprint_s"] = time.perf_counter() - t
-    model = ctx.adapter.bind(weights, fp)
-    del weights
-    results: dict[str, SkillResult] = {}
-    rejected = None
-    for skill in ctx.skills:
+    bound = bind_genome(ctx.space, genome) if bind_genome is not None else None
+    if bound is not None:
+        model, fp = bound
+        timings["bind_factored_s"] = time.perf_counter() - t
+    else:
+        t = time.perf_counter()
+        weights = ctx.space.materialize(genome)
+        timings["materialize_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        bad = non_finite_weights(weights)
+        timings["finite_check_s"] = time.perf_counter() - t
+        if bad is not None:
+            return JobResult(job, {}, False, timings, 0, ctx.name, rejected=bad)
+        t = time.perf_counter()
+        fp = fingerprint_state_dict(weights)
+        timings["fingerprint_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        model = ctx.adapter.bind(weights, fp)
+        timings["bind_s"] = time.perf_counter() - t
+        del weights
+    results, rejected = evaluate_skills(ctx.skills, model, timings, pooled=ctx.pooled)
+    record = getattr(ctx.adapter, "record", None)
+    if record is not None:
+        record(timings, factored=bound is not None)
+    return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected, fingerprint=fp)
+
+
+def evaluate_skills(skills: list, model: Any, timings: dict[str, float], *,
+                    pooled: bool = True) -> tuple[dict[str, SkillResult], str | None]:
+    """Evaluate ``model`` on ``skills``: (results by skill name, rejection reason or None).
+
+    Sequential (``pooled=False``, or a model without ``generate``, or one skill): skill by
+    skill, stopping at the first NaN/inf score. Pooled: every skill runs in its own thread
+    against the same backend attached to a :class:`~cycleqd.inference.pool.GenerationPool`,
+    so all skills' prompts and all agent episodes' turns share one continuous batch; the
+    results are then read in skill order with the sequential path's rules (the first
+    skill, in order, with a NaN/inf score rejects the child and drops every later skill's
+    result; any other exception of a skill is re-raised, the first in skill order), so the
+    outcome is the sequential one under greedy decoding. Records ``eval_<skill>_s`` (each
+    skill's own wall time; they overlap when pooled) and ``eval_s`` (wall time of the
+    whole evaluation).
+    """
+    t0 = time.perf_counter()
+    n = len(skills)
+    out: list[Any] = [None] * n        # SkillResult | BaseException
+    took = [0.0] * n
+
+    def run(i: int) -> None:
         t = time.perf_counter()
         try:
-            results[skill.name] = skill.evaluate(model)
-        except NonFiniteScore as e:  # a NaN/inf score is a failed evaluation, not a dead run
-            rejected = f"skill {skill.name!r} failed: {e}"
-        timings[f"eval_{skill.name}_s"] = time.perf_counter() - t
-        q = getattr(results.get(skill.name), "quality", 0.0)
-        if rejected is None and not _finite(q):
-            rejected = f"skill {skill.name!r} failed: non-finite score {q!r}"
+            out[i] = skills[i].evaluate(model)
+        except BaseException as e:  # noqa: BLE001 - judged below, in skill order
+            out[i] = e
+        took[i] = time.perf_counter() - t
+
+    concurrent = pooled and n > 1 and callable(getattr(model, "generate", None))
+    if concurrent:
+        from cycleqd.inference.pool import GenerationPool
+
+        with GenerationPool(model).attached():
+            threads = [threading.Thread(target=run, args=(i,), name=f"skill-{skills[i].name}",
+                                        daemon=True) for i in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+    results: dict[str, SkillResult] = {}
+    rejected = None
+    for i, skill in enumerate(skills):
+        if not concurrent:
+            run(i)
+        timings[f"eval_{skill.name}_s"] = took[i]
+        r = out[i]
+        if isinstance(r, NonFiniteScore):  # a NaN/inf score is a failed evaluation, not a dead run
+            rejected = f"skill {skill.name!r} failed: {r}"
+        elif isinstance(r, BaseException):
+            raise r
+        else:
+            results[skill.name] = r
+            q = getattr(r, "quality", 0.0)
+            if not _finite(q):
+                rejected = f"skill {skill.name!r} failed: non-finite score {q!r}"
         if rejected is not None:
             results.pop(skill.name, None)
             break
-    timings["eval_s"] = sum(v for k, v in timings.items() if k.startswith("eval_") and k != "eval_s")
-    return JobResult(job, results, False, timings, 0, ctx.name, rejected=rejected, fingerprint=fp)
+    timings["eval_s"] = time.perf_counter() - t0
+    return results, rejected
 
 
 def run_step(job: Job, ctx: WorkerContext) -> JobResult:

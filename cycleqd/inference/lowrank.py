@@ -128,6 +128,15 @@ class LowRankChildren:
         self._installed: list[nn.Module] = []
         self.B = 0
 
+    @property
+    def fully_factored(self) -> bool:
+        """True when every child of the space runs as (1) alone: an SVD space whose experts
+        are covered by their bases on every Linear (no dense residual, no densely applied
+        expert) and change no other tensor (LoRA experts). Then the factored forward costs
+        ``R (m + n)`` extra multiply-adds per token and Linear, nothing dense."""
+        return (self.is_svd_space and all(not f.resid and not f.dense_c for _, f in self.linears.values())
+                and all(n in self._zero for _, sd in self.others.values() for n in sd.values()))
+
     # --- shared factors (once per model) ------------------------------------------------
     def _factors(self, wname: str) -> _Factors:
         sp = self.space
@@ -173,16 +182,20 @@ class LowRankChildren:
 
         Args:
             genomes: the distinct children (SVD genomes and/or dense task vectors).
-            rows: (B,) child index of each batch row; default ``range(len(genomes))``.
+            rows: (B,) child index of each batch row; default ``range(len(genomes))``. One
+                genome without ``rows`` is applied to every row of batches of any size
+                (how the evaluator runs one child through a generation backend whose
+                batch grows and shrinks).
         Raises:
             ValueError: no genomes, or a row index out of range.
         """
         if not genomes:
             raise ValueError("set_children: need at least one genome")
+        broadcast = rows is None and len(genomes) == 1
         rows = list(range(len(genomes))) if rows is None else [int(r) for r in rows]
         if not rows or min(rows) < 0 or max(rows) >= len(genomes):
             raise ValueError(f"set_children: rows must index the {len(genomes)} genomes, got {rows}")
-        self.B, self.rows = len(rows), torch.tensor(rows)
+        self.B, self.rows = (None if broadcast else len(rows)), torch.tensor(rows)
         G = len(genomes)
         onehot = torch.nn.functional.one_hot(self.rows, G).float()   # (B, G)
         for mname, (mod, f) in self.linears.items():
@@ -231,7 +244,7 @@ class LowRankChildren:
 
     # --- forward wrappers ----------------------------------------------------------------
     def _check_batch(self, x: torch.Tensor) -> None:
-        if x.shape[0] != self.B:
+        if self.B is not None and x.shape[0] != self.B:
             raise ValueError(f"LowRankChildren: batch has {x.shape[0]} rows, set_children gave {self.B}")
 
     def _linear_forward(self, mod: nn.Linear, f: _Factors):
@@ -241,13 +254,13 @@ class LowRankChildren:
             self._check_batch(x)
             out = orig(x)
             xs = x.float()
-            shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (-1,)
+            shape = (x.shape[0] if self.B is not None else 1,) + (1,) * (x.ndim - 2) + (-1,)
             delta = torch.zeros(out.shape, dtype=torch.float32)
             if f.A is not None:
                 delta.add_(((xs @ f.V.T) * f.A.view(shape)) @ f.U.T)
             for D, coef in f.dense_terms:
                 idx = torch.nonzero(coef).flatten()
-                if idx.numel() == x.shape[0]:
+                if idx.numel() == coef.numel():
                     delta.add_((xs @ D.T) * coef.view(shape))
                 else:
                     delta[idx] += (xs[idx] @ D.T) * coef[idx].view((idx.numel(),) + shape[1:])

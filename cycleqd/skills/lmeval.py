@@ -30,6 +30,7 @@ import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ from cycleqd.skills.base import SkillResult
 from cycleqd.skills.cache import SampleCache, item_key, model_key
 
 _CHAT_MARK = "\x00cycleqd-chat\x00"
+
+#: serialises lm-eval harness runs (process-wide seeds and logger level), see evaluate
+_HARNESS_LOCK = threading.Lock()
 
 
 def _require_lm_eval():
@@ -319,6 +323,19 @@ class LMEvalSkill:
         raise ValueError(f"cannot evaluate a {type(model).__name__} with lm-eval: expected an "
                          "HFBackend, a GenerationBackend or an lm_eval LM")
 
+    def _run_harness(self, simple_evaluate: Any, lm: Any, todo: list) -> dict:
+        prev = logging.getLogger("lm_eval").level
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        try:
+            return simple_evaluate(
+                model=lm, tasks=[self._task_arg], task_manager=self.task_manager,
+                samples={self.task_name: todo}, num_fewshot=self.num_fewshot,
+                log_samples=True, bootstrap_iters=0,
+                apply_chat_template=self.apply_chat_template,
+                system_instruction=self.system_instruction, verbosity="ERROR")
+        finally:
+            logging.getLogger("lm_eval").setLevel(prev)
+
     def evaluate(self, model: Any) -> SkillResult:
         """Run the task on ``model`` (see the module docstring for what ``model`` may be).
 
@@ -338,17 +355,11 @@ class LMEvalSkill:
         new: dict[str, float] = {}
         aggregate = None
         if todo:
-            prev = logging.getLogger("lm_eval").level
-            logging.getLogger("lm_eval").setLevel(logging.ERROR)
-            try:
-                res = simple_evaluate(
-                    model=lm, tasks=[self._task_arg], task_manager=self.task_manager,
-                    samples={self.task_name: todo}, num_fewshot=self.num_fewshot,
-                    log_samples=True, bootstrap_iters=0,
-                    apply_chat_template=self.apply_chat_template,
-                    system_instruction=self.system_instruction, verbosity="ERROR")
-            finally:
-                logging.getLogger("lm_eval").setLevel(prev)
+            # one harness run at a time: simple_evaluate sets process-wide state (seeds, the
+            # logger level); concurrent skills (engine.step.evaluate_skills) still share the
+            # generation pool's batch
+            with _HARNESS_LOCK:
+                res = self._run_harness(simple_evaluate, lm, todo)
             key = f"{self.metric},{self.filter_name}"
             aggregate = res["results"].get(self.task_name, {}).get(key)
             for s in res["samples"][self.task_name]:

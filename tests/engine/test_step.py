@@ -43,7 +43,7 @@ def test_genome_saved_only_when_a_gate_would_accept_the_child():
     empty = GridArchive("t", (BCAxis("s", 0.0, 1.0, 2),))         # an empty archive accepts
     res = run_step(Job(1, 0, ("expert:a", "expert:b"), "g000001", 0, gates=(arch.gate(), empty.gate())), ctx)
     assert res.saved and res.genome_bytes == 4 and "g000001" in ctx.store
-    assert {"crossover_s", "mutation_s", "materialize_s", "finite_check_s", "fingerprint_s",
+    assert {"crossover_s", "mutation_s", "materialize_s", "finite_check_s", "fingerprint_s", "bind_s",
             "eval_s_s", "eval_t_s", "eval_s", "save_s"} == set(res.timings)
     seed = run_step(Job(0, 0, (), "expert:a", 0, gates=(empty.gate(),)), ctx)   # seeds are never saved
     assert not seed.saved and seed.scores == {"s": 0.5, "t": 0.9} and "crossover_s" not in seed.timings

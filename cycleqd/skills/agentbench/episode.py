@@ -5,12 +5,13 @@ shared ``evaluate`` body over the per-sample cache)."""
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from cycleqd.skills.cache import item_keys, model_key
 
-__all__ = ["Episode", "evaluate_cached", "run_lockstep"]
+__all__ = ["Episode", "evaluate_cached", "run_lockstep", "run_streaming"]
 
 
 class Episode:
@@ -61,9 +62,7 @@ def evaluate_cached(skill: Any, model: Any) -> dict[str, float]:
     new: dict[str, float] = {}
     details: dict[str, dict[str, Any]] = {}
     if todo:
-        def generate(convs):
-            return model.generate(convs, max_new_tokens=skill.max_new_tokens, stop=skill.stop)
-
+        generate = _Generate(model, skill.max_new_tokens, skill.stop)
         for sid, ep in skill.run_episodes(todo, generate).items():
             new[sid] = ep.score
             details[sid] = dict(ep.detail, transcript=[m["content"][:2000]
@@ -79,6 +78,82 @@ def evaluate_cached(skill: Any, model: Any) -> dict[str, float]:
     return {i: float(hits.get(i, new.get(i, 0.0))) for i in ids}
 
 
+class _Generate:
+    """``generate(conversations) -> replies`` with the skill's decoding settings; when the
+    model has ``submit`` (a backend attached to a
+    :class:`~cycleqd.inference.pool.GenerationPool`), also ``submit(conversation) ->
+    Future[reply]``, which lets :func:`run_lockstep` run each episode at its own pace."""
+
+    def __init__(self, model: Any, max_new_tokens: int, stop: Sequence[str]) -> None:
+        self.model, self.max_new_tokens, self.stop = model, max_new_tokens, stop
+        if callable(getattr(model, "submit", None)):
+            self.submit = self._submit
+
+    def __call__(self, convs: list) -> list[str]:
+        return self.model.generate(convs, max_new_tokens=self.max_new_tokens, stop=self.stop)
+
+    def _submit(self, conv: list) -> Any:
+        return self.model.submit(conv, max_new_tokens=self.max_new_tokens, stop=self.stop)
+
+
+def _step(ep: Episode, reply: str) -> None:
+    """Let ``ep`` act on ``reply``; a crashed step is a failed sample."""
+    ep.messages.append({"role": "assistant", "content": reply})
+    try:
+        ep.step(reply)
+    except Exception as e:  # noqa: BLE001 - a crashed step is a failed sample
+        ep.detail["error"] = f"{type(e).__name__}: {e}"
+        ep.done = True
+
+
+def _finish(ep: Episode) -> None:
+    ep.done = True
+    try:
+        ep.finish()
+    except Exception as e:  # noqa: BLE001
+        ep.detail["error"] = f"{type(e).__name__}: {e}"
+        ep.score = 0.0
+
+
+def run_streaming(episodes: Sequence[Episode], submit: Callable[[list[dict[str, str]]], Any],
+                  *, max_turns: int, workers: int = 4) -> None:
+    """Run each episode at its own pace: one thread per episode submits its conversation
+    (``submit(messages) -> Future[reply]``), acts on the reply, and submits its next turn as
+    soon as its observation is back -- no episode waits for the slowest of a turn, and the
+    generation pool's batch stays full. At most ``workers`` episodes act (sandbox/database
+    calls) at once. Same turns, replies and scores as :func:`run_lockstep` (each episode's
+    conversation depends only on its own replies); the first ``submit`` error is re-raised
+    after every episode stopped.
+    """
+    gate = threading.Semaphore(max(1, workers))
+    errors: list[BaseException | None] = [None] * len(episodes)
+
+    def run(i: int) -> None:
+        ep = episodes[i]
+        try:
+            for _ in range(max_turns):
+                if ep.done:
+                    break
+                reply = submit(list(ep.messages)).result()
+                with gate:
+                    _step(ep, reply)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, like run_lockstep's
+            errors[i] = e
+            return
+        with gate:
+            _finish(ep)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"episode-{i}", daemon=True)
+               for i in range(len(episodes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    err = next((e for e in errors if e is not None), None)
+    if err is not None:
+        raise err
+
+
 def run_lockstep(episodes: Sequence[Episode], generate: Callable[[list[list[dict[str, str]]]], list[str]],
                  *, max_turns: int, workers: int = 4) -> None:
     """Run episodes in lockstep: each turn sends ONE batch with the conversation of every
@@ -87,8 +162,14 @@ def run_lockstep(episodes: Sequence[Episode], generate: Callable[[list[list[dict
     model replies an episode stops; :meth:`Episode.finish` then scores it.
 
     Batching the episodes of a split this way makes the generation backend's batching
-    pay off; episodes never see each other's state.
+    pay off; episodes never see each other's state. When ``generate`` has a ``submit``
+    (the model is attached to a :class:`~cycleqd.inference.pool.GenerationPool`), the
+    episodes run with :func:`run_streaming` instead (same replies and scores).
     """
+    submit = getattr(generate, "submit", None)
+    if submit is not None:
+        run_streaming(episodes, submit, max_turns=max_turns, workers=workers)
+        return
     pool = ThreadPoolExecutor(max_workers=max(1, workers)) if workers > 1 else None
     try:
         for _ in range(max_turns):
@@ -100,28 +181,11 @@ def run_lockstep(episodes: Sequence[Episode], generate: Callable[[list[list[dict
                 raise RuntimeError(f"generate returned {len(replies)} replies for "
                                    f"{len(active)} conversations")
 
-            def _step(pair: tuple[Episode, str]) -> None:
-                ep, reply = pair
-                ep.messages.append({"role": "assistant", "content": reply})
-                try:
-                    ep.step(reply)
-                except Exception as e:  # noqa: BLE001 - a crashed step is a failed sample
-                    ep.detail["error"] = f"{type(e).__name__}: {e}"
-                    ep.done = True
-
             if pool is not None:
-                list(pool.map(_step, zip(active, replies)))
+                list(pool.map(lambda pair: _step(*pair), zip(active, replies)))
             else:
-                for pair in zip(active, replies):
-                    _step(pair)
-
-        def _finish(ep: Episode) -> None:
-            ep.done = True
-            try:
-                ep.finish()
-            except Exception as e:  # noqa: BLE001
-                ep.detail["error"] = f"{type(e).__name__}: {e}"
-                ep.score = 0.0
+                for ep, reply in zip(active, replies):
+                    _step(ep, reply)
 
         if pool is not None:
             list(pool.map(_finish, episodes))
