@@ -328,9 +328,11 @@ class BackendConfig(_Strict):
     batch_size: int = Field(32, ge=1)  # rows decoding together (continuous batching)
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
     # children of a compact SVD space evaluated without materialisation (low-rank deltas in
-    # the forward pass; HF on CPU, fully factored spaces only): auto = when it pays
-    # (cycleqd.inference.adapter.LLMAdapter.bind_genome), on = whenever exact, off = never
-    lowrank: Literal["auto", "on", "off"] = "auto"
+    # the forward pass; HF on CPU, fully factored spaces only): off = never (default: on CPU
+    # the factored forward did not pay at the demo's sizes, docs/lowrank.md), on = whenever
+    # exact, auto = when the last bind outweighed the last evaluation (a wall-clock rule: which
+    # forward scores a child -- and so, on a greedy near-tie, its score -- can depend on load)
+    lowrank: Literal["auto", "on", "off"] = "off"
 
     @field_validator("device")
     @classmethod
@@ -452,7 +454,7 @@ class RunConfig(_Strict):
         # logging never changes results; an unset ``final`` keeps older runs' fingerprints
         skip = {"tracking"} | ({"final"} if self.final == FinalConfig() else set())
         data = self.model_dump(mode="json", exclude=skip)
-        if self.backend.lowrank == "auto":   # the default keeps older runs' fingerprints
+        if self.backend.lowrank == "off":   # the default keeps older runs' fingerprints
             data["backend"].pop("lowrank")
         if not self.qd.use_cma:   # unused CMA settings: fingerprints stay what they were before them
             for k in ("use_cma", "cma_popsize", "cma_sigma0"):

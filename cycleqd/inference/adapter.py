@@ -180,7 +180,7 @@ class LLMAdapter:
                  "factors": [lr.svd_tol, lr.resid_tol]}
         bounds = {}
         for mname, (mod, f) in lr.linears.items():
-            w0 = float(mod.weight.detach().abs().max())
+            w0 = float(space.base[f.name].abs().max())   # theta_base's, not what the model holds now
             tau = [float(space.experts[k][f.name].abs().max()) for k in range(space.K)]
             fac = {}
             if f.U is not None:
@@ -189,7 +189,7 @@ class LLMAdapter:
             bounds[f.name] = (w0, tau, fac, f.S)
             bname = lr._lin_bias.get(mname)
             if bname is not None:
-                bounds[bname] = (float(mod.bias.detach().abs().max()),
+                bounds[bname] = (float(space.base[bname].abs().max()),
                                  [float(space.experts[k][bname].abs().max()) for k in range(space.K)], {}, None)
         self._lr_meta = {"ident": json.dumps(ident, sort_keys=True), "base_fp": ident["base"],
                          "bounds": bounds}

@@ -190,6 +190,13 @@ class FastLlamaBatch:
     Active rows occupy slots 0..A-1; a row's slot holds its real positions only (prefill
     padding dropped), so its mask is True exactly on 0..length-1.
 
+    Invariant: every position of a slot at or past its row's length holds zeros. Attention
+    reads a chunk of rows up to the chunk's longest row and masks the rest, but a masked
+    position is still multiplied by its zero weight inside SDPA, so a NaN/inf left there by
+    the slot's previous occupant (a child whose activations overflowed) would make a healthy
+    row's output NaN. ``dirty`` (per slot, the end of what was ever written there) bounds
+    what :meth:`admit` and :meth:`select` clear.
+
     Args:
         backend: the :class:`~cycleqd.inference.hf.HFBackend` (its ``_prefill``,
             ``batch_size``, ``device`` and ``stats`` are used).
@@ -213,6 +220,7 @@ class FastLlamaBatch:
         self.length = torch.zeros(self.B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(self.B, dtype=torch.long, device=dev)
         self.nxt = torch.zeros(self.B, dtype=torch.long, device=dev)
+        self.dirty = [0] * self.B   # per slot: positions >= dirty[s] are zero in every layer
 
     @staticmethod
     def decoder(model: torch.nn.Module) -> LlamaDecoder:
@@ -238,6 +246,7 @@ class FastLlamaBatch:
                     lst[i] = buf
                 else:
                     lst.append(buf)
+        self.dirty = [min(d_, used) if s_ < self.A else 0 for s_, d_ in enumerate(self.dirty)]
         mask = torch.zeros((self.B, cap), dtype=torch.bool, device=self.mask.device)
         mask[:, :self.cap] = self.mask
         self.mask, self.cap = mask, cap
@@ -255,6 +264,7 @@ class FastLlamaBatch:
         counts = real.sum(1).tolist()
         self._reserve(max(counts) + max_new_tokens)
         dense = all(c == w for c in counts)
+        self._clear_tails([(a + r, c) for r, c in enumerate(counts)])
         for la, K, V in zip(cache.layers, self.keys, self.values):
             if dense:
                 K[a:a + n, :, :w] = la.keys
@@ -286,7 +296,20 @@ class FastLlamaBatch:
                     V[j, :, :t] = V[src, :, :t]
                 for buf in (self.mask, self.length, self.pos, self.nxt):
                     buf[j] = buf[src]
+                self._clear_tails([(j, t)])
         self.A = len(keep)
+
+    def _clear_tails(self, rows: list[tuple[int, int]]) -> None:
+        """Zero slot ``s``'s positions ``t..dirty[s]`` in every layer for each ``(s, t)``
+        (the previous occupant's leftovers past the new row's length) and set ``dirty[s] = t``
+        (the caller writes the row's ``t`` positions)."""
+        for s_, t in rows:
+            end = self.dirty[s_]
+            if end > t:
+                for K, V in zip(self.keys, self.values):
+                    K[s_, :, t:end] = 0
+                    V[s_, :, t:end] = 0
+            self.dirty[s_] = t
 
     def clear(self) -> None:
         self.A = 0
@@ -304,5 +327,7 @@ class FastLlamaBatch:
         self.be.stats["attended"] += sum(lens) + a
         self.nxt[:a] = self.dec.step(self.nxt[:a], self.pos[:a], self.keys, self.values,
                                      self.mask, length, chunks)
+        for r, n in enumerate(lens):
+            self.dirty[r] = max(self.dirty[r], n + 1)
         self.length[:a] += 1
         self.pos[:a] += 1

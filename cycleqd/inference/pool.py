@@ -27,12 +27,24 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from cycleqd.inference._checks import check_generate_args, cut_at_stop
 from cycleqd.inference.base import Conversation
+
+
+def _resolve(fut: Future, value: Any = None, error: BaseException | None = None) -> None:
+    """Answer ``fut`` unless its caller cancelled it (a cancelled future raises
+    ``InvalidStateError`` on ``set_*``, which must not kill the decode thread)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+    except InvalidStateError:   # cancelled (or already answered): nobody waits for it
+        pass
 
 __all__ = ["GenerationPool"]
 
@@ -181,11 +193,11 @@ class GenerationPool:
                                            f"{len(items)} prompts")
                 except BaseException as e:  # noqa: BLE001 - handed to the callers
                     for it in items:
-                        it.future.set_exception(e)
+                        _resolve(it.future, error=e)
                     continue
                 for it, r in zip(items, replies):
                     self.n_requests += 1
-                    it.future.set_result(r)
+                    _resolve(it.future, r)
 
     def _run_stream(self) -> None:
         from cycleqd.inference.base import Request
@@ -197,7 +209,7 @@ class GenerationPool:
             def on_done(text: str) -> None:
                 live.discard(fut)
                 self.n_requests += 1
-                fut.set_result(cut_at_stop(text, list(stop)))
+                _resolve(fut, cut_at_stop(text, list(stop)))
             return on_done
 
         def poll(block: bool):
@@ -211,7 +223,7 @@ class GenerationPool:
                     req = Request(prompt_ids=list(ids), max_new_tokens=it.max_new_tokens,
                                   stop=list(it.stop), on_done=done(it.future, it.stop))
                 except BaseException as e:  # noqa: BLE001 - this request fails, not the batch
-                    it.future.set_exception(e)
+                    _resolve(it.future, error=e)
                     continue
                 live.add(it.future)
                 reqs.append(req)
@@ -227,10 +239,10 @@ class GenerationPool:
             except BaseException as e:  # noqa: BLE001 - fail what was decoding, go on
                 for f in list(live):
                     if not f.done():
-                        f.set_exception(e)
+                        _resolve(f, error=e)
                 live.clear()
                 continue
             for f in list(live):   # the stream ended without answering them: a backend bug
                 if not f.done():
-                    f.set_exception(RuntimeError("generate_stream returned before answering"))
+                    _resolve(f, error=RuntimeError("generate_stream returned before answering"))
             live.clear()

@@ -186,6 +186,47 @@ def test_pool_backend_error_fails_only_its_requests():
         assert be.generate(["good"], max_new_tokens=1) == ["good|1||"]
 
 
+def test_cancelled_request_does_not_kill_the_decode_thread():
+    """Attack (red team): a caller cancels its future before the reply; answering it must not
+    raise inside the pool's decode thread (every later request would then wait forever)."""
+    gate = threading.Event()
+
+    class _Slow(_Echo):
+        def generate(self, convs, **kw):
+            gate.wait(5)
+            return super().generate(convs, **kw)
+
+    be = _Slow()
+    with GenerationPool(be, stream=False).attached() as pool:
+        fut = pool.submit("first", max_new_tokens=1)
+        assert fut.cancel()
+        gate.set()
+        assert pool.submit("second", max_new_tokens=1).result(timeout=10) == "second|1||"
+
+
+def test_llama3_official_rendering_keeps_submit():
+    """``chat_format: llama3-official`` wraps ``generate``; the wrapper keeps ``submit`` (with
+    the same rendering), so pooled official DB/OS episodes still stream."""
+    from cycleqd.skills.agentbench import official
+
+    seen = []
+
+    class _Gen:
+        def __call__(self, convs):
+            seen.extend(convs)
+            return ["r"] * len(convs)
+
+        def submit(self, conv):
+            seen.append(conv)
+            return "fut"
+
+    conv = [{"role": "user", "content": "hi"}]
+    g = official.render_for("llama3-official", _Gen())
+    assert g([conv]) == ["r"] and g.submit(conv) == "fut"
+    assert seen == [official.llama3_prompt(conv)] * 2
+    assert not hasattr(official.render_for("llama3-official", lambda c: c), "submit")
+
+
 class _Counting(Episode):
     """Ends after the reply says 'stop' or after its turns; score = number of turns."""
 

@@ -222,4 +222,17 @@ def render_for(chat_format: str, generate: Callable[[list], list[str]]) -> Calla
     DB/OS rendering, double BOS with a Llama-3 tokenizer)."""
     if chat_format == "model":
         return generate
-    return lambda convs: generate([llama3_prompt(c) for c in convs])
+    return _Llama3Rendered(generate)
+
+
+class _Llama3Rendered:
+    """``generate`` over :func:`llama3_prompt` strings; keeps the wrapped one's ``submit``
+    (a pooled backend: episodes then run at their own pace, ``run_streaming``)."""
+
+    def __init__(self, generate: Callable[[list], list[str]]) -> None:
+        self._generate = generate
+        if callable(getattr(generate, "submit", None)):
+            self.submit = lambda conv: generate.submit(llama3_prompt(conv))
+
+    def __call__(self, convs: list) -> list[str]:
+        return self._generate([llama3_prompt(c) for c in convs])
