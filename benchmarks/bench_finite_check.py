@@ -9,12 +9,16 @@ the CPU model (``lscpu``)."""
 from __future__ import annotations
 
 import statistics
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from cycleqd.engine.step import non_finite_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe, load  # noqa: E402
 
 
 def smollm2_shaped() -> dict[str, torch.Tensor]:
@@ -29,11 +33,10 @@ def smollm2_shaped() -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if ln.startswith("Model name")), "?")
+    cpu = describe()
     w = smollm2_shaped()
     n = sum(t.numel() for t in w.values())
-    print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; {n / 1e6:.1f}M parameters, {len(w)} tensors")
+    print(f"CPU: {cpu}; {load()}; torch threads {torch.get_num_threads()}; {n / 1e6:.1f}M parameters, {len(w)} tensors")
     for dt in (torch.float32, torch.bfloat16):
         ww = {k: v.to(dt) for k, v in w.items()}
         non_finite_weights(ww)

@@ -16,21 +16,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import time
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe, load  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cycleqd.skills.coding.skill import CodingSkill
 
-    print(f"cpu: {_cpu()}, {__import__('os').cpu_count()} cores visible, workers={args.workers}")
+    print(f"cpu: {describe()}; workers={args.workers}; {load()}")
     all_ok = True
     for ds in args.datasets:
         skill = CodingSkill(ds, split={"mbpp": "all", "mbppplus": "all"}.get(ds, "test"),

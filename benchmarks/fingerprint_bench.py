@@ -14,20 +14,11 @@ Prints, measured on this machine:
 
 from __future__ import annotations
 
-import platform
-import subprocess
 import time
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe, load as load_avg  # noqa: E402
 
 
 def _best(fn, repeat: int = 3) -> float:
@@ -40,14 +31,13 @@ def _best(fn, repeat: int = 3) -> float:
 
 
 def main() -> None:
-    import os
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cycleqd.inference.fingerprint import fingerprint_state_dict
 
-    print(f"CPU: {_cpu()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}")
+    print(f"CPU: {describe()}; torch {torch.__version__}; {load_avg()}")
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                       tie_word_embeddings=True, max_position_embeddings=2048)

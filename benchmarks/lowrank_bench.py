@@ -31,9 +31,7 @@ Run:  nice python benchmarks/lowrank_bench.py   (~2-4 min on 2 cores)
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,8 @@ from transformers import AutoModelForCausalLM
 from cycleqd.inference.lowrank import LowRankChildren
 from cycleqd.ops import SVDGenomeWeightSpace, make_crossover
 from cycleqd.ops.mutation import SVDExpertMutation
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe, load  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -191,10 +191,9 @@ def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Model name")), "?")
+    cpu = describe()
     print(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cpu count {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}")
+          f"{load()}")
     from cycleqd.models.tiny import make_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -43,6 +42,8 @@ import time
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe, load  # noqa: E402
 
 
 def rss_mb_self() -> float:
@@ -120,8 +121,7 @@ def main() -> int:
     cache = cache_dir(args.cache)
     work = args.work or Path(tempfile.mkdtemp(prefix="merge_bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu count {os.cpu_count()}, "
-          f"load avg {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {load()}")
     t = time.perf_counter()
     base = ensure_smollm2(cache)
     print(f"base: {base} (ready in {time.perf_counter() - t:.1f} s)")

@@ -31,33 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe, load  # noqa: E402
 
 SKILLS = ("coding", "db", "os")
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def _load() -> str:
-    try:
-        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "load ?"
 
 
 def _limits(args: argparse.Namespace) -> dict[str, int | None]:
@@ -121,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         path = ensure_smollm2()
     t = time.perf_counter()
     backend = HFBackend.from_pretrained(path, batch_size=args.batch_size)
-    print(f"model {path} loaded in {time.perf_counter() - t:.1f}s; CPU {_cpu()}, "
-          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}; {_load()}", flush=True)
-    report: dict = {"model": str(path), "cpu": _cpu(), "threads": torch.get_num_threads(), "skills": {}}
+    print(f"model {path} loaded in {time.perf_counter() - t:.1f}s; CPU {describe()}; "
+          f"torch threads {torch.get_num_threads()}; {load()}", flush=True)
+    report: dict = {"model": str(path), "cpu": describe(), "threads": torch.get_num_threads(), "skills": {}}
     for name in wanted:
         t = time.perf_counter()
         skill = build_skill(name, limits[name], args)
@@ -137,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = f", {skill.repeats} repeats" if name == "os" else ""
         print(f"{name}: {len(ids)} items (first {len(ids)} of the official order: {ids[0]} .. {ids[-1]}"
               f"{extra}): quality {result.quality:.4f} ({solved} items with a success), "
-              f"{wall:.0f} s wall (+{build_s:.0f} s setup); {_load()}", flush=True)
+              f"{wall:.0f} s wall (+{build_s:.0f} s setup); {load()}", flush=True)
         report["skills"][name] = {"items": len(ids), "ids": ids, "quality": result.quality,
                                   "solved_items": solved, "wall_s": round(wall, 1),
-                                  "setup_s": round(build_s, 1), "load_after": _load(),
+                                  "setup_s": round(build_s, 1), "load_after": load(),
                                   "subscores": dict(result.subscores), "outcomes": outcomes,
                                   **({"repeats": skill.repeats} if name == "os" else {})}
         if args.json:

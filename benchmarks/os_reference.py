@@ -33,23 +33,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe  # noqa: E402
 
 
 class ReferenceAgent:
@@ -139,7 +128,7 @@ def _run(args) -> dict:
                        "reference_error": d.get("reference_error"), "end": d.get("end"),
                        "error": d.get("error")}
     return {"machine": str(machine) if machine is not None else "host-tree sandbox",
-            "cpu": _cpu(), "wall_s": round(wall, 1), "tasks": rows}
+            "cpu": describe(), "wall_s": round(wall, 1), "tasks": rows}
 
 
 def _summary(res: dict) -> str:

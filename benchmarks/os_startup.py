@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 
-from benchmarks.os_reference import _cpu  # noqa: E402
+from benchmarks._machine import describe, load  # noqa: E402
 from cycleqd.sandbox import BwrapSession, sandbox_status  # noqa: E402
 from cycleqd.sandbox.rootfs import default_rootfs  # noqa: E402
 from cycleqd.skills.agentbench.data import load_os  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
         failed = [f for f in pool.map(one, items) if f]
     wall = time.perf_counter() - t0
     print(f"machine: {rootfs if rootfs is not None else 'host-tree sandbox'}")
-    print(f"cpu: {_cpu()}; {a.workers} workers; n={a.n}")
+    print(f"cpu: {describe()}; {a.workers} workers; n={a.n}; {load()}")
     print(f"machine start+close: median {statistics.median(bare):.3f} s, p90 {_q(bare, .9):.3f} s")
     print(f"episode setup+close (init, snapshot for the reference, start): median {statistics.median(per):.3f} s, "
           f"p90 {_q(per, .9):.3f} s; wall {wall / len(items):.3f} s per episode; "
