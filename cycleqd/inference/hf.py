@@ -424,6 +424,7 @@ class HFBackend:
             why = fast_unsupported(self.model)
             if why is None:
                 if self._fast_decoder is None or not self._fast_decoder.current():
+                    self._fast_decoder = None      # free the stale copies before building
                     self._fast_decoder = FastLlamaBatch.decoder(self.model)
                 return FastLlamaBatch(self, self._fast_decoder)
             self.fast_fallback = why
