@@ -10,18 +10,24 @@ arithmetic with fewer, larger operations:
   replaced by moving the last row into its slot (no per-step concatenation, no join padding:
   each row starts at position 0 of its slot and the step attends to ``max(length)``
   positions with a (rows, 1, 1, T) boolean mask);
-- one GEMM for q/k/v and one for gate/up per layer (fused copies of the weights, rebuilt when
-  any parameter of the model changes: :meth:`LlamaDecoder.current`);
+- one GEMM for q/k/v and one for gate/up per layer (the decoder's own copies of the GEMM
+  weights, checked against the model's parameters at each decode loop and rebuilt when they
+  differ: :meth:`LlamaDecoder.current`); on CPU in fp32 the GEMMs run on MKL's packed
+  weights, the rows padded up to a bucket (:class:`LlamaDecoder`);
 - attention through ``scaled_dot_product_attention`` on the packed GQA layout
   (rows, kv_heads, groups, head_dim), as ``transformers``' SDPA path decodes one query;
-  RMSNorm, RoPE (the model's own rotary module) and SiLU written exactly as in
+  rows admitted over a shared prefix attend to it in one call per prefix group (cascade
+  attention, :meth:`LlamaDecoder.step`), the prefix KV being kept once, not in every slot;
+- RMSNorm, RoPE (the model's own rotary module) and SiLU written exactly as in
   ``transformers``' ``modeling_llama``; the greedy argmax on the logits of the step.
 
-Prefill stays on the ``transformers`` forward (:meth:`HFBackend._prefill
-<cycleqd.inference.hf.HFBackend._prefill>`, shared prefix included); its KV is copied into the
-slots. Replies equal the ``transformers`` path's up to float rounding (fp32: the benchmark
-compares them token for token); models it does not cover run on the ``transformers``
-forward (:func:`fast_unsupported`).
+Prefill of admitted prompts runs through the same layers (:meth:`LlamaDecoder.prefill`: all
+prompts' tokens as one unpadded matrix, causal attention per prompt, KV written into the
+slots) when the CPU flash kernel is there, else on the ``transformers`` forward
+(:meth:`HFBackend._prefill <cycleqd.inference.hf.HFBackend._prefill>`) with its KV copied
+into the slots. Replies equal the ``transformers`` path's up to float rounding (fp32: the
+benchmark compares them token for token); models it does not cover run on the
+``transformers`` forward (:func:`fast_unsupported`).
 """
 
 from __future__ import annotations
