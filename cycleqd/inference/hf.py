@@ -21,8 +21,13 @@ How a call to :meth:`HFBackend.generate` runs:
    token prefix of at least ``min_shared_prefix`` tokens (a skill's system prompt and
    instructions: 328 of ~400 tokens for OS, 332 for DB), its KV cache is computed once and each row
    is laid out ``[shared prefix][padding][own suffix]`` -- measured on 20 search items per
-   skill: OS 40.3 s -> 23.4 s, DB 35.3 s -> 22.6 s, same scores. ``engine="generate"`` runs
-   ``model.generate`` on fixed batches instead (same replies);
+   skill: OS 40.3 s -> 23.4 s, DB 35.3 s -> 22.6 s, same scores. That was the whole rule of
+   ``prefix_cache="call"``; the default ``"prompts"`` plans every admission per prompt
+   (:meth:`HFBackend._plan_prefill`): prompts are clustered by shared token prefix (each
+   skill over its own system prompt, even when several skills' prompts are admitted
+   together), and the KV of every prefilled prompt is memoised (LRU, ``prompt_memo_bytes``)
+   so a prompt that starts with an earlier one (an agent's next turn) is prefilled only past
+   it. ``engine="generate"`` runs ``model.generate`` on fixed batches instead (same replies);
 4. replies are decoded up to their first EOS, cut before the first stop string and returned
    in the input order.
 
@@ -658,8 +663,10 @@ class HFBackend:
         ``max_new_tokens``, one of its stop strings) is evicted from the batch and the KV
         cache at once and its ``on_done`` called; when at least ``max(1, batch_size // 4)``
         slots are free (or all queued requests fit), the next queued prompts are prefilled
-        (left-padded, in groups of at most ``prefill_tokens`` padded tokens, over the shared
-        ``prefix`` KV when given, else :meth:`_group_prefix`) and joined to the running batch.
+        (left-padded, in groups of at most ``prefill_tokens`` padded tokens; over the shared
+        ``prefix`` KV when given, else per :meth:`_plan_prefill` with
+        ``prefix_cache="prompts"`` -- each group over its rows' shared or memoised prefix --
+        or :meth:`_group_prefix` with ``"call"``) and joined to the running batch.
         Shapes: active rows A <= batch_size feed (A, 1) tokens; the KV cache holds
         (A, kv_heads, T, head_dim) per layer. If a prefilled HF cache is not
         :func:`~cycleqd.inference._kvcache.joinable` (a layer holding no KV of its own, e.g.
