@@ -187,6 +187,12 @@ class HFBackend:
     #: separate forward costs a few ms of dispatch and a copy of the prefix KV, a token of
     #: SmolLM2-135M ~0.27 GFLOP (~3-5 ms on one CPU core)
     memo_split_tokens: int = 8
+    #: ``prefix_cache="prompts"``: a row joins a prefill group only when its left padding is
+    #: at most this fraction of the group's width (None: only ``prefill_tokens`` bounds a
+    #: group). On CPU padding costs as much as real tokens and a row of ~50+ tokens is
+    #: already an efficient GEMM (a demo child's replayed admissions: 7711 -> ~5700 tokens
+    #: computed, docs/child_eval.md); on a GPU larger batches may be worth some padding.
+    prefill_pad_frac: float | None = 0.1
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -340,6 +346,7 @@ class HFBackend:
         ids, mask = self._left_pad([p[P:] for p in prompts])
         ids, mask = ids.to(self.device), mask.to(self.device)
         self.stats["prefill_tokens"] += int(mask.sum())
+        self.stats["prefill_padded"] += int(mask.numel())
         pos = P + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = growing_cache()
         if prefix:
@@ -424,18 +431,22 @@ class HFBackend:
         return n, kv
 
     def _prefill_groups(self, take: list[int], prompts: Sequence[Sequence[int]] | None = None, *,
-                        lengths: Sequence[int] | None = None) -> list[list[int]]:
+                        lengths: Sequence[int] | None = None,
+                        pad_frac: float | None = None) -> list[list[int]]:
         """Cut the prompts to admit (``take``: indices, longest first) into prefill batches of
         at most ``prefill_tokens`` padded tokens (>= 1 prompt each): one prefill of many
         prompts of different lengths would spend most of its work on padding and quadratic
         attention. Lengths are ``len(prompts[i])``, or ``lengths[i]`` (the tokens each row
-        prefills itself, past a shared prefix) when given."""
+        prefills itself, past a shared prefix) when given. With ``pad_frac``, a row also
+        joins the current group only if its left padding is at most that fraction of the
+        group's width (padding is computed like real tokens)."""
         lens = lengths if lengths is not None else [len(p) for p in prompts]
         groups: list[list[int]] = []
         width = 0                                  # longest prompt of the last group
         for i in take:
             w = max(width, lens[i])
-            if groups and w * (len(groups[-1]) + 1) <= self.prefill_tokens:
+            if groups and w * (len(groups[-1]) + 1) <= self.prefill_tokens and (
+                    pad_frac is None or w - lens[i] <= pad_frac * w):
                 groups[-1].append(i)
                 width = w
             else:
@@ -573,7 +584,8 @@ class HFBackend:
             self.stats["prefill_memo"] += P * len(members) if hit else 0
             lens = {i: len(prompts[i]) - P for i in members}
             members = sorted(members, key=lambda i: -lens[i])
-            out += [(g, pre) for g in self._prefill_groups(members, lengths=lens)]
+            out += [(g, pre) for g in self._prefill_groups(members, lengths=lens,
+                                                           pad_frac=self.prefill_pad_frac)]
         return out
 
     def _greedy(self, prompts: list[list[int]], max_new_tokens: int,
@@ -764,14 +776,16 @@ class HFBackend:
         checks, detokenisation, ``on_done``), and counts of decode ``steps``, ``row_steps``
         (rows x steps), ``prefill_rows``, ``prefill_tokens`` (prompt tokens run through the
         model: each row's own part, plus a shared prefix when it is computed),
+        ``prefill_padded`` (the rows' own parts with their left padding: what the prefill
+        forwards computed, shared prefixes excluded),
         ``prefill_reused`` (prompt tokens of admitted rows taken from a shared or memoised
         prefix's KV instead, ``prefix_cache="prompts"``), ``prefill_memo`` (of those, the
         tokens whose KV was memoised before their admission), ``attended``
         (key positions attended, summed over decode row-steps) and generated ``tokens``."""
         self.stats = dict.fromkeys(("poll_s", "prefill_s", "decode_s", "host_s"), 0.0)
         self.stats.update(dict.fromkeys(("steps", "row_steps", "prefill_rows", "prefill_tokens",
-                                         "prefill_reused", "prefill_memo", "attended",
-                                         "tokens"), 0))
+                                         "prefill_padded", "prefill_reused", "prefill_memo",
+                                         "attended", "tokens"), 0))
 
     def _generation_config(self, max_new_tokens: int, stop: list[str]):
         from transformers import GenerationConfig

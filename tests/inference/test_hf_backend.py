@@ -134,8 +134,10 @@ def test_max_new_tokens_bounds_reply(backends, convs, monkeypatch):
     monkeypatch.setattr(be.model, "forward", spy)
     for n in (1, 5):
         calls.clear()
-        # a cold prompt memo: memoised prompts are prefilled in groups per memo entry
+        # a cold prompt memo (memoised prompts are prefilled in groups per memo entry) and
+        # no padding bound on the prefill groups (prefill_pad_frac splits them further)
         be._prompt_memo.clear()
+        monkeypatch.setattr(be, "prefill_pad_frac", None)
         short = be.generate(convs, max_new_tokens=n)
         assert len(calls) <= 2 * n
         assert sum(1 for shape in calls if shape[1] > 1) == 2  # two prefills
