@@ -89,6 +89,39 @@ def _load(args):
     return cfg, rc, experts, skills, space, adapter
 
 
+def _trie_size(prompts) -> int:
+    """Distinct token prefixes of ``prompts`` (nodes of their token trie): the fewest prompt
+    tokens a prefill can compute when it reuses the KV of every exactly shared prefix (the
+    floor of any prefix cache working on prompts alone)."""
+    root: dict = {}
+    n = 0
+    for p in prompts:
+        node = root
+        for t in p:
+            nxt = node.get(t)
+            if nxt is None:
+                nxt = node[t] = {}
+                n += 1
+            node = nxt
+    return n
+
+
+def _record_prompts(seen: list) -> None:
+    """Append every prompt that HFBackend's decode loop receives to ``seen``."""
+    from cycleqd.inference.hf import HFBackend
+    orig = HFBackend._decode_loop
+
+    def loop(self, poll, prefix):
+        def rec(block):
+            out = poll(block)
+            if out:
+                seen.extend(r.prompt_ids for r in out)
+            return out
+        return orig(self, rec, prefix)
+
+    HFBackend._decode_loop = loop
+
+
 def _details(skills):
     return {s.name: dict(getattr(s, "last_details", {}) or {}) for s in skills}
 
@@ -147,6 +180,8 @@ def main() -> int:
     if args.factored:
         paths_.append(("new+factored", True, "on", True, "prompts"))
     runs: dict[str, list[dict]] = {p[0]: [] for p in paths_}
+    seen: list[list[int]] = []
+    _record_prompts(seen)
     for rep in range(args.reps):
         # odd rounds run the paths in reverse order: a warm-up or load change hits both sides
         for name, pooled, lowrank, fast, rule in (paths_ if rep % 2 == 0 else paths_[::-1]):
@@ -163,6 +198,7 @@ def main() -> int:
             if hasattr(backend, "reset_stats"):
                 backend.reset_stats()
             ctx = WorkerContext(space, store, adapter, skills, "bench", pooled=pooled)
+            seen.clear()
             timings: dict[str, float] = {}
             load = os.getloadavg()[0]
             c0, w0 = time.process_time(), time.perf_counter()
@@ -187,11 +223,14 @@ def main() -> int:
                       f"prefill {st.get('prefill_s', 0):.1f} s, decode {st.get('decode_s', 0):.1f} s, "
                       f"host {st.get('host_s', 0):.1f} s; lean decoder fallback: "
                       f"{getattr(backend, 'fast_fallback', None)}")
-                print(f"      prefill: {st.get('prefill_tokens')} prompt tokens computed, "
+                print(f"      prefill: {st.get('prefill_tokens')} prompt tokens computed "
+                      f"({st.get('prefill_padded', '?')} rows' own parts with padding), "
                       f"{st.get('prefill_reused', 0)} served by a shared/memoised prefix "
                       f"({st.get('prefill_memo', 0)} from a memo); prefix rule {rule}; "
                       f"prompt memo {len(getattr(backend, '_prompt_memo', ()) or ())} entries, "
                       f"{getattr(getattr(backend, '_prompt_memo', None), 'bytes', 0) / 2**20:.0f} MiB")
+                print(f"      prompts: {len(seen)}, {sum(map(len, seen))} tokens, of which "
+                      f"{_trie_size(seen)} distinct prefixes (the floor with exact prefix reuse)")
             sys.stdout.flush()
     ref = runs["main"][0]
     print()

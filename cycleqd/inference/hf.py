@@ -190,8 +190,8 @@ class HFBackend:
     #: ``prefix_cache="prompts"``: a row joins a prefill group only when its left padding is
     #: at most this fraction of the group's width (None: only ``prefill_tokens`` bounds a
     #: group). On CPU padding costs as much as real tokens and a row of ~50+ tokens is
-    #: already an efficient GEMM (a demo child's replayed admissions: 7711 -> ~5700 tokens
-    #: computed, docs/child_eval.md); on a GPU larger batches may be worth some padding.
+    #: already an efficient GEMM (a demo child's replayed admissions: 7711 -> 5788 padded
+    #: tokens, docs/child_eval.md); on a GPU larger batches may be worth some padding.
     prefill_pad_frac: float | None = 0.1
 
     # ------------------------------------------------------------------ construction

@@ -232,3 +232,14 @@ def test_memo_bytes_bound_lru_and_disable(tiny_llama_dirs, mixed):
 def test_bad_prefix_cache_args(tiny_llama_dirs, kwargs, field):
     with pytest.raises(ValueError, match=field):
         HFBackend.from_pretrained(tiny_llama_dirs[0], **kwargs)
+
+
+def test_prefill_groups_bounded_by_padding(tiny_llama_dirs):
+    """prefill_pad_frac: a row joins a group only if its padding is <= that fraction of the
+    group's width; prefill_tokens still bounds every group."""
+    be = HFBackend.from_pretrained(tiny_llama_dirs[0], prefill_tokens=400)
+    lens = [100, 95, 91, 50, 48, 10]
+    take = list(range(len(lens)))
+    assert be._prefill_groups(take, lengths=lens, pad_frac=0.1) == [[0, 1, 2], [3, 4], [5]]
+    assert be._prefill_groups(take, lengths=lens) == [[0, 1, 2, 3], [4, 5]]
+    assert be._prefill_groups(take, lengths=lens, pad_frac=0.0) == [[0], [1], [2], [3], [4], [5]]
