@@ -21,15 +21,24 @@ Paths timed (wall seconds, and this process's CPU seconds):
   whose evaluation is long, as this one), then all skills concurrently through one
   :class:`~cycleqd.inference.pool.GenerationPool` (coding prompts and every agent turn in
   one continuous batch; an episode's next turn joins as soon as its observation is back);
-* ``pooled``: ``new`` on main's decoder (the ``transformers`` forward): this change alone;
+* ``pooled``: the pool on main's decoder (the ``transformers`` forward) and main's prefix
+  rule (``HFBackend.prefix_cache="call"``: one shared prefix per call / prefill group);
+* ``pooled+apc``: ``pooled`` with the engine's prefix rule (``prefix_cache="prompts"``:
+  prefix-aware admission -- each skill's prompts over their own system-prompt KV -- and the
+  prompt KV memo, so an agent's next turn is prefilled only past its previous turn);
+* ``new-call``: ``new`` with main's prefix rule (what ``new`` was before the prompt memo);
 * ``--factored``: also ``new`` with ``lowrank: on`` (the child never materialised).
+
+``--paths`` picks the paths (default ``main,new-call,new``; ``main`` is always run, first).
 
 Printed: per path the bind and evaluation times, the ratio main / new, and whether every
 skill's score, per-item outcomes and replies (coding replies, agent transcripts) are
-identical to main's. The HF backend's shared-prefix KV memo is cleared before each path so
-no path reuses another's prefill.
+identical to main's, and the prefill figures (prompt tokens computed, tokens served from a
+shared or memoised prefix). The HF backend's prefix and prompt KV memos are cleared before
+each path so no path reuses another's prefill.
 
-Run:  nice python benchmarks/child_eval_bench.py [--reps 1] [--threads 2] [--factored]
+Run:  nice python benchmarks/child_eval_bench.py [--reps 1] [--threads 1] [--limit 8]
+      [--paths main,pooled,pooled+apc,new-call,new] [--factored]
 """
 
 from __future__ import annotations
@@ -80,6 +89,39 @@ def _load(args):
     return cfg, rc, experts, skills, space, adapter
 
 
+def _trie_size(prompts) -> int:
+    """Distinct token prefixes of ``prompts`` (nodes of their token trie): the fewest prompt
+    tokens a prefill can compute when it reuses the KV of every exactly shared prefix (the
+    floor of any prefix cache working on prompts alone)."""
+    root: dict = {}
+    n = 0
+    for p in prompts:
+        node = root
+        for t in p:
+            nxt = node.get(t)
+            if nxt is None:
+                nxt = node[t] = {}
+                n += 1
+            node = nxt
+    return n
+
+
+def _record_prompts(seen: list) -> None:
+    """Append every prompt that HFBackend's decode loop receives to ``seen``."""
+    from cycleqd.inference.hf import HFBackend
+    orig = HFBackend._decode_loop
+
+    def loop(self, poll, prefix):
+        def rec(block):
+            out = poll(block)
+            if out:
+                seen.extend(r.prompt_ids for r in out)
+            return out
+        return orig(self, rec, prefix)
+
+    HFBackend._decode_loop = loop
+
+
 def _details(skills):
     return {s.name: dict(getattr(s, "last_details", {}) or {}) for s in skills}
 
@@ -94,6 +136,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, help="search items per skill (default: the config's)")
     ap.add_argument("--factored", action="store_true", help="also time new + lowrank: on")
+    ap.add_argument("--paths", default="main,new-call,new",
+                    help="comma-separated paths (main always runs): main, pooled, pooled+apc, "
+                         "new-call, new")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,27 +165,40 @@ def main() -> int:
     child = make_child(WorkerContext(space, store, adapter, skills, "bench"), job, {})
     backend = adapter.backend
 
-    # (name, pooled, lowrank, lean decoder): main = sequential skills, materialised child,
-    # the transformers forward (main's decode loop); new = the engine's defaults
-    # "pooled" isolates this change (same decoder as main); "new" adds the lean decoder
-    paths_ = [("main", False, "off", False), ("pooled", True, rc.backend.lowrank, False),
-              ("new", True, rc.backend.lowrank, True)]
+    # (name, pooled, lowrank, lean decoder, prefix rule): main = sequential skills,
+    # materialised child, the transformers forward and one shared prefix per call (main's
+    # decode loop); new = the engine's defaults
+    lr = rc.backend.lowrank
+    table = {"main": (False, "off", False, "call"), "pooled": (True, lr, False, "call"),
+             "pooled+apc": (True, lr, False, "prompts"), "new-call": (True, lr, True, "call"),
+             "new": (True, lr, True, "prompts")}
+    chosen = ["main"] + [p for p in args.paths.split(",") if p and p != "main"]
+    unknown = [p for p in chosen if p not in table]
+    if unknown:
+        sys.exit(f"unknown --paths {unknown}; choose from {sorted(table)}")
+    paths_ = [(p, *table[p]) for p in chosen]
     if args.factored:
-        paths_.append(("new+factored", True, "on", True))
+        paths_.append(("new+factored", True, "on", True, "prompts"))
     runs: dict[str, list[dict]] = {p[0]: [] for p in paths_}
+    seen: list[list[int]] = []
+    _record_prompts(seen)
     for rep in range(args.reps):
         # odd rounds run the paths in reverse order: a warm-up or load change hits both sides
-        for name, pooled, lowrank, fast in (paths_ if rep % 2 == 0 else paths_[::-1]):
+        for name, pooled, lowrank, fast, rule in (paths_ if rep % 2 == 0 else paths_[::-1]):
             adapter.lowrank = lowrank
             if hasattr(backend, "fast"):
                 backend.fast = fast
+            if hasattr(backend, "prefix_cache"):
+                backend.prefix_cache = rule
             adapter.last_bind_s = adapter.last_eval_s = None   # auto: no measurements carried over
-            memo = getattr(backend, "_prefix_memo", None)
-            if memo is not None:
-                memo.clear()
+            for attr in ("_prefix_memo", "_prompt_memo"):
+                memo = getattr(backend, attr, None)
+                if memo is not None:
+                    memo.clear()
             if hasattr(backend, "reset_stats"):
                 backend.reset_stats()
             ctx = WorkerContext(space, store, adapter, skills, "bench", pooled=pooled)
+            seen.clear()
             timings: dict[str, float] = {}
             load = os.getloadavg()[0]
             c0, w0 = time.process_time(), time.perf_counter()
@@ -165,6 +223,14 @@ def main() -> int:
                       f"prefill {st.get('prefill_s', 0):.1f} s, decode {st.get('decode_s', 0):.1f} s, "
                       f"host {st.get('host_s', 0):.1f} s; lean decoder fallback: "
                       f"{getattr(backend, 'fast_fallback', None)}")
+                print(f"      prefill: {st.get('prefill_tokens')} prompt tokens computed "
+                      f"({st.get('prefill_padded', '?')} rows' own parts with padding), "
+                      f"{st.get('prefill_reused', 0)} served by a shared/memoised prefix "
+                      f"({st.get('prefill_memo', 0)} from a memo); prefix rule {rule}; "
+                      f"prompt memo {len(getattr(backend, '_prompt_memo', ()) or ())} entries, "
+                      f"{getattr(getattr(backend, '_prompt_memo', None), 'bytes', 0) / 2**20:.0f} MiB")
+                print(f"      prompts: {len(seen)}, {sum(map(len, seen))} tokens, of which "
+                      f"{_trie_size(seen)} distinct prefixes (the floor with exact prefix reuse)")
             sys.stdout.flush()
     ref = runs["main"][0]
     print()
@@ -178,7 +244,11 @@ def main() -> int:
         steps = statistics.median(r["stats"].get("steps", 0) for r in recs)
         sratio = statistics.median(runs["main"][i]["stats"].get("steps", 0) / max(1, r["stats"].get("steps", 0))
                                    for i, r in enumerate(recs))
+        cratio = statistics.median(runs["main"][i]["cpu"] / r["cpu"] for i, r in enumerate(recs))
+        pt = statistics.median(r["stats"].get("prefill_tokens", 0) for r in recs)
+        ps = statistics.median(r["stats"].get("prefill_s", 0) for r in recs)
         print(f"{name:13s} median wall {w:7.1f} s  cpu {c:7.1f} s  main/this wall ratio {ratio:5.2f}x  "
+              f"cpu ratio {cratio:5.2f}x  prefill {pt:.0f} tokens {ps:.1f} s  "
               f"decode steps {steps:.0f} (main/this {sratio:.2f}x)  "
               f"scores identical to main: {same_scores}  replies identical ({n_items} items): {same_replies}")
         if not same_replies:

@@ -21,8 +21,13 @@ How a call to :meth:`HFBackend.generate` runs:
    token prefix of at least ``min_shared_prefix`` tokens (a skill's system prompt and
    instructions: 328 of ~400 tokens for OS, 332 for DB), its KV cache is computed once and each row
    is laid out ``[shared prefix][padding][own suffix]`` -- measured on 20 search items per
-   skill: OS 40.3 s -> 23.4 s, DB 35.3 s -> 22.6 s, same scores. ``engine="generate"`` runs
-   ``model.generate`` on fixed batches instead (same replies);
+   skill: OS 40.3 s -> 23.4 s, DB 35.3 s -> 22.6 s, same scores. That was the whole rule of
+   ``prefix_cache="call"``; the default ``"prompts"`` plans every admission per prompt
+   (:meth:`HFBackend._plan_prefill`): prompts are clustered by shared token prefix (each
+   skill over its own system prompt, even when several skills' prompts are admitted
+   together), and the KV of every prefilled prompt is memoised (LRU, ``prompt_memo_bytes``)
+   so a prompt that starts with an earlier one (an agent's next turn) is prefilled only past
+   it. ``engine="generate"`` runs ``model.generate`` on fixed batches instead (same replies);
 4. replies are decoded up to their first EOS, cut before the first stop string and returned
    in the input order.
 
@@ -49,6 +54,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from cycleqd._checks import check_choice, check_int
@@ -86,19 +92,47 @@ class HFBackend:
             gate/up GEMM per layer; same greedy replies); other architectures, or a model whose
             modules were wrapped (:class:`~cycleqd.inference.lowrank.LowRankChildren`) or
             hooked, use the ``transformers`` forward (see :attr:`fast_fallback`). Default True.
+        prefix_cache: how prefill reuses KV already computed (``engine="evict"``):
+
+            * ``"prompts"`` (default): automatic prefix caching at prompt granularity (as
+              vLLM's APC, with whole prompts instead of 16-token blocks). The KV of every
+              prefilled prompt is memoised (key: weight fingerprint + the prompt's token ids;
+              LRU bounded by ``prompt_memo_bytes``), and each admission of queued prompts is
+              planned by :meth:`_plan_prefill`: a prompt that starts with a memoised prompt
+              (an agent episode's next turn starts with its previous turn's prompt) is
+              prefilled from where the memo ends; prompts sharing a token prefix of at least
+              ``min_shared_prefix`` tokens (a skill's system prompt) are prefilled together
+              over its KV, computed once or sliced from any memoised prompt that starts with
+              it, even when several skills' prompts are queued together;
+            * ``"call"``: the previous rule: one shared prefix per ``generate`` call (all its
+              prompts must share it), per prefill group in :meth:`generate_stream`, with the
+              shared prefixes memoised (``prefix_memo_size``); no prompt memo.
+        prompt_memo_bytes: most bytes of prompt KV the ``"prompts"`` memo keeps (default
+            1.5 GiB: SmolLM2-135M in fp32 holds 45 KiB per token (30 layers x 2 x 3 KV heads
+            x 64 dims x 4 bytes), so ~35k prompt tokens: a demo child's 40 agent episodes
+            (~450-token prompts, each turn replacing its previous one) and 20 coding prompts
+            take ~1.1 GiB; Llama-3-8B in bf16, 128 KiB per token: ~12k tokens); 0 disables the
+            memo; ``min_shared_prefix=0`` disables every prefix reuse.
 
     Raises:
-        ValueError: bad ``batch_size`` or ``engine``, or no chat template available.
+        ValueError: bad ``batch_size``, ``engine``, ``prefix_cache`` or
+            ``prompt_memo_bytes``, or no chat template available.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, fingerprint: str | None = None,
                  batch_size: int = 32, device: str | torch.device | None = None,
                  chat_template: str | None = None, sort_by_length: bool = True,
                  engine: str = "evict", prefill_tokens: int = 2048,
-                 min_shared_prefix: int = 32, fast: bool = True) -> None:
+                 min_shared_prefix: int = 32, fast: bool = True, prefix_cache: str = "prompts",
+                 prompt_memo_bytes: int = 3 << 29) -> None:
         check_int("batch_size", batch_size)
         check_choice("engine", engine, ("evict", "generate"))
+        check_choice("prefix_cache", prefix_cache, ("prompts", "call"))
         check_int("prefill_tokens", prefill_tokens)
+        if isinstance(prompt_memo_bytes, bool) or not isinstance(prompt_memo_bytes, int) \
+                or prompt_memo_bytes < 0:
+            raise ValueError(f"prompt_memo_bytes must be an int >= 0, got {prompt_memo_bytes!r}")
+        self.prefix_cache = prefix_cache
         self.engine = engine
         self.fast = bool(fast)
         #: why the last decode loop ran on the ``transformers`` forward although ``fast`` is
@@ -112,6 +146,11 @@ class HFBackend:
         # (fingerprint, prefix tokens) -> prefix KV: an agent skill's turns all start with the
         # same system prompt, so later turns of the same model reuse the first turn's prefix
         self._prefix_memo: OrderedDict[tuple, list] = OrderedDict()
+        # (fingerprint, prompt tokens) -> the prompt's KV (automatic prefix caching, see
+        # _plan_prefill); both memos are dropped when the weights change (load_weights, or any
+        # in-place change of a parameter: _check_memo_weights)
+        self._prompt_memo = _PromptMemo(prompt_memo_bytes)
+        self._memo_sig: tuple | None = None
         if isinstance(model, (str, Path)):
             model, tok = self._load(model, device=device)
             tokenizer = tokenizer if tokenizer is not None else tok
@@ -143,6 +182,17 @@ class HFBackend:
     #: shared-prefix KV caches kept for reuse by later calls with the same weights (each
     #: ~15 MB for a 330-token prefix of SmolLM2-135M in fp32)
     prefix_memo_size: int = 4
+    #: a prompt leaves its cluster's prefill group (``prefix_cache="prompts"``) for a group
+    #: over its own memo entry when that saves it at least this many tokens of prefill: a
+    #: separate forward costs a few ms of dispatch and a copy of the prefix KV, a token of
+    #: SmolLM2-135M ~0.27 GFLOP (~3-5 ms on one CPU core)
+    memo_split_tokens: int = 8
+    #: ``prefix_cache="prompts"``: a row joins a prefill group only when its left padding is
+    #: at most this fraction of the group's width (None: only ``prefill_tokens`` bounds a
+    #: group). On CPU padding costs as much as real tokens and a row of ~50+ tokens is
+    #: already an efficient GEMM (a demo child's replayed admissions: 7711 -> 5788 padded
+    #: tokens, docs/child_eval.md); on a GPU larger batches may be worth some padding.
+    prefill_pad_frac: float | None = 0.1
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -248,6 +298,8 @@ class HFBackend:
             order.sort(key=lambda i: -len(prompts[i]))
         out: list[str] = [""] * len(prompts)
         if self.engine == "evict":
+            # "prompts": every admission is planned by _plan_prefill (shared and memoised
+            # prefixes found per prompt); "call": one shared prefix for the whole call
             texts = self._greedy([prompts[i] for i in order], max_new_tokens, stop)
             for i, text in zip(order, texts):
                 out[i] = cut_at_stop(text, stop)
@@ -294,6 +346,7 @@ class HFBackend:
         ids, mask = self._left_pad([p[P:] for p in prompts])
         ids, mask = ids.to(self.device), mask.to(self.device)
         self.stats["prefill_tokens"] += int(mask.sum())
+        self.stats["prefill_padded"] += int(mask.numel())
         pos = P + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = growing_cache()
         if prefix:
@@ -304,7 +357,38 @@ class HFBackend:
         ckw, extra = self._forward_kwargs()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                             **extra, **{ckw: cache}).logits[:, -1]
+        if self._memo_on() and self._prompt_memo.max_bytes and joinable(cache):
+            self._memoise_prompts(prompts, cache, mask)
         return cache, mask, logits.argmax(-1), pos[:, -1] + 1
+
+    def _memo_on(self) -> bool:
+        """True when prefill plans and memoises per prompt (``prefix_cache="prompts"``, prefix
+        reuse enabled by ``min_shared_prefix``, a cache that can be joined)."""
+        return self.prefix_cache == "prompts" and self.min_shared_prefix > 0 and self._joinable
+
+    def _memoise_prompts(self, prompts: list[list[int]], cache, mask: torch.Tensor) -> None:
+        """Store each prefilled prompt's KV in the prompt memo: row r's real positions
+        (mask 1: the prefix, then its own tokens, left padding dropped) of every layer,
+        stacked (layers, kv_heads, len, head_dim). Prompts shorter than
+        ``min_shared_prefix`` (too short to be reused) and prompts the memo already covers
+        (a memoised prompt starts with them) are skipped."""
+        memo, fp = self._prompt_memo, self.fingerprint
+        real = mask.bool()
+        width = real.shape[1]
+        for r, toks in enumerate(prompts):
+            if len(toks) < self.min_shared_prefix:
+                continue
+            arr = np.asarray(toks, dtype=np.int64)
+            if memo.covers(fp, arr):
+                continue
+            if len(toks) == width:          # no padding in this row (dense)
+                keys = torch.stack([la.keys[r] for la in cache.layers])
+                values = torch.stack([la.values[r] for la in cache.layers])
+            else:
+                idx = real[r].nonzero().squeeze(1)
+                keys = torch.stack([la.keys[r].index_select(1, idx) for la in cache.layers])
+                values = torch.stack([la.values[r].index_select(1, idx) for la in cache.layers])
+            memo.put(fp, arr, keys, values)
 
     def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, list] | None:
         """KV cache of the longest token prefix shared by all ``prompts`` (system prompt,
@@ -322,13 +406,20 @@ class HFBackend:
             n = k
         if n < self.min_shared_prefix:
             return None
-        key = (self.fingerprint, tuple(first[:n]))
+        return self._compute_prefix(first[:n])
+
+    def _compute_prefix(self, toks: list[int]) -> tuple[int, list] | None:
+        """``(len(toks), KV)`` of the token prefix ``toks`` from ``_prefix_memo`` (same
+        fingerprint) or computed by one forward and memoised there (the ``prefix_memo_size``
+        most recent); None if the model's cache cannot be joined."""
+        n = len(toks)
+        key = (self.fingerprint, tuple(toks))
         if key in self._prefix_memo:
             self._prefix_memo.move_to_end(key)
             return n, self._prefix_memo[key]
         cache = growing_cache()
         ckw, extra = self._forward_kwargs()
-        ids = torch.tensor([first[:n]], dtype=torch.long, device=self.device)
+        ids = torch.tensor([list(toks)], dtype=torch.long, device=self.device)
         self.model(input_ids=ids, use_cache=True, **extra, **{ckw: cache})
         self.stats["prefill_tokens"] += n
         if not joinable(cache):
@@ -339,21 +430,163 @@ class HFBackend:
             self._prefix_memo.popitem(last=False)
         return n, kv
 
-    def _prefill_groups(self, take: list[int], prompts: list[list[int]]) -> list[list[int]]:
-        """Cut the prompts to admit (longest first) into prefill batches of at most
-        ``prefill_tokens`` padded tokens (>= 1 prompt each): one prefill of many prompts of
-        different lengths would spend most of its work on padding and quadratic attention."""
+    def _prefill_groups(self, take: list[int], prompts: Sequence[Sequence[int]] | None = None, *,
+                        lengths: Sequence[int] | None = None,
+                        pad_frac: float | None = None) -> list[list[int]]:
+        """Cut the prompts to admit (``take``: indices, longest first) into prefill batches of
+        at most ``prefill_tokens`` padded tokens (>= 1 prompt each): one prefill of many
+        prompts of different lengths would spend most of its work on padding and quadratic
+        attention. Lengths are ``len(prompts[i])``, or ``lengths[i]`` (the tokens each row
+        prefills itself, past a shared prefix) when given. With ``pad_frac``, a row also
+        joins the current group only if its left padding is at most that fraction of the
+        group's width (padding is computed like real tokens)."""
+        lens = lengths if lengths is not None else [len(p) for p in prompts]
         groups: list[list[int]] = []
         width = 0                                  # longest prompt of the last group
         for i in take:
-            w = max(width, len(prompts[i]))
-            if groups and w * (len(groups[-1]) + 1) <= self.prefill_tokens:
+            w = max(width, lens[i])
+            if groups and w * (len(groups[-1]) + 1) <= self.prefill_tokens and (
+                    pad_frac is None or w - lens[i] <= pad_frac * w):
                 groups[-1].append(i)
                 width = w
             else:
                 groups.append([i])
-                width = len(prompts[i])
+                width = lens[i]
         return groups
+
+    def _check_memo_weights(self) -> None:
+        """Drop both prefix memos if any parameter changed since they were filled: a
+        different tensor (untied, replaced) or one modified in place (its version counter;
+        ``load_weights`` also clears them). The memos are keyed by the fingerprint too, so
+        a caller that changes the weights and the fingerprint never reads stale KV; this
+        also covers an in-place change under the same fingerprint."""
+        sig = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if sig != self._memo_sig:
+            self._prefix_memo.clear()
+            self._prompt_memo.clear()
+            self._memo_sig = sig
+
+    def _memo_match(self, arr: np.ndarray) -> tuple[tuple, int] | None:
+        """The memoised KV that covers the longest token prefix of one prompt (``arr``,
+        int64 (n,)), with at least one token of the prompt left over: ``(source, L)``
+        (``source`` = ``("sys", key)`` for ``_prefix_memo``, ``("prompt", key)`` for the
+        prompt memo; ``L`` >= ``min_shared_prefix``), or None. Entries of other fingerprints
+        are ignored."""
+        best, limit, fp = None, len(arr) - 1, self.fingerprint
+        for key in self._prefix_memo:
+            if key[0] == fp:
+                n = _lcp(arr, np.asarray(key[1], dtype=np.int64), limit)
+                if n >= self.min_shared_prefix and (best is None or n > best[1]):
+                    best = (("sys", key), n)
+        got = self._prompt_memo.match(fp, arr, limit)
+        if got is not None and got[1] >= self.min_shared_prefix and (best is None or got[1] > best[1]):
+            best = (("prompt", got[0]), got[1])
+        return best
+
+    def _memo_kv(self, source: tuple, n: int) -> tuple[int, list]:
+        """``(n, [(keys, values) per layer, each (1, kv_heads, n, head_dim)])``: the first
+        ``n`` positions of a memo entry (views; marks the entry most recently used)."""
+        kind, key = source
+        if kind == "sys":
+            self._prefix_memo.move_to_end(key)
+            return n, [(k[:, :, :n], v[:, :, :n]) for k, v in self._prefix_memo[key]]
+        return n, self._prompt_memo.kv(key, n)
+
+    def _plan_prefill(self, prompts: list[list[int]]) -> list[tuple[list[int], tuple[int, list] | None]]:
+        """Plan the prefill of the prompts admitted at once (``prefix_cache="prompts"``):
+        ``[(row indices into prompts, prefix or None)]``, a prefix being ``(P, [(keys,
+        values) per layer, each (1, kv_heads, P, head_dim)])`` as :meth:`_prefill` takes it;
+        rows of a group longest first, each group at most ``prefill_tokens`` padded tokens of
+        its own (past the prefix); the groups cover every row once. May run one forward per
+        cluster whose prefix is not memoised.
+
+        1. Clusters: the prompts sorted by their token ids; neighbours sharing at least
+           ``min_shared_prefix`` tokens are one cluster (a skill's prompts: its system
+           prompt), prefilled over the cluster's common prefix -- so two skills' prompts
+           queued together are prefilled each over its own system prompt's KV.
+        2. Memo: each prompt's longest memoised prefix (:meth:`_memo_match`: a shared
+           prefix, or a whole earlier prompt, e.g. an agent's previous turn). A prompt whose
+           memoised prefix is at least ``memo_split_tokens`` longer than its cluster's common
+           prefix (or that has no cluster) leaves the cluster: it is prefilled over
+           its memo entry, with the other prompts that picked the same entry (at their
+           shortest match), e.g. a group of one.
+        3. The cluster's common prefix KV is sliced from a memo entry that covers it, else
+           computed once (:meth:`_shared_prefix`, memoised in ``_prefix_memo``).
+
+        Every prompt keeps at least one token for its own prefill. Each prefilled prompt's KV
+        is then memoised (:meth:`_memoise_prompts`). Stats: ``prefill_reused`` counts the admitted rows' prompt tokens served by a prefix
+        KV, ``prefill_memo`` those of them served from KV memoised before this admission.
+        """
+        thr = self.min_shared_prefix
+        n = len(prompts)
+        arrs = [np.asarray(p, dtype=np.int64) for p in prompts]
+        self._check_memo_weights()
+        best = [self._memo_match(a) for a in arrs]
+        order = sorted(range(n), key=lambda i: prompts[i])
+        clusters: list[list[int]] = [[order[0]]]
+        for a, b in zip(order, order[1:]):
+            if _lcp(arrs[a], arrs[b], min(len(arrs[a]), len(arrs[b])) - 1) >= thr:
+                clusters[-1].append(b)
+            else:
+                clusters.append([b])
+
+        def common(members: list[int]) -> int:   # members in token order: first vs last
+            lo = min(len(arrs[i]) for i in members) - 1
+            return _lcp(arrs[members[0]], arrs[members[-1]], lo)
+
+        plan: list[tuple[list[int], tuple[int, list] | None, bool]] = []
+        alone: list[int] = []                     # rows prefilled without a prefix
+        by_source: dict[tuple, list[int]] = {}
+        for members in clusters:
+            shared: list[int] = []
+            if len(members) >= 2:
+                L = common(members)
+                shared = [i for i in members
+                          if best[i] is None or best[i][1] < L + self.memo_split_tokens]
+                if len(shared) >= 2 and common(shared) >= thr:
+                    L = common(shared)
+                else:
+                    shared = []
+            for i in members:
+                if i in shared:
+                    continue
+                if best[i] is not None:
+                    by_source.setdefault(best[i][0], []).append(i)
+                else:
+                    alone.append(i)
+            if shared:
+                src = next((best[i][0] for i in shared if best[i] is not None and best[i][1] >= L), None)
+                if src is None:
+                    before = self.stats["prefill_tokens"]     # grows when it is computed
+                    pre = self._shared_prefix([prompts[i] for i in shared])
+                    hit = pre is not None and self.stats["prefill_tokens"] == before
+                else:
+                    hit = True
+                    pre = self._memo_kv(src, L)
+                    if src[0] == "prompt":   # keep the shared prefix past the prompt's eviction
+                        key = (self.fingerprint, tuple(prompts[shared[0]][:L]))
+                        if key not in self._prefix_memo:
+                            self._prefix_memo[key] = [(k.clone(), v.clone()) for k, v in pre[1]]
+                            while len(self._prefix_memo) > self.prefix_memo_size:
+                                self._prefix_memo.popitem(last=False)
+                if pre is None:
+                    alone += shared
+                else:
+                    plan.append((shared, pre, hit))
+        for src, members in by_source.items():
+            plan.append((members, self._memo_kv(src, min(best[i][1] for i in members)), True))
+        if alone:
+            plan.append((alone, None, False))
+        out = []
+        for members, pre, hit in plan:
+            P = pre[0] if pre is not None else 0
+            self.stats["prefill_reused"] += P * len(members)
+            self.stats["prefill_memo"] += P * len(members) if hit else 0
+            lens = {i: len(prompts[i]) - P for i in members}
+            members = sorted(members, key=lambda i: -lens[i])
+            out += [(g, pre) for g in self._prefill_groups(members, lengths=lens,
+                                                           pad_frac=self.prefill_pad_frac)]
+        return out
 
     def _greedy(self, prompts: list[list[int]], max_new_tokens: int,
                 stop: list[str]) -> list[str]:
@@ -376,7 +609,9 @@ class HFBackend:
             fed[0] = True
             return reqs
 
-        self._decode_loop(poll, prefix=self._shared_prefix(prompts))
+        self._check_memo_weights()
+        self._decode_loop(poll, prefix=(self._shared_prefix(prompts)
+                                        if self.prefix_cache == "call" else None))
         return out
 
     @torch.inference_mode()
@@ -391,9 +626,11 @@ class HFBackend:
         prefilled and join the running batch at the next step (when at least a quarter of
         ``batch_size`` slots are free or all queued ones fit, as in :meth:`generate`); each
         row ends at EOS, its own ``max_new_tokens`` or its own stop strings, and its
-        ``on_done`` is called with its reply as soon as it ends. Queued prompts sharing a token
-        prefix of at least ``min_shared_prefix`` tokens (or one already memoised for these
-        weights) get it computed once (see :meth:`_group_prefix`). Runs on the calling thread;
+        ``on_done`` is called with its reply as soon as it ends. The prompts admitted at once
+        are prefilled per :meth:`_plan_prefill` (``prefix_cache="prompts"``: each over its
+        longest shared or memoised prefix, skills' system prompts and agents' previous turns
+        included) or, with ``prefix_cache="call"``, per prefill group over the group's
+        memoised or shared prefix (:meth:`_group_prefix`). Runs on the calling thread;
         the weights must not be changed (``load_weights``) while it runs.
 
         Raises:
@@ -439,8 +676,10 @@ class HFBackend:
         ``max_new_tokens``, one of its stop strings) is evicted from the batch and the KV
         cache at once and its ``on_done`` called; when at least ``max(1, batch_size // 4)``
         slots are free (or all queued requests fit), the next queued prompts are prefilled
-        (left-padded, in groups of at most ``prefill_tokens`` padded tokens, over the shared
-        ``prefix`` KV when given, else :meth:`_group_prefix`) and joined to the running batch.
+        (left-padded, in groups of at most ``prefill_tokens`` padded tokens; over the shared
+        ``prefix`` KV when given, else per :meth:`_plan_prefill` with
+        ``prefix_cache="prompts"`` -- each group over its rows' shared or memoised prefix --
+        or :meth:`_group_prefix` with ``"call"``) and joined to the running batch.
         Shapes: active rows A <= batch_size feed (A, 1) tokens; the KV cache holds
         (A, kv_heads, T, head_dim) per layer. If a prefilled HF cache is not
         :func:`~cycleqd.inference._kvcache.joinable` (a layer holding no KV of its own, e.g.
@@ -473,11 +712,20 @@ class HFBackend:
                 t0 = time.perf_counter()
                 take = [pending.popleft() for _ in range(min(free, len(pending)))]
                 prompts = [r.prompt_ids for r in take]
-                groups = (self._prefill_groups(list(range(len(take))), prompts)
-                          if batch.joinable else [list(range(len(take)))])
-                for k, group in enumerate(groups):
+                planned = prefix is None and batch.joinable and self._memo_on()
+                if planned:      # per prompt: shared and memoised prefixes (_plan_prefill)
+                    plan = self._plan_prefill(prompts)
+                else:
+                    self._check_memo_weights()
+                    plan = [(g, None) for g in (self._prefill_groups(list(range(len(take))), prompts)
+                                                if batch.joinable else [list(range(len(take)))])]
+                groups = [g for g, _ in plan]
+                for k, (group, pre) in enumerate(plan):
                     gp = [prompts[i] for i in group]
-                    pre = prefix if prefix is not None else self._group_prefix(gp)
+                    if not planned:      # prefix_cache="call" (or no prefix reuse at all)
+                        pre = prefix if prefix is not None else (
+                            self._group_prefix(gp) if self.prefix_cache == "call"
+                            or self.min_shared_prefix else None)
                     if pre is not None and any(len(p) <= pre[0] for p in gp):
                         pre = None
                     batch.admit(gp, pre, max(take[i].max_new_tokens for i in group))
@@ -528,10 +776,16 @@ class HFBackend:
         its copy to the host) and in the host loop (``host_s``: token bookkeeping, stop
         checks, detokenisation, ``on_done``), and counts of decode ``steps``, ``row_steps``
         (rows x steps), ``prefill_rows``, ``prefill_tokens`` (prompt tokens run through the
-        model: each row's own part, plus a shared prefix when it is computed), ``attended``
+        model: each row's own part, plus a shared prefix when it is computed),
+        ``prefill_padded`` (the rows' own parts with their left padding: what the prefill
+        forwards computed, shared prefixes excluded),
+        ``prefill_reused`` (prompt tokens of admitted rows taken from a shared or memoised
+        prefix's KV instead, ``prefix_cache="prompts"``), ``prefill_memo`` (of those, the
+        tokens whose KV was memoised before their admission), ``attended``
         (key positions attended, summed over decode row-steps) and generated ``tokens``."""
         self.stats = dict.fromkeys(("poll_s", "prefill_s", "decode_s", "host_s"), 0.0)
         self.stats.update(dict.fromkeys(("steps", "row_steps", "prefill_rows", "prefill_tokens",
+                                         "prefill_padded", "prefill_reused", "prefill_memo",
                                          "attended", "tokens"), 0))
 
     def _generation_config(self, max_new_tokens: int, stop: list[str]):
@@ -587,6 +841,85 @@ class HFBackend:
             targets[name].copy_(t)
         self.fingerprint = fingerprint
         self._prefix_memo.clear()
+        self._prompt_memo.clear()
+
+
+def _lcp(a: np.ndarray, b: np.ndarray, limit: int) -> int:
+    """Length of the common prefix of two int64 token arrays, at most ``limit`` (>= 0)."""
+    n = max(0, min(limit, len(a), len(b)))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+class _PromptMemo:
+    """The prompt KV memo of :class:`HFBackend` (``prefix_cache="prompts"``): automatic
+    prefix caching at prompt granularity.
+
+    Entries: ``(fingerprint, prompt token ids) -> (keys, values)``, each a tensor
+    (layers, kv_heads, len, head_dim) in the model's dtype and device: the prompt's KV
+    cache as prefilled. The KV of a causal LM's first ``n`` positions depends only on its
+    first ``n`` tokens, so an entry serves any prompt sharing ``n`` tokens with it
+    (:meth:`match`, :meth:`kv` slices). Bounded by ``max_bytes`` (least recently used entries
+    dropped first; an entry larger than the bound is not kept); storing a prompt drops the
+    entries it extends (an agent's previous turn: the new entry covers it) and entries of
+    other fingerprints (a new child's weights). Not thread-safe: used by the decode loop's
+    thread only.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.entries: OrderedDict[tuple, tuple[np.ndarray, torch.Tensor, torch.Tensor, int]] = OrderedDict()
+        self.bytes = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def match(self, fp: str, arr: np.ndarray, limit: int) -> tuple[tuple, int] | None:
+        """``(key, n)``: the entry of fingerprint ``fp`` sharing the longest token prefix
+        with ``arr`` (n tokens, at most ``limit``), or None (no entry shares a token)."""
+        best = None
+        for key, (toks, *_rest) in self.entries.items():
+            if key[0] == fp:
+                n = _lcp(arr, toks, limit)
+                if n and (best is None or n > best[1]):
+                    best = (key, n)
+        return best
+
+    def covers(self, fp: str, arr: np.ndarray) -> bool:
+        """True when an entry of ``fp`` starts with all of ``arr`` (marks it recently used)."""
+        for key, (toks, *_rest) in self.entries.items():
+            if key[0] == fp and len(toks) >= len(arr) and _lcp(arr, toks, len(arr)) == len(arr):
+                self.entries.move_to_end(key)
+                return True
+        return False
+
+    def kv(self, key: tuple, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n`` positions of entry ``key``: per layer (keys, values), each a
+        (1, kv_heads, n, head_dim) view; marks the entry most recently used."""
+        self.entries.move_to_end(key)
+        _, keys, values, _ = self.entries[key]
+        return [(keys[i, :, :n][None], values[i, :, :n][None]) for i in range(keys.shape[0])]
+
+    def put(self, fp: str, arr: np.ndarray, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store a prompt's KV (``keys``/``values`` (layers, kv_heads, len(arr), head_dim));
+        drops the entries it extends and other fingerprints' entries, then the least
+        recently used ones until the total is within ``max_bytes``."""
+        nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        if nbytes > self.max_bytes:
+            return
+        for key, (toks, _k, _v, nb) in list(self.entries.items()):
+            if key[0] != fp or (len(toks) <= len(arr) and _lcp(arr, toks, len(toks)) == len(toks)):
+                del self.entries[key]
+                self.bytes -= nb
+        self.entries[(fp, arr.tobytes())] = (arr, keys, values, nbytes)
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes:
+            _, (_t, _k, _v, nb) = self.entries.popitem(last=False)
+            self.bytes -= nb
 
 
 @dataclass

@@ -96,9 +96,12 @@ def test_shared_prefix_computed_once_same_replies(tiny_llama_dirs, convs, monkey
     monkeypatch.setattr(HFBackend, "_shared_prefix", spy)
     with_prefix = ev.generate(shared, max_new_tokens=16)
     assert prefixes and prefixes[-1] is not None and prefixes[-1] >= 32
-    ev.min_shared_prefix = 0
+    prefixes.clear()
+    ev.min_shared_prefix = 0            # no prefix reuse of any kind (memos included)
+    ev.reset_stats()
     assert ev.generate(shared, max_new_tokens=16) == with_prefix
-    assert prefixes[-1] is None
+    assert all(p is None for p in prefixes) and ev.stats["prefill_reused"] == 0
+    assert ev.stats["prefill_tokens"] == sum(len(ev.prompt_ids(c)) for c in shared)
     ev.batch_size = 1
     assert [ev.generate([c], max_new_tokens=16)[0] for c in shared] == with_prefix
     hf = HFBackend.from_pretrained(a, batch_size=3, engine="generate")
@@ -131,6 +134,10 @@ def test_max_new_tokens_bounds_reply(backends, convs, monkeypatch):
     monkeypatch.setattr(be.model, "forward", spy)
     for n in (1, 5):
         calls.clear()
+        # a cold prompt memo (memoised prompts are prefilled in groups per memo entry) and
+        # no padding bound on the prefill groups (prefill_pad_frac splits them further)
+        be._prompt_memo.clear()
+        monkeypatch.setattr(be, "prefill_pad_frac", None)
         short = be.generate(convs, max_new_tokens=n)
         assert len(calls) <= 2 * n
         assert sum(1 for shape in calls if shape[1] > 1) == 2  # two prefills
