@@ -472,6 +472,34 @@ class FastLlamaBatch:
         self.group: list[int | None] = [None] * self.B
         #: group key -> (P, per layer (keys, values) each (1, kv_heads, P, head_dim))
         self.prefixes: dict[int, tuple[int, list]] = {}
+        self._adopt(getattr(backend, "_fast_kv", None))
+        backend._fast_kv = None
+
+    def _adopt(self, spare) -> None:
+        """Take over the KV buffers a previous batch of the same backend handed back
+        (:meth:`release`) when their shapes, dtype and device fit: allocating and zeroing them
+        afresh costs ~1.5 GB of zero-filling per decode loop at 32 rows x 1000 positions for
+        SmolLM2-135M (measured: 5.2 s of a 27.5 s child evaluation). Their ``dirty`` extents
+        come with them, so the zero-past-length invariant holds exactly as for a slot reused
+        within one batch."""
+        if not spare:
+            return
+        keys, values, mask, cap, dirty = spare
+        d, kv = self.dec.head_dim, self.dec.n_kv
+        want = (self.B, kv, cap, d)
+        if (len(keys) == len(self.dec.layers) and all(
+                t.shape == want and t.dtype == self.dec.embed.dtype and t.device == self.dec.embed.device
+                for t in keys + values) and mask.shape == (self.B, cap) and len(dirty) == self.B):
+            self.keys, self.values, self.mask, self.cap, self.dirty = keys, values, mask, cap, list(dirty)
+
+    def release(self) -> None:
+        """Hand the KV buffers back to the backend for its next decode loop (called by
+        :meth:`HFBackend._decode_loop <cycleqd.inference.hf.HFBackend._decode_loop>` on a
+        normal end only: after an exception inside a step ``dirty`` could understate what was
+        written). This batch must not be used afterwards."""
+        if self.cap:
+            self.be._fast_kv = (self.keys, self.values, self.mask, self.cap, self.dirty)
+        self.keys, self.values, self.cap, self.A = [], [], 0, 0
 
     @staticmethod
     def decoder(model: torch.nn.Module) -> LlamaDecoder:
@@ -559,6 +587,9 @@ class FastLlamaBatch:
         self._clear_tails([(a + r, c) for r, c in enumerate(counts)])
         first = self.dec.prefill(prompts, prefix, self.keys, self.values, list(range(a, a + n)))
         self.be.stats["prefill_tokens"] += sum(counts)
+        memoise = getattr(self.be, "_memoise_slots", None)
+        if memoise is not None:     # the backend's prompt memo (agent turn N+1 reuses turn N)
+            memoise(prompts, prefix, self.keys, self.values, list(range(a, a + n)))
         key = None
         if P:
             key = id(prefix[1])

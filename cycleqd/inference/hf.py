@@ -390,6 +390,35 @@ class HFBackend:
                 values = torch.stack([la.values[r].index_select(1, idx) for la in cache.layers])
             memo.put(fp, arr, keys, values)
 
+    def _memoise_slots(self, prompts: list[list[int]], prefix: tuple[int, list] | None,
+                       keys: list[torch.Tensor], values: list[torch.Tensor], slots: list[int]) -> None:
+        """:meth:`_memoise_prompts` for the lean decoder's prefill
+        (:meth:`FastLlamaBatch.admit <cycleqd.inference.fastllama.FastLlamaBatch.admit>`),
+        which writes each prompt's own positions straight into its slot: prompt r's KV is the
+        ``prefix`` KV (P positions, each layer (1, kv_heads, P, head_dim)) followed by slot
+        ``slots[r]``'s first ``len(prompts[r]) - P`` positions of ``keys``/``values`` (per layer
+        (batch_size, kv_heads, capacity, head_dim)); stored (layers, kv_heads, len, head_dim)."""
+        if not (self._memo_on() and self._prompt_memo.max_bytes):
+            return
+        memo, fp = self._prompt_memo, self.fingerprint
+        P = prefix[0] if prefix else 0
+        for toks, s_ in zip(prompts, slots):
+            if len(toks) < self.min_shared_prefix:
+                continue
+            arr = np.asarray(toks, dtype=np.int64)
+            if memo.covers(fp, arr):
+                continue
+            c = len(toks) - P
+            if P:
+                ks = torch.stack([torch.cat([pk[0, :, :P], K[s_, :, :c]], dim=1)
+                                  for (pk, _), K in zip(prefix[1], keys)])
+                vs = torch.stack([torch.cat([pv[0, :, :P], V[s_, :, :c]], dim=1)
+                                  for (_, pv), V in zip(prefix[1], values)])
+            else:
+                ks = torch.stack([K[s_, :, :c] for K in keys])
+                vs = torch.stack([V[s_, :, :c] for V in values])
+            memo.put(fp, arr, ks, vs)
+
     def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, list] | None:
         """KV cache of the longest token prefix shared by all ``prompts`` (system prompt,
         instructions...), if there are >= 2 prompts, it is >= ``min_shared_prefix`` tokens
@@ -705,6 +734,9 @@ class HFBackend:
                     raise TypeError("generate_stream: poll must return a list of Requests or None")
             if not rows and not pending:
                 if closed:
+                    release = getattr(batch, "release", None)
+                    if release is not None:    # the lean decoder's KV buffers, for the next loop
+                        release()
                     return
                 continue
             free = self.batch_size - len(rows)

@@ -212,3 +212,28 @@ def test_lean_prefill_matches_transformers_prefill(tiny_llama_dirs, shared):
     for x, y in zip(ba.keys + ba.values, bb.keys + bb.values):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
     assert bool((pa[1] == len(prompts[1]) + 6))
+
+
+def test_kv_buffers_reused_across_decode_loops_and_poison_cleared(tiny_llama_dirs):
+    """A decode loop hands its KV buffers to the next (no re-allocation and zero-filling per
+    loop); a previous occupant's leftovers -- here NaN written over everything a slot ever
+    held -- never reach a later loop's rows: replies equal a fresh backend's."""
+    from cycleqd.inference import HFBackend
+    d = tiny_llama_dirs[0]
+    conv = [[{"role": "user", "content": "Say something about lists, at length. " * k}] for k in (1, 3, 2, 4)]
+    be = HFBackend.from_pretrained(d, batch_size=4, min_shared_prefix=0)
+    first = be.generate(conv, max_new_tokens=8)
+    spare = be._fast_kv
+    assert spare is not None and spare[3] > 0                    # handed back at the loop's end
+    keys, values, _mask, cap, dirty = spare
+    with torch.inference_mode():                                 # poison what was ever written
+        for K, V in zip(keys, values):
+            for s_, n in enumerate(dirty):
+                K[s_, :, :n] = float("nan")
+                V[s_, :, :n] = float("nan")
+    short = [[{"role": "user", "content": "Hi."}]] * 2 + conv[:2]
+    got = be.generate(short, max_new_tokens=8)
+    assert be._fast_kv[0][0] is keys[0]                          # the same buffers, reused
+    fresh = HFBackend.from_pretrained(d, batch_size=4, min_shared_prefix=0)
+    assert got == fresh.generate(short, max_new_tokens=8)
+    assert first == fresh.generate(conv, max_new_tokens=8)

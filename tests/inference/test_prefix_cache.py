@@ -64,13 +64,21 @@ def test_mixed_skills_prefilled_over_their_own_system_prompt(tiny_llama_dirs, mi
     old = HFBackend.from_pretrained(d, batch_size=8, fast=fast, prefix_cache="call")
     ids = [new.prompt_ids(c) for c in mixed]
     seen = []
-    real = HFBackend._prefill
+    # every admission (prompts, prefix length): the lean decoder prefills through its own
+    # layers (FastLlamaBatch._admit_lean), the transformers path through HFBackend._prefill
+    from cycleqd.inference.fastllama import FastLlamaBatch
+    real, real_lean = HFBackend._prefill, FastLlamaBatch._admit_lean
 
     def spy(self, prompts, prefix=None):
         seen.append(([list(p) for p in prompts], prefix[0] if prefix else 0))
         return real(self, prompts, prefix)
 
+    def spy_lean(self, prompts, prefix, max_new_tokens):
+        seen.append(([list(p) for p in prompts], prefix[0] if prefix else 0))
+        return real_lean(self, prompts, prefix, max_new_tokens)
+
     monkeypatch.setattr(HFBackend, "_prefill", spy)
+    monkeypatch.setattr(FastLlamaBatch, "_admit_lean", spy_lean)
     got = _stream(new, [ids], 10)
     groups_new = list(seen)
     seen.clear()
