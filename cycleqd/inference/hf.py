@@ -690,6 +690,12 @@ class HFBackend:
             why = fast_unsupported(self.model)
             if why is None:
                 if self._fast_decoder is None or not self._fast_decoder.current():
+                    if self._fast_decoder is not None:
+                        # the weights changed, possibly through ``.data`` (no version counter
+                        # moves, so _check_memo_weights cannot see it; current() compares
+                        # contents): no memoised KV of the old weights may be reused
+                        self._prefix_memo.clear()
+                        self._prompt_memo.clear()
                     self._fast_decoder = None      # free the stale copies before building
                     self._fast_decoder = FastLlamaBatch.decoder(self.model)
                 return FastLlamaBatch(self, self._fast_decoder)
