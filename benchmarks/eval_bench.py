@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         path = ensure_smollm2()
     new = HFBackend.from_pretrained(path, batch_size=args.batch_size, fingerprint="bench", fast=True)
     old = HFBackend(new.model, new.tokenizer, batch_size=args.old_batch_size, fingerprint="bench",
-                    fast=False)
+                    fast=False, prefix_cache="call")      # the engine of 2026-12-01
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load {load()}")
     print(f"model {path} loaded in {time.perf_counter() - t:.1f}s")
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         """One run of a path as a child's evaluation would: no prefix memo, the lean decoder
         (weight copies, packed buckets) rebuilt inside the timed call."""
         be._prefix_memo.clear()
+        be._prompt_memo.clear()     # no path reuses another's (or its own earlier) prompts' KV
         be._fast_decoder = None
         attr = {"cascade": "cascade", "prefill": "lean_prefill"}.get(feat)
         saved = getattr(fastllama.FastLlamaBatch, attr) if attr else None
