@@ -24,6 +24,12 @@ included), 2 x (decoder matmul parameters) per prefilled prompt token, 4 x layer
 head_dim x attended positions per decode row-step; prefill attention and the shared prefix's
 reuse are not counted (so the fraction is a lower bound).
 
+The other limit, the one a decode step of a 135M model at tens of rows actually meets on this
+machine: memory bandwidth. A step streams every weight once (~0.54 GB fp32 for SmolLM2-135M)
+and each row's KV once per layer; the run also measures the copy bandwidth (STREAM copy of
+512 MiB, before and after) and prints the decode forwards' traffic (``decode_bytes``: weights
+x steps + the KV positions the attention calls read, ``stats["kv_read"]``) as a fraction of it.
+
     nice python benchmarks/eval_bench.py --n 64 --threads 1          # old vs new, profile
     nice python benchmarks/eval_bench.py --n 32 --sequential         # + one-at-a-time
     nice python benchmarks/eval_bench.py --n 32 --repeat 2 --ablate pack,cascade,prefill
@@ -59,6 +65,39 @@ def gemm_peak(n: int = 2048, reps: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
+
+
+def mem_bandwidth(mb: int = 512, reps: int = 5) -> float:
+    """Best ``dst.copy_(src)`` rate over two fp32 buffers of ``mb`` MiB each (larger than
+    the caches), GB/s counting the read and the write (STREAM "copy"), with the current torch
+    thread count: the memory roofline of a decode step, which streams every weight once per
+    step and each row's KV once per layer."""
+    import torch
+    n = mb * (1 << 20) // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * 4 / best / 1e9
+
+
+def decode_bytes(model, st: dict) -> float:
+    """Bytes a lean decode run must move at least: every GEMM weight (q/k/v, o, gate/up,
+    down of each layer and the lm_head; ``model``'s dtype) once per decode step, plus the KV
+    its attention calls read (``st["kv_read"]`` positions x layers x 2 (K, V) x kv_heads x
+    head_dim); activations and KV writes are left out (so the bandwidth fraction is a lower
+    bound)."""
+    cfg = model.config
+    L, D = cfg.num_hidden_layers, cfg.hidden_size
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or D // H
+    size = next(model.parameters()).element_size()
+    weights = (L * (D * (H * d + 2 * KV * d) + H * d * D + 3 * D * cfg.intermediate_size)
+               + D * cfg.vocab_size) * size
+    return weights * st["steps"] + st.get("kv_read", 0) * L * 2 * KV * d * size
 
 
 def load() -> str:
@@ -158,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     convs = [skill.conversation(p) for p in skill.problems]
     n = len(convs)
     peaks = [gemm_peak()]
+    bws = [mem_bandwidth()]
     print(f"fp32 GEMM peak (torch.mm 2048^3, {torch.get_num_threads()} threads): {peaks[0]:.1f} "
-          f"GFLOP/s; load {load()}", flush=True)
+          f"GFLOP/s; memory bandwidth (copy of 512 MiB): {bws[0]:.1f} GB/s; load {load()}", flush=True)
 
     def run(be, label):
         be.reset_stats()
@@ -222,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  new / new-without-{feat} throughput (best runs): "
               f"{res[key][1] / res['new'][1]:.2f}x; identical replies: {same_u}/{n}", flush=True)
     peaks.append(gemm_peak())
-    peak = max(peaks)
-    print(f"fp32 GEMM peak again: {peaks[1]:.1f} GFLOP/s -> peak used {peak:.1f} GFLOP/s")
+    bws.append(mem_bandwidth())
+    peak, bw = max(peaks), max(bws)
+    print(f"fp32 GEMM peak again: {peaks[1]:.1f} GFLOP/s -> peak used {peak:.1f} GFLOP/s; "
+          f"bandwidth again {bws[1]:.1f} GB/s -> used {bw:.1f} GB/s")
     figures = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "n": n,
-               "max_new_tokens": args.max_new_tokens, "peak_gflops": peak}
+               "max_new_tokens": args.max_new_tokens, "peak_gflops": peak, "bandwidth_gbs": bw}
     for k, (_, dt, st) in res.items():
         figures[k] = {"seconds": dt, "problems_per_s": n / dt, "tokens_per_s": st["tokens"] / dt,
                       "batch_size": (old if k == "old" else new).batch_size, "stats": st}
@@ -252,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     decode_rate = (f_tok * st["row_steps"] + f_att * st["attended"]) / max(st["decode_s"], 1e-9) / 1e9
     print(f"  decode forwards alone: {decode_rate:.1f} GFLOP/s = {decode_rate / peak:.1%} of peak; "
           f"prefill alone: {f_pre * st['prefill_tokens'] / max(st['prefill_s'], 1e-9) / 1e9:.1f} GFLOP/s")
+    moved = decode_bytes(new.model, st)
+    traffic = moved / max(st["decode_s"], 1e-9) / 1e9
+    figures.update(decode_gbs=traffic, decode_fraction_of_bandwidth=traffic / bw)
+    print(f"  decode forwards' memory traffic (weights once per step + KV read, lower bound): "
+          f"{traffic:.1f} GB/s = {traffic / bw:.1%} of the measured copy bandwidth "
+          f"({moved / max(st['steps'], 1) / 1e6:.0f} MB per step over {st['steps']} steps)")
     if args.sequential:
         t0 = time.perf_counter()
         seq = [new.generate([c], max_new_tokens=args.max_new_tokens)[0] for c in convs]

@@ -652,6 +652,7 @@ class FastLlamaBatch:
         c = self.attn_rows
         chunks = [(r, min(r + c, a), max(lens[r:r + c]) + 1) for r in range(0, a, c)]
         self.be.stats["attended"] += sum(lens) + a
+        self.be.stats["kv_read"] += sum((r1 - r0) * t for r0, r1, t in chunks)
         groups = []
         if self.prefixes:
             rows: dict[int, list[int]] = {}
@@ -662,6 +663,7 @@ class FastLlamaBatch:
                 P, kv = self.prefixes[g]
                 groups.append((torch.tensor(idx, device=self.mask.device), kv))
                 self.be.stats["attended"] += P * len(idx)
+                self.be.stats["kv_read"] += P
         self.nxt[:a] = self.dec.step(self.nxt[:a], self.pos[:a], self.keys, self.values,
                                      self.mask, length, chunks, groups)
         for r, n in enumerate(lens):

@@ -820,11 +820,14 @@ class HFBackend:
         ``prefill_reused`` (prompt tokens of admitted rows taken from a shared or memoised
         prefix's KV instead, ``prefix_cache="prompts"``), ``prefill_memo`` (of those, the
         tokens whose KV was memoised before their admission), ``attended``
-        (key positions attended, summed over decode row-steps) and generated ``tokens``."""
+        (key positions attended, summed over decode row-steps), ``kv_read`` (key positions
+        the lean decoder's attention calls read: a chunk of rows reads each of its rows up to
+        the chunk's longest, a shared prefix once per group and step -- the memory traffic
+        ``benchmarks/eval_bench.py`` puts against the bandwidth) and generated ``tokens``."""
         self.stats = dict.fromkeys(("poll_s", "prefill_s", "decode_s", "host_s"), 0.0)
         self.stats.update(dict.fromkeys(("steps", "row_steps", "prefill_rows", "prefill_tokens",
                                          "prefill_padded", "prefill_reused", "prefill_memo",
-                                         "attended", "tokens"), 0))
+                                         "attended", "kv_read", "tokens"), 0))
 
     def _generation_config(self, max_new_tokens: int, stop: list[str]):
         from transformers import GenerationConfig
