@@ -143,7 +143,7 @@ class LlamaDecoder:
     #: beyond the last, up to a multiple of 16)
     buckets: tuple[int, ...] = (8, 16, 32, 48, 64)
     #: packed buckets kept at once (each ~ one copy of the GEMM weights)
-    max_packed: int = 3
+    max_packed: int = 2
 
     def __init__(self, model: torch.nn.Module, pack: bool | None = None) -> None:
         cfg = model.config

@@ -108,7 +108,8 @@ class HFBackend:
               prompts must share it), per prefill group in :meth:`generate_stream`, with the
               shared prefixes memoised (``prefix_memo_size``); no prompt memo.
         prompt_memo_bytes: most bytes of prompt KV the ``"prompts"`` memo keeps (default
-            1.5 GiB: SmolLM2-135M in fp32 holds 45 KiB per token (30 layers x 2 x 3 KV heads
+            512 MiB, lowered from 1.5 GiB after a full demo was killed for memory at 24 GB
+            peak RSS on a 24 GiB machine; SmolLM2-135M in fp32 holds 45 KiB per token (30 layers x 2 x 3 KV heads
             x 64 dims x 4 bytes), so ~35k prompt tokens: a demo child's 40 agent episodes
             (~450-token prompts, each turn replacing its previous one) and 20 coding prompts
             take ~1.1 GiB; Llama-3-8B in bf16, 128 KiB per token: ~12k tokens); 0 disables the
@@ -124,7 +125,7 @@ class HFBackend:
                  chat_template: str | None = None, sort_by_length: bool = True,
                  engine: str = "evict", prefill_tokens: int = 2048,
                  min_shared_prefix: int = 32, fast: bool = True, prefix_cache: str = "prompts",
-                 prompt_memo_bytes: int = 3 << 29) -> None:
+                 prompt_memo_bytes: int = 1 << 29) -> None:
         check_int("batch_size", batch_size)
         check_choice("engine", engine, ("evict", "generate"))
         check_choice("prefix_cache", prefix_cache, ("prompts", "call"))
