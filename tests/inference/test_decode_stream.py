@@ -183,6 +183,7 @@ def test_reused_slot_never_leaks_a_previous_rows_nonfinite_kv(tmp_path):
     positions by 0 and 0 * NaN = NaN: C must still get the reply it gets alone and on the
     transformers path (every slot position past a row's length is zeroed)."""
     from cycleqd.models.tiny import make_tiny_llama
+    from tests.inference._poison import poisoned_stream
 
     d = make_tiny_llama(tmp_path / "m", seed=0, hidden_size=64, num_layers=2)
     bad = 7
@@ -190,18 +191,7 @@ def test_reused_slot_never_leaks_a_previous_rows_nonfinite_kv(tmp_path):
     C, B = list(range(100, 110)), list(range(200, 250))
 
     def run(fast):
-        be = HFBackend.from_pretrained(d, batch_size=2, fast=fast, min_shared_prefix=0)
-        sd = {k: v.clone() for k, v in be.model.state_dict().items()}
-        sd["model.embed_tokens.weight"][bad] = float("inf")
-        be.load_weights(sd, "poisoned")
-        out, alone = {}, {}
-        script = iter([[Request(A, 1, on_done=lambda t: out.__setitem__("A", t)),
-                        Request(C, 12, on_done=lambda t: out.__setitem__("C", t))],
-                       [Request(B, 12, on_done=lambda t: out.__setitem__("B", t))]])
-        be.generate_stream(lambda block: next(script, None))
-        it = iter([[Request(C, 12, on_done=lambda t: alone.__setitem__("C", t))]])
-        be.generate_stream(lambda block: next(it, None))
-        return out["C"], alone["C"]
+        return poisoned_stream(d, A, B, C, bad, fast=fast, min_shared_prefix=0)[:2]
 
     fast_stream, fast_alone = run(True)
     slow_stream, _ = run(False)

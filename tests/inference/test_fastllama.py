@@ -153,8 +153,8 @@ def test_cascade_reused_slot_never_leaks_nonfinite_kv(tmp_path):
     moves into A's slot, and B (same prefix, longer suffix) shares C's attention chunk. With
     the prefix attended separately, C's zeroed slot tail must still keep C's reply equal to
     its reply alone and to the transformers path."""
-    from cycleqd.inference.base import Request
     from cycleqd.models.tiny import make_tiny_llama
+    from tests.inference._poison import poisoned_stream
 
     d = make_tiny_llama(tmp_path / "m", seed=0, hidden_size=64, num_layers=2)
     bad = 7
@@ -165,18 +165,7 @@ def test_cascade_reused_slot_never_leaks_nonfinite_kv(tmp_path):
     C, B = pre + list(range(100, 104)), pre + list(range(200, 230))
 
     def run(fast):
-        be = HFBackend.from_pretrained(d, batch_size=2, fast=fast, min_shared_prefix=8)
-        sd = {k: v.clone() for k, v in be.model.state_dict().items()}
-        sd["model.embed_tokens.weight"][bad] = float("inf")
-        be.load_weights(sd, "poisoned")
-        out, alone = {}, {}
-        script = iter([[Request(A, 1, on_done=lambda t: out.__setitem__("A", t)),
-                        Request(C, 12, on_done=lambda t: out.__setitem__("C", t))],
-                       [Request(B, 12, on_done=lambda t: out.__setitem__("B", t))]])
-        be.generate_stream(lambda block: next(script, None))
-        it = iter([[Request(C, 12, on_done=lambda t: alone.__setitem__("C", t))]])
-        be.generate_stream(lambda block: next(it, None))
-        return out["C"], alone["C"], out["B"]
+        return poisoned_stream(d, A, B, C, bad, fast=fast, min_shared_prefix=8)
 
     fast_stream, fast_alone, fast_b = run(True)
     slow_stream, _, slow_b = run(False)
