@@ -367,58 +367,58 @@ class HFBackend:
         reuse enabled by ``min_shared_prefix``, a cache that can be joined)."""
         return self.prefix_cache == "prompts" and self.min_shared_prefix > 0 and self._joinable
 
-    def _memoise_prompts(self, prompts: list[list[int]], cache, mask: torch.Tensor) -> None:
-        """Store each prefilled prompt's KV in the prompt memo: row r's real positions
-        (mask 1: the prefix, then its own tokens, left padding dropped) of every layer,
-        stacked (layers, kv_heads, len, head_dim). Prompts shorter than
-        ``min_shared_prefix`` (too short to be reused) and prompts the memo already covers
-        (a memoised prompt starts with them) are skipped."""
+    def _memoise(self, prompts: list[list[int]], kv_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Store each prefilled prompt's KV in the prompt memo: ``kv_of(r)`` gives prompt r's
+        (keys, values), each (layers, kv_heads, len(prompts[r]), head_dim). Prompts shorter
+        than ``min_shared_prefix`` (too short to be reused) and prompts the memo already
+        covers (a memoised prompt starts with them) are skipped, before ``kv_of`` copies."""
         memo, fp = self._prompt_memo, self.fingerprint
-        real = mask.bool()
-        width = real.shape[1]
         for r, toks in enumerate(prompts):
             if len(toks) < self.min_shared_prefix:
                 continue
             arr = np.asarray(toks, dtype=np.int64)
-            if memo.covers(fp, arr):
-                continue
-            if len(toks) == width:          # no padding in this row (dense)
-                keys = torch.stack([la.keys[r] for la in cache.layers])
-                values = torch.stack([la.values[r] for la in cache.layers])
-            else:
-                idx = real[r].nonzero().squeeze(1)
-                keys = torch.stack([la.keys[r].index_select(1, idx) for la in cache.layers])
-                values = torch.stack([la.values[r].index_select(1, idx) for la in cache.layers])
-            memo.put(fp, arr, keys, values)
+            if not memo.covers(fp, arr):
+                memo.put(fp, arr, *kv_of(r))
+
+    def _memoise_prompts(self, prompts: list[list[int]], cache, mask: torch.Tensor) -> None:
+        """:meth:`_memoise` after a ``transformers`` prefill: row r's real positions of
+        ``cache`` (mask 1: the prefix, then its own tokens, left padding dropped)."""
+        real = mask.bool()
+        width = real.shape[1]
+
+        def kv_of(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if len(prompts[r]) == width:          # no padding in this row (dense)
+                return (torch.stack([la.keys[r] for la in cache.layers]),
+                        torch.stack([la.values[r] for la in cache.layers]))
+            idx = real[r].nonzero().squeeze(1)
+            return (torch.stack([la.keys[r].index_select(1, idx) for la in cache.layers]),
+                    torch.stack([la.values[r].index_select(1, idx) for la in cache.layers]))
+
+        self._memoise(prompts, kv_of)
 
     def _memoise_slots(self, prompts: list[list[int]], prefix: tuple[int, list] | None,
                        keys: list[torch.Tensor], values: list[torch.Tensor], slots: list[int]) -> None:
-        """:meth:`_memoise_prompts` for the lean decoder's prefill
+        """:meth:`_memoise` after the lean decoder's prefill
         (:meth:`FastLlamaBatch.admit <cycleqd.inference.fastllama.FastLlamaBatch.admit>`),
         which writes each prompt's own positions straight into its slot: prompt r's KV is the
         ``prefix`` KV (P positions, each layer (1, kv_heads, P, head_dim)) followed by slot
         ``slots[r]``'s first ``len(prompts[r]) - P`` positions of ``keys``/``values`` (per layer
-        (batch_size, kv_heads, capacity, head_dim)); stored (layers, kv_heads, len, head_dim)."""
+        (batch_size, kv_heads, capacity, head_dim))."""
         if not (self._memo_on() and self._prompt_memo.max_bytes):
             return
-        memo, fp = self._prompt_memo, self.fingerprint
         P = prefix[0] if prefix else 0
-        for toks, s_ in zip(prompts, slots):
-            if len(toks) < self.min_shared_prefix:
-                continue
-            arr = np.asarray(toks, dtype=np.int64)
-            if memo.covers(fp, arr):
-                continue
-            c = len(toks) - P
-            if P:
-                ks = torch.stack([torch.cat([pk[0, :, :P], K[s_, :, :c]], dim=1)
-                                  for (pk, _), K in zip(prefix[1], keys)])
-                vs = torch.stack([torch.cat([pv[0, :, :P], V[s_, :, :c]], dim=1)
-                                  for (_, pv), V in zip(prefix[1], values)])
-            else:
-                ks = torch.stack([K[s_, :, :c] for K in keys])
-                vs = torch.stack([V[s_, :, :c] for V in values])
-            memo.put(fp, arr, ks, vs)
+        layers = prefix[1] if P else [(None, None)] * len(keys)
+
+        def part(pre: torch.Tensor | None, buf: torch.Tensor, s_: int, c: int) -> torch.Tensor:
+            own = buf[s_, :, :c]
+            return own if pre is None else torch.cat([pre[0, :, :P], own], dim=1)
+
+        def kv_of(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+            s_, c = slots[r], len(prompts[r]) - P
+            return (torch.stack([part(pk, K, s_, c) for (pk, _), K in zip(layers, keys)]),
+                    torch.stack([part(pv, V, s_, c) for (_, pv), V in zip(layers, values)]))
+
+        self._memoise(prompts, kv_of)
 
     def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, list] | None:
         """KV cache of the longest token prefix shared by all ``prompts`` (system prompt,
