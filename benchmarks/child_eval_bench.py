@@ -46,12 +46,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe, load as load_avg  # noqa: E402
 
 
 def _newest_expert(cache: Path, name: str) -> Path | None:
@@ -257,9 +259,7 @@ def main() -> int:
                 if diff:
                     print(f"    {sk}: {len(diff)} items differ, e.g. {diff[0]}: main "
                           f"{str(d[diff[0]])[:300]!r} vs {str(recs[0]['details'][sk][diff[0]])[:300]!r}")
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    print(f"\nCPU: {model}, {os.cpu_count()} cores; load average now {os.getloadavg()}; "
+    print(f"\nCPU: {describe()}; now {load_avg()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     adapter.close()
     return 0

@@ -44,13 +44,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import describe as cpu_name, load  # noqa: E402
 
 
 def gemm_peak(n: int = 2048, reps: int = 5) -> float:
@@ -98,21 +97,6 @@ def decode_bytes(model, st: dict) -> float:
     weights = (L * (D * (H * d + 2 * KV * d) + H * d * D + 3 * D * cfg.intermediate_size)
                + D * cfg.vocab_size) * size
     return weights * st["steps"] + st.get("kv_read", 0) * L * 2 * KV * d * size
-
-
-def load() -> str:
-    """``uptime``'s load averages (1, 5, 15 min)."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cpus"
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def model_flops(cfg) -> tuple[float, float, float]:
@@ -191,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     old = HFBackend(new.model, new.tokenizer, batch_size=args.old_batch_size, fingerprint="bench",
                     fast=False, prefix_cache="call")      # the engine of 2026-12-01
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"load {load()}")
+          f"{load()}")
     print(f"model {path} loaded in {time.perf_counter() - t:.1f}s")
     skill = CodingSkill("mbpp", split=args.split, limit=args.n, max_new_tokens=args.max_new_tokens)
     convs = [skill.conversation(p) for p in skill.problems]
@@ -199,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = [gemm_peak()]
     bws = [mem_bandwidth()]
     print(f"fp32 GEMM peak (torch.mm 2048^3, {torch.get_num_threads()} threads): {peaks[0]:.1f} "
-          f"GFLOP/s; memory bandwidth (copy of 512 MiB): {bws[0]:.1f} GB/s; load {load()}", flush=True)
+          f"GFLOP/s; memory bandwidth (copy of 512 MiB): {bws[0]:.1f} GB/s; {load()}", flush=True)
 
     def run(be, label):
         be.reset_stats()
@@ -209,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = be.stats["tokens"]
         print(f"{label}: {n} problems in {dt:7.1f}s = {n / dt:6.3f} problems/s, {tokens} reply "
               f"tokens = {tokens / dt:6.1f} tokens/s (batch {be.batch_size}; fast path "
-              f"{'on' if be.fast and be.fast_fallback is None else 'off'}); load {load()}",
+              f"{'on' if be.fast and be.fast_fallback is None else 'off'}); {load()}",
               flush=True)
         return out, dt, dict(be.stats)
 
@@ -336,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  decode step split (torch profiler, self CPU time, 4 steps of 32 rows): " +
               ", ".join(f"{k} {v:.0%}" for k, v in split.items()))
         figures["profile"] = dict(rows) | {"decode_split": split}
-    print(f"load at end {load()}")
+    print(f"at end: {load()}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
     return 0
